@@ -118,3 +118,79 @@ def test_check_fits_accepts_padded_model_vocab_and_rejects_small_one(tok):
 def test_tokenizer_on_a_missing_file_raises_data_error(tmp_path):
     with pytest.raises(data.DataError, match="nope.model"):
         data.Tokenizer(tmp_path / "nope.model")
+
+
+# ---------------------------------------------------------------------------
+# Tasks: templates are the paper's Table 7, character for character
+# ---------------------------------------------------------------------------
+
+# Copied from the paper's Table 7 (App. B.1); the WiC row is wrapped over two lines
+# in the PDF and joined here with one space.
+TABLE_7 = {
+    "RTE": "[premise] question: [hypothesis] Is it true or false? answer: {True, False}",
+    "CB & SNLI": "[premise] question: [hypothesis] Is it true or false or neither? answer: "
+                 "{True, False, Neither}",
+    "WiC": "[sentence1] [sentence2] question: The word [word] is used in the same way in the two "
+           "sentences. Is it true or False? answer: {True, False}",
+    "OpenbookQA": "Q: [question] A) [option A] B) [option B] C) [option C] D) [option D] A:",
+    "QA": "Q: [question] A:",
+    "Translation": "Translate [source language] to [target language]: [sentence 1]",
+    "Summarization": "Article: [article] One sentence summary:",
+}
+TABLE_7_ROWS = {"rte": "RTE", "cb": "CB & SNLI", "snli": "CB & SNLI", "wic": "WiC",
+                "openbookqa": "OpenbookQA", "trivia_qa": "QA", "web_questions": "QA",
+                "xsum": "Summarization", "wiki_lingua_en": "Summarization"}
+PLACEHOLDERS = {"option_a": "[option A]", "option_b": "[option B]", "option_c": "[option C]",
+                "option_d": "[option D]", "sentence": "[sentence 1]"}
+
+
+def table_7_form(task, **extra):
+    text = task.template.format(**{f: PLACEHOLDERS.get(f, f"[{f}]") for f in task.fields()}, **extra)
+    if task.label_words and task.name != "openbookqa":  # Table 7 lists the answer set after the template
+        text += " {" + ", ".join(task.label_words) + "}"
+    return text
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_7_ROWS))
+def test_template_is_table_7(name):
+    assert table_7_form(data.TASKS[name]) == TABLE_7[TABLE_7_ROWS[name]]
+
+
+def test_translation_template_is_table_7_with_languages():
+    generic = data.TEMPLATE_TRANSLATION.format(source_language="[source language]",
+                                               target_language="[target language]", sentence="[sentence 1]")
+    assert generic == TABLE_7["Translation"]
+    for name, language in [("wmt14_enfr", "French"), ("wmt16_ende", "German"), ("wmt16_enro", "Romanian")]:
+        assert table_7_form(data.TASKS[name]) == f"Translate English to {language}: [sentence 1]"
+
+
+def test_paper_tasks_metrics_and_splits():
+    # §5.1: accuracy / exact match / BLEU / ROUGE-2; SuperGLUE scored on dev, the rest on test.
+    expected = {"rte": "accuracy", "cb": "accuracy", "wic": "accuracy", "snli": "accuracy",
+                "openbookqa": "accuracy", "trivia_qa": "exact_match", "web_questions": "exact_match",
+                "wmt14_enfr": "bleu", "wmt16_ende": "bleu", "wmt16_enro": "bleu",
+                "xsum": "rouge2", "wiki_lingua_en": "rouge2"}
+    assert {n: data.TASKS[n].metric for n in expected} == expected
+    assert set(data.FINE_TUNING_TASKS) | set(data.EVALUATION_TASKS) == set(expected)
+    for name in expected:
+        assert data.TASKS[name].eval_split == ("validation" if name in ("rte", "cb", "wic") else "test")
+
+
+def test_prefix_tokens_are_app_b2s():
+    assert {data.TASKS[n].prefix for n in ("trivia_qa", "web_questions", "openbookqa")} == {"Q:"}
+    assert {data.TASKS[n].prefix for n in ("wmt14_enfr", "wmt16_ende", "wmt16_enro")} == {"Translate"}
+    assert {data.TASKS[n].prefix for n in ("xsum", "wiki_lingua_en")} == {"Article:"}
+
+
+def test_summarization_inputs_are_cut_at_1024_tokens_by_default():
+    assert data.TASKS["xsum"].max_input_tokens == data.TASKS["wiki_lingua_en"].max_input_tokens == 1024
+
+
+def test_table_8_sizes_are_recorded_for_check():
+    assert data.TASKS["rte"].paper_sizes == {"train": 2490, "validation": 277, "test": 3000}
+    assert data.TASKS["web_questions"].paper_sizes == {"train": 3778, "test": 2032}
+
+
+def test_unknown_task_lists_known_ones():
+    with pytest.raises(data.DataError, match=r"unknown task 'rtee'; known tasks: cb, .*rte.*xsum"):
+        data.get_task("rtee")
