@@ -17,12 +17,133 @@ It leaves the model to `model.py`, task templates and data files to `data.py`, a
 training (which calls `score_task` to pick the best checkpoint) to `promot.py`.
 """
 
-import collections
 import re
 import string
 
 import sacrebleu
+import torch
 from rouge_score import rouge_scorer
+
+from model import KVCache
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate(model, input_ids, attention_mask, prompt=None, num_beams=1, max_new_tokens=128,
+             length_penalty=1.0, brevity_penalty="hf"):
+    """Greedy (num_beams=1) or beam search; returns (batch, length) generated ids without
+    the decoder start token.
+
+    Token for token equal to `transformers`' `generate(num_beams=..., length_penalty=...,
+    early_stopping=False, do_sample=False, max_new_tokens=...)` on the same weights, with
+    `prompt` (p x d_model) in the place of `inputs_embeds=[P; embed(x)]`. Rows are padded
+    like transformers pads them: greedy with pad (0) after EOS, beam search with EOS (its
+    fill value is `pad_token_id or eos_token_id`, and T5's pad id 0 is falsy).
+
+    `brevity_penalty` picks what a finished hypothesis' summed log-prob is divided by:
+    "hf" (default, the oracle we test against): length ** length_penalty;
+    "t5x": ((5 + length) / 6) ** length_penalty, the penalty of T5X's beam search that the
+    paper decoded with (T5X's default alpha is 0.6). Only the divisor changes; the search
+    itself stays transformers'.
+    """
+    was_training = model.training
+    model.eval()  # dropout off: decoding is deterministic
+    try:
+        encoder_hidden, encoder_mask = model.encode(input_ids, attention_mask, prompt)
+        if num_beams == 1:
+            return greedy_search(model, encoder_hidden, encoder_mask, max_new_tokens)
+        return beam_search(model, encoder_hidden, encoder_mask, num_beams, max_new_tokens,
+                           length_penalty, brevity_penalty)
+    finally:
+        model.train(was_training)
+
+
+def greedy_search(model, encoder_hidden, encoder_mask, max_new_tokens):
+    """The most likely next token at every step, until every row has written EOS."""
+    cfg, batch = model.config, encoder_hidden.shape[0]
+    cache = KVCache()
+    last = encoder_hidden.new_full((batch, 1), cfg.decoder_start_token_id, dtype=torch.long)
+    finished = torch.zeros(batch, dtype=torch.bool, device=encoder_hidden.device)
+    out = []
+    for _ in range(max_new_tokens):
+        logits = model.decode(last, encoder_hidden, encoder_mask, cache)[:, -1].float()
+        last = logits.argmax(-1, keepdim=True).masked_fill(finished[:, None], cfg.pad_token_id)
+        out.append(last)
+        finished |= last[:, 0] == cfg.eos_token_id
+        if finished.all():
+            break
+    return torch.cat(out, dim=1)
+
+
+def beam_search(model, encoder_hidden, encoder_mask, num_beams, max_new_tokens,
+                length_penalty=1.0, brevity_penalty="hf"):
+    """Beam search with transformers' rules (`generation/utils.py`, `_beam_search`)."""
+    cfg, K = model.config, num_beams
+    B, device = encoder_hidden.shape[0], encoder_hidden.device
+    NEG = -1.0e9  # transformers' score for "impossible"
+    if brevity_penalty == "hf":
+        divisor = lambda n: n ** length_penalty
+    elif brevity_penalty == "t5x":
+        divisor = lambda n: ((5 + n) / 6) ** length_penalty
+    else:
+        raise ValueError(f"brevity_penalty must be 'hf' or 't5x', got {brevity_penalty!r}")
+    # The K beams of an example sit in adjacent rows and read the same encoder output.
+    encoder_hidden = encoder_hidden.repeat_interleave(K, dim=0)
+    encoder_mask = encoder_mask.repeat_interleave(K, dim=0)
+    cache = KVCache()
+    last = torch.full((B * K, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
+    # Running beams. Only beam 0 is live at first, so step 1 does not pick K copies of one token.
+    seqs = torch.empty((B, K, 0), dtype=torch.long, device=device)
+    scores = torch.zeros((B, K), device=device)
+    scores[:, 1:] = NEG
+    # The K best finished hypotheses per example ("slots"), padded with EOS like transformers.
+    done = torch.full((B, K, max_new_tokens), cfg.eos_token_id, dtype=torch.long, device=device)
+    done_scores = torch.full((B, K), NEG, device=device)
+    done_real = torch.zeros((B, K), dtype=torch.bool, device=device)
+    done_len = torch.zeros((B, K), dtype=torch.long, device=device)
+    is_open = torch.ones((B, 1), dtype=torch.bool, device=device)
+    in_top_k = torch.arange(2 * K, device=device) < K
+    row0 = torch.arange(B, device=device)[:, None] * K
+    for step in range(1, max_new_tokens + 1):  # step = tokens generated, EOS included
+        logp = model.decode(last, encoder_hidden, encoder_mask, cache)[:, -1].float().log_softmax(-1)
+        V = logp.shape[-1]
+        # 2K best continuations over all beams by summed log-prob, so that K survive even if
+        # K of them end in EOS (transformers: beams_to_keep = 2 * num_beams).
+        cand_scores, flat = (logp.view(B, K, V) + scores[:, :, None]).view(B, K * V).topk(2 * K)
+        beam, token = flat // V, flat % V
+        cand = torch.cat([seqs.gather(1, beam[:, :, None].expand(-1, -1, step - 1)), token[:, :, None]], 2)
+        # A candidate ends with EOS or when it reaches max_new_tokens (the stopping criteria).
+        ends = (token == cfg.eos_token_id) | (step == max_new_tokens)
+        # The next running beams: the K best candidates that did not end.
+        scores, keep = (cand_scores + ends * NEG).topk(K)
+        seqs = cand.gather(1, keep[:, :, None].expand(-1, -1, step))
+        # Only candidates ranked in the top K may finish (top_num_beam_mask), and only while
+        # the example is open; a finished hypothesis scores sum / length ** length_penalty,
+        # the length counting every generated token, EOS included.
+        finishing = ends & in_top_k & is_open
+        new_scores = torch.where(finishing, cand_scores / divisor(step), NEG)
+        # Merge with the slots, old ones first, and keep the K best (same order as transformers,
+        # so ties break the same way).
+        pick = torch.cat([done_scores, new_scores], 1).topk(K).indices
+        cand = torch.nn.functional.pad(cand, (0, max_new_tokens - step), value=cfg.eos_token_id)
+        done = torch.cat([done, cand], 1).gather(1, pick[:, :, None].expand(-1, -1, max_new_tokens))
+        done_scores = torch.cat([done_scores, new_scores], 1).gather(1, pick)
+        done_real = torch.cat([done_real, finishing], 1).gather(1, pick)
+        done_len = torch.cat([done_len, torch.full_like(token, step)], 1).gather(1, pick)
+        # The cache follows each running beam to the row it came from.
+        cache.reorder((beam.gather(1, keep) + row0).view(-1))
+        last = seqs[:, :, -1].reshape(B * K, 1)
+        # early_stopping=False: an example closes for good once all K slots are finished and
+        # the best running beam, scored at its current length, cannot beat the worst slot.
+        worst = torch.where(done_real, done_scores.min(1, keepdim=True).values, NEG)
+        is_open &= (scores[:, :1] / divisor(step) > worst).any(1, keepdim=True)
+        if not is_open.any() or ends.all():
+            break
+    # The best slot of each example, cut to the longest of them.
+    return done[:, 0, : int(done_len[:, 0].max())]
 
 
 # ---------------------------------------------------------------------------------------

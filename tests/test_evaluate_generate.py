@@ -1,0 +1,133 @@
+"""evaluate.generate equals transformers' generate token for token (the oracle).
+
+The oracle is `AutoModelForSeq2SeqLM.from_pretrained` on the same tiny checkpoint, called
+with `early_stopping=False, do_sample=False`; a soft prompt reaches it as
+`inputs_embeds=[P; embed(x)]` with the attention mask extended by ones.
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import evaluate
+import model as t5
+from helpers import load_oracle, make_checkpoint, random_batch
+
+VOCAB = 96
+
+
+def checkpoint_that_stops(path, kind="t5v1_1", seed=0):
+    """A random checkpoint whose EOS logit is the sum of two tokens' logits, so beams end
+    with EOS at different lengths instead of always running to max_new_tokens."""
+    make_checkpoint(path, kind=kind, seed=seed, vocab_size=VOCAB)
+    state = load_file(str(path / "model.safetensors"))
+    head = "shared.weight" if "lm_head.weight" not in state else "lm_head.weight"
+    state[head][1] = state[head][5] + state[head][6]
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return t5.load_pretrained(str(path)), load_oracle(str(path))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matrices: threads only add contention on a shared CPU (50x slower with 2 busy cores).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(one_thread, tmp_path_factory):
+    return checkpoint_that_stops(tmp_path_factory.mktemp("ckpt"))
+
+
+def oracle_generate(oracle, ids, mask, prompt=None, **kwargs):
+    kwargs = dict(do_sample=False, early_stopping=False, **kwargs)
+    if prompt is None:
+        out = oracle.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    else:
+        embeds = torch.cat([prompt.expand(ids.shape[0], -1, -1), oracle.get_input_embeddings()(ids)], 1)
+        mask = torch.cat([torch.ones(ids.shape[0], prompt.shape[0], dtype=mask.dtype), mask], 1)
+        out = oracle.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+    return out[:, 1:]  # drop the decoder start token
+
+
+def inputs(seed, batch=6, src_len=12):
+    return random_batch(VOCAB, batch=batch, src_len=src_len, seed=seed)[:2]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_greedy_equals_transformers_on_a_padded_batch(models, seed):
+    ours_model, oracle = models
+    ids, mask = inputs(seed)
+    ours = evaluate.generate(ours_model, ids, mask, num_beams=1, max_new_tokens=20)
+    torch.testing.assert_close(ours, oracle_generate(oracle, ids, mask, num_beams=1, max_new_tokens=20), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0, -0.5])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_beam_4_equals_transformers_for_several_length_penalties(models, seed, length_penalty):
+    ours_model, oracle = models
+    ids, mask = inputs(seed)
+    kwargs = dict(num_beams=4, max_new_tokens=20, length_penalty=length_penalty)
+    ours = evaluate.generate(ours_model, ids, mask, **kwargs)
+    torch.testing.assert_close(ours, oracle_generate(oracle, ids, mask, **kwargs), rtol=0, atol=0)
+
+
+def test_the_checkpoint_makes_beams_end_at_different_lengths(models):
+    # Guards the other tests: they would prove little if every row ran to max_new_tokens.
+    ours_model, _ = models
+    out = evaluate.generate(ours_model, *inputs(1), num_beams=4, max_new_tokens=20)
+    lengths = {int((row != 1).sum()) for row in out}
+    assert len(lengths) >= 3 and min(lengths) < 20
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_generation_with_a_soft_prompt_equals_transformers_with_inputs_embeds(models, num_beams):
+    ours_model, oracle = models
+    ids, mask = inputs(4)
+    prompt = torch.randn(5, ours_model.config.d_model, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(num_beams=num_beams, max_new_tokens=16)
+    ours = evaluate.generate(ours_model, ids, mask, prompt=prompt, **kwargs)
+    without = evaluate.generate(ours_model, ids, mask, **kwargs)
+    torch.testing.assert_close(ours, oracle_generate(oracle, ids, mask, prompt=prompt, **kwargs), rtol=0, atol=0)
+    assert ours.shape != without.shape or not torch.equal(ours, without)  # the prompt matters
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_max_new_tokens_reached_without_eos_equals_transformers(models, num_beams):
+    ours_model, oracle = models
+    ids, mask = inputs(5)
+    ours = evaluate.generate(ours_model, ids, mask, num_beams=num_beams, max_new_tokens=3)
+    assert ours.shape[1] == 3
+    torch.testing.assert_close(ours, oracle_generate(oracle, ids, mask, num_beams=num_beams, max_new_tokens=3),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["t5", "mt5"])
+def test_beam_search_equals_transformers_on_other_architectures(tmp_path, kind):
+    ours_model, oracle = checkpoint_that_stops(tmp_path, kind=kind, seed=3)
+    ids, mask = inputs(6)
+    kwargs = dict(num_beams=4, max_new_tokens=15, length_penalty=0.6)
+    ours = evaluate.generate(ours_model, ids, mask, **kwargs)
+    torch.testing.assert_close(ours, oracle_generate(oracle, ids, mask, **kwargs), rtol=0, atol=0)
+
+
+def test_generate_leaves_a_training_model_in_training_mode(models):
+    ours_model, _ = models
+    ours_model.train()
+    try:
+        first = evaluate.generate(ours_model, *inputs(1), num_beams=2, max_new_tokens=5)
+        second = evaluate.generate(ours_model, *inputs(1), num_beams=2, max_new_tokens=5)
+        assert ours_model.training and torch.equal(first, second)
+    finally:
+        ours_model.eval()
+
+
+def test_t5x_brevity_penalty_prefers_longer_hypotheses_than_no_penalty(models):
+    ours_model, _ = models
+    ids, mask = inputs(2)
+    plain = evaluate.generate(ours_model, ids, mask, num_beams=4, max_new_tokens=20, length_penalty=0.0)
+    t5x = evaluate.generate(ours_model, ids, mask, num_beams=4, max_new_tokens=20, length_penalty=2.0,
+                            brevity_penalty="t5x")
+    assert (t5x != 1).sum() >= (plain != 1).sum()
