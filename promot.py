@@ -19,15 +19,29 @@ It leaves the network to model.py, tokenization/tasks/batching to data.py and
 decoding/metrics to evaluate.py.
 """
 
+import argparse
+import contextlib
+import json
 import math
+import os
+import shutil
+import signal
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
 
+import data
+import evaluate
+import model as model_lib
+
 try:  # DTensor is what FSDP2 hands the optimizer; absent on very old torch.
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 except ImportError:  # pragma: no cover
-    DTensor = Replicate = Shard = None
+    DTensor = Replicate = Shard = distribute_tensor = None
 
 
 # ---------------------------------------------------------------------------
@@ -114,6 +128,30 @@ class Adafactor(torch.optim.Optimizer):
                     self._update(p, group)
         return loss
 
+    def init_state(self):
+        """Create the (zero) state of every parameter now rather than at its first step,
+        e.g. as the template a checkpoint is loaded into."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state_of(p, group)
+
+    def _state_of(self, p, group):
+        state = self.state[p]
+        if len(state) == 0:
+            x = p.to_local() if _is_dtensor(p) else p
+            dims = (self.factored_dims(tuple(p.shape), group["min_dim_size_to_factor"])
+                    if group["factored"] else None)
+            state["step"] = torch.tensor(0, dtype=torch.int64)
+            if dims is not None:
+                row_dim, col_dim = dims
+                state["v_row"] = _zeros_state(p, x, drop=col_dim)  # mean over the largest dim
+                state["v_col"] = _zeros_state(p, x, drop=row_dim)
+            else:
+                state["v"] = _zeros_state(p, x, drop=None)
+            if group["beta1"] is not None:
+                state["m"] = _zeros_state(p, x, drop=None)
+        return state
+
     def _update(self, p, group):
         # Local views: on a DTensor we work on this rank's shard and reduce
         # across ranks where a statistic spans the sharded dimension.
@@ -135,19 +173,9 @@ class Adafactor(torch.optim.Optimizer):
             all_dims = tuple(range(t.dim()))
             return mean(t * t, all_dims, shape, shard_dim).sqrt().reshape(())
 
-        state = self.state[p]
+        state = self._state_of(p, group)
         dims = (self.factored_dims(shape, group["min_dim_size_to_factor"])
                 if group["factored"] else None)
-        if len(state) == 0:
-            state["step"] = torch.tensor(0, dtype=torch.int64)
-            if dims is not None:
-                row_dim, col_dim = dims
-                state["v_row"] = _zeros_state(p, x, drop=col_dim)
-                state["v_col"] = _zeros_state(p, x, drop=row_dim)
-            else:
-                state["v"] = _zeros_state(p, x, drop=None)
-            if group["beta1"] is not None:
-                state["m"] = _zeros_state(p, x, drop=None)
 
         x32 = x.float()
         g32 = g.float()
@@ -241,3 +269,875 @@ def _zeros_state(p, x_local, drop):
     stride = tuple(math.prod(global_shape[i + 1:]) for i in range(len(global_shape)))
     return DTensor.from_local(local, p.device_mesh, [Shard(new_dim)], run_check=False,
                               shape=torch.Size(global_shape), stride=stride)
+
+
+# ---------------------------------------------------------------------------
+# Configuration: every setting, defaults from the paper (App. B.4)
+# ---------------------------------------------------------------------------
+
+STAGES = ("1", "2", "finetune", "joint", "random-prompt")
+STAGE_DIRS = {"1": "stage1", "2": "stage2", "finetune": "finetune", "joint": "joint",
+              "random-prompt": "random-prompt"}
+
+
+@dataclass
+class Config:
+    stage: str = field(default="1", metadata=dict(help=(
+        "what to train. 1: ProMoT stage 1 = prompt tuning (model frozen, only the soft prompt "
+        "learns; also the 'prompt tuning' baseline). 2: ProMoT stage 2 (stage-1 prompt frozen and "
+        "prepended, model tuned). finetune: standard fine-tuning, no prompt. joint: prompt and "
+        "model tuned together in one stage (Table 6). random-prompt: fine-tuning with a fixed "
+        "random uniform prompt (Table 6)")))
+    model: str = field(default="", metadata=dict(help="pretrained checkpoint directory (Hugging Face layout, with spiece.model)"))
+    data_dir: str = field(default="", metadata=dict(help="data folder read by data.py (one sub-folder per task)"))
+    task: str = field(default="", metadata=dict(help=(
+        "task name, or several comma-separated for multi-task training (Table 5): stage 1 "
+        "learns one prompt per task, stage 2 mixes the tasks, each example with its own task's prompt")))
+    out: str = field(default="", metadata=dict(help=(
+        "run folder. Each stage writes RUN/<stage>/ (checkpoints, best/, final/); "
+        "RUN/config.json and RUN/log.jsonl collect every stage")))
+    steps: int = field(default=None, metadata=dict(help="training steps [stage 1: 5000; others: 1000]"))
+    batch_size: int = field(default=64, metadata=dict(help=(
+        "global batch size in examples, across all ranks; gradients accumulate over "
+        "micro-batches when --micro-batch-size is smaller than batch-size/ranks")))
+    micro_batch_size: int = field(default=None, metadata=dict(help="examples per rank per forward pass [batch-size / ranks]"))
+    seed: int = field(default=0, metadata=dict(help="seed of the data order, the prompt initialisation and dropout"))
+    resume: bool = field(default=False, metadata=dict(help=(
+        "continue from the latest checkpoint in RUN/<stage>/checkpoints (starts fresh if there is none); "
+        "the settings must match the saved RUN/config.json")))
+    lr: float = field(default=None, metadata=dict(help=(
+        "learning rate, constant [stage 1: 0.2 on the prompt; others: 1e-3 (joint: 1e-3 for prompt and model)]")))
+    save_every: int = field(default=None, metadata=dict(help="checkpoint (and score) every N steps [stage 1: 1000; others: 100]"))
+    prompt_length: int = field(default=100, metadata=dict(help="soft prompt length p"))
+    prompt_init: str = field(default="uniform", metadata=dict(help=(
+        "stage 1 / joint / random-prompt initialisation: uniform (T5X prompt tuning's default, U[0, "
+        "prompt-init-scale)), vocab (rows of the embedding table, sampled from the first 5000 ids), "
+        "text (embeddings of --prompt-init-text, e.g. the class labels, one row per word, the rest "
+        "sampled from the vocabulary), file (--prompt)")))
+    prompt_init_scale: float = field(default=0.5, metadata=dict(help="upper bound of the uniform initialisation"))
+    prompt_init_text: str = field(default="", metadata=dict(help=(
+        "words for --prompt-init text, comma-separated [the task's label words]")))
+    prompt: str = field(default="", metadata=dict(help=(
+        "prompt file (prompt.safetensors or .npy): the frozen prompt of stage 2 [RUN/stage1/best/"
+        "prompt.safetensors] or the initialisation for --prompt-init file")))
+    dropout: float = field(default=0.1, metadata=dict(help="dropout rate (T5X fine-tuning default 0.1, paper App. B.4)"))
+    label_smoothing: float = field(default=None, metadata=dict(help=(
+        "label smoothing [stage 1: 0 (T5X prompt-tuning config); others: 0.1 (App. B.4)]")))
+    weight_decay: float = field(default=None, metadata=dict(help=(
+        "Adafactor weight decay, not scaled by lr [stage 1: 1e-5 (T5X prompt-tuning config); others: none]")))
+    adafactor_step_offset: int = field(default=0, metadata=dict(help=(
+        "Adafactor step_offset; T5X counts steps from the pretrained checkpoint's step, "
+        "-1000000 reproduces that for a 1M-step checkpoint")))
+    shots: int = field(default=0, metadata=dict(help="k-shot demonstrations prepended to every training input (1 = the paper's '+1-shot')"))
+    max_input_length: int = field(default=1024, metadata=dict(help="input tokens kept (EOS included), App. B.4"))
+    max_target_length: int = field(default=256, metadata=dict(help="target tokens kept (EOS included)"))
+    dtype: str = field(default="float32", metadata=dict(help=(
+        "compute dtype: float32, or bfloat16 (bf16 forward/backward, fp32 master weights, "
+        "fp32 gradient reduction)")))
+    activation_checkpointing: bool = field(default=False, metadata=dict(help="recompute each encoder/decoder block in backward to save memory"))
+    eval: bool = field(default=True, metadata=dict(help=(
+        "score every checkpoint on the validation split (decode + metric) and keep the best "
+        "(App. B.4); --no-eval keeps the last")))
+    eval_split: str = field(default="validation", metadata=dict(help="split used to pick the best checkpoint"))
+    eval_examples: int = field(default=None, metadata=dict(help="score only the first N validation examples [all]"))
+    eval_batch_size: int = field(default=16, metadata=dict(help="examples per rank per decoding batch"))
+    num_beams: int = field(default=4, metadata=dict(help="beam width when scoring (paper: 4)"))
+    max_new_tokens: int = field(default=64, metadata=dict(help="longest decoded answer when scoring"))
+    log_every: int = field(default=10, metadata=dict(help="print a progress line every N steps"))
+    keep_checkpoints: int = field(default=1, metadata=dict(help="training checkpoints kept for --resume (best/ is kept apart)"))
+    stop_after_step: int = field(default=None, metadata=dict(help=(
+        "save and stop after this step, as if preempted (for time-limited jobs and tests)")))
+    device: str = field(default="auto", metadata=dict(help="cpu, cuda or auto"))
+
+
+# Settings that may change between a run and its --resume.
+RESUMABLE_CHANGES = {"resume", "steps", "log_every", "stop_after_step", "eval_batch_size", "device",
+                     "keep_checkpoints"}
+
+
+def stage_defaults(stage):
+    if stage == "1":
+        return dict(steps=5000, save_every=1000, lr=0.2, label_smoothing=0.0, weight_decay=1e-5)
+    return dict(steps=1000, save_every=100, lr=1e-3, label_smoothing=0.1, weight_decay=None)
+
+
+def parse_args(argv=None):
+    """Command line -> Config. Every dataclass field is a flag; None defaults are stage-dependent."""
+    p = argparse.ArgumentParser(
+        prog="promot.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=("ProMoT training (Wang et al., ICLR 2024). Defaults reproduce App. B.4: "
+                     "Adafactor, batch 64, inputs cut to 1024 tokens; stage 1: p=100 prompt, lr 0.2, "
+                     "5000 steps, checkpoint every 1000; stage 2: lr 1e-3, dropout 0.1, label smoothing "
+                     "0.1, 1000 steps, checkpoint every 100. Runs as one process or under torchrun "
+                     "(FSDP2). Bracketed defaults depend on --stage."))
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        if f.type == "bool" or isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        elif f.name == "stage":
+            p.add_argument(flag, choices=STAGES, required=True, help=help_)
+        else:
+            kind = {"steps": int, "batch_size": int, "micro_batch_size": int, "seed": int, "save_every": int,
+                    "prompt_length": int, "shots": int, "max_input_length": int, "max_target_length": int,
+                    "eval_examples": int, "eval_batch_size": int, "num_beams": int, "max_new_tokens": int,
+                    "log_every": int, "keep_checkpoints": int, "stop_after_step": int,
+                    "adafactor_step_offset": int, "lr": float, "prompt_init_scale": float,
+                    "dropout": float, "label_smoothing": float, "weight_decay": float}.get(f.name, str)
+            required = f.name in ("model", "data_dir", "task", "out")
+            p.add_argument(flag, type=kind, default=None if required else f.default, required=required,
+                           help=help_, **({"choices": ("uniform", "vocab", "text", "file")} if f.name == "prompt_init" else {}),
+                           **({"choices": ("float32", "bfloat16")} if f.name == "dtype" else {}))
+    args = p.parse_args(argv)
+    cfg = Config(**vars(args))
+    for k, v in stage_defaults(cfg.stage).items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    return cfg
+
+
+class UsageError(Exception):
+    """A setting or input the user can fix; printed as one line, nothing is overwritten."""
+
+
+# ---------------------------------------------------------------------------
+# Distributed setup and the FSDP2 wrapper
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    """Where this process sits: rank, world size, device and (under torchrun) the device mesh."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    mesh: object = None
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup_distributed(device="auto"):
+    """One process without torchrun; under torchrun, a process group and a 1-D mesh.
+
+    gloo on CPU, nccl on GPUs. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (also
+    across nodes: `torchrun --nnodes N --node_rank i --rdzv_endpoint host:port`).
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Dist(device=torch.device(device))
+    from torch.distributed.device_mesh import init_device_mesh
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
+    return Dist(dist.get_rank(), dist.get_world_size(), dev, mesh)
+
+
+def shard_model(t5, mesh, bf16=False, activation_checkpointing=False):
+    """FSDP2: shard every encoder/decoder block, then the root.
+
+    The root unit holds what is left: the shared (tied) embedding with the
+    lm_head when there is one, and the final norms, so the tied embedding is
+    one unit and its gradient from both uses is summed before the
+    reduce-scatter (torchtitan's lesson). bf16: parameters are cast to bf16
+    for compute, gradients reduced in fp32, the sharded fp32 weights stay the
+    master copy the optimizer updates.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for block in list(t5.encoder.blocks) + list(t5.decoder.blocks):
+        if activation_checkpointing:
+            checkpoint_block(block)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(t5, mesh=mesh, mp_policy=mp)
+    return t5
+
+
+def checkpoint_block(block):
+    """Activation checkpointing: keep only the block input, recompute the rest in backward.
+
+    The composable API hooks the module in place, so parameter names (and
+    checkpoints) stay the same. Dropout masks are recomputed identically
+    (the RNG state is saved with the input)."""
+    from torch.distributed._composable import checkpoint
+    checkpoint(block)
+
+
+def load_sharded(t5, path, dtype=torch.float32):
+    """Fill an FSDP-sharded model from a checkpoint directory.
+
+    Every rank streams the file one tensor at a time and keeps only its own
+    shard (distribute_tensor with src_data_rank=None slices locally, no
+    communication), so peak memory is one shard of the model plus one full
+    tensor in flight.
+    """
+    expected = dict(t5.named_parameters())
+    loaded = set()
+    for name, tensor, file in model_lib.checkpoint_tensors(path):
+        if name == "lm_head.weight" and t5.lm_head is None:
+            continue  # tied: the head is the embedding
+        if name not in expected:
+            raise model_lib.CheckpointError(f"{file}: unexpected tensor {name!r} for this config")
+        if name in loaded:
+            continue
+        param = expected[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise model_lib.CheckpointError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}; "
+                                            f"config.json implies {tuple(param.shape)}")
+        tensor = tensor.to(dtype=param.dtype)
+        if _is_dtensor(param):
+            shard = distribute_tensor(tensor, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(shard.to_local())
+        else:
+            param.data.copy_(tensor)
+        loaded.add(name)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise model_lib.CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+
+
+def load_model(cfg, ctx):
+    """The pretrained model, on this device, sharded under torchrun, with the run's dropout."""
+    config = model_lib.T5Config.from_json(os.path.join(cfg.model, "config.json"))
+    bf16 = cfg.dtype == "bfloat16"
+    if ctx.world == 1:
+        t5 = model_lib.load_pretrained(cfg.model, dtype=torch.float32, device=ctx.device)
+        if cfg.activation_checkpointing:
+            for block in list(t5.encoder.blocks) + list(t5.decoder.blocks):
+                checkpoint_block(block)
+    else:
+        t5 = model_lib.build(config, "meta")
+        # An untied checkpoint whose config says tied (transformers 5 writes that) is
+        # read by model.load_pretrained; here the config must tell the truth.
+        shard_model(t5, ctx.mesh, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing)
+        t5.to_empty(device=ctx.device)
+        load_sharded(t5, cfg.model)
+    for module in t5.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = cfg.dropout
+    return t5
+
+
+@contextlib.contextmanager
+def unsharded(t5):
+    """Inside: every rank holds the full weights and runs forward passes on its own.
+
+    Decoding lengths differ between ranks (beam search stops when its beams
+    finish), so the per-layer all-gathers of FSDP would not line up; gathering
+    once and keeping the weights gathered avoids that. Costs the full model's
+    memory on each rank for the duration (26 GB for mT5-XXL in bf16)."""
+    fsdp_modules = [m for m in t5.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+    if not fsdp_modules:
+        yield
+        return
+    for m in fsdp_modules:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in fsdp_modules:
+            m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
+
+
+def full_state_dict(t5, ctx):
+    """Full fp32 tensors on CPU (on rank 0 under FSDP; every rank gets {} but rank 0)."""
+    if ctx.world == 1:
+        return {n: t.detach().cpu() for n, t in t5.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(t5, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# ---------------------------------------------------------------------------
+# Soft prompts
+# ---------------------------------------------------------------------------
+
+def embedding_rows(model_dir):
+    """The input embedding table, read from the checkpoint (independent of sharding)."""
+    for name, tensor, _ in model_lib.checkpoint_tensors(model_dir):
+        if name == "shared.weight":
+            return tensor.float()
+    raise model_lib.CheckpointError(f"{model_dir}: no shared (input embedding) tensor")
+
+
+def init_prompt(cfg, d_model, tokenizer, task, generator):
+    """A (p, d_model) fp32 prompt, initialised as the prompt-tuning code base does.
+
+    uniform: flax `initializers.uniform(0.5)`, i.e. U[0, 0.5) (prompt-tuning's
+    t5_1_1_prompt.gin); vocab: rows of the embedding table sampled from the
+    5000 most frequent pieces (SentencePiece ids are frequency-ordered); text:
+    one row per word of the text (the mean of its pieces' embeddings, like
+    prompt-tuning's `from_class_labels`), the rest sampled from the vocabulary.
+    """
+    p = cfg.prompt_length
+    if cfg.prompt_init == "uniform":
+        return torch.rand(p, d_model, generator=generator) * cfg.prompt_init_scale
+    if cfg.prompt_init == "file":
+        return read_prompt_file(cfg.prompt, task.name, p, d_model)
+    table = embedding_rows(cfg.model)
+    population = min(5000, table.shape[0])
+    rows = table[torch.randint(0, population, (p,), generator=generator)]
+    if cfg.prompt_init == "text":
+        words = [w.strip() for w in cfg.prompt_init_text.split(",") if w.strip()] if cfg.prompt_init_text \
+            else list(task.label_words or ())
+        if not words:
+            raise UsageError(f"--prompt-init text: task {task.name!r} has no label words; pass --prompt-init-text")
+        if len(words) > p:
+            raise UsageError(f"--prompt-init-text has {len(words)} words, more than --prompt-length {p}")
+        for i, w in enumerate(words):
+            ids = [t for t in tokenizer.encode(w) if t != 1]  # without EOS
+            rows[i] = table[ids].mean(0)
+    return rows.clone()
+
+
+def read_prompt_file(path, task_name, p=None, d_model=None):
+    """A prompt from prompt.safetensors (key 'prompt' or 'prompt.<task>') or a .npy file (T5X's format)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such prompt file")
+    if path.endswith(".npy"):
+        import numpy as np
+        prompt = torch.from_numpy(np.load(path)).float()
+    else:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise UsageError(f"{path}: cannot read as safetensors ({e})") from None
+        key = f"prompt.{task_name}" if f"prompt.{task_name}" in tensors else "prompt"
+        if key not in tensors:
+            raise UsageError(f"{path}: no tensor 'prompt' or 'prompt.{task_name}'; found {sorted(tensors)}")
+        prompt = tensors[key].float()
+    if prompt.dim() != 2 or (d_model is not None and prompt.shape[1] != d_model):
+        raise UsageError(f"{path}: prompt has shape {tuple(prompt.shape)}; the model needs (p, {d_model}) "
+                         f"(d_model = {d_model})")
+    if p is not None and prompt.shape[0] != p:
+        raise UsageError(f"{path}: prompt has length {prompt.shape[0]}; --prompt-length is {p}")
+    return prompt
+
+
+def save_prompts(prompts, path):
+    """prompt.safetensors: 'prompt' for one task, plus 'prompt.<task>' for each task."""
+    from safetensors.torch import save_file
+    tensors = {f"prompt.{name}": t.detach().float().cpu().contiguous() for name, t in prompts.items()}
+    if len(prompts) == 1:
+        tensors["prompt"] = next(iter(tensors.values())).clone()
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={"tasks": ",".join(prompts)})
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# Data: a stateless stream of global batches
+# ---------------------------------------------------------------------------
+
+class TrainStream:
+    """The global batch of any step, computed from (seed, step) alone.
+
+    Example slot i = step * batch_size + j of the run goes to task i % T
+    (tasks mixed in equal shares), and is that task's (i // T)-th example in
+    a seeded permutation redrawn every epoch. No iterator state exists, so
+    the data position of a checkpoint is just its step, and 1 or N ranks see
+    the same global batch (rank r takes rows r*B/N ... (r+1)*B/N - 1).
+    """
+
+    def __init__(self, tasks, train_sets, batch_size, seed, shots=0):
+        self.tasks, self.train_sets, self.batch_size, self.seed, self.shots = tasks, train_sets, batch_size, seed, shots
+        self._perms = {}
+
+    def _perm(self, t, epoch):
+        key = (t, epoch)
+        if key not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7919 + t)
+            self._perms = {k: v for k, v in self._perms.items() if k[1] >= epoch - 1}
+            self._perms[key] = torch.randperm(len(self.train_sets[t]), generator=g).tolist()
+        return self._perms[key]
+
+    def rows(self, step, start, stop):
+        """[(task index, input text, target text)] for global rows start..stop-1 of `step`."""
+        out = []
+        T = len(self.tasks)
+        for j in range(start, stop):
+            i = step * self.batch_size + j
+            t, k = i % T, i // T
+            n = len(self.train_sets[t])
+            example = self.train_sets[t][self._perm(t, k // n)[k % n]]
+            task = self.tasks[t]
+            if self.shots:
+                text, _ = data.kshot_inputs(task, [example], self.train_sets[t], self.shots,
+                                            seed=self.seed * 1_000_003 + i)[0]
+            else:
+                text = data.make_input(task, example, [])
+            out.append((t, text, data.make_target(task, example)))
+        return out
+
+
+def truncate(ids, max_len, eos_id=1):
+    """Cut to max_len tokens, keeping the final EOS (seqio's append_eos_after_trim)."""
+    return ids if len(ids) <= max_len else ids[: max_len - 1] + [eos_id]
+
+
+def make_batch(rows, tokenizer, cfg, device):
+    """Tokenized tensors for (task, input, target) rows: ids, mask, labels (-100 = ignored), tasks."""
+    inputs = [truncate(tokenizer.encode(x), cfg.max_input_length) for _, x, _ in rows]
+    targets = [truncate(tokenizer.encode(y), cfg.max_target_length) for _, _, y in rows]
+    ids, mask = data.pad_batch(inputs, pad_id=0)
+    labels, label_mask = data.pad_batch(targets, pad_id=0)
+    labels = labels.masked_fill(label_mask == 0, -100)
+    return dict(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device),
+                tasks=[t for t, _, _ in rows])
+
+
+# ---------------------------------------------------------------------------
+# Checking the inputs before anything is written
+# ---------------------------------------------------------------------------
+
+def check_inputs(cfg, ctx):
+    """Everything a user can get wrong, checked up front: one clear message, nothing written."""
+    for name in ("steps", "batch_size", "save_every", "prompt_length", "log_every", "keep_checkpoints"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not os.path.isdir(cfg.model):
+        raise UsageError(f"--model {cfg.model}: no such checkpoint directory")
+    if not os.path.isfile(os.path.join(cfg.model, "config.json")):
+        raise UsageError(f"--model {cfg.model}: no config.json; expected a Hugging Face T5/mT5 checkpoint directory")
+    if not os.path.isfile(os.path.join(cfg.model, "spiece.model")):
+        raise UsageError(f"--model {cfg.model}: no spiece.model (the SentencePiece vocabulary) beside the weights")
+    if not os.path.isdir(cfg.data_dir):
+        raise UsageError(f"--data-dir {cfg.data_dir}: no such directory")
+    if cfg.batch_size % ctx.world:
+        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the {ctx.world} ranks")
+    per_rank = cfg.batch_size // ctx.world
+    micro = cfg.micro_batch_size or per_rank
+    if micro < 1 or per_rank % micro:
+        raise UsageError(f"--micro-batch-size {micro} does not divide the {per_rank} examples each rank "
+                         f"gets per step (--batch-size {cfg.batch_size} / {ctx.world} ranks)")
+    if cfg.prompt_init == "file" and not cfg.prompt and cfg.stage in ("1", "joint", "random-prompt"):
+        raise UsageError("--prompt-init file needs --prompt FILE")
+    config = model_lib.T5Config.from_json(os.path.join(cfg.model, "config.json"))
+    tokenizer = data.Tokenizer(os.path.join(cfg.model, "spiece.model"))
+    tokenizer.check_fits(config.vocab_size)
+    names = [t.strip() for t in cfg.task.split(",") if t.strip()]
+    if not names or len(set(names)) != len(names):
+        raise UsageError(f"--task {cfg.task!r}: expected one task name or distinct comma-separated names")
+    tasks = [data.get_task(n, cfg.data_dir) for n in names]
+    train_sets = [data.load_split(t, cfg.data_dir, "train") for t in tasks]
+    for t, s in zip(tasks, train_sets):
+        if not s:
+            raise UsageError(f"task {t.name}: the train split in {cfg.data_dir} is empty")
+    val_sets = [data.load_split(t, cfg.data_dir, cfg.eval_split) for t in tasks] if cfg.eval else None
+
+    prompt_file = None
+    if cfg.stage == "2":
+        prompt_file = cfg.prompt or os.path.join(cfg.out, "stage1", "best", "prompt.safetensors")
+        if not os.path.isfile(prompt_file):
+            raise UsageError(f"--stage 2 needs a stage-1 prompt: none at {prompt_file}; run --stage 1 "
+                             "with the same --out first, or pass --prompt FILE")
+    if prompt_file or cfg.prompt_init == "file" and cfg.stage in ("1", "joint", "random-prompt"):
+        for t in tasks:  # width and length
+            read_prompt_file(prompt_file or cfg.prompt, t.name, cfg.prompt_length, config.d_model)
+
+    stage_dir = os.path.join(cfg.out, STAGE_DIRS[cfg.stage])
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UsageError(f"--out {cfg.out} exists and is not a directory")
+    run_config = os.path.join(cfg.out, "config.json")
+    if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not os.path.isfile(run_config):
+        raise UsageError(f"--out {cfg.out} is not empty and holds no promot run (no config.json); "
+                         "choose a new folder")
+    if os.path.isdir(stage_dir) and os.listdir(stage_dir) and not cfg.resume:
+        raise UsageError(f"--out {cfg.out} already holds a {STAGE_DIRS[cfg.stage]} run ({stage_dir}); pass "
+                         "--resume to continue it, or choose a new --out (nothing was overwritten)")
+    if cfg.resume and os.path.isfile(run_config):
+        with open(run_config, encoding="utf-8") as f:
+            saved = json.load(f).get(STAGE_DIRS[cfg.stage])
+        if saved is not None:
+            now = asdict(cfg)
+            diffs = [f"--{k.replace('_', '-')}: saved {saved.get(k)!r}, now {now[k]!r}"
+                     for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+            if saved.get("world_size", ctx.world) != ctx.world and _exact_resume_needs_same_world():
+                diffs.append(f"ranks: saved {saved.get('world_size')}, now {ctx.world}")
+            if diffs:
+                raise UsageError(f"--resume: {run_config} was written by another configuration: "
+                                 + "; ".join(diffs))
+    return dict(config=config, tokenizer=tokenizer, tasks=tasks, train_sets=train_sets,
+                val_sets=val_sets, prompt_file=prompt_file, stage_dir=stage_dir)
+
+
+def _exact_resume_needs_same_world():
+    # Per-rank RNG states (dropout) are saved per rank; another rank count would
+    # continue with different masks, and the data split per rank changes.
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: atomic, with everything needed to continue bit for bit
+# ---------------------------------------------------------------------------
+
+def rng_state(ctx):
+    state = {"cpu": torch.get_rng_state()}
+    if ctx.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(ctx.device)
+    return state
+
+
+def set_rng_state(state, ctx):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], ctx.device)
+
+
+def barrier(ctx):
+    if ctx.world > 1:
+        dist.barrier()
+
+
+def training_state(t5, prompts, optimizer, model_trains):
+    """What a checkpoint holds; tensors are the live ones, so loading fills them in place."""
+    state = {"prompts": {n: p.detach() for n, p in prompts.items()}, "optimizer": optimizer.state_dict()}
+    if model_trains:
+        state["model"] = t5.state_dict()
+    return state
+
+
+def save_checkpoint(stage_dir, step, state, trainer, ctx, keep):
+    """Write checkpoints/step_N.tmp, then rename it: a checkpoint exists whole or not at all.
+
+    torch.distributed.checkpoint writes each rank's shards in parallel (and
+    runs as one process without torchrun); rank r adds its RNG state; rank 0
+    adds trainer.json (step, data position, best score so far)."""
+    import torch.distributed.checkpoint as dcp
+    root = os.path.join(stage_dir, "checkpoints")
+    final = os.path.join(root, f"step_{step:07d}")
+    tmp = final + ".tmp"
+    if ctx.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(ctx)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+        dcp.save(state, checkpoint_id=tmp)
+    torch.save(rng_state(ctx), os.path.join(tmp, f"rng_rank{ctx.rank}.pt"))
+    if ctx.main:
+        with open(os.path.join(tmp, "trainer.json"), "w", encoding="utf-8") as f:
+            json.dump(trainer, f, indent=2)
+    barrier(ctx)
+    if ctx.main:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    barrier(ctx)
+    return final
+
+
+def latest_checkpoint(stage_dir):
+    root = os.path.join(stage_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    done = sorted(d for d in os.listdir(root)
+                  if d.startswith("step_") and not d.endswith(".tmp")
+                  and os.path.isfile(os.path.join(root, d, "trainer.json")))
+    return os.path.join(root, done[-1]) if done else None
+
+
+def load_checkpoint(path, state, optimizer, ctx):
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(state, checkpoint_id=path)
+    optimizer.load_state_dict(state["optimizer"])
+    rng_file = os.path.join(path, f"rng_rank{ctx.rank}.pt")
+    set_rng_state(torch.load(rng_file, weights_only=True), ctx)
+    with open(os.path.join(path, "trainer.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------
+# Scoring a checkpoint (App. B.4: keep the one with the best validation metric)
+# ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def validation_scores(t5, prompts, cfg, ctx, tasks, val_sets, train_sets, tokenizer):
+    """{task: metric} on the validation split, decoding like the paper (beam 4) via evaluate.py.
+
+    Each rank decodes every world-th example; predictions are gathered so
+    corpus metrics (BLEU) see the whole split."""
+    scores = {}
+    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and ctx.world == 1)
+    with unsharded(t5), autocast:
+        for task, examples, pool in zip(tasks, val_sets, train_sets):
+            examples = examples[: cfg.eval_examples] if cfg.eval_examples else examples
+            mine = list(range(ctx.rank, len(examples), ctx.world))
+            preds = {}
+            prompt = prompts.get(task.name)
+            for start in range(0, len(mine), cfg.eval_batch_size):
+                idx = mine[start:start + cfg.eval_batch_size]
+                queries = [examples[i] for i in idx]
+                if cfg.shots:
+                    texts = [x for x, _ in data.kshot_inputs(task, queries, pool, cfg.shots, seed=cfg.seed)]
+                else:
+                    texts = [data.make_input(task, q, []) for q in queries]
+                ids, mask = data.pad_batch([truncate(tokenizer.encode(x), cfg.max_input_length) for x in texts])
+                out = evaluate.generate(t5, ids.to(ctx.device), mask.to(ctx.device), prompt=prompt,
+                                        num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens)
+                for i, row in zip(idx, out.tolist()):
+                    text = evaluate.decode_with_sentinels(tokenizer, row)
+                    preds[i] = evaluate.postprocess(text, task.label_words)
+            if ctx.world > 1:
+                parts = [None] * ctx.world
+                dist.all_gather_object(parts, preds)
+                preds = {k: v for part in parts for k, v in part.items()}
+            order = sorted(preds)
+            scores[task.name] = float(evaluate.compute_metric(
+                task.metric, [preds[i] for i in order], [examples[i].targets for i in order]))
+    return scores
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+class Diverged(RuntimeError):
+    pass
+
+
+_STOP = {"requested": False}
+
+
+def _on_sigterm(signum, frame):
+    _STOP["requested"] = True  # acted on at the end of the current step
+
+
+def fmt_time(seconds):
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def export(dir_, t5, prompts, cfg, ctx, model_trains):
+    """A directory evaluate.py and transformers read: model (public layout) + prompt + spiece."""
+    sd = full_state_dict(t5, ctx) if model_trains else None
+    if ctx.main:
+        os.makedirs(os.path.dirname(os.path.abspath(dir_)), exist_ok=True)
+        if model_trains:
+            model_lib.save_pretrained(t5, dir_, state_dict=sd)
+            shutil.copy2(os.path.join(cfg.model, "spiece.model"), os.path.join(dir_, "spiece.model"))
+        else:
+            os.makedirs(dir_, exist_ok=True)
+        if prompts:
+            save_prompts(prompts, os.path.join(dir_, "prompt.safetensors"))
+    barrier(ctx)
+
+
+def train(cfg):
+    ctx = setup_distributed(cfg.device)
+    inputs = check_inputs(cfg, ctx)
+    tasks, train_sets, val_sets = inputs["tasks"], inputs["train_sets"], inputs["val_sets"]
+    tokenizer, stage_dir, d_model = inputs["tokenizer"], inputs["stage_dir"], inputs["config"].d_model
+    stage_name = STAGE_DIRS[cfg.stage]
+
+    # -- the run folder: config.json gathers every stage's settings
+    if ctx.main:
+        os.makedirs(stage_dir, exist_ok=True)
+        run_config = os.path.join(cfg.out, "config.json")
+        saved = json.load(open(run_config, encoding="utf-8")) if os.path.isfile(run_config) else {}
+        saved[stage_name] = {**asdict(cfg), "world_size": ctx.world}
+        with open(run_config + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(saved, f, indent=2)
+        os.replace(run_config + ".tmp", run_config)
+    log_path = os.path.join(cfg.out, "log.jsonl")
+
+    def log(record, line=None):
+        if ctx.main:
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"stage": stage_name, **record}) + "\n")
+            if line:
+                print(line, flush=True)
+
+    # -- model and prompts
+    torch.manual_seed(cfg.seed + ctx.rank)  # dropout masks differ across ranks
+    t5 = load_model(cfg, ctx)
+    model_trains = cfg.stage != "1"
+    prompt_trains = cfg.stage in ("1", "joint")
+    if cfg.stage == "finetune":
+        prompts = {}
+    elif cfg.stage == "2":
+        prompts = {t.name: read_prompt_file(inputs["prompt_file"], t.name, cfg.prompt_length, d_model) for t in tasks}
+    else:
+        g = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: prompts are replicated
+        prompts = {t.name: init_prompt(cfg, d_model, tokenizer, t, g) for t in tasks}
+    prompts = {n: torch.nn.Parameter(p.to(ctx.device), requires_grad=prompt_trains) for n, p in prompts.items()}
+    for p in t5.parameters():
+        p.requires_grad_(model_trains)
+    t5.train()
+
+    groups = []
+    if prompt_trains:
+        # prompt-tuning's config: no parameter-scale multiplier on the prompt
+        groups.append(dict(params=list(prompts.values()), multiply_by_parameter_scale=False))
+    if model_trains:
+        groups.append(dict(params=[p for p in t5.parameters()], multiply_by_parameter_scale=True))
+    optimizer = Adafactor(groups, lr=cfg.lr, weight_decay_rate=cfg.weight_decay or None,
+                          step_offset=cfg.adafactor_step_offset)
+    optimizer.init_state()
+
+    # -- resume
+    start_step, best = 0, {"step": None, "score": None, "scores": None, "evaluated": []}
+    best_path = os.path.join(stage_dir, "best.json")
+    ckpt = latest_checkpoint(stage_dir) if cfg.resume else None
+    if cfg.resume and ckpt is None and ctx.main:
+        print(f"--resume: no checkpoint in {stage_dir}/checkpoints yet; starting from step 0", flush=True)
+    if ckpt is not None:
+        state = training_state(t5, prompts, optimizer, model_trains)
+        trainer = load_checkpoint(ckpt, state, optimizer, ctx)
+        start_step = trainer["step"]
+        if os.path.isfile(best_path):
+            best = json.load(open(best_path, encoding="utf-8"))
+        log({"event": "resume", "step": start_step, "checkpoint": ckpt},
+            f"resumed from {ckpt} (step {start_step})")
+
+    def score_and_keep_best(step):
+        if not cfg.eval or step in best["evaluated"]:
+            return
+        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+            scores = validation_scores(t5, prompts, cfg, ctx, tasks, val_sets, train_sets, tokenizer)
+        score = sum(scores.values()) / len(scores)
+        improved = best["score"] is None or score > best["score"]
+        if improved:
+            export(os.path.join(stage_dir, "best"), t5, prompts, cfg, ctx, model_trains)
+            best.update(step=step, score=score, scores=scores)
+        best["evaluated"].append(step)
+        if ctx.main:
+            with open(best_path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(best, f, indent=2)
+            os.replace(best_path + ".tmp", best_path)
+        log({"event": "eval", "step": step, "split": cfg.eval_split, "scores": scores, "score": score,
+             "best_step": best["step"]},
+            f"eval step {step}: {cfg.eval_split} " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
+            + (" (best so far)" if improved else f" (best: step {best['step']}, {best['score']:.2f})"))
+
+    if ckpt is not None and start_step % cfg.save_every == 0:
+        score_and_keep_best(start_step)  # in case the run stopped between saving and scoring
+
+    # -- the loop
+    stream = TrainStream(tasks, train_sets, cfg.batch_size, cfg.seed, cfg.shots)
+    per_rank = cfg.batch_size // ctx.world
+    micro = cfg.micro_batch_size or per_rank
+    bf16_autocast = cfg.dtype == "bfloat16" and ctx.world == 1
+    fsdp = ctx.world > 1
+    trainable_prompts = [p for p in prompts.values() if p.requires_grad]
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    window_start, window_tokens, run_start = time.time(), 0, time.time()
+    if ctx.main:
+        n_train = sum(p.numel() for g in groups for p in g["params"])
+        print(f"{stage_name}: {cfg.steps} steps of {cfg.batch_size} examples on {ctx.world} rank(s) "
+              f"({ctx.device.type}), {n_train:,} trainable parameters, lr {cfg.lr}", flush=True)
+    step = start_step
+    try:
+        while step < cfg.steps:
+            rows = stream.rows(step, ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
+            batches = [make_batch(rows[i:i + micro], tokenizer, cfg, ctx.device) for i in range(0, per_rank, micro)]
+            counts = torch.tensor([sum(int((b["labels"] != -100).sum()) for b in batches),
+                                   sum(int(b["attention_mask"].sum()) + len(b["tasks"]) * (cfg.prompt_length if prompts else 0)
+                                       + int((b["labels"] != -100).sum()) for b in batches)], dtype=torch.float64)
+            if ctx.world > 1:
+                dist.all_reduce(counts)
+            global_targets, global_tokens = counts.tolist()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+            for i, b in enumerate(batches):
+                if fsdp and model_trains:
+                    t5.set_requires_gradient_sync(i == len(batches) - 1)
+                prompt = None
+                if prompts:
+                    prompt = (prompts[tasks[b["tasks"][0]].name] if len(tasks) == 1
+                              else torch.stack([prompts[tasks[t].name] for t in b["tasks"]]))
+                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+                    logits = t5(b["input_ids"], b["attention_mask"], model_lib.shift_right(b["labels"]), prompt=prompt)
+                ls, _ = model_lib.cross_entropy(logits, b["labels"], cfg.label_smoothing)
+                # Normalised by the token count of the whole global batch; times the
+                # world size because FSDP averages gradients over ranks.
+                (ls * (ctx.world / global_targets)).backward()
+                loss_sum += ls.detach().double()
+            if ctx.world > 1:
+                dist.all_reduce(loss_sum)
+                for p in trainable_prompts:  # replicated outside FSDP: average like FSDP does
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(ctx.world)
+            loss = float(loss_sum) / global_targets
+            if not math.isfinite(loss):
+                last = latest_checkpoint(stage_dir)
+                raise Diverged(f"loss is {loss} at step {step + 1}; stopped without updating. The last good "
+                               f"checkpoint is {last or 'none (no checkpoint saved yet)'}; try a lower --lr or "
+                               "--dtype float32, then continue with --resume")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_tokens += global_tokens
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.time()
+                tps = window_tokens / max(now - window_start, 1e-9)
+                eta = (now - run_start) / (step - start_step) * (cfg.steps - step)
+                log({"step": step, "loss": loss, "lr": cfg.lr, "tokens_per_s": tps, "elapsed_s": now - run_start},
+                    f"{stage_name} step {step}/{cfg.steps} | loss {loss:.4f} | lr {cfg.lr:.2e} | "
+                    f"{tps:,.0f} tok/s | ETA {fmt_time(eta)}")
+                window_start, window_tokens = now, 0
+
+            stop = torch.tensor([1.0 if _STOP["requested"] else 0.0])
+            if ctx.world > 1:
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            stop = bool(stop.item()) or step == cfg.stop_after_step
+            if step % cfg.save_every == 0 or step == cfg.steps or stop:
+                path = save_checkpoint(stage_dir, step, training_state(t5, prompts, optimizer, model_trains),
+                                       {"step": step, "examples_seen": step * cfg.batch_size, "world_size": ctx.world},
+                                       ctx, cfg.keep_checkpoints)
+                log({"event": "checkpoint", "step": step, "path": path})
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    score_and_keep_best(step)
+            if stop and step < cfg.steps:
+                why = "SIGTERM" if _STOP["requested"] else f"--stop-after-step {cfg.stop_after_step}"
+                log({"event": "stopped", "step": step, "reason": why},
+                    f"stopped at step {step} ({why}); checkpoint saved. Continue with the same command plus --resume")
+                return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    # -- the end: final weights/prompt in the public layout; best/ is the selected checkpoint
+    export(os.path.join(stage_dir, "final"), t5, prompts, cfg, ctx, model_trains)
+    if not cfg.eval:
+        if ctx.main:
+            shutil.rmtree(os.path.join(stage_dir, "best"), ignore_errors=True)
+            shutil.copytree(os.path.join(stage_dir, "final"), os.path.join(stage_dir, "best"))
+        barrier(ctx)
+    summary = (f"done: {stage_dir}/final" + (f"; best checkpoint step {best['step']} ({best['score']:.2f}) in "
+                                              f"{stage_dir}/best" if best["step"] is not None else ""))
+    log({"event": "done", "step": step, "best_step": best["step"], "best_score": best["score"]}, summary)
+    return 0
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        code = train(cfg)
+    except (UsageError, model_lib.CheckpointError, data.DataError) as e:
+        print(f"promot.py: error: {e}", file=sys.stderr)
+        code = 2
+    except Diverged as e:
+        print(f"promot.py: {e}", file=sys.stderr)
+        code = 1
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
