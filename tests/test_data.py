@@ -1,6 +1,7 @@
 """Specification of data.py: tokenizer (vs transformers' T5Tokenizer as oracle), task
 templates (vs the paper's Table 7), readers, prompts, batching and the CLI."""
 
+import json
 import random
 
 import pytest
@@ -194,3 +195,201 @@ def test_table_8_sizes_are_recorded_for_check():
 def test_unknown_task_lists_known_ones():
     with pytest.raises(data.DataError, match=r"unknown task 'rtee'; known tasks: cb, .*rte.*xsum"):
         data.get_task("rtee")
+
+
+# ---------------------------------------------------------------------------
+# Prompts: k-shot, the sentinel rule, truncation, label shuffling, +1-shot
+# ---------------------------------------------------------------------------
+
+RTE = data.TASKS["rte"]
+
+
+def rte_examples(n, prefix="p"):
+    return [data.Example({"premise": f"{prefix}{i} the cat sat.", "hypothesis": f"h{i}"},
+                         ["True" if i % 3 else "False"]) for i in range(n)]
+
+
+def test_zero_shot_input_and_target_follow_the_sentinel_rule():
+    example = rte_examples(1)[0]
+    assert data.make_input(RTE, example) == (
+        "p0 the cat sat. question: h0 Is it true or false? answer: <extra_id_0>")
+    assert data.make_target(RTE, example) == "<extra_id_0> False <extra_id_1>"
+
+
+def test_sentinel_rule_tokenizes_like_t5_span_corruption(tok):
+    # Input ends "... <extra_id_0> </s>"; target is "<extra_id_0> answer <extra_id_1> </s>".
+    example = rte_examples(2)[1]
+    assert tok.encode(data.make_input(RTE, example))[-2:] == [tok.sentinel_id(0), 1]
+    target = tok.encode(data.make_target(RTE, example))
+    assert target == [tok.sentinel_id(0)] + tok.encode("True", add_eos=False) + [tok.sentinel_id(1), 1]
+
+
+def test_demonstrations_carry_their_answer_and_only_the_query_the_sentinel():
+    demos, query = rte_examples(3)[:2], rte_examples(3)[2]
+    assert data.make_input(RTE, query, demos) == (
+        "p0 the cat sat. question: h0 Is it true or false? answer: False "
+        "p1 the cat sat. question: h1 Is it true or false? answer: True "
+        "p2 the cat sat. question: h2 Is it true or false? answer: <extra_id_0>")
+
+
+@pytest.mark.parametrize("shots", [0, 1, 4])
+def test_kshot_is_deterministic_per_seed_and_never_shows_the_query(shots):
+    pool = rte_examples(12)
+    queries = pool[:6]  # evaluating on the pool itself: the query must still never be a demonstration
+    first = data.kshot_inputs(RTE, queries, pool, shots, seed=3)
+    assert first == data.kshot_inputs(RTE, queries, pool, shots, seed=3)
+    for (text, references), query in zip(first, queries):
+        assert references == query.targets
+        assert text.count("Is it true or false?") == shots + 1
+        assert text.count(query.fields["premise"]) == 1 and text.endswith(
+            data.make_input(RTE, query))
+    if shots:
+        assert first != data.kshot_inputs(RTE, queries, pool, shots, seed=4)
+
+
+def test_kshot_demonstrations_do_not_depend_on_the_other_queries():
+    pool = rte_examples(30)
+    queries = rte_examples(5, prefix="q")
+    alone = data.kshot_inputs(RTE, queries[3:4], pool, 4, seed=0)
+    assert data.kshot_inputs(RTE, queries, pool, 4, seed=0)[3] == alone[0]
+
+
+def test_kshot_with_a_tiny_pool_is_a_clear_error():
+    pool = rte_examples(3)
+    with pytest.raises(data.DataError, match="need 4 demonstrations but the pool has only 2"):
+        data.kshot_inputs(RTE, pool[:1], pool, 4, seed=0)
+
+
+def test_plus_one_shot_training_pairs_prefix_one_demonstration():
+    examples = rte_examples(8)
+    pairs = data.training_pairs(RTE, examples, shots=1, seed=0)
+    for (text, target), example in zip(pairs, examples):
+        assert text.count("answer:") == 2 and text.endswith(data.make_input(RTE, example))
+        assert text.count(example.fields["premise"]) == 1
+        assert target == data.make_target(RTE, example)
+    assert [x for x, _ in data.training_pairs(RTE, examples)] == [data.make_input(RTE, e) for e in examples]
+
+
+def test_shuffled_labels_keep_the_multiset_and_the_inputs():
+    examples = rte_examples(60)
+    shuffled = data.shuffle_labels(examples, seed=0)
+    assert sorted(t for e in shuffled for t in e.targets) == sorted(t for e in examples for t in e.targets)
+    assert [e.fields for e in shuffled] == [e.fields for e in examples]
+    assert [e.targets for e in shuffled] != [e.targets for e in examples]
+    assert shuffled == data.shuffle_labels(examples, seed=0) != data.shuffle_labels(examples, seed=1)
+
+
+XSUM = data.TASKS["xsum"]
+
+
+ARTICLE_WORDS = [w for w in WORDS if not w.endswith(":")]
+
+
+def article(n_words, start=0):
+    return " ".join(ARTICLE_WORDS[(start + i) % len(ARTICLE_WORDS)] for i in range(n_words))
+
+
+def test_truncation_drops_demonstrations_first(tok):
+    query = data.Example({"article": article(20)}, ["summary"])
+    pool = [data.Example({"article": article(40, s)}, ["s"]) for s in range(1, 6)]
+    full = data.kshot_inputs(XSUM, [query], pool, 4, seed=0)[0][0]
+    budget = len(tok.encode(full)) - 5
+    stats, warnings = data.TruncationStats(), []
+    text = data.kshot_inputs(XSUM, [query], pool, 4, seed=0, tokenizer=tok, max_input_tokens=budget,
+                             stats=stats, warn=warnings.append)[0][0]
+    assert len(tok.encode(text)) <= budget
+    assert text.count("Article:") == 4 and full.endswith(text)  # the farthest demonstration went first
+    assert (stats.inputs, stats.dropped_demonstrations, stats.cut_queries) == (1, 1, 0)
+    assert len(warnings) == 1 and "1 of 1 inputs lost demonstrations" in warnings[0]
+
+
+def test_truncation_then_cuts_the_querys_article_and_reports_it(tok):
+    query = data.Example({"article": article(300)}, ["summary"])
+    pool = [data.Example({"article": article(10, s)}, ["s"]) for s in range(1, 4)]
+    stats = data.TruncationStats()
+    text = data.kshot_inputs(XSUM, [query], pool, 1, seed=0, tokenizer=tok, max_input_tokens=60,
+                             stats=stats, warn=lambda m: None)[0][0]
+    ids = tok.encode(text)
+    assert 55 <= len(ids) <= 60  # cut at a word boundary just under the budget
+    assert text.startswith("Article: " + article(3)) and text.endswith(" One sentence summary: <extra_id_0>")
+    assert text.count("Article:") == 1
+    assert (stats.dropped_demonstrations, stats.cut_queries) == (1, 1)
+
+
+def test_summarization_defaults_to_1024_tokens_and_short_inputs_are_untouched(tok):
+    query = data.Example({"article": article(50)}, ["summary"])
+    stats, warnings = data.TruncationStats(), []
+    [(text, _)] = data.kshot_inputs(XSUM, [query], [query, data.Example({"article": "x"}, ["y"])], 1, seed=0,
+                                    tokenizer=tok, stats=stats, warn=warnings.append)
+    assert text == data.make_input(XSUM, query, [data.Example({"article": "x"}, ["y"])])
+    assert stats.inputs == 1 and warnings == []
+    long_query = data.Example({"article": article(3000)}, ["summary"])
+    [(text, _)] = data.kshot_inputs(XSUM, [long_query], [query], 0, tokenizer=tok, warn=warnings.append)
+    assert len(tok.encode(text)) <= 1024 and len(warnings) == 1
+
+
+def test_truncation_budget_below_the_template_is_an_error(tok):
+    query = data.Example({"article": article(10)}, ["s"])
+    with pytest.raises(data.DataError, match="too small for the template"):
+        data.kshot_inputs(XSUM, [query], [], 0, tokenizer=tok, max_input_tokens=3)
+
+
+# ---------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------
+
+def test_pad_batch_pads_right_to_the_longest():
+    ids, mask = data.pad_batch([[5, 6, 1], [7, 1]])
+    assert ids.tolist() == [[5, 6, 1], [7, 1, 0]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    labels, _ = data.pad_batch([[5, 1], [1]], pad_id=-100)
+    assert labels.tolist() == [[5, 1], [1, -100]] and labels.dtype == data.torch.long
+
+
+def test_make_batch_encodes_inputs_and_labels(tok):
+    pairs = data.training_pairs(RTE, rte_examples(3))
+    batch = data.make_batch(tok, pairs, tasks=["rte"] * 3)
+    assert batch["input_ids"][0, :batch["attention_mask"][0].sum()].tolist() == tok.encode(pairs[0][0])
+    assert batch["labels"][1].tolist() == tok.encode(pairs[1][1])
+    assert batch["tasks"] == ["rte"] * 3
+
+
+def test_eval_batches_sort_by_length_and_cover_every_index_once():
+    lengths = [5, 50, 7, 49, 6, 48, 8]
+    batches = data.eval_batches(lengths, batch_size=3)
+    assert batches == [[1, 3, 5], [6, 2, 4], [0]]
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert data.eval_batches(lengths, batch_size=3, max_tokens=100) == [[1, 3], [5, 6], [2, 4, 0]]
+
+
+def test_mixture_proportions_follow_the_rates():
+    mix = data.Mixture({"a": list(range(10)), "b": list(range(1000))}, rates={"a": 1.0, "b": 3.0}, seed=0)
+    names = [name for name, _ in mix.take(8000)]
+    assert abs(names.count("a") / 8000 - 0.25) < 0.02
+    equal = [n for n, _ in data.Mixture({"a": [1], "b": [2], "c": [3]}, seed=1).take(6000)]
+    assert all(abs(equal.count(k) / 6000 - 1 / 3) < 0.03 for k in "abc")
+
+
+def test_mixture_visits_every_item_once_per_epoch_and_tags_the_task():
+    mix = data.Mixture({"rte": list(range(7))}, seed=5)
+    first, second = mix.take(7), mix.take(7)
+    assert all(name == "rte" for name, _ in first + second)
+    assert sorted(x for _, x in first) == sorted(x for _, x in second) == list(range(7))
+    assert [x for _, x in first] != [x for _, x in second]  # a new order each epoch
+
+
+def test_mixture_is_deterministic_and_resumes_exactly():
+    datasets = {"rte": list(range(13)), "wmt14_enfr": list(range(100, 131))}
+    whole = data.Mixture(datasets, seed=7).take(100)
+    assert whole == data.Mixture(datasets, seed=7).take(100) != data.Mixture(datasets, seed=8).take(100)
+    mix = data.Mixture(datasets, seed=7)
+    head = mix.take(37)
+    state = json.loads(json.dumps(mix.state_dict()))  # survives a checkpoint file
+    resumed = data.Mixture(datasets, seed=7)
+    resumed.load_state_dict(state)
+    assert head + resumed.take(63) == whole
+    with pytest.raises(data.DataError, match="seed 7"):
+        data.Mixture(datasets, seed=9).load_state_dict(state)
+
+
+def test_examples_proportional_rates_are_capped():
+    assert data.examples_proportional({"rte": 2490, "wmt": 15786979}, cap=2 ** 16) == {"rte": 2490.0, "wmt": 65536.0}
