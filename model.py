@@ -6,7 +6,8 @@ mT5 and UMT5 and to run them on the public checkpoints:
 - `T5Config`, read from a checkpoint's `config.json`;
 - the network: RMS norm, relative position buckets, attention (with a KV cache
   for incremental decoding), the ReLU / gated-GELU feed-forward, the stacks;
-- soft-prompt prepending (`prompt=`), the only change ProMoT needs;
+- soft-prompt prepending (`prompt=`), the only change ProMoT needs, and
+  removable LoRA adapters, the paper's alternative stage-1 module (App. C.7);
 - `cross_entropy` with T5X's label smoothing, and `shift_right`;
 - `load_pretrained` / `save_pretrained` in the Hugging Face layout, so a
   fine-tuned model goes back to the tools that made the checkpoint.
@@ -177,6 +178,8 @@ class Attention(nn.Module):
         self.num_buckets = cfg.relative_attention_num_buckets
         self.max_distance = cfg.relative_attention_max_distance
         self.relative_attention_bias = nn.Embedding(self.num_buckets, cfg.num_heads) if has_position_bias else None
+        self.lora = nn.ModuleDict()  # optional low-rank adapters on q/k/v/o (see add_lora)
+        self.use_lora = True
 
     def position_bias(self, query_len, key_len, offset=0):
         """(1, heads, query_len, key_len) bias; queries sit at offset, offset+1, ..."""
@@ -185,6 +188,13 @@ class Attention(nn.Module):
         key_pos = torch.arange(key_len, device=device)[None, :]
         buckets = relative_position_bucket(key_pos - query_pos, self.bidirectional, self.num_buckets, self.max_distance)
         return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
+
+    def project(self, name, x):
+        """x @ W_name, plus the low-rank update when an adapter is attached and switched on."""
+        out = getattr(self, name)(x)
+        if self.use_lora and name in self.lora:
+            out = out + self.lora[name](x)
+        return out
 
     def split_heads(self, x):
         return x.view(x.shape[0], -1, self.num_heads, self.d_kv).transpose(1, 2)
@@ -196,9 +206,9 @@ class Attention(nn.Module):
         hidden). `cache` is this layer's dict in a KVCache: self-attention
         appends the new keys/values, cross-attention computes them once.
         """
-        q = self.split_heads(self.q(x))
+        q = self.split_heads(self.project("q", x))
         if source is None:
-            k, v = self.split_heads(self.k(x)), self.split_heads(self.v(x))
+            k, v = self.split_heads(self.project("k", x)), self.split_heads(self.project("v", x))
             if cache is not None:
                 if "k" in cache:
                     k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
@@ -206,12 +216,12 @@ class Attention(nn.Module):
         elif cache is not None and "k" in cache:
             k, v = cache["k"], cache["v"]
         else:
-            k, v = self.split_heads(self.k(source)), self.split_heads(self.v(source))
+            k, v = self.split_heads(self.project("k", source)), self.split_heads(self.project("v", source))
             if cache is not None:
                 cache["k"], cache["v"] = k, v
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0, scale=1.0)
-        return self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        return self.project("o", out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
 class FeedForward(nn.Module):
@@ -415,6 +425,122 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
 
 
 # ----------------------------------------------------------------------------
+# LoRA: a removable low-rank adapter, the other stage-1 module of the paper (App. C.7)
+
+LORA_TARGETS = ("q", "k", "v", "o")
+
+
+class LoRA(nn.Module):
+    """The update (alpha / r) * B @ A added to one frozen projection W (Hu et al., 2021).
+
+    B starts at zero, so a fresh adapter leaves the model exactly as it was;
+    A starts like a default nn.Linear, as in the LoRA reference code.
+    """
+
+    def __init__(self, d_in, d_out, rank, alpha, device=None, dtype=None):
+        super().__init__()
+        self.a = nn.Parameter(torch.empty(rank, d_in, device=device, dtype=dtype))
+        self.b = nn.Parameter(torch.zeros(d_out, rank, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.a, a=math.sqrt(5))
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        return F.linear(F.linear(x, self.a), self.b) * self.scale
+
+
+def _attentions(model):
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+def add_lora(model, rank, alpha=None, targets=("q", "v")):
+    """Attaches a LoRA adapter to the chosen projections of every attention layer.
+
+    The paper's choice (and LoRA's) is Q and V. alpha defaults to rank (scale 1).
+    Returns the new adapter parameters; nothing else changes.
+    """
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"unknown LoRA target(s) {unknown or list(targets)}; choose from {list(LORA_TARGETS)}")
+    alpha = float(rank if alpha is None else alpha)
+    params = []
+    for attn in _attentions(model):
+        for name in targets:
+            w = getattr(attn, name).weight
+            attn.lora[name] = LoRA(w.shape[1], w.shape[0], rank, alpha, device=w.device, dtype=w.dtype)
+            params += list(attn.lora[name].parameters())
+    return params
+
+
+def set_lora_enabled(model, enabled):
+    """Applies (True) or removes (False) every attached adapter without deleting it.
+
+    This is the adapter's version of prepending or not prepending the prompt:
+    adapters on for tasks in the fine-tuned task's format, off for the others.
+    """
+    for attn in _attentions(model):
+        attn.use_lora = enabled
+
+
+def lora_info(model):
+    """{"rank", "alpha", "targets"} of the attached adapters, or None."""
+    for attn in _attentions(model):
+        if len(attn.lora):
+            first = next(iter(attn.lora.values()))
+            return {"rank": first.a.shape[0], "alpha": first.scale * first.a.shape[0], "targets": list(attn.lora)}
+    return None
+
+
+def save_lora(model, path):
+    """Writes only the adapter tensors, with rank/alpha/targets/d_model in the metadata."""
+    from safetensors.torch import save_file
+    info = lora_info(model)
+    if info is None:
+        raise ValueError("the model has no LoRA adapter to save")
+    tensors = {n: p.detach().cpu().contiguous() for n, p in model.state_dict().items() if ".lora." in n}
+    meta = {"rank": str(info["rank"]), "alpha": repr(info["alpha"]), "targets": ",".join(info["targets"]),
+            "d_model": str(model.config.d_model), "format": "promot-lora"}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_lora(model, path):
+    """Attaches the adapters saved in `path` (rank and targets from the file) to `model`."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read a LoRA adapter file ({e})") from None
+    if meta.get("format") != "promot-lora":
+        raise CheckpointError(f"{path}: not a promot LoRA file (metadata lacks format=promot-lora)")
+    if int(meta["d_model"]) != model.config.d_model:
+        raise CheckpointError(f"{path}: adapter made for d_model={meta['d_model']}, "
+                              f"this model has d_model={model.config.d_model}")
+    rank, targets = int(meta["rank"]), meta["targets"].split(",")
+    if lora_info(model) is None:
+        add_lora(model, rank, float(meta["alpha"]), targets)
+    expected = {n: p for n, p in model.named_parameters() if ".lora." in n}
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: adapter tensors do not fit this model (missing {missing[:2]}, "
+                              f"unexpected {unexpected[:2]}); was it made for another depth or targets?")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model's adapter "
+                                  f"has {tuple(expected[name].shape)} (rank {rank} in the file)")
+        with torch.no_grad():
+            expected[name].copy_(tensor)
+    return model
+
+
+# ----------------------------------------------------------------------------
 # Checkpoints in the Hugging Face layout
 #
 # Our parameter names are readable (encoder.blocks.0.self_attn.q.weight); the
@@ -579,6 +705,7 @@ def save_pretrained(model, path, state_dict=None, max_shard_bytes=5 * 10**9):
     """
     from safetensors.torch import save_file
     state = state_dict if state_dict is not None else model.state_dict()
+    state = {n: t for n, t in state.items() if ".lora." not in n}  # adapters are saved by save_lora
     tensors = {ours_to_hf(n): t.detach().to("cpu").contiguous() for n, t in state.items()}
     shards, current, size = [], {}, 0
     for name, t in tensors.items():
