@@ -1040,3 +1040,106 @@ class Mixture:
                             f"{sorted(state.get('positions', {}))}, not seed {self.seed} and {self.names}")
         self.draws = int(state["draws"])
         self.positions = {name: list(p) for name, p in state["positions"].items()}
+
+
+# --------------------------------------------------------------------------
+# Command line: see exactly what the model will see; validate a data folder.
+# --------------------------------------------------------------------------
+
+def _tokenizer_from_args(args) -> Tokenizer | None:
+    if args.spiece:
+        return Tokenizer(args.spiece)
+    if args.model:
+        path = Path(args.model) / "spiece.model"
+        if not path.is_file():
+            raise DataError(f"{args.model}: no spiece.model in this checkpoint folder")
+        return Tokenizer(path)
+    return None
+
+
+def cmd_show(args) -> None:
+    task = get_task(args.task, args.data_dir)
+    tokenizer = _tokenizer_from_args(args)
+    split, queries = (args.split, load_split(task, args.data_dir, args.split)) if args.split else \
+        load_eval_split(task, args.data_dir)
+    pool = load_split(task, args.data_dir, task.demo_split) if args.shots else []
+    queries = queries[:args.n]
+    inputs = kshot_inputs(task, queries, pool, args.shots, args.seed, tokenizer, args.max_input_tokens)
+
+    def count(text):
+        return f" ({len(tokenizer.encode(text))} tokens)" if tokenizer else ""
+
+    for i, ((text, references), query) in enumerate(zip(inputs, queries)):
+        print(f"=== {task.name} {split} #{i}, {args.shots}-shot, metric {task.metric} ===")
+        print(f"input{count(text)}:\n{text}")
+        if query.targets:
+            target = make_target(task, query)
+            print(f"target{count(target)}:\n{target}")
+        print(f"references: {json.dumps(references, ensure_ascii=False)}\n")
+    if tokenizer is None:
+        print("(token counts: pass --spiece PATH or --model CHECKPOINT_DIR)")
+
+
+def cmd_check(args) -> int:
+    root = Path(args.data_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found")
+    for spec in sorted(root.glob("*/task.json")):
+        get_task(spec.parent.name, root)
+    names = [n for n in sorted(TASKS) if (root / n).is_dir()]
+    if not names:
+        raise DataError(f"{root}: no task folders found; expected some of: {', '.join(sorted(TASKS))}")
+    failures = 0
+    for name in names:
+        task, cells = TASKS[name], []
+        for split in SPLITS:
+            paper = (task.paper_sizes or {}).get(split)
+            note = f" (paper {paper})" if paper else ""
+            try:
+                cells.append(f"{split} {len(load_split(task, root, split))}{note}")
+            except UnlabeledSplit as err:
+                count = re.search(r"has (\d+) examples", str(err)).group(1)
+                cells.append(f"{split} {count} unlabeled{note}")
+            except DataError as err:
+                if "no file for split" in str(err):
+                    cells.append(f"{split} -{note}")
+                else:
+                    failures += 1
+                    cells.append(f"{split} ERROR")
+                    print(f"error: {err}", file=sys.stderr)
+        print(f"{name:15s} " + ", ".join(cells))
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    show = commands.add_parser("show", help="print the exact inputs/targets the model sees",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    show.add_argument("--task", required=True, help="task name (see `check`) or a generic task folder")
+    show.add_argument("--data-dir", required=True, help="folder holding one sub-folder per task")
+    show.add_argument("--split", default=None, help="split to show (default: the task's evaluation split)")
+    show.add_argument("--shots", type=int, default=0, help="demonstrations per input (paper: 0, 1, 4)")
+    show.add_argument("-n", type=int, default=3, help="number of examples to show")
+    show.add_argument("--seed", type=int, default=0, help="seed for choosing demonstrations")
+    show.add_argument("--spiece", default=None, help="spiece.model, for token counts and truncation")
+    show.add_argument("--model", default=None, help="checkpoint folder holding spiece.model")
+    show.add_argument("--max-input-tokens", type=int, default=None,
+                      help="cut longer inputs (default: the task's, 1024 for summarization)")
+    check = commands.add_parser("check", help="validate every task folder and print split sizes",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    check.add_argument("--data-dir", required=True, help="folder holding one sub-folder per task")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "show":
+            cmd_show(args)
+            return 0
+        return cmd_check(args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""`python data.py show` and `python data.py check`: exact strings and token counts, split
+sizes against the paper's Table 8, and one-line errors with a non-zero exit."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece
+
+import data
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    rte = tmp_path / "rte"
+    rte.mkdir()
+    with open(rte / "train.jsonl", "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"premise": f"A cat {i}.", "hypothesis": "A cat.", "label": i % 2}) + "\n")
+    with open(rte / "val.jsonl", "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"premise": f"A dog {i}.", "hypothesis": "A cat.", "label": "not_entailment"}) + "\n")
+    with open(rte / "test.jsonl", "w") as f:
+        f.write(json.dumps({"premise": "p", "hypothesis": "h", "idx": 0}) + "\n")
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def spiece(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_spiece")
+    (d / "corpus.txt").write_text("\n".join(["A cat sat. A dog is true or false question answer"] * 50))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(d / "corpus.txt"), model_prefix=str(d / "spiece"), vocab_size=25, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    return d / "spiece.model"
+
+
+def test_show_prints_the_exact_input_target_and_token_counts(data_dir, spiece, capsys):
+    assert data.main(["show", "--task", "rte", "--data-dir", str(data_dir), "--shots", "1", "-n", "2",
+                      "--spiece", str(spiece)]) == 0
+    out = capsys.readouterr().out
+    tok = data.Tokenizer(spiece)
+    queries = data.load_split("rte", data_dir, "validation")[:2]
+    pool = data.load_split("rte", data_dir, "train")
+    for text, _ in data.kshot_inputs(data.TASKS["rte"], queries, pool, 1, seed=0):
+        assert f"input ({len(tok.encode(text))} tokens):\n{text}\n" in out
+    target = "<extra_id_0> False <extra_id_1>"
+    assert f"target ({len(tok.encode(target))} tokens):\n{target}\n" in out
+    assert out.count("=== rte validation #") == 2 and 'references: ["False"]' in out
+
+
+def test_check_prints_split_sizes_beside_table_8(data_dir, capsys):
+    assert data.main(["check", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "rte" in out and "train 6 (paper 2490), validation 4 (paper 277), test 1 unlabeled (paper 3000)" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["show", "--task", "nope", "--data-dir", "D"], "error: unknown task 'nope'; known tasks: cb, "),
+    (["show", "--task", "xsum", "--data-dir", "D"], "error: D/xsum: folder not found"),
+    (["check", "--data-dir", "D/missing"], "error: D/missing: data folder not found"),
+])
+def test_cli_errors_are_one_line_with_nonzero_exit(data_dir, argv, message, capsys):
+    argv = [a.replace("D", str(data_dir)) if a.startswith("D") else a for a in argv]
+    assert data.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(message.replace("D", str(data_dir), 1)) and err.count("\n") == 1
+
+
+def test_check_reports_a_bad_file_and_fails(data_dir, capsys):
+    with open(data_dir / "rte/train.jsonl", "a") as f:
+        f.write("{not json\n")
+    assert data.main(["check", "--data-dir", str(data_dir)]) == 1
+    captured = capsys.readouterr()
+    assert "train.jsonl:7: malformed JSON" in captured.err and "train ERROR" in captured.out
+
+
+def test_cli_process_exits_nonzero_without_traceback(data_dir):
+    result = subprocess.run([sys.executable, str(REPO / "data.py"), "show", "--task", "rte", "--data-dir",
+                             str(data_dir / "nowhere")], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
+    assert "rte: folder not found" in result.stderr
