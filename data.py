@@ -712,8 +712,6 @@ def load_split(task, data_dir, split: str, limit: int | None = None) -> list[Exa
     1000 steps of batch 64).
     """
     task = get_task(task, data_dir)
-    if split not in SPLITS and task.load is None:
-        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     examples = task.load(data_dir, split)
     if not examples:
         raise DataError(f"{Path(data_dir) / task.name}: no examples in split {split!r}")
@@ -785,6 +783,7 @@ def make_demonstration(task: Task, example: Example) -> str:
 
 def make_input(task: Task, query: Example, demonstrations=()) -> str:
     """The exact model input: k demonstrations, then the query with the answer sentinel."""
+    task = get_task(task)
     parts = [make_demonstration(task, d) for d in demonstrations]
     parts.append(f"{fill_template(task, query)} {ANSWER_SENTINEL}")
     return " ".join(parts)
@@ -792,6 +791,7 @@ def make_input(task: Task, query: Example, demonstrations=()) -> str:
 
 def make_target(task: Task, example: Example) -> str:
     """The training target: targets[0] inside the sentinel span (see the rule above)."""
+    task = get_task(task)
     if not example.targets:
         raise DataError(f"task {task.name}: cannot train on an unlabeled example {example.fields}")
     return f"{ANSWER_SENTINEL} {example.targets[0]} {END_SENTINEL}"
@@ -855,7 +855,10 @@ def fit_input(task: Task, query: Example, demonstrations, tokenizer: Tokenizer, 
     if length <= max_tokens:
         return text
     stats.cut_queries += 1
-    name = max((f for f in task.fields() if f in query.fields), key=lambda f: len(query.fields[f]))
+    names = [f for f in task.fields() if f in query.fields]
+    if not names:
+        raise DataError(f"task {task.name}: max_input_tokens={max_tokens} is too small for the template alone")
+    name = max(names, key=lambda f: len(query.fields[f]))
     value = query.fields[name]
     words = list(_WORD.finditer(value))
     # Words are tokenized one by one (see Tokenizer), so their counts add up: drop

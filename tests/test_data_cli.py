@@ -60,7 +60,7 @@ def test_check_prints_split_sizes_beside_table_8(data_dir, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["show", "--task", "nope", "--data-dir", "D"], "error: unknown task 'nope'; known tasks: cb, "),
+    (["show", "--task", "nope", "--data-dir", "D"], "error: unknown task 'nope'; known tasks: "),
     (["show", "--task", "xsum", "--data-dir", "D"], "error: D/xsum: folder not found"),
     (["check", "--data-dir", "D/missing"], "error: D/missing: data folder not found"),
 ])

@@ -207,10 +207,13 @@ def test_generic_jsonl_task_from_task_json(tmp_path):
     write_jsonl(tmp_path / "capitals/train.jsonl", [{"input": "Capital of France?", "target": "Paris"},
                                                     {"input": "Capital of Peru?", "targets": ["Lima", "lima"]}])
     task = data.get_task("capitals", tmp_path)
-    assert task.metric == "exact_match" and task.prefix == "Q:"
-    examples = data.load_split(task, tmp_path, "train")
-    assert targets(examples) == [["Paris"], ["Lima", "lima"]]
-    assert data.make_input(task, examples[0]) == "Q: Capital of France? A: <extra_id_0>"
+    try:
+        assert task.metric == "exact_match" and task.prefix == "Q:"
+        examples = data.load_split(task, tmp_path, "train")
+        assert targets(examples) == [["Paris"], ["Lima", "lima"]]
+        assert data.make_input(task, examples[0]) == "Q: Capital of France? A: <extra_id_0>"
+    finally:
+        del data.TASKS["capitals"]
 
 
 def test_register_task_with_its_own_reader(tmp_path):
@@ -315,3 +318,14 @@ def test_bad_webquestions_target_value(tmp_path):
                [{"utterance": "q", "targetValue": "Ohio"}])
     with pytest.raises(data.DataError, match=r"\[0\]: targetValue 'Ohio' is not"):
         data.load_split("web_questions", tmp_path, "test")
+
+
+def test_task_json_with_an_unknown_key_is_an_error(tmp_path):
+    write_json(tmp_path / "mine/task.json", {"template": "{input}", "metrc": "bleu"})
+    with pytest.raises(data.DataError, match=r"task.json: unknown key\(s\) metrc; accepted: template, metric"):
+        data.get_task("mine", tmp_path)
+
+
+def test_template_field_missing_from_an_example_is_an_error():
+    with pytest.raises(data.DataError, match=r"task rte: example has no field 'hypothesis'"):
+        data.make_input(data.TASKS["rte"], data.Example({"premise": "p"}, ["True"]))
