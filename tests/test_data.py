@@ -81,6 +81,39 @@ def test_encode_equals_transformers_on_random_text(tok, oracle):
         assert tok.encode(text) == oracle(text)["input_ids"], repr(text)
 
 
+UNICODE_CHARS = ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"()-–—éèüößçñ"
+                 "日本語中文한국어Ωμέγαабв  \t\n\u00a0\u3000\u200b\u00ad¨´ﬁ①㎏Ⅷ½…™℃")
+
+
+@pytest.mark.parametrize("normalization", ["nmt_nfkc", "identity"])
+def test_encode_and_decode_equal_transformers_on_random_unicode(tmp_path, normalization):
+    # A second model, trained on random multilingual text, with T5's normalization
+    # (nmt_nfkc) and with none: compatibility characters, zero-width and soft
+    # hyphen characters, every kind of whitespace and sentinels in between.
+    transformers = pytest.importorskip("transformers")
+    rng = random.Random(normalization)
+
+    def text(n):
+        return "".join(rng.choice(UNICODE_CHARS) for _ in range(n))
+
+    corpus = [" ".join(text(rng.randint(1, 8)).replace("\n", " ") for _ in range(rng.randint(2, 12)))
+              for _ in range(1500)]
+    (tmp_path / "corpus.txt").write_text("\n".join(corpus), encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "spiece"), vocab_size=300,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=0.98,
+        normalization_rule_name=normalization, minloglevel=2)
+    ours = data.Tokenizer(tmp_path / "spiece.model")
+    oracle = transformers.T5Tokenizer.from_pretrained(str(tmp_path))
+    for _ in range(300):
+        s = text(rng.randint(0, 60))
+        if rng.random() < 0.3:
+            s = s.replace(" ", f" <extra_id_{rng.randint(0, 120)}> ", 1)
+        ids = oracle(s)["input_ids"]
+        assert ours.encode(s) == ids, repr(s)
+        assert ours.decode(ids) == oracle.decode(ids, skip_special_tokens=True), repr(s)
+
+
 def test_encode_appends_eos_like_t5(tok):
     assert tok.encode("hello")[-1] == 1
     assert tok.encode("hello", add_eos=False)[-1] != 1
