@@ -17,14 +17,21 @@ It leaves the model to `model.py`, task templates and data files to `data.py`, a
 training (which calls `score_task` to pick the best checkpoint) to `promot.py`.
 """
 
+import argparse
+import dataclasses
+import json
+import os
 import re
 import string
+import sys
+import time
 
 import sacrebleu
 import torch
 from rouge_score import rouge_scorer
 
-from model import KVCache
+import data
+import model as model_lib
 
 
 # ---------------------------------------------------------------------------------------
@@ -64,7 +71,7 @@ def generate(model, input_ids, attention_mask, prompt=None, num_beams=1, max_new
 def greedy_search(model, encoder_hidden, encoder_mask, max_new_tokens):
     """The most likely next token at every step, until every row has written EOS."""
     cfg, batch = model.config, encoder_hidden.shape[0]
-    cache = KVCache()
+    cache = model_lib.KVCache()
     last = encoder_hidden.new_full((batch, 1), cfg.decoder_start_token_id, dtype=torch.long)
     finished = torch.zeros(batch, dtype=torch.bool, device=encoder_hidden.device)
     out = []
@@ -93,7 +100,7 @@ def beam_search(model, encoder_hidden, encoder_mask, num_beams, max_new_tokens,
     # The K beams of an example sit in adjacent rows and read the same encoder output.
     encoder_hidden = encoder_hidden.repeat_interleave(K, dim=0)
     encoder_mask = encoder_mask.repeat_interleave(K, dim=0)
-    cache = KVCache()
+    cache = model_lib.KVCache()
     last = torch.full((B * K, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
     # Running beams. Only beam 0 is live at first, so step 1 does not pick K copies of one token.
     seqs = torch.empty((B, K, 0), dtype=torch.long, device=device)
@@ -313,3 +320,364 @@ def format_ratio(predictions, label_words):
 def _mean(values):
     values = list(values)
     return sum(values) / len(values) if values else 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring a task, routing the prompt
+# ---------------------------------------------------------------------------------------
+
+class EvaluationError(ValueError):
+    """A problem with the user's files or flags; the message says which and what was expected."""
+
+
+# Longest answer generated, per metric, unless max_new_tokens is given. A classifier answers
+# "<extra_id_0> True <extra_id_1>" (a few tokens); translations and summaries need room.
+MAX_NEW_TOKENS = {"accuracy": 16, "exact_match": 32, "bleu": 256, "rouge2": 128}
+
+
+@torch.no_grad()
+def score_task(model, tokenizer, task, examples, pool=None, shots=0, prompt=None, num_beams=4,
+               max_new_tokens=None, length_penalty=1.0, brevity_penalty="hf", batch_size=16,
+               seed=0, max_input_tokens=None, format_label_words=None, distributed=False,
+               progress=None):
+    """Decode `examples` of `task` with `shots` demonstrations and score them.
+
+    Returns a dict: task, shots, metric, score (0-100), num_examples, prompt (whether one
+    was prepended), format_ratio (percent of predictions whose first word is in
+    `format_label_words`, when given), and examples: each one's input, raw output,
+    prediction and references, in the order of `examples`.
+
+    Demonstrations come from `pool` (default: `examples`; never the query itself). Inputs
+    are batched by length (longest first). With `distributed=True` (under torchrun) each
+    rank decodes every world-th batch and the records are gathered; every rank must hold
+    the whole model. `progress(done, total)` is called after each batch.
+    """
+    task = data.get_task(task)
+    if not examples:
+        raise EvaluationError(f"task {task.name}: no examples to score")
+    pairs = data.kshot_inputs(task, examples, examples if pool is None else pool, shots, seed,
+                              tokenizer=tokenizer, max_input_tokens=max_input_tokens)
+    encoded = [tokenizer.encode(text) for text, _ in pairs]
+    batches = data.eval_batches([len(ids) for ids in encoded], batch_size)
+    rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
+                   if distributed else (0, 1))
+    mine = batches[rank::world]
+    device = next(model.parameters()).device
+    prompt = prompt.to(device) if prompt is not None else None
+    max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task.metric]
+    records, done, total = {}, 0, sum(len(b) for b in mine)
+    for batch in mine:
+        ids, mask = data.pad_batch([encoded[i] for i in batch])
+        out = generate(model, ids.to(device), mask.to(device), prompt=prompt, num_beams=num_beams,
+                       max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+                       brevity_penalty=brevity_penalty)
+        for i, row in zip(batch, out.tolist()):
+            raw = decode_with_sentinels(tokenizer, row)
+            records[i] = {"input": pairs[i][0], "raw_output": raw,
+                          "prediction": postprocess(raw, task.label_words), "references": pairs[i][1]}
+        done += len(batch)
+        if progress is not None:
+            progress(done, total)
+    if distributed:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, records)
+        records = {i: r for part in parts for i, r in part.items()}
+    records = [records[i] for i in range(len(examples))]
+    predictions = [r["prediction"] for r in records]
+    result = {"task": task.name, "shots": shots, "metric": task.metric,
+              "score": compute_metric(task.metric, predictions, [r["references"] for r in records]),
+              "num_examples": len(records), "prompt": prompt is not None}
+    if format_label_words:
+        result["format_ratio"] = format_ratio(predictions, format_label_words)
+    result["examples"] = records
+    return result
+
+
+def route_prompt(task, prompts, use_prompt="auto"):
+    """The soft prompt to prepend for `task`, or None (paper §4, "Evaluation").
+
+    The prompt learned on a fine-tuned task holds that task's format, so it is used only
+    for tasks in the same format (`data.Task.format`); every other task sees the plain
+    fine-tuned model. `prompts` maps fine-tuned task name -> prompt. use_prompt="always"
+    or "never" forces it either way (ablations); "always" still prefers a prompt whose task
+    shares the format, else the first one.
+    """
+    if use_prompt not in ("auto", "always", "never"):
+        raise EvaluationError(f"use_prompt must be auto, always or never, not {use_prompt!r}")
+    if use_prompt == "never" or not prompts:
+        return None
+    task = data.get_task(task)
+    for name, prompt in prompts.items():
+        if data.get_task(name).format == task.format:
+            return prompt
+    return next(iter(prompts.values())) if use_prompt == "always" else None
+
+
+def load_prompts(path, d_model, tasks=None):
+    """Soft prompts by fine-tuned task, {task: (p, d_model) float tensor}.
+
+    Reads what promot.py writes, prompt.safetensors with `prompt.<task>` per task (and
+    `prompt` when there is one), or a single (p, d_model) array in a .npy file (T5X's
+    format) or under the key `prompt`. `tasks` names the fine-tuned tasks; without it they
+    are read from the `prompt.<task>` keys. A task without its own key gets `prompt`.
+    """
+    if not os.path.isfile(path):
+        raise EvaluationError(f"{path}: no such prompt file")
+    try:
+        if path.endswith(".npy"):
+            import numpy
+            tensors = {"prompt": torch.from_numpy(numpy.load(path, allow_pickle=False))}
+        else:
+            from safetensors.torch import load_file
+            tensors = load_file(path)
+    except Exception as err:  # safetensors and numpy raise several types for a bad file
+        raise EvaluationError(f"{path}: cannot read a prompt ({err})") from None
+    named = [k[len("prompt."):] for k in tensors if k.startswith("prompt.")]
+    tasks = list(tasks or named)
+    if not tasks:
+        raise EvaluationError(f"{path}: the file does not say which task its prompt was trained on "
+                              "(no 'prompt.<task>' key); pass --prompt-tasks")
+    prompts = {}
+    for name in tasks:
+        key = f"prompt.{name}" if f"prompt.{name}" in tensors else "prompt"
+        if key not in tensors:
+            raise EvaluationError(f"{path}: no tensor 'prompt.{name}' or 'prompt'; found {sorted(tensors)}")
+        prompt = tensors[key].float()
+        if prompt.dim() != 2 or prompt.shape[1] != d_model:
+            raise EvaluationError(f"{path}: tensor {key!r} has shape {tuple(prompt.shape)}; the model "
+                                  f"needs (prompt length, d_model={d_model})")
+        prompts[data.get_task(name).name] = prompt
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------
+# Results: JSON and the paper's table
+# ---------------------------------------------------------------------------------------
+
+RESULTS_FORMAT = "promot-evaluate-results/1"
+
+
+def norm_avg_by_shots(runs):
+    """{shots: normalized average over the evaluation runs with that many shots}."""
+    by_shots = {}
+    for run in runs:
+        if run["role"] == "evaluation":
+            by_shots.setdefault(str(run["shots"]), []).append(run["score"])
+    return {shots: normalized_average(scores) for shots, scores in by_shots.items()}
+
+
+def results_table(results, baseline=None):
+    """Markdown in the paper's layout (Tables 3-5): the fine-tuned task(s) scored 0-shot,
+    then Norm. Avg. (with its difference from `baseline`'s, as the paper's parentheses),
+    then one row per evaluation task; one column per number of shots."""
+    runs = results["runs"]
+    shots = sorted({r["shots"] for r in runs if r["role"] == "evaluation"})
+    head = "| | " + " | ".join(f"{k}-shot" for k in shots) + " |"
+    lines = [head, "|---" * (len(shots) + 1) + "|"]
+    blank = [""] * max(len(shots) - 1, 0)
+    for run in runs:
+        if run["role"] == "fine-tuned":
+            lines.append(f"| Fine-tuning {run['task']} (0-shot, {run['metric']}) | "
+                         + " | ".join([f"{run['score']:.2f}"] + blank) + " |")
+    cells = []
+    for k in shots:
+        avg = results["norm_avg"].get(str(k))
+        cell = "" if avg is None else f"{avg:.2f}"
+        base = (baseline or {}).get("norm_avg", {}).get(str(k))
+        if avg is not None and base is not None:
+            cell += f" ({avg - base:+.2f})"
+        cells.append(cell)
+    lines.append("| Norm. Avg. | " + " | ".join(cells) + " |")
+    scores = {(r["task"], r["shots"]): r for r in runs if r["role"] == "evaluation"}
+    for task in dict.fromkeys(r["task"] for r in runs if r["role"] == "evaluation"):
+        row = [f"{scores[task, k]['score']:.2f}" if (task, k) in scores else "" for k in shots]
+        metric = next(r["metric"] for r in runs if r["task"] == task)
+        lines.append(f"| {task} ({metric}) | " + " | ".join(row) + " |")
+    if baseline is not None:
+        mine = {r["task"] for r in runs if r["role"] == "evaluation"}
+        theirs = {r["task"] for r in baseline["runs"] if r["role"] == "evaluation"}
+        if mine != theirs:
+            lines.append(f"\nNote: the baseline averages other tasks ({', '.join(sorted(theirs))}); "
+                         "the differences compare unlike averages.")
+    return "\n".join(lines)
+
+
+def read_results(path):
+    """A results file written by this program (for --baseline), checked for its format."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except OSError as err:
+        raise EvaluationError(f"{path}: cannot read the baseline results ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise EvaluationError(f"{path}: not JSON (line {err.lineno}: {err.msg}); expected a results "
+                              "file written by evaluate.py --out") from None
+    if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
+        found = results.get("format") if isinstance(results, dict) else type(results).__name__
+        raise EvaluationError(f"{path}: not an evaluate.py results file (format {found!r}, expected "
+                              f"{RESULTS_FORMAT!r})")
+    return results
+
+
+def write_json_atomic(obj, path):
+    """Write to a temporary file beside `path`, then rename: an interrupted run leaves the
+    old file (or none), never a truncated one that looks complete."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def progress_printer(label, stream=None):
+    """A `progress(done, total)` callback printing one updating line with examples/s and ETA
+    (to `stream`, default stderr)."""
+    start = time.time()
+
+    def progress(done, total):
+        elapsed = max(time.time() - start, 1e-9)
+        rate = done / elapsed
+        eta = (total - done) / rate if rate > 0 else 0.0
+        end = "\n" if done >= total else ""
+        print(f"\r{label}: {done}/{total} examples, {rate:.1f} examples/s, ETA {eta:.0f}s ",
+              end=end, file=stream or sys.stderr, flush=True)
+    return progress
+
+
+# ---------------------------------------------------------------------------------------
+# The evaluation run (command line)
+# ---------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Evaluate a (ProMoT-)fine-tuned T5/mT5 on the paper's tasks and print its table.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint folder: config.json, weights, spiece.model")
+    p.add_argument("--data-dir", required=True, help="folder with one sub-folder per task (see data.py)")
+    p.add_argument("--out", required=True, help="results JSON to write (every example included)")
+    p.add_argument("--tasks", default=",".join(data.EVALUATION_TASKS),
+                   help="evaluation tasks, comma-separated; the table's rows and the Norm. Avg.")
+    p.add_argument("--shots", default="1,4", help="numbers of demonstrations, comma-separated (columns)")
+    p.add_argument("--prompt", default=None,
+                   help="soft prompt file: prompt.safetensors from promot.py, or a (p, d_model) .npy")
+    p.add_argument("--prompt-tasks", default=None,
+                   help="fine-tuned task(s) the prompt was trained on, comma-separated "
+                        "[the 'prompt.<task>' keys of the file]")
+    p.add_argument("--use-prompt", choices=("auto", "always", "never"), default="auto",
+                   help="auto: prepend the prompt only for tasks in the fine-tuned task's format "
+                        "(paper §4); always/never: force it (ablations)")
+    p.add_argument("--fine-tuned-tasks", default=None,
+                   help="fine-tuned task(s), scored 0-shot in the table's first rows [--prompt-tasks]")
+    p.add_argument("--baseline", default=None,
+                   help="results JSON of another run (e.g. the pretrained model): Norm. Avg. differences")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
+    p.add_argument("--num-beams", type=int, default=4, help="beam width (paper App. B.4: 4); 1 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest answer [per metric: " + ", ".join(f"{k} {v}" for k, v in MAX_NEW_TOKENS.items()) + "]")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="exponent of the length penalty")
+    p.add_argument("--brevity-penalty", choices=("hf", "t5x"), default="hf",
+                   help="hf: score / length**alpha (transformers); t5x: score / ((5+length)/6)**alpha")
+    p.add_argument("--batch-size", type=int, default=16, help="inputs per decoding batch (per GPU)")
+    p.add_argument("--max-input-tokens", type=int, default=None,
+                   help="cut longer inputs [the task's: 1024 for summarization, else none]")
+    p.add_argument("--seed", type=int, default=0, help="seed for choosing demonstrations")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    return p.parse_args(argv)
+
+
+def _task_list(text, data_dir):
+    names = [t.strip() for t in (text or "").split(",") if t.strip()]
+    return [data.get_task(name, data_dir).name for name in names]
+
+
+def _setup_device():
+    """(device, rank, world). Under torchrun: one process per GPU (gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return device, rank, world
+
+
+def run(args):
+    """The whole evaluation; returns the results dict (written and printed on rank 0)."""
+    shots = []
+    for part in args.shots.split(","):
+        if not part.strip().isdigit():
+            raise EvaluationError(f"--shots {args.shots!r}: expected comma-separated numbers like 1,4")
+        shots.append(int(part))
+    if args.limit is not None and args.limit < 1:
+        raise EvaluationError(f"--limit {args.limit}: expected a positive number of examples")
+    tasks = _task_list(args.tasks, args.data_dir)
+    prompt_tasks = _task_list(args.prompt_tasks, args.data_dir)
+    if args.prompt_tasks and not args.prompt:
+        raise EvaluationError("--prompt-tasks needs --prompt")
+    baseline = read_results(args.baseline) if args.baseline else None
+
+    device, rank, world = _setup_device()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+             "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
+    t5 = model_lib.load_pretrained(args.model, dtype=dtype, device=device).eval()
+    spiece = os.path.join(args.model, "spiece.model")
+    if not os.path.isfile(spiece):
+        raise EvaluationError(f"{args.model}: no spiece.model beside the checkpoint")
+    tokenizer = data.Tokenizer(spiece)
+    tokenizer.check_fits(t5.config.vocab_size)
+    prompts = load_prompts(args.prompt, t5.config.d_model, prompt_tasks) if args.prompt else {}
+    fine_tuned = _task_list(args.fine_tuned_tasks, args.data_dir) or list(prompts)
+    label_words = sorted({w for name in fine_tuned for w in (data.get_task(name).label_words or ())})
+
+    settings = {k: v for k, v in vars(args).items()}
+    settings.update(dtype=str(dtype).replace("torch.", ""), world_size=world)
+    common = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                  length_penalty=args.length_penalty, brevity_penalty=args.brevity_penalty,
+                  batch_size=args.batch_size, seed=args.seed, max_input_tokens=args.max_input_tokens,
+                  distributed=world > 1)
+    say = (lambda m: print(m, file=sys.stderr)) if rank == 0 else (lambda m: None)
+    runs = []
+    plan = [(name, "fine-tuned", [0]) for name in fine_tuned] + [(name, "evaluation", shots) for name in tasks]
+    for name, role, shot_list in plan:
+        task = data.get_task(name, args.data_dir)
+        split, examples = data.load_eval_split(task, args.data_dir, warn=say)
+        examples = examples[: args.limit] if args.limit else examples
+        pool = data.load_split(task, args.data_dir, task.demo_split) if any(shot_list) else None
+        prompt = route_prompt(task, prompts, args.use_prompt)
+        for k in shot_list:
+            label = f"{task.name} {k}-shot{' +prompt' if prompt is not None else ''}"
+            progress = progress_printer(label) if rank == 0 else None
+            result = score_task(t5, tokenizer, task, examples, pool=pool, shots=k, prompt=prompt,
+                                format_label_words=label_words if role == "evaluation" else None,
+                                progress=progress, **common)
+            result.update(role=role, split=split)
+            say(f"{label}: {task.metric} {result['score']:.2f} on {len(examples)} {split} examples")
+            runs.append(result)
+    results = {"format": RESULTS_FORMAT, "model": args.model, "settings": settings,
+               "norm_avg": norm_avg_by_shots(runs), "runs": runs}
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        write_json_atomic(results, args.out)
+        print(results_table(results, baseline))
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (EvaluationError, data.DataError, model_lib.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

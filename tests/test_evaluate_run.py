@@ -1,0 +1,276 @@
+"""The evaluation run end to end: a tiny random checkpoint, a SentencePiece model trained
+here and small task files in the published layouts -> the paper's table and a JSON file in
+which every number can be traced to its examples. Also the prompt-routing rule and the
+errors a user can cause."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import sentencepiece
+import torch
+from safetensors.torch import save_file
+
+import data
+import evaluate
+from helpers import make_checkpoint
+
+WORDS = ("the a cat dog sat ran on in mat park premise question hypothesis Is it true or false neither "
+         "answer: True False Neither Q: A: Who wrote Hamlet? Shakespeare Paris capital of France "
+         "Translate English to German: Hello world Hallo Welt Article: One sentence summary: storm "
+         "coast power lost The word is used same way two sentences bank river").split()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared CPU
+    yield
+    torch.set_num_threads(before)
+
+
+def sentence(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(model dir, data dir, prompt file) for a tiny mT5-style model."""
+    root = tmp_path_factory.mktemp("run")
+    rng = random.Random(0)
+    model_dir = root / "model"
+    model_dir.mkdir()
+    (root / "corpus.txt").write_text("\n".join(sentence(rng, 12) for _ in range(800)), encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(root / "corpus.txt"), model_prefix=str(model_dir / "spiece"), vocab_size=100,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    tokenizer = data.Tokenizer(model_dir / "spiece.model")
+    make_checkpoint(str(model_dir), kind="mt5", vocab_size=tokenizer.vocab_size)
+
+    d = root / "data"
+    nli = lambda labels: [{"premise": sentence(rng, 6), "hypothesis": sentence(rng, 4), "label": rng.choice(labels)}
+                          for _ in range(6)]
+    for name, labels in (("rte", (0, 1)), ("cb", (0, 1, 2))):
+        write_jsonl(d / name / "train.jsonl", nli(labels))
+        write_jsonl(d / name / "validation.jsonl", nli(labels))
+    wic = lambda: [{"word": "bank", "sentence1": sentence(rng, 5), "sentence2": sentence(rng, 5),
+                    "label": rng.choice((0, 1))} for _ in range(6)]
+    write_jsonl(d / "wic" / "train.jsonl", wic())
+    write_jsonl(d / "wic" / "validation.jsonl", wic())
+    qa = lambda: [{"question": sentence(rng, 4) + "?", "answer": {"value": "Paris", "aliases": ["paris", "Paris"]}}
+                  for _ in range(6)]
+    write_jsonl(d / "trivia_qa" / "train.jsonl", qa())
+    write_jsonl(d / "trivia_qa" / "test.jsonl", qa())
+    mt = lambda: [{"translation": {"en": sentence(rng, 5), "de": sentence(rng, 5)}} for _ in range(6)]
+    write_jsonl(d / "wmt16_ende" / "train.jsonl", mt())
+    write_jsonl(d / "wmt16_ende" / "test.jsonl", mt())
+    summ = lambda: [{"document": sentence(rng, 20), "summary": sentence(rng, 6), "id": str(i)} for i in range(6)]
+    write_jsonl(d / "xsum" / "train.jsonl", summ())
+    write_jsonl(d / "xsum" / "test.jsonl", summ())
+
+    prompt_file = root / "prompt.safetensors"
+    prompt = torch.rand(3, 32, generator=torch.Generator().manual_seed(0))
+    save_file({"prompt.rte": prompt, "prompt": prompt.clone()}, str(prompt_file))
+    return model_dir, d, prompt_file
+
+
+def common_args(setup, out, *extra):
+    model_dir, data_dir, prompt_file = setup
+    return ["--model", str(model_dir), "--data-dir", str(data_dir), "--out", str(out),
+            "--tasks", "cb,wic,trivia_qa,wmt16_ende,xsum", "--shots", "0,1", "--num-beams", "2",
+            "--max-new-tokens", "5", "--batch-size", "4", "--limit", "5", *extra]
+
+
+@pytest.fixture(scope="module")
+def promot_run(setup, tmp_path_factory):
+    """One run with the RTE prompt, and its stdout/stderr."""
+    out = tmp_path_factory.mktemp("out") / "results.json"
+    cap = {}
+    import contextlib
+    import io
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        cap["rc"] = evaluate.main(common_args(setup, out, "--prompt", str(setup[2])))
+    return out, json.loads(out.read_text(encoding="utf-8")), stdout.getvalue(), stderr.getvalue(), cap["rc"]
+
+
+# --- the run -----------------------------------------------------------------------------
+
+def test_run_scores_the_fine_tuned_task_0_shot_and_every_task_at_every_shot(promot_run):
+    _, results, _, _, rc = promot_run
+    assert rc == 0 and results["format"] == evaluate.RESULTS_FORMAT
+    got = [(r["task"], r["role"], r["shots"]) for r in results["runs"]]
+    assert got[0] == ("rte", "fine-tuned", 0)
+    assert sorted(got[1:]) == sorted((t, "evaluation", k) for t in ("cb", "wic", "trivia_qa", "wmt16_ende", "xsum")
+                                     for k in (0, 1))
+
+
+def test_prompt_is_prepended_only_for_tasks_in_the_fine_tuned_format(promot_run):
+    _, results, _, _, _ = promot_run
+    used = {r["task"]: r["prompt"] for r in results["runs"]}
+    # RTE and WiC answer True/False; CB adds Neither; the generative tasks have other formats.
+    assert used == {"rte": True, "wic": True, "cb": False, "trivia_qa": False, "wmt16_ende": False, "xsum": False}
+
+
+def test_every_score_can_be_recomputed_from_the_examples_in_the_json(promot_run):
+    _, results, _, _, _ = promot_run
+    for run in results["runs"]:
+        task = data.get_task(run["task"])
+        assert len(run["examples"]) == run["num_examples"] == 5
+        for ex in run["examples"]:
+            assert set(ex) == {"input", "raw_output", "prediction", "references"}
+            assert ex["prediction"] == evaluate.postprocess(ex["raw_output"], task.label_words)
+        preds = [ex["prediction"] for ex in run["examples"]]
+        refs = [ex["references"] for ex in run["examples"]]
+        assert run["score"] == pytest.approx(evaluate.compute_metric(run["metric"], preds, refs))
+        if run["role"] == "evaluation":  # share of RTE-format answers (paper Fig. 2)
+            assert run["format_ratio"] == pytest.approx(evaluate.format_ratio(preds, ("False", "True")))
+
+
+def test_inputs_in_the_json_are_the_k_shot_prompts_of_data_py(setup, promot_run):
+    _, results, _, _, _ = promot_run
+    data_dir = setup[1]
+    run = next(r for r in results["runs"] if r["task"] == "trivia_qa" and r["shots"] == 1)
+    queries = data.load_split("trivia_qa", data_dir, "test")[:5]
+    expected = data.kshot_inputs("trivia_qa", queries, data.load_split("trivia_qa", data_dir, "train"), 1, seed=0)
+    assert [(ex["input"], ex["references"]) for ex in run["examples"]] == expected
+
+
+def test_norm_avg_is_the_mean_of_the_evaluation_scores_per_shots(promot_run):
+    _, results, _, _, _ = promot_run
+    for k in (0, 1):
+        scores = [r["score"] for r in results["runs"] if r["role"] == "evaluation" and r["shots"] == k]
+        assert results["norm_avg"][str(k)] == pytest.approx(sum(scores) / 5)
+
+
+def test_table_has_the_papers_layout(promot_run):
+    _, results, stdout, _, _ = promot_run
+    lines = stdout.strip().splitlines()
+    assert lines[0] == "| | 0-shot | 1-shot |"
+    assert lines[2].startswith("| Fine-tuning rte (0-shot, accuracy) |")
+    assert lines[3] == f"| Norm. Avg. | {results['norm_avg']['0']:.2f} | {results['norm_avg']['1']:.2f} |"
+    assert [line.split(" |")[0] for line in lines[4:]] == [
+        "| cb (accuracy)", "| wic (accuracy)", "| trivia_qa (exact_match)", "| wmt16_ende (bleu)", "| xsum (rouge2)"]
+
+
+def test_progress_line_reports_examples_per_second_and_eta(promot_run):
+    _, _, _, stderr, _ = promot_run
+    assert "cb 1-shot: 5/5 examples," in stderr and "examples/s, ETA" in stderr
+
+
+def test_baseline_adds_the_norm_avg_difference(setup, promot_run, tmp_path, capsys):
+    baseline_out, baseline, _, _, _ = promot_run
+    out = tmp_path / "plain.json"
+    assert evaluate.main(common_args(setup, out, "--baseline", str(baseline_out), "--use-prompt", "never")) == 0
+    ours = json.loads(out.read_text())
+    assert not any(r["prompt"] for r in ours["runs"])
+    norm_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| Norm. Avg."))
+    diff = ours["norm_avg"]["1"] - baseline["norm_avg"]["1"]
+    assert f"{ours['norm_avg']['1']:.2f} ({diff:+.2f})" in norm_line
+
+
+# --- the routing rule --------------------------------------------------------------------
+
+@pytest.mark.parametrize("task, mode, expected", [
+    ("rte", "auto", True), ("wic", "auto", True), ("cb", "auto", False), ("trivia_qa", "auto", False),
+    ("trivia_qa", "always", True), ("rte", "never", False)])
+def test_route_prompt_follows_the_fine_tuned_tasks_format(task, mode, expected):
+    prompt = torch.zeros(2, 4)
+    assert (evaluate.route_prompt(task, {"rte": prompt}, mode) is prompt) == expected
+
+
+def test_route_prompt_picks_each_tasks_own_prompt_in_multi_task_promot():
+    rte, wmt = torch.zeros(2, 4), torch.ones(2, 4)
+    prompts = {"rte": rte, "wmt14_enfr": wmt}
+    assert evaluate.route_prompt("wic", prompts) is rte
+    assert evaluate.route_prompt("wmt14_enfr", prompts) is wmt
+    assert evaluate.route_prompt("wmt16_ende", prompts) is None  # another language pair, another format
+
+
+# --- bad input: one clear message each, nothing half-written -----------------------------
+
+def run_expecting_error(args, capsys):
+    assert evaluate.main(args) == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_task_is_one_clear_message(setup, tmp_path, capsys):
+    args = common_args(setup, tmp_path / "r.json")
+    args[args.index("--tasks") + 1] = "cb,trivia"
+    err = run_expecting_error(args, capsys)
+    assert "unknown task 'trivia'" in err and "trivia_qa" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_prompt_of_the_wrong_width_is_one_clear_message(setup, tmp_path, capsys):
+    bad = tmp_path / "wide.safetensors"
+    save_file({"prompt.rte": torch.zeros(3, 48)}, str(bad))
+    err = run_expecting_error(common_args(setup, tmp_path / "r.json", "--prompt", str(bad)), capsys)
+    assert "wide.safetensors" in err and "(3, 48)" in err and "d_model=32" in err
+
+
+def test_baseline_of_another_format_is_one_clear_message(setup, tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"accuracy": 91.3}))
+    err = run_expecting_error(common_args(setup, tmp_path / "r.json", "--baseline", str(other)), capsys)
+    assert "other.json" in err and "not an evaluate.py results file" in err
+
+
+def test_empty_task_file_is_one_clear_message(setup, tmp_path, capsys):
+    model_dir, data_dir, _ = setup
+    empty = tmp_path / "data"
+    (empty / "cb").mkdir(parents=True)
+    (empty / "cb" / "validation.jsonl").write_text("")
+    err = run_expecting_error(["--model", str(model_dir), "--data-dir", str(empty), "--out",
+                               str(tmp_path / "r.json"), "--tasks", "cb", "--shots", "0"], capsys)
+    assert "cb" in err and "no examples" in err
+
+
+def test_bad_shots_is_one_clear_message(setup, tmp_path, capsys):
+    args = common_args(setup, tmp_path / "r.json")
+    args[args.index("--shots") + 1] = "1,four"
+    assert "--shots" in run_expecting_error(args, capsys)
+
+
+def test_interrupted_run_leaves_the_previous_results_file_untouched(setup, tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    out.write_text("previous")
+    real = evaluate.score_task
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "score_task", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(common_args(setup, out))
+    assert out.read_text() == "previous" and os.listdir(tmp_path) == ["r.json"]
+
+
+# --- torchrun: examples split across ranks, then gathered --------------------------------
+
+def test_torchrun_two_ranks_give_the_single_process_results(setup, promot_run, tmp_path):
+    out = tmp_path / "dist.json"
+    args = common_args(setup, out, "--prompt", str(setup[2]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(29500 + os.getpid() % 1000), os.path.join(root, "evaluate.py"),
+                           *args], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = promot_run[1]["runs"]
+    dist = json.loads(out.read_text())
+    assert dist["settings"]["world_size"] == 2
+    assert [r["examples"] for r in dist["runs"]] == [r["examples"] for r in single]
+    assert [r["score"] for r in dist["runs"]] == [r["score"] for r in single]
