@@ -426,3 +426,10 @@ def test_mixture_is_deterministic_and_resumes_exactly():
 
 def test_examples_proportional_rates_are_capped():
     assert data.examples_proportional({"rte": 2490, "wmt": 15786979}, cap=2 ** 16) == {"rte": 2490.0, "wmt": 65536.0}
+
+
+def test_mixture_rejects_rates_for_other_tasks_and_empty_tasks():
+    with pytest.raises(data.DataError, match="rate to each of"):
+        data.Mixture({"a": [1], "b": [2]}, rates={"a": 1.0})
+    with pytest.raises(data.DataError, match="every task at least one example"):
+        data.Mixture({"a": []})

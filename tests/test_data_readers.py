@@ -329,3 +329,10 @@ def test_task_json_with_an_unknown_key_is_an_error(tmp_path):
 def test_template_field_missing_from_an_example_is_an_error():
     with pytest.raises(data.DataError, match=r"task rte: example has no field 'hypothesis'"):
         data.make_input(data.TASKS["rte"], data.Example({"premise": "p"}, ["True"]))
+
+
+def test_labeled_test_split_is_used_without_fallback(tmp_path):
+    write_jsonl(tmp_path / "xsum/test.jsonl", [{"document": "d", "summary": "s"}])
+    warnings = []
+    split, examples = data.load_eval_split("xsum", tmp_path, warn=warnings.append)
+    assert split == "test" and len(examples) == 1 and warnings == []
