@@ -470,6 +470,7 @@ def checkpoint_block(block):
     checkpoint(block)
 
 
+@torch.no_grad()
 def load_sharded(t5, path, dtype=torch.float32):
     """Fill an FSDP-sharded model from a checkpoint directory.
 
@@ -636,48 +637,32 @@ def save_prompts(prompts, path):
 
 
 # ---------------------------------------------------------------------------
-# Data: a stateless stream of global batches
+# Data
 # ---------------------------------------------------------------------------
 
-class TrainStream:
-    """The global batch of any step, computed from (seed, step) alone.
+def global_batch(mixture, tasks, train_sets, tokenizer, cfg, ctx, truncation):
+    """This rank's (task index, input text, target text) rows of the next global batch.
 
-    Example slot i = step * batch_size + j of the run goes to task i % T
-    (tasks mixed in equal shares), and is that task's (i // T)-th example in
-    a seeded permutation redrawn every epoch. No iterator state exists, so
-    the data position of a checkpoint is just its step, and 1 or N ranks see
-    the same global batch (rank r takes rows r*B/N ... (r+1)*B/N - 1).
+    Every rank draws the whole global batch from the same data.Mixture (equal
+    task shares, a seeded permutation per epoch) and keeps its slice, so one
+    process and N ranks train on the same examples, and the mixture's
+    state_dict is the data position a checkpoint stores.
     """
-
-    def __init__(self, tasks, train_sets, batch_size, seed, shots=0):
-        self.tasks, self.train_sets, self.batch_size, self.seed, self.shots = tasks, train_sets, batch_size, seed, shots
-        self._perms = {}
-
-    def _perm(self, t, epoch):
-        key = (t, epoch)
-        if key not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7919 + t)
-            self._perms = {k: v for k, v in self._perms.items() if k[1] >= epoch - 1}
-            self._perms[key] = torch.randperm(len(self.train_sets[t]), generator=g).tolist()
-        return self._perms[key]
-
-    def rows(self, step, start, stop):
-        """[(task index, input text, target text)] for global rows start..stop-1 of `step`."""
-        out = []
-        T = len(self.tasks)
-        for j in range(start, stop):
-            i = step * self.batch_size + j
-            t, k = i % T, i // T
-            n = len(self.train_sets[t])
-            example = self.train_sets[t][self._perm(t, k // n)[k % n]]
-            task = self.tasks[t]
-            if self.shots:
-                text, _ = data.kshot_inputs(task, [example], self.train_sets[t], self.shots,
-                                            seed=self.seed * 1_000_003 + i)[0]
-            else:
-                text = data.make_input(task, example, [])
-            out.append((t, text, data.make_target(task, example)))
-        return out
+    drawn = mixture.take(cfg.batch_size)
+    per_rank = cfg.batch_size // ctx.world
+    mine = drawn[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
+    index = {t.name: i for i, t in enumerate(tasks)}
+    rows = []
+    for name, example in mine:
+        t = index[name]
+        # "+1-shot" (paper 5.3): a demonstration from the training set, never the example itself;
+        # demonstrations are dropped first when the input would exceed --max-input-length.
+        (text, target), = data.training_pairs(tasks[t], [example], shots=cfg.shots, pool=train_sets[t],
+                                              seed=cfg.seed, tokenizer=tokenizer if cfg.shots else None,
+                                              max_input_tokens=cfg.max_input_length, stats=truncation,
+                                              warn=lambda message: None)
+        rows.append((t, text, target))
+    return rows
 
 
 def truncate(ids, max_len, eos_id=1):
@@ -690,8 +675,7 @@ def make_batch(rows, tokenizer, cfg, device):
     inputs = [truncate(tokenizer.encode(x), cfg.max_input_length) for _, x, _ in rows]
     targets = [truncate(tokenizer.encode(y), cfg.max_target_length) for _, _, y in rows]
     ids, mask = data.pad_batch(inputs, pad_id=0)
-    labels, label_mask = data.pad_batch(targets, pad_id=0)
-    labels = labels.masked_fill(label_mask == 0, -100)
+    labels, _ = data.pad_batch(targets, pad_id=-100)
     return dict(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device),
                 tasks=[t for t, _, _ in rows])
 
@@ -882,10 +866,9 @@ def validation_scores(t5, prompts, cfg, ctx, tasks, val_sets, train_sets, tokeni
             for start in range(0, len(mine), cfg.eval_batch_size):
                 idx = mine[start:start + cfg.eval_batch_size]
                 queries = [examples[i] for i in idx]
-                if cfg.shots:
-                    texts = [x for x, _ in data.kshot_inputs(task, queries, pool, cfg.shots, seed=cfg.seed)]
-                else:
-                    texts = [data.make_input(task, q, []) for q in queries]
+                texts = [x for x, _ in data.kshot_inputs(task, queries, pool, cfg.shots, seed=cfg.seed,
+                                                          tokenizer=tokenizer, max_input_tokens=cfg.max_input_length,
+                                                          warn=lambda message: None)]
                 ids, mask = data.pad_batch([truncate(tokenizer.encode(x), cfg.max_input_length) for x in texts])
                 out = evaluate.generate(t5, ids.to(ctx.device), mask.to(ctx.device), prompt=prompt,
                                         num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens)
@@ -938,7 +921,18 @@ def export(dir_, t5, prompts, cfg, ctx, model_trains):
     barrier(ctx)
 
 
+@dataclass
+class Run:
+    """What `train` hands back (tests and notebooks inspect the live model and prompts)."""
+    code: int
+    step: int
+    model: object
+    prompts: dict
+    best: dict
+
+
 def train(cfg):
+    """Run one stage as `cfg` says; returns a Run. The command line is `main`."""
     ctx = setup_distributed(cfg.device)
     inputs = check_inputs(cfg, ctx)
     tasks, train_sets, val_sets = inputs["tasks"], inputs["train_sets"], inputs["val_sets"]
@@ -992,6 +986,7 @@ def train(cfg):
 
     # -- resume
     start_step, best = 0, {"step": None, "score": None, "scores": None, "evaluated": []}
+    mixture = data.Mixture({t.name: s for t, s in zip(tasks, train_sets)}, seed=cfg.seed)
     best_path = os.path.join(stage_dir, "best.json")
     ckpt = latest_checkpoint(stage_dir) if cfg.resume else None
     if cfg.resume and ckpt is None and ctx.main:
@@ -1000,6 +995,7 @@ def train(cfg):
         state = training_state(t5, prompts, optimizer, model_trains)
         trainer = load_checkpoint(ckpt, state, optimizer, ctx)
         start_step = trainer["step"]
+        mixture.load_state_dict(trainer["data_position"])
         if os.path.isfile(best_path):
             best = json.load(open(best_path, encoding="utf-8"))
         log({"event": "resume", "step": start_step, "checkpoint": ckpt},
@@ -1029,14 +1025,14 @@ def train(cfg):
         score_and_keep_best(start_step)  # in case the run stopped between saving and scoring
 
     # -- the loop
-    stream = TrainStream(tasks, train_sets, cfg.batch_size, cfg.seed, cfg.shots)
+    truncation = data.TruncationStats()
     per_rank = cfg.batch_size // ctx.world
     micro = cfg.micro_batch_size or per_rank
     bf16_autocast = cfg.dtype == "bfloat16" and ctx.world == 1
     fsdp = ctx.world > 1
     trainable_prompts = [p for p in prompts.values() if p.requires_grad]
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    window_start, window_tokens, run_start = time.time(), 0, time.time()
+    window_time, window_tokens, run_start, train_time = 0.0, 0, time.time(), 0.0
     if ctx.main:
         n_train = sum(p.numel() for g in groups for p in g["params"])
         print(f"{stage_name}: {cfg.steps} steps of {cfg.batch_size} examples on {ctx.world} rank(s) "
@@ -1044,7 +1040,8 @@ def train(cfg):
     step = start_step
     try:
         while step < cfg.steps:
-            rows = stream.rows(step, ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
+            step_start = time.time()
+            rows = global_batch(mixture, tasks, train_sets, tokenizer, cfg, ctx, truncation)
             batches = [make_batch(rows[i:i + micro], tokenizer, cfg, ctx.device) for i in range(0, per_rank, micro)]
             counts = torch.tensor([sum(int((b["labels"] != -100).sum()) for b in batches),
                                    sum(int(b["attention_mask"].sum()) + len(b["tasks"]) * (cfg.prompt_length if prompts else 0)
@@ -1082,15 +1079,18 @@ def train(cfg):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             window_tokens += global_tokens
+            elapsed = time.time() - step_start
+            window_time += elapsed
+            train_time += elapsed
 
             if step % cfg.log_every == 0 or step == cfg.steps:
-                now = time.time()
-                tps = window_tokens / max(now - window_start, 1e-9)
-                eta = (now - run_start) / (step - start_step) * (cfg.steps - step)
-                log({"step": step, "loss": loss, "lr": cfg.lr, "tokens_per_s": tps, "elapsed_s": now - run_start},
+                tps = window_tokens / max(window_time, 1e-9)
+                eta = train_time / (step - start_step) * (cfg.steps - step)  # training time only
+                log({"step": step, "loss": loss, "lr": cfg.lr, "tokens_per_s": tps,
+                     "elapsed_s": time.time() - run_start},
                     f"{stage_name} step {step}/{cfg.steps} | loss {loss:.4f} | lr {cfg.lr:.2e} | "
                     f"{tps:,.0f} tok/s | ETA {fmt_time(eta)}")
-                window_start, window_tokens = now, 0
+                window_time, window_tokens = 0.0, 0
 
             stop = torch.tensor([1.0 if _STOP["requested"] else 0.0])
             if ctx.world > 1:
@@ -1098,7 +1098,8 @@ def train(cfg):
             stop = bool(stop.item()) or step == cfg.stop_after_step
             if step % cfg.save_every == 0 or step == cfg.steps or stop:
                 path = save_checkpoint(stage_dir, step, training_state(t5, prompts, optimizer, model_trains),
-                                       {"step": step, "examples_seen": step * cfg.batch_size, "world_size": ctx.world},
+                                       {"step": step, "examples_seen": step * cfg.batch_size, "world_size": ctx.world,
+                                        "data_position": mixture.state_dict()},
                                        ctx, cfg.keep_checkpoints)
                 log({"event": "checkpoint", "step": step, "path": path})
                 if step % cfg.save_every == 0 or step == cfg.steps:
@@ -1107,7 +1108,7 @@ def train(cfg):
                 why = "SIGTERM" if _STOP["requested"] else f"--stop-after-step {cfg.stop_after_step}"
                 log({"event": "stopped", "step": step, "reason": why},
                     f"stopped at step {step} ({why}); checkpoint saved. Continue with the same command plus --resume")
-                return 0
+                return Run(0, step, t5, prompts, best)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -1121,13 +1122,13 @@ def train(cfg):
     summary = (f"done: {stage_dir}/final" + (f"; best checkpoint step {best['step']} ({best['score']:.2f}) in "
                                               f"{stage_dir}/best" if best["step"] is not None else ""))
     log({"event": "done", "step": step, "best_step": best["step"], "best_score": best["score"]}, summary)
-    return 0
+    return Run(0, step, t5, prompts, best)
 
 
 def main(argv=None):
     cfg = parse_args(argv)
     try:
-        code = train(cfg)
+        code = train(cfg).code
     except (UsageError, model_lib.CheckpointError, data.DataError) as e:
         print(f"promot.py: error: {e}", file=sys.stderr)
         code = 2

@@ -1,0 +1,66 @@
+"""Tiny end-to-end fixtures for the promot tests: a T5.1.1 checkpoint with its own
+SentencePiece vocabulary, and a data folder with two generic JSONL tasks.
+
+The tasks are learnable in a few steps: "toy_tf" answers True when the input
+mentions a cat and False otherwise (a classification format like RTE's);
+"toy_copy" repeats the last word (a free-text format). Both are registered by a
+task.json, the generic layout data.py reads without code.
+"""
+import json
+import os
+import random
+import shutil
+
+WORDS = ["the", "cat", "dog", "sat", "on", "mat", "red", "blue", "big", "small", "True", "False",
+         "question", "answer", "Q:", "A:", "hello", "world", "tree", "house"]
+
+
+def make_spiece(folder):
+    import sentencepiece
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(800)]
+    corpus = os.path.join(folder, "corpus.txt")
+    with open(corpus, "w") as f:
+        f.write("\n".join(lines))
+    sentencepiece.SentencePieceTrainer.train(
+        input=corpus, model_prefix=os.path.join(folder, "spiece"), vocab_size=40, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
+    return os.path.join(folder, "spiece.model")
+
+
+def make_model_dir(folder, spiece, **overrides):
+    from helpers import make_checkpoint
+    config = dict(vocab_size=140, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4)
+    config.update(overrides)
+    make_checkpoint(folder, kind="t5v1_1", **config)
+    shutil.copy(spiece, os.path.join(folder, "spiece.model"))
+    return folder
+
+
+def make_data_dir(folder, n_train=48, n_val=12):
+    rng = random.Random(1)
+    os.makedirs(folder, exist_ok=True)
+
+    def write(task, spec, make):
+        d = os.path.join(folder, task)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "task.json"), "w") as f:
+            json.dump(spec, f)
+        for split, n in (("train", n_train), ("validation", n_val)):
+            with open(os.path.join(d, f"{split}.jsonl"), "w") as f:
+                for _ in range(n):
+                    f.write(json.dumps(make()) + "\n")
+
+    def tf():
+        words = [rng.choice(WORDS[:10]) for _ in range(rng.randint(3, 8))]
+        return {"input": " ".join(words), "target": "True" if "cat" in words else "False"}
+
+    def copy():
+        words = [rng.choice(WORDS[:10]) for _ in range(rng.randint(2, 6))]
+        return {"input": " ".join(words), "target": words[-1]}
+
+    write("toy_tf", {"template": "{input} question: is there a cat? answer:", "metric": "accuracy",
+                     "label_words": ["True", "False"]}, tf)
+    write("toy_copy", {"template": "Q: last word of {input} A:", "metric": "exact_match", "prefix": "Q:"}, copy)
+    return folder

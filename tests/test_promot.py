@@ -1,0 +1,299 @@
+"""promot.py as a user runs it, on a tiny T5.1.1 and two toy tasks (tests/promot_fixtures.py).
+
+What each stage may change (bit for bit), exact resume, SIGTERM, NaN, every
+bad input of the issue, and stage 1 -> stage 2 -> evaluate end to end.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import model as model_lib
+import promot
+import promot_fixtures as pf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--batch-size", "4", "--prompt-length", "5", "--log-every", "1", "--eval-examples", "4",
+        "--num-beams", "2", "--max-new-tokens", "4"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("promot")
+    spiece = pf.make_spiece(str(d / "spiece"))
+    return dict(model=pf.make_model_dir(str(d / "model"), spiece), data=pf.make_data_dir(str(d / "data")),
+                root=d)
+
+
+def args(env, out, stage, *extra, task="toy_tf", steps=3, save_every=3):
+    return ["--stage", stage, "--model", env["model"], "--data-dir", env["data"], "--task", task,
+            "--out", str(out), "--steps", str(steps), "--save-every", str(save_every), *TINY, *extra]
+
+
+def train(argv):
+    run = promot.train(promot.parse_args(argv))
+    assert run.code == 0
+    return run
+
+
+def pretrained(env):
+    return model_lib.load_pretrained(env["model"]).state_dict()
+
+
+def same_tensors(a, b):
+    return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def stage1_run(env):
+    out = env["root"] / "run_promot"
+    return out, train(args(env, out, "1", steps=4, save_every=2))
+
+
+# --- what each stage trains ---------------------------------------------------
+
+def test_stage1_changes_only_the_prompt(env, stage1_run):
+    out, run = stage1_run
+    assert same_tensors({k: v.detach() for k, v in run.model.state_dict().items()}, pretrained(env))
+    init = torch.rand(5, 32, generator=torch.Generator().manual_seed(0)) * 0.5  # uniform U[0, 0.5), seed 0
+    final = load_file(str(out / "stage1" / "final" / "prompt.safetensors"))["prompt"]
+    assert final.shape == (5, 32) and not torch.equal(final, init)
+    torch.testing.assert_close(run.prompts["toy_tf"].detach(), final)
+    assert not (out / "stage1" / "final" / "model.safetensors").exists()  # the model was not trained
+
+
+def test_stage1_records_config_log_and_best_checkpoint(stage1_run):
+    out, _ = stage1_run
+    config = json.load(open(out / "config.json"))
+    assert config["stage1"]["lr"] == 0.2 and config["stage1"]["prompt_length"] == 5
+    lines = [json.loads(line) for line in open(out / "log.jsonl")]
+    steps = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(k in steps[0] for k in ("loss", "lr", "tokens_per_s"))
+    evals = [r for r in lines if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]  # every --save-every steps, App. B.4
+    best = json.load(open(out / "stage1" / "best.json"))
+    assert best["step"] == max(evals, key=lambda r: (r["score"], -r["step"]))["step"]
+    assert (out / "stage1" / "best" / "prompt.safetensors").exists()
+
+
+def test_stage2_keeps_the_prompt_bit_identical_and_uses_it(env, stage1_run):
+    out, _ = stage1_run
+    stage1_prompt = load_file(str(out / "stage1" / "best" / "prompt.safetensors"))["prompt"]
+    run = train(args(env, out, "2", steps=2, save_every=2))
+    assert torch.equal(run.prompts["toy_tf"].detach(), stage1_prompt)
+    assert torch.equal(load_file(str(out / "stage2" / "final" / "prompt.safetensors"))["prompt"], stage1_prompt)
+    trained = {k: v.detach() for k, v in run.model.state_dict().items()}
+    assert not same_tensors(trained, pretrained(env))
+    # ... and the prompt shapes the update: another prompt, same everything else, other weights
+    other = env["root"] / "other_prompt.safetensors"
+    promot.save_prompts({"toy_tf": stage1_prompt + 1.0}, str(other))
+    run_other = train(args(env, env["root"] / "run_other_prompt", "2", "--prompt", str(other), steps=2, save_every=2))
+    assert not same_tensors(trained, {k: v.detach() for k, v in run_other.model.state_dict().items()})
+
+
+def test_joint_tuning_changes_prompt_and_model(env):
+    run = train(args(env, env["root"] / "run_joint", "joint", "--no-eval", steps=2, save_every=2))
+    init = torch.rand(5, 32, generator=torch.Generator().manual_seed(0)) * 0.5
+    assert not torch.equal(run.prompts["toy_tf"].detach(), init)
+    assert not same_tensors({k: v.detach() for k, v in run.model.state_dict().items()}, pretrained(env))
+
+
+def test_random_prompt_baseline_keeps_its_random_prompt_fixed(env):
+    run = train(args(env, env["root"] / "run_random", "random-prompt", "--no-eval", steps=2, save_every=2))
+    init = torch.rand(5, 32, generator=torch.Generator().manual_seed(0)) * 0.5
+    assert torch.equal(run.prompts["toy_tf"].detach().cpu(), init)
+
+
+def test_finetune_baseline_has_no_prompt(env):
+    out = env["root"] / "run_ft"
+    run = train(args(env, out, "finetune", "--no-eval", steps=2, save_every=2))
+    assert run.prompts == {}
+    assert not (out / "finetune" / "final" / "prompt.safetensors").exists()
+    assert (out / "finetune" / "best" / "model.safetensors").exists()  # --no-eval: best = last
+
+
+def test_multitask_stage1_learns_one_prompt_per_task(env):
+    out = env["root"] / "run_multi"
+    run = train(args(env, out, "1", "--no-eval", "--shots", "1", task="toy_tf,toy_copy", steps=2, save_every=2))
+    saved = load_file(str(out / "stage1" / "final" / "prompt.safetensors"))
+    assert sorted(saved) == ["prompt.toy_copy", "prompt.toy_tf"]
+    assert not torch.equal(saved["prompt.toy_tf"], saved["prompt.toy_copy"])
+    run2 = train(args(env, out, "2", "--no-eval", task="toy_tf,toy_copy", steps=1, save_every=1))
+    for name in ("toy_tf", "toy_copy"):
+        assert torch.equal(run2.prompts[name].detach(), saved[f"prompt.{name}"])
+
+
+def test_prompt_init_from_vocabulary_and_text(env):
+    table = model_lib.load_pretrained(env["model"]).shared.weight.detach()
+    for init in ("vocab", "text"):
+        run = train(args(env, env["root"] / f"run_init_{init}", "1", "--no-eval", "--prompt-init", init,
+                         "--lr", "0", "--weight-decay", "0", steps=1, save_every=1))
+        prompt = run.prompts["toy_tf"].detach()
+        if init == "vocab":  # every row is a row of the embedding table (lr 0: unchanged)
+            assert all((table == row).all(-1).any() for row in prompt)
+    import data
+    tok = data.Tokenizer(os.path.join(env["model"], "spiece.model"))
+    true_ids = [i for i in tok.encode("True") if i != 1]
+    torch.testing.assert_close(prompt[0], table[true_ids].mean(0))  # row 0 = the label word "True"
+
+
+# --- resume, signals, divergence ---------------------------------------------
+
+def test_kill_and_resume_equals_an_uninterrupted_run_bitwise(env):
+    full = train(args(env, env["root"] / "run_full", "2", "--prompt", str(env["root"] / "p.safetensors"),
+                      "--no-eval", steps=4, save_every=2)
+                 if _write_prompt(env) else None)
+    out = env["root"] / "run_cut"
+    cut = train(args(env, out, "2", "--prompt", str(env["root"] / "p.safetensors"), "--no-eval",
+                     "--stop-after-step", "3", steps=4, save_every=2))
+    assert cut.step == 3
+    resumed = train(args(env, out, "2", "--prompt", str(env["root"] / "p.safetensors"), "--no-eval",
+                         "--resume", steps=4, save_every=2))
+    assert resumed.step == 4
+    a = {k: v.detach() for k, v in full.model.state_dict().items()}
+    b = {k: v.detach() for k, v in resumed.model.state_dict().items()}
+    assert same_tensors(a, b)  # dropout 0.1 is on: RNG, data position and optimizer all restored
+
+
+def _write_prompt(env):
+    promot.save_prompts({"toy_tf": torch.rand(5, 32, generator=torch.Generator().manual_seed(3))},
+                        str(env["root"] / "p.safetensors"))
+    return True
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(env):
+    out = env["root"] / "run_sigterm"
+    cmd = [sys.executable, os.path.join(ROOT, "promot.py"),
+           *args(env, out, "1", "--no-eval", steps=100000, save_every=100000)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and '"loss"' in log.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "SIGTERM" in stdout and "--resume" in stdout
+    stopped = [json.loads(line) for line in open(log) if '"stopped"' in line]
+    step = stopped[0]["step"]
+    assert os.path.isdir(out / "stage1" / "checkpoints" / f"step_{step:07d}")
+    run = train(args(env, out, "1", "--no-eval", "--resume", steps=step + 1, save_every=100000))
+    assert run.step == step + 1
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(env, capsys):
+    from safetensors.torch import save_file
+    bad = env["root"] / "nan_model"
+    shutil.copytree(env["model"], bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    tensors["lm_head.weight"][:] = float("nan")
+    save_file(tensors, str(bad / "model.safetensors"))
+    out = env["root"] / "run_nan"
+    argv = args(env, out, "finetune", "--no-eval", steps=3, save_every=1)
+    argv[argv.index("--model") + 1] = str(bad)
+    assert promot.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at step 1" in err and "--resume" in err
+    assert not (out / "finetune" / "checkpoints").exists() or not os.listdir(out / "finetune" / "checkpoints")
+
+
+# --- bad inputs: one clear message, exit code 2, nothing overwritten ---------
+
+def _fails(argv, capsys, *words):
+    assert promot.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("promot.py: error:") and err.count("\n") == 1, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_missing_model_directory(env, capsys, tmp_path):
+    argv = args(env, tmp_path / "o", "1")
+    argv[argv.index("--model") + 1] = str(tmp_path / "nope")
+    _fails(argv, capsys, "--model", "nope", "no such checkpoint directory")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_data(env, capsys, tmp_path):
+    argv = args(env, tmp_path / "o", "1")
+    argv[argv.index("--data-dir") + 1] = str(tmp_path / "nodata")
+    _fails(argv, capsys, "--data-dir", "no such directory")
+    _fails(args(env, tmp_path / "o", "1", task="not_a_task"), capsys, "not_a_task")
+    assert not (tmp_path / "o").exists()
+
+
+def test_stage2_without_a_stage1_prompt(env, capsys, tmp_path):
+    _fails(args(env, tmp_path / "o", "2"), capsys, "stage-1 prompt", "--prompt")
+    assert not (tmp_path / "o").exists()
+
+
+def test_prompt_of_the_wrong_width(env, capsys, tmp_path):
+    promot.save_prompts({"toy_tf": torch.zeros(5, 16)}, str(tmp_path / "narrow.safetensors"))
+    _fails(args(env, tmp_path / "o", "2", "--prompt", str(tmp_path / "narrow.safetensors")), capsys,
+           "narrow.safetensors", "(5, 16)", "d_model = 32")
+
+
+def test_batch_size_not_divisible(env, capsys, tmp_path):
+    _fails(args(env, tmp_path / "o", "1", "--micro-batch-size", "3"), capsys, "--micro-batch-size 3", "4")
+
+
+def test_existing_run_without_resume_is_refused_and_untouched(env, capsys, stage1_run):
+    out, _ = stage1_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    _fails(args(env, out, "1"), capsys, "--resume", "nothing was overwritten")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_foreign_non_empty_out_is_refused(env, capsys, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "notes.txt").write_text("mine")
+    _fails(args(env, tmp_path / "o", "1"), capsys, "not empty")
+    assert (tmp_path / "o" / "notes.txt").read_text() == "mine"
+
+
+def test_resume_with_another_configuration_names_the_setting(env, capsys, tmp_path):
+    out = tmp_path / "o"
+    train(args(env, out, "1", "--no-eval", steps=1, save_every=1))
+    err = _fails(args(env, out, "1", "--no-eval", "--resume", "--lr", "0.3", steps=2, save_every=1), capsys,
+                 "--lr", "0.2", "0.3")
+    assert "--steps" not in err  # more steps is a legitimate resume
+
+
+# --- end to end --------------------------------------------------------------
+
+def test_end_to_end_stage1_stage2_then_evaluate(env, tmp_path):
+    """The user's path: stage 1, stage 2 (picks stage 1's best prompt), then the
+    exported model and prompt read back by model.py and by transformers."""
+    out = tmp_path / "run"
+    assert promot.main(args(env, out, "1", steps=2, save_every=1)) == 0
+    assert promot.main(args(env, out, "2", steps=2, save_every=1)) == 0
+    best = out / "stage2" / "best"
+    t5 = model_lib.load_pretrained(str(best)).eval()
+    prompt = promot.read_prompt_file(str(best / "prompt.safetensors"), "toy_tf", 5, 32)
+    assert torch.equal(prompt, load_file(str(out / "stage1" / "best" / "prompt.safetensors"))["prompt"])
+    # evaluate.py's decoding on the exported model, with and without the prompt
+    import data
+    import evaluate
+    tok = data.Tokenizer(str(best / "spiece.model"))
+    ids, mask = data.pad_batch([tok.encode("the cat sat question: is there a cat? answer: <extra_id_0>")])
+    with_prompt = evaluate.generate(t5, ids, mask, prompt=prompt, num_beams=2, max_new_tokens=4)
+    assert with_prompt.shape[0] == 1
+    # transformers reads the same directory: same logits with the prompt as inputs_embeds
+    from helpers import load_oracle
+    hf = load_oracle(str(best))
+    labels = torch.tensor([[5, 6, 1]])
+    dec = model_lib.shift_right(labels)
+    ours = t5(ids, mask, dec, prompt=prompt)
+    embeds = torch.cat([prompt[None], hf.get_input_embeddings()(ids)], 1)
+    theirs = hf(inputs_embeds=embeds, attention_mask=torch.cat([torch.ones(1, 5, dtype=torch.long), mask], 1),
+                decoder_input_ids=dec).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
