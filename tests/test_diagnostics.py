@@ -1,0 +1,180 @@
+"""The paper's §3 diagnostics: gradient alignment, probes, figures."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from promot_fixtures import make_data_dir, make_model_dir, make_spiece
+
+import data
+import diagnostics
+import model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diag")
+    spiece = make_spiece(str(root / "spm"))
+    model_dir = make_model_dir(str(root / "model"), spiece)
+    data_dir = make_data_dir(str(root / "data"))
+    tokenizer = data.Tokenizer(spiece)
+    examples = data.load_split(data.get_task("toy_tf", data_dir), data_dir, "train")
+    return dict(model_dir=model_dir, data_dir=data_dir, tokenizer=tokenizer, examples=examples)
+
+
+def test_identical_batches_have_cosine_one(lab):
+    t5 = model.load_pretrained(lab["model_dir"])
+    batch, _ = diagnostics.alignment_batches("toy_tf", lab["examples"], lab["tokenizer"], 8, seed=0)
+    cos = diagnostics.gradient_alignment(t5, batch, batch)
+    assert set(cos) == {"mlp", "self_attn.q", "self_attn.k", "self_attn.v", "cross_attn.q", "cross_attn.k",
+                        "cross_attn.v", "model"}
+    for group, value in cos.items():
+        assert value == pytest.approx(1.0, abs=1e-9), group
+
+
+def test_cosine_matches_a_direct_computation(lab):
+    t5 = model.load_pretrained(lab["model_dir"]).eval()
+    for seed in range(100):  # a batch whose shuffle moves a label (the toy task is mostly False)
+        batch, shuffled = diagnostics.alignment_batches("toy_tf", lab["examples"], lab["tokenizer"], 8, seed=seed)
+        if not torch.equal(batch["labels"], shuffled["labels"]):
+            break
+    assert not torch.equal(batch["labels"], shuffled["labels"])
+    assert torch.equal(batch["input_ids"], shuffled["input_ids"])  # on the same inputs
+    params = [p for _, p in t5.named_parameters()]
+
+    def flat_grad(b):
+        total, count = model.cross_entropy(t5(b["input_ids"], b["attention_mask"], model.shift_right(b["labels"])),
+                                           b["labels"])
+        return torch.autograd.grad(total / count, params)
+    g, h = flat_grad(batch), flat_grad(shuffled)
+    whole = torch.nn.functional.cosine_similarity(torch.cat([x.flatten() for x in g]).double(),
+                                                  torch.cat([x.flatten() for x in h]).double(), dim=0)
+    names = [n for n, _ in t5.named_parameters()]
+    q = names.index("decoder.blocks.1.self_attn.q.weight")
+    q_cos = torch.nn.functional.cosine_similarity(g[q].flatten().double(), h[q].flatten().double(), dim=0)
+    cos = diagnostics.gradient_alignment(t5, batch, shuffled)
+    assert cos["model"] == pytest.approx(whole.item(), abs=1e-6)
+    assert cos["self_attn.q"] == pytest.approx(q_cos.item(), abs=1e-6)
+    assert all(p.grad is None for p in params)  # nothing left behind for the optimizer
+
+
+def test_alignment_leaves_weights_grads_and_rng_alone(lab):
+    t5 = model.load_pretrained(lab["model_dir"]).train()
+    before = {n: p.detach().clone() for n, p in t5.named_parameters()}
+    diag = diagnostics.TrainingDiagnostics(str(lab["data_dir"]), "stage2", lab["tokenizer"], lab["data_dir"],
+                                           "toy_tf", align_steps=[0], align_batch_size=8)
+    state = torch.get_rng_state()
+    records = diag.run(0, t5)
+    assert records[0]["kind"] == "alignment" and records[0]["step"] == 0
+    assert torch.equal(torch.get_rng_state(), state)
+    assert t5.training
+    for n, p in t5.named_parameters():
+        assert torch.equal(p, before[n]) and p.grad is None, n
+
+
+def test_probes_record_score_and_the_exact_format_ratio(lab, tmp_path):
+    t5 = model.load_pretrained(lab["model_dir"])
+    diag = diagnostics.TrainingDiagnostics(str(tmp_path), "finetune", lab["tokenizer"], lab["data_dir"], "toy_tf",
+                                           probe_tasks=["toy_copy"], probe_every=5, probe_shots=[0, 1], probe_limit=6)
+    assert diag.due(10) == (True, False) and diag.due(7) == (False, False)
+    records = diag.run(10, t5)
+    assert [(r["task"], r["shots"], r["step"]) for r in records] == [("toy_copy", 0, 10), ("toy_copy", 1, 10)]
+    # the ratio counts exactly the answers that are a label word of the fine-tuned task
+    import evaluate
+    result = evaluate.score_task(t5, lab["tokenizer"], "toy_copy", diag.probe_sets["toy_copy"][0],
+                                 pool=diag.probe_sets["toy_copy"][1], shots=1, num_beams=1)
+    in_format = sum(evaluate.first_word(e["prediction"]) in ("True", "False") for e in result["examples"])
+    assert records[1]["format_ratio"] == pytest.approx(100.0 * in_format / len(result["examples"]))
+    saved = [json.loads(line) for line in open(tmp_path / "diagnostics.jsonl")]
+    assert saved == records
+
+
+def test_a_failing_probe_is_logged_and_training_goes_on(lab, tmp_path, capsys):
+    t5 = model.load_pretrained(lab["model_dir"])
+    diag = diagnostics.TrainingDiagnostics(str(tmp_path), "finetune", lab["tokenizer"], lab["data_dir"], "toy_tf",
+                                           probe_tasks=["toy_copy"], probe_every=1, probe_limit=2)
+    diag.probe_sets["toy_copy"] = ([], [])  # an empty task makes score_task raise
+    records = diag.run(1, t5)
+    assert records[0]["kind"] == "error" and "toy_copy" in records[0]["error"]
+    assert "training continues" in capsys.readouterr().out
+    diag.strict = True
+    with pytest.raises(Exception):
+        diag.run(1, t5)
+
+
+def test_probe_task_missing_from_the_data_folder(lab, tmp_path):
+    with pytest.raises(diagnostics.DiagnosticsError, match="--probe-tasks cb: not available in"):
+        diagnostics.TrainingDiagnostics(str(tmp_path), "finetune", lab["tokenizer"], lab["data_dir"], "toy_tf",
+                                        probe_tasks=["cb"], probe_every=1)
+
+
+def test_label_shuffling_needs_a_classification_task(lab):
+    examples = data.load_split(data.get_task("toy_copy", lab["data_dir"]), lab["data_dir"], "train")
+    with pytest.raises(diagnostics.DiagnosticsError, match="toy_copy: label shuffling needs a classification task"):
+        diagnostics.alignment_batches("toy_copy", examples, lab["tokenizer"], 8, seed=0)
+
+
+def write_run(folder, stage, curve):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "diagnostics.jsonl"), "w") as f:
+        for step, score, ratio in curve:
+            f.write(json.dumps({"kind": "probe", "stage": stage, "step": step, "task": "toy_copy", "shots": 1,
+                                "metric": "exact_match", "score": score, "format_ratio": ratio,
+                                "num_examples": 6}) + "\n")
+        for step, cos in ((0, 0.97), (4, 0.2)):
+            f.write(json.dumps({"kind": "alignment", "stage": stage, "step": step, "task": "toy_tf", "layer": -1,
+                                "cosines": {"mlp": cos, "self_attn.q": cos / 2, "model": cos}}) + "\n")
+    with open(os.path.join(folder, "log.jsonl"), "w") as f:
+        for step, score, _ in curve:
+            f.write(json.dumps({"stage": stage, "event": "eval", "step": step, "score": 50 + step}) + "\n")
+
+
+def test_plot_writes_non_empty_pngs_and_csvs(tmp_path):
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "ft", "finetune", [(0, 40.0, 5.0), (2, 10.0, 80.0), (4, 2.0, 99.0)])
+    write_run(tmp_path / "promot", "stage2", [(0, 40.0, 5.0), (2, 38.0, 6.0), (4, 37.0, 4.0)])
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "plot", str(tmp_path / "ft"),
+                             str(tmp_path / "promot"), "--out", str(tmp_path / "fig")],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    for name in ("in_context.png", "format_ratio.png", "alignment.png", "tradeoff.png"):
+        png = (tmp_path / "fig" / name).read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 2000, name
+    rows = (tmp_path / "fig" / "tradeoff.csv").read_text().splitlines()
+    assert rows[0] == "run,stage,step,finetuned_score,unseen_average" and len(rows) == 7
+
+
+def test_plot_on_a_run_without_records(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "diagnostics.py"), "plot", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert "no diagnostics.jsonl; train with --probe-every" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_align_command_prints_cosines(lab, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "diagnostics.py"), "align", "--model",
+                             lab["model_dir"], "--task", "toy_tf", "--data-dir", lab["data_dir"], "--batch-size", "8",
+                             "--out", str(tmp_path / "a.json")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert -1 <= saved["cosines"]["model"] <= 1 and "self_attn.v" in result.stdout
+
+
+def test_alignment_under_torchrun_equals_one_process(lab, tmp_path):
+    out = tmp_path / "cos.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           os.path.join(ROOT, "tests", "dist_alignment.py"), lab["model_dir"], lab["data_dir"], str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = json.loads(out.read_text())
+    t5 = model.load_pretrained(lab["model_dir"])
+    batch, shuffled = diagnostics.alignment_batches("toy_tf", lab["examples"], lab["tokenizer"], 8, seed=0)
+    single = diagnostics.gradient_alignment(t5, batch, shuffled)
+    for group, value in single.items():
+        assert sharded[group] == pytest.approx(value, abs=1e-6), group
