@@ -38,7 +38,7 @@ import model as model_lib
 # Decoding
 # ---------------------------------------------------------------------------------------
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, input_ids, attention_mask, prompt=None, num_beams=1, max_new_tokens=128,
              length_penalty=1.0, brevity_penalty="hf"):
     """Greedy (num_beams=1) or beam search; returns (batch, length) generated ids without
@@ -117,31 +117,34 @@ def beam_search(model, encoder_hidden, encoder_mask, num_beams, max_new_tokens,
     for step in range(1, max_new_tokens + 1):  # step = tokens generated, EOS included
         logp = model.decode(last, encoder_hidden, encoder_mask, cache)[:, -1].float().log_softmax(-1)
         V = logp.shape[-1]
-        # 2K best continuations over all beams by summed log-prob, so that K survive even if
-        # K of them end in EOS (transformers: beams_to_keep = 2 * num_beams).
+        # The 2K best continuations over all beams by summed log-prob, so that K survive even
+        # if K of them end in EOS (transformers: beams_to_keep = 2 * num_beams).
         cand_scores, flat = (logp.view(B, K, V) + scores[:, :, None]).view(B, K * V).topk(2 * K)
         beam, token = flat // V, flat % V
-        cand = torch.cat([seqs.gather(1, beam[:, :, None].expand(-1, -1, step - 1)), token[:, :, None]], 2)
         # A candidate ends with EOS or when it reaches max_new_tokens (the stopping criteria).
         ends = (token == cfg.eos_token_id) | (step == max_new_tokens)
-        # The next running beams: the K best candidates that did not end.
-        scores, keep = (cand_scores + ends * NEG).topk(K)
-        seqs = cand.gather(1, keep[:, :, None].expand(-1, -1, step))
         # Only candidates ranked in the top K may finish (top_num_beam_mask), and only while
         # the example is open; a finished hypothesis scores sum / length ** length_penalty,
         # the length counting every generated token, EOS included.
         finishing = ends & in_top_k & is_open
-        new_scores = torch.where(finishing, cand_scores / divisor(step), NEG)
-        # Merge with the slots, old ones first, and keep the K best (same order as transformers,
-        # so ties break the same way).
-        pick = torch.cat([done_scores, new_scores], 1).topk(K).indices
-        cand = torch.nn.functional.pad(cand, (0, max_new_tokens - step), value=cfg.eos_token_id)
-        done = torch.cat([done, cand], 1).gather(1, pick[:, :, None].expand(-1, -1, max_new_tokens))
-        done_scores = torch.cat([done_scores, new_scores], 1).gather(1, pick)
-        done_real = torch.cat([done_real, finishing], 1).gather(1, pick)
-        done_len = torch.cat([done_len, torch.full_like(token, step)], 1).gather(1, pick)
+        if finishing.any():  # skipped on most steps: nothing to merge
+            new_scores = torch.where(finishing, cand_scores / divisor(step), NEG)
+            cand = torch.cat([seqs.gather(1, beam[:, :, None].expand(-1, -1, step - 1)), token[:, :, None]], 2)
+            cand = torch.nn.functional.pad(cand, (0, max_new_tokens - step), value=cfg.eos_token_id)
+            # Merge with the slots, old ones first, keep the K best (transformers' order, so
+            # ties break the same way).
+            pick = torch.cat([done_scores, new_scores], 1).topk(K).indices
+            done = torch.cat([done, cand], 1).gather(1, pick[:, :, None].expand(-1, -1, max_new_tokens))
+            done_scores = torch.cat([done_scores, new_scores], 1).gather(1, pick)
+            done_real = torch.cat([done_real, finishing], 1).gather(1, pick)
+            done_len = torch.cat([done_len, torch.full_like(token, step)], 1).gather(1, pick)
+        # The next running beams: the K best candidates that did not end.
+        scores, keep = (cand_scores + ends * NEG).topk(K)
+        parent = beam.gather(1, keep)
+        seqs = torch.cat([seqs.gather(1, parent[:, :, None].expand(-1, -1, step - 1)),
+                          token.gather(1, keep)[:, :, None]], 2)
         # The cache follows each running beam to the row it came from.
-        cache.reorder((beam.gather(1, keep) + row0).view(-1))
+        cache.reorder((parent + row0).view(-1))
         last = seqs[:, :, -1].reshape(B * K, 1)
         # early_stopping=False: an example closes for good once all K slots are finished and
         # the best running beam, scored at its current length, cannot beat the worst slot.
@@ -667,6 +670,10 @@ def run(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plot"]:  # `python evaluate.py plot RUN_DIR...`: the diagnostics figures
+        import diagnostics
+        return diagnostics.main(argv)
     args = parse_args(argv)
     try:
         run(args)

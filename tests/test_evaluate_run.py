@@ -177,6 +177,26 @@ def test_baseline_adds_the_norm_avg_difference(setup, promot_run, tmp_path, caps
     assert f"{ours['norm_avg']['1']:.2f} ({diff:+.2f})" in norm_line
 
 
+def test_score_task_turns_a_fixed_answer_into_the_expected_scores(setup, monkeypatch):
+    # A model that always answers "<extra_id_0> Paris Q: ... <extra_id_1>": the B.2 cut
+    # leaves "Paris", which is every TriviaQA reference here and no CB label.
+    model_dir, data_dir, _ = setup
+    tokenizer = data.Tokenizer(model_dir / "spiece.model")
+    t5 = __import__("model").load_pretrained(str(model_dir))
+    answer = tokenizer.encode("<extra_id_0> Paris Q: the cat <extra_id_1>")
+    monkeypatch.setattr(evaluate, "generate", lambda model, ids, mask, **kw: torch.tensor([answer] * len(ids)))
+    qa = evaluate.score_task(t5, tokenizer, "trivia_qa", data.load_split("trivia_qa", data_dir, "test"), shots=0)
+    assert qa["score"] == 100.0 and {ex["prediction"] for ex in qa["examples"]} == {"Paris"}
+    cb = evaluate.score_task(t5, tokenizer, "cb", data.load_split("cb", data_dir, "validation"), shots=0,
+                             format_label_words=("Paris",))
+    assert cb["score"] == 0.0 and cb["format_ratio"] == 100.0
+    answer[:] = tokenizer.encode("<extra_id_0> True <extra_id_1>")
+    examples = data.load_split("cb", data_dir, "validation")
+    cb = evaluate.score_task(t5, tokenizer, "cb", examples, shots=0)
+    true_share = 100 * sum(e.targets == ["True"] for e in examples) / len(examples)
+    assert 0 < true_share < 100 and cb["score"] == pytest.approx(true_share)
+
+
 # --- the routing rule --------------------------------------------------------------------
 
 @pytest.mark.parametrize("task, mode, expected", [
