@@ -18,7 +18,6 @@ training (which calls `score_task` to pick the best checkpoint) to `promot.py`.
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -199,8 +198,9 @@ def first_word(text):
 def decode_with_sentinels(tokenizer, ids):
     """Decode generated ids, writing sentinels as `<extra_id_N>` so `postprocess` can see them.
 
-    `tokenizer.decode` drops sentinels (data.py), so the ids are split at each sentinel and
-    the pieces decoded one by one. Works with any tokenizer that has `decode(ids)` and
+    A tokenizer's plain `decode` drops sentinels (like transformers' skip_special_tokens),
+    so the ids are split at each sentinel and the pieces between them decoded one by one;
+    EOS and pad vanish with the rest. Works with any tokenizer that has `decode(ids)` and
     `sentinel_id(n)`.
     """
     sentinel_number = {tokenizer.sentinel_id(n): n for n in range(100)}
@@ -305,7 +305,7 @@ def normalized_average(scores):
     if not values:
         raise ValueError("normalized average of zero tasks")
     for v in values:
-        if not 0.0 <= v <= 100.0:
+        if not -1e-6 <= v <= 100.0 + 1e-6:  # sacrebleu can return 100.00000000000004
             raise ValueError(f"score {v} is outside [0, 100]; every metric here is on 0-100")
     return sum(values) / len(values)
 
@@ -585,6 +585,9 @@ def parse_args(argv=None):
     p.add_argument("--max-input-tokens", type=int, default=None,
                    help="cut longer inputs [the task's: 1024 for summarization, else none]")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing demonstrations")
+    p.add_argument("--demo-pool-limit", type=int, default=None,
+                   help="draw demonstrations from the first N examples of the train split only "
+                        "(WMT's millions of pairs need not all be read) [all]")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bfloat16 on GPU, float32 on CPU")
     return p.parse_args(argv)
@@ -615,8 +618,10 @@ def run(args):
         if not part.strip().isdigit():
             raise EvaluationError(f"--shots {args.shots!r}: expected comma-separated numbers like 1,4")
         shots.append(int(part))
-    if args.limit is not None and args.limit < 1:
-        raise EvaluationError(f"--limit {args.limit}: expected a positive number of examples")
+    for flag in ("limit", "num_beams", "max_new_tokens", "batch_size", "demo_pool_limit"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise EvaluationError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
     tasks = _task_list(args.tasks, args.data_dir)
     prompt_tasks = _task_list(args.prompt_tasks, args.data_dir)
     if args.prompt_tasks and not args.prompt:
@@ -649,7 +654,8 @@ def run(args):
         task = data.get_task(name, args.data_dir)
         split, examples = data.load_eval_split(task, args.data_dir, warn=say)
         examples = examples[: args.limit] if args.limit else examples
-        pool = data.load_split(task, args.data_dir, task.demo_split) if any(shot_list) else None
+        pool = (data.load_split(task, args.data_dir, task.demo_split, limit=args.demo_pool_limit)
+                if any(shot_list) else None)
         prompt = route_prompt(task, prompts, args.use_prompt)
         for k in shot_list:
             label = f"{task.name} {k}-shot{' +prompt' if prompt is not None else ''}"

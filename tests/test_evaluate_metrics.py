@@ -195,6 +195,11 @@ def test_normalized_average_difference_reproduces_the_papers_parentheses(column)
     assert abs((ours - baseline) - PAPER_DIFFERENCES[column]) <= 0.01 + 1e-9
 
 
+def test_normalized_average_accepts_a_perfect_bleu_with_rounding_noise():
+    perfect = evaluate.compute_metric("bleu", ["a b c d e f"], ["a b c d e f"])
+    assert evaluate.normalized_average([perfect, 50.0]) == pytest.approx(75.0)
+
+
 def test_normalized_average_rejects_scores_outside_0_to_100():
     with pytest.raises(ValueError, match="outside"):
         evaluate.normalized_average([50.0, 0.5e3])

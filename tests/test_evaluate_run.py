@@ -260,6 +260,12 @@ def test_bad_shots_is_one_clear_message(setup, tmp_path, capsys):
     assert "--shots" in run_expecting_error(args, capsys)
 
 
+def test_non_positive_beam_width_is_one_clear_message(setup, tmp_path, capsys):
+    args = common_args(setup, tmp_path / "r.json")
+    args[args.index("--num-beams") + 1] = "0"
+    assert "--num-beams 0: expected a positive number" in run_expecting_error(args, capsys)
+
+
 def test_interrupted_run_leaves_the_previous_results_file_untouched(setup, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     out.write_text("previous")
