@@ -1,0 +1,205 @@
+"""lab/run.py: the whole ProMoT comparison, in miniature, on a CPU.
+
+    python lab/run.py                 # about 15 minutes on 2 CPU cores -> runs/lab/table.md
+    python lab/run.py --quick         # a couple of minutes: fewer steps and examples (CI)
+
+It does what the paper's Table 3 does, with the bundled tiny T5 (lab/tiny-t5/)
+and the synthetic suite (lab/tasks.py) in place of mT5 XXL and the ten data sets,
+by calling the two programs a user calls, promot.py and evaluate.py, as
+subprocesses (every command is printed, so each step can be rerun by hand):
+
+  1. write the suite as JSONL tasks:        python -m lab.tasks --out RUN/data
+  2. Pretrained:                            evaluate.py on lab/tiny-t5
+  3. Prompt tuning:                         promot.py --stage 1, evaluate.py with its prompt
+  4. ProMoT:                                promot.py --stage 2 (same run folder), evaluate.py
+  5. Standard fine-tuning:                  promot.py --stage finetune, evaluate.py
+  6. ProMoT + 1-shot:                       stages 1 and 2 with --shots 1, evaluate.py
+  7. the table:                             RUN/table.md (and RUN/table.json)
+
+The fine-tuning task is lab_owns (True/False, like RTE), scored 0-shot; the
+other eight tasks are scored 1-shot (their Norm. Avg.). The extra row
+"True/False answers" is the paper's Fig. 2 measure: the percent of answers
+whose first word is "True" or "False" on the tasks whose answers are never
+True/False (lab_kind, lab_who, lab_where, lab_zorbish, lab_backwards, lab_news).
+evaluate.py prepends a ProMoT prompt only for tasks in the fine-tuned task's
+format (paper §4): lab_owns itself and lab_both.
+
+Settings differ from the paper's App. B.4 where a 2M-parameter model and a
+15-minute budget need it (steps, batch, prompt length, greedy decoding); they are
+the constants below and are written into RUN/table.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lab import tasks as lab_tasks  # noqa: E402
+
+FINE_TUNING_TASK = lab_tasks.FINE_TUNING_TASK
+EVALUATION_TASKS = lab_tasks.EVALUATION_TASKS
+# Tasks whose answers are never "True"/"False": where a True/False answer is format specialization.
+OTHER_FORMAT_TASKS = tuple(n for n in EVALUATION_TASKS
+                           if "True" not in (lab_tasks.make_task(n).label_words or ()))
+
+# Full run and --quick run. Stage 1 learns only the prompt, so it gets a high lr (paper: 0.2
+# for 5000 steps); model tuning uses the paper's 1e-3 (Adafactor, scaled by parameter RMS).
+SETTINGS = {
+    "full": dict(stage1_steps=300, stage2_steps=300, batch_size=32, prompt_length=20, stage1_lr=0.2,
+                 lr=1e-3, save_every=100, eval_examples=64, limit=100, train_size=4000),
+    "quick": dict(stage1_steps=60, stage2_steps=60, batch_size=16, prompt_length=20, stage1_lr=0.2,
+                  lr=1e-3, save_every=30, eval_examples=32, limit=32, train_size=1000),
+}
+
+METHODS = ("pretrained", "prompt_tuning", "finetune", "promot", "promot_1shot")
+TITLES = {"pretrained": "Pretrained", "prompt_tuning": "Prompt tuning", "finetune": "Standard fine-tuning",
+          "promot": "ProMoT", "promot_1shot": "ProMoT + 1-shot"}
+
+
+def run(cmd, log_path: Path, quiet: bool) -> None:
+    """Run one program, printing the command; its output goes to log_path (and the screen)."""
+    print("$ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in proc.stdout:
+            log.write(line)
+            if not quiet and "\r" not in line:
+                print("    " + line.rstrip(), flush=True)
+        code = proc.wait()
+    if code != 0:
+        tail = log_path.read_text(encoding="utf-8").splitlines()[-15:]
+        raise SystemExit(f"lab/run.py: command failed (exit {code}); last lines of {log_path}:\n" + "\n".join(tail))
+
+
+def train(stage, out: Path, s: dict, model: str, data_dir: Path, quiet: bool, extra=()):
+    steps = s["stage1_steps"] if stage == "1" else s["stage2_steps"]
+    lr = s["stage1_lr"] if stage == "1" else s["lr"]
+    cmd = [sys.executable, "promot.py", "--stage", stage, "--model", model, "--data-dir", data_dir,
+           "--task", FINE_TUNING_TASK, "--out", out, "--steps", steps, "--lr", lr,
+           "--batch-size", s["batch_size"], "--save-every", s["save_every"], "--log-every", 25,
+           "--prompt-length", s["prompt_length"], "--prompt-init", "vocab",
+           "--num-beams", 1, "--eval-examples", s["eval_examples"], "--max-new-tokens", 16, *extra]
+    run(cmd, out.parent / "logs" / f"{out.name}_{stage}.txt", quiet)
+
+
+def evaluate(name, model, prompt, out: Path, s: dict, data_dir: Path, quiet: bool):
+    cmd = [sys.executable, "evaluate.py", "--model", model, "--data-dir", data_dir,
+           "--out", out / "eval" / f"{name}.json", "--tasks", ",".join(EVALUATION_TASKS), "--shots", "1",
+           "--fine-tuned-tasks", FINE_TUNING_TASK, "--num-beams", 1, "--max-new-tokens", 40,
+           "--batch-size", 32, "--limit", s["limit"]]
+    if prompt:
+        cmd += ["--prompt", prompt, "--prompt-tasks", FINE_TUNING_TASK]
+    run(cmd, out / "eval" / f"{name}.log", quiet)
+    return json.loads((out / "eval" / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def summarize(results: dict) -> dict:
+    """{method: {task: score, "norm_avg": ..., "true_false_ratio": ...}} from evaluate.py's JSON."""
+    table = {}
+    for method, res in results.items():
+        row = {}
+        for r in res["runs"]:
+            row[r["task"]] = r["score"]
+        row["norm_avg"] = res["norm_avg"]["1"]
+        ratios = [r["format_ratio"] for r in res["runs"]
+                  if r["role"] == "evaluation" and r["task"] in OTHER_FORMAT_TASKS]
+        row["true_false_ratio"] = sum(ratios) / len(ratios)
+        table[method] = row
+    return table
+
+
+def markdown(table: dict) -> str:
+    """Tasks as rows, methods as columns, like the paper's Table 3."""
+    methods = list(table)
+    lines = ["| | " + " | ".join(TITLES[m] for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
+
+    def row(label, key, fmt="{:.1f}"):
+        lines.append(f"| {label} | " + " | ".join(fmt.format(table[m][key]) for m in methods) + " |")
+
+    row(f"**{FINE_TUNING_TASK}** (fine-tuned, 0-shot, accuracy)", FINE_TUNING_TASK)
+    row("**Norm. Avg.** (8 unseen tasks, 1-shot)", "norm_avg")
+    row("**True/False answers** on the 6 other-format tasks (%)", "true_false_ratio")
+    for name in EVALUATION_TASKS:
+        row(f"{name} ({lab_tasks.make_task(name).metric})", name)
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="The miniature ProMoT comparison (pretrained, prompt tuning, "
+                                            "fine-tuning, ProMoT, ProMoT + 1-shot) on the bundled tiny T5.")
+    p.add_argument("--out", default=str(ROOT / "runs" / "lab"), help="run folder (replaced)")
+    p.add_argument("--model", default=str(ROOT / "lab" / "tiny-t5"), help="pretrained checkpoint")
+    p.add_argument("--quick", action="store_true", help="fewer steps and examples: a couple of minutes")
+    p.add_argument("--steps", type=int, default=None, help="override the steps of every training stage")
+    p.add_argument("--limit", type=int, default=None, help="override the examples scored per task")
+    p.add_argument("--quiet", action="store_true", help="print only commands and the table")
+    args = p.parse_args(argv)
+
+    s = dict(SETTINGS["quick" if args.quick else "full"])
+    if args.steps:
+        s.update(stage1_steps=args.steps, stage2_steps=args.steps, save_every=args.steps)
+    if args.limit:
+        s.update(limit=args.limit, eval_examples=args.limit)
+    out = Path(args.out)
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    started = time.time()
+    data_dir = out / "data"
+    run([sys.executable, "-m", "lab.tasks", "--out", data_dir, "--train-size", s["train_size"]],
+        out / "log_data.txt", args.quiet)
+
+    timings, results = {}, {}
+
+    def timed(name, fn):
+        t0 = time.time()
+        value = fn()
+        timings[name] = round(time.time() - t0, 1)
+        return value
+
+    m = args.model
+    results["pretrained"] = timed("eval pretrained", lambda: evaluate("pretrained", m, None, out, s, data_dir, args.quiet))
+    timed("stage 1", lambda: train("1", out / "promot", s, m, data_dir, args.quiet))
+    prompt = out / "promot" / "stage1" / "best" / "prompt.safetensors"
+    results["prompt_tuning"] = timed("eval prompt tuning",
+                                     lambda: evaluate("prompt_tuning", m, prompt, out, s, data_dir, args.quiet))
+    timed("finetune", lambda: train("finetune", out / "finetune", s, m, data_dir, args.quiet))
+    results["finetune"] = timed("eval finetune", lambda: evaluate(
+        "finetune", out / "finetune" / "finetune" / "best", None, out, s, data_dir, args.quiet))
+    timed("stage 2", lambda: train("2", out / "promot", s, m, data_dir, args.quiet))
+    best = out / "promot" / "stage2" / "best"
+    results["promot"] = timed("eval promot", lambda: evaluate(
+        "promot", best, best / "prompt.safetensors", out, s, data_dir, args.quiet))
+    timed("stage 1 +1-shot", lambda: train("1", out / "promot_1shot", s, m, data_dir, args.quiet, ["--shots", 1]))
+    timed("stage 2 +1-shot", lambda: train("2", out / "promot_1shot", s, m, data_dir, args.quiet, ["--shots", 1]))
+    best = out / "promot_1shot" / "stage2" / "best"
+    results["promot_1shot"] = timed("eval promot 1-shot", lambda: evaluate(
+        "promot_1shot", best, best / "prompt.safetensors", out, s, data_dir, args.quiet))
+
+    table = summarize({k: results[k] for k in METHODS})
+    text = markdown(table)
+    minutes = (time.time() - started) / 60
+    (out / "table.md").write_text(text + "\n", encoding="utf-8")
+    (out / "table.json").write_text(json.dumps({"table": table, "settings": s, "model": str(args.model),
+                                                "seconds": timings, "minutes": round(minutes, 1)},
+                                               indent=1) + "\n", encoding="utf-8")
+    print("\n" + text)
+    print(f"\n{out}/table.md written in {minutes:.1f} min", flush=True)
+    return table
+
+
+if __name__ == "__main__":
+    main()
