@@ -113,6 +113,7 @@ def beam_search(model, encoder_hidden, encoder_mask, num_beams, max_new_tokens,
     is_open = torch.ones((B, 1), dtype=torch.bool, device=device)
     in_top_k = torch.arange(2 * K, device=device) < K
     row0 = torch.arange(B, device=device)[:, None] * K
+    some_slots_full = False  # until one example has K finished slots, every example stays open
     for step in range(1, max_new_tokens + 1):  # step = tokens generated, EOS included
         logp = model.decode(last, encoder_hidden, encoder_mask, cache)[:, -1].float().log_softmax(-1)
         V = logp.shape[-1]
@@ -137,6 +138,7 @@ def beam_search(model, encoder_hidden, encoder_mask, num_beams, max_new_tokens,
             done_scores = torch.cat([done_scores, new_scores], 1).gather(1, pick)
             done_real = torch.cat([done_real, finishing], 1).gather(1, pick)
             done_len = torch.cat([done_len, torch.full_like(token, step)], 1).gather(1, pick)
+            some_slots_full = bool(done_real.all(1).any())
         # The next running beams: the K best candidates that did not end.
         scores, keep = (cand_scores + ends * NEG).topk(K)
         parent = beam.gather(1, keep)
@@ -147,10 +149,13 @@ def beam_search(model, encoder_hidden, encoder_mask, num_beams, max_new_tokens,
         last = seqs[:, :, -1].reshape(B * K, 1)
         # early_stopping=False: an example closes for good once all K slots are finished and
         # the best running beam, scored at its current length, cannot beat the worst slot.
-        worst = torch.where(done_real, done_scores.min(1, keepdim=True).values, NEG)
-        is_open &= (scores[:, :1] / divisor(step) > worst).any(1, keepdim=True)
-        if not is_open.any() or ends.all():
-            break
+        # (transformers also stops when every candidate ended; at most K of the 2K can be EOS,
+        # so that happens only at max_new_tokens, where the loop ends anyway.)
+        if some_slots_full:
+            worst = torch.where(done_real, done_scores.min(1, keepdim=True).values, NEG)
+            is_open &= (scores[:, :1] / divisor(step) > worst).any(1, keepdim=True)
+            if not is_open.any():
+                break
     # The best slot of each example, cut to the longest of them.
     return done[:, 0, : int(done_len[:, 0].max())]
 

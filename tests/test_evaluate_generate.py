@@ -46,8 +46,9 @@ def oracle_generate(oracle, ids, mask, prompt=None, **kwargs):
     if prompt is None:
         out = oracle.generate(input_ids=ids, attention_mask=mask, **kwargs)
     else:
-        embeds = torch.cat([prompt.expand(ids.shape[0], -1, -1), oracle.get_input_embeddings()(ids)], 1)
-        mask = torch.cat([torch.ones(ids.shape[0], prompt.shape[0], dtype=mask.dtype), mask], 1)
+        prompt = prompt.expand(ids.shape[0], -1, -1) if prompt.dim() == 2 else prompt
+        embeds = torch.cat([prompt, oracle.get_input_embeddings()(ids)], 1)
+        mask = torch.cat([torch.ones(ids.shape[0], prompt.shape[1], dtype=mask.dtype), mask], 1)
         out = oracle.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
     return out[:, 1:]  # drop the decoder start token
 
@@ -92,6 +93,25 @@ def test_generation_with_a_soft_prompt_equals_transformers_with_inputs_embeds(mo
     without = evaluate.generate(ours_model, ids, mask, **kwargs)
     torch.testing.assert_close(ours, oracle_generate(oracle, ids, mask, prompt=prompt, **kwargs), rtol=0, atol=0)
     assert ours.shape != without.shape or not torch.equal(ours, without)  # the prompt matters
+
+
+def test_a_different_prompt_per_row_equals_transformers(models):
+    # Multi-task ProMoT: every example carries its own task's prompt, (batch, p, d_model).
+    ours_model, oracle = models
+    ids, mask = inputs(7)
+    prompt = torch.randn(ids.shape[0], 4, ours_model.config.d_model, generator=torch.Generator().manual_seed(1))
+    ours = evaluate.generate(ours_model, ids, mask, prompt=prompt, num_beams=4, max_new_tokens=12)
+    torch.testing.assert_close(ours, oracle_generate(oracle, ids, mask, prompt=prompt, num_beams=4, max_new_tokens=12),
+                               rtol=0, atol=0)
+
+
+def test_bfloat16_model_decodes(tmp_path):
+    make_checkpoint(tmp_path, kind="mt5", vocab_size=VOCAB)
+    ours_model = t5.load_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    ids, mask = inputs(1)
+    for num_beams in (1, 4):
+        out = evaluate.generate(ours_model, ids, mask, prompt=torch.randn(3, 32), num_beams=num_beams, max_new_tokens=6)
+        assert out.dtype == torch.long and out.shape == (ids.shape[0], 6)
 
 
 @pytest.mark.parametrize("num_beams", [1, 4])
