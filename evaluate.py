@@ -358,17 +358,19 @@ def score_task(model, tokenizer, task, examples, pool=None, shots=0, prompt=None
     Demonstrations come from `pool` (default: `examples`; never the query itself). Inputs
     are batched by length (longest first). With `distributed=True` (under torchrun) each
     rank decodes every world-th batch and the records are gathered; every rank must hold
-    the whole model. `progress(done, total)` is called after each batch.
+    the whole model. `progress(done, total)` is called after each batch (counts of this
+    rank's share).
     """
     task = data.get_task(task)
     if not examples:
         raise EvaluationError(f"task {task.name}: no examples to score")
-    pairs = data.kshot_inputs(task, examples, examples if pool is None else pool, shots, seed,
-                              tokenizer=tokenizer, max_input_tokens=max_input_tokens)
-    encoded = [tokenizer.encode(text) for text, _ in pairs]
-    batches = data.eval_batches([len(ids) for ids in encoded], batch_size)
     rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
                    if distributed else (0, 1))
+    quiet = (lambda message: None) if rank else None  # truncation warnings once, from rank 0
+    pairs = data.kshot_inputs(task, examples, examples if pool is None else pool, shots, seed,
+                              tokenizer=tokenizer, max_input_tokens=max_input_tokens, warn=quiet)
+    encoded = [tokenizer.encode(text) for text, _ in pairs]
+    batches = data.eval_batches([len(ids) for ids in encoded], batch_size)
     mine = batches[rank::world]
     device = next(model.parameters()).device
     prompt = prompt.to(device) if prompt is not None else None
