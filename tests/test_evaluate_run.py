@@ -215,6 +215,29 @@ def test_route_prompt_picks_each_tasks_own_prompt_in_multi_task_promot():
     assert evaluate.route_prompt("wmt16_ende", prompts) is None  # another language pair, another format
 
 
+# --- prompt files -------------------------------------------------------------------------
+
+def test_load_prompts_reads_promots_multi_task_file(tmp_path):
+    rte, wmt = torch.rand(3, 8), torch.rand(3, 8)
+    save_file({"prompt.rte": rte, "prompt.wmt14_enfr": wmt}, str(tmp_path / "p.safetensors"))
+    prompts = evaluate.load_prompts(str(tmp_path / "p.safetensors"), d_model=8)
+    assert list(prompts) == ["rte", "wmt14_enfr"]
+    assert torch.equal(prompts["rte"], rte) and torch.equal(prompts["wmt14_enfr"], wmt)
+
+
+def test_load_prompts_reads_a_t5x_npy_for_the_named_tasks(tmp_path):
+    import numpy
+    numpy.save(tmp_path / "p.npy", numpy.ones((3, 8), dtype=numpy.float32))
+    prompts = evaluate.load_prompts(str(tmp_path / "p.npy"), d_model=8, tasks=["rte"])
+    assert list(prompts) == ["rte"] and prompts["rte"].shape == (3, 8)
+
+
+def test_a_prompt_file_that_names_no_task_asks_for_prompt_tasks(tmp_path):
+    save_file({"prompt": torch.rand(3, 8)}, str(tmp_path / "p.safetensors"))
+    with pytest.raises(evaluate.EvaluationError, match="--prompt-tasks"):
+        evaluate.load_prompts(str(tmp_path / "p.safetensors"), d_model=8)
+
+
 # --- bad input: one clear message each, nothing half-written -----------------------------
 
 def run_expecting_error(args, capsys):
