@@ -114,14 +114,15 @@ def test_bfloat16_model_decodes(tmp_path):
         assert out.dtype == torch.long and out.shape == (ids.shape[0], 6)
 
 
-@pytest.mark.parametrize("num_beams", [1, 4])
-def test_max_new_tokens_reached_without_eos_equals_transformers(models, num_beams):
+@pytest.mark.parametrize("max_new_tokens", [1, 3])
+@pytest.mark.parametrize("num_beams", [1, 2, 4, 5])
+def test_max_new_tokens_reached_without_eos_equals_transformers(models, num_beams, max_new_tokens):
     ours_model, oracle = models
     ids, mask = inputs(5)
-    ours = evaluate.generate(ours_model, ids, mask, num_beams=num_beams, max_new_tokens=3)
-    assert ours.shape[1] == 3
-    torch.testing.assert_close(ours, oracle_generate(oracle, ids, mask, num_beams=num_beams, max_new_tokens=3),
-                               rtol=0, atol=0)
+    ours = evaluate.generate(ours_model, ids, mask, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    assert ours.shape[1] == max_new_tokens
+    expected = oracle_generate(oracle, ids, mask, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["t5", "mt5"])
