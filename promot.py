@@ -520,10 +520,18 @@ def load_model(cfg, ctx):
         shard_model(t5, ctx.mesh, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing)
         t5.to_empty(device=ctx.device)
         load_sharded(t5, cfg.model)
+    set_dropout(t5, cfg.dropout)
+    return t5
+
+
+def set_dropout(t5, rate):
+    """The run's dropout rate everywhere: nn.Dropout modules and the attention-probability
+    dropout that model.Attention passes to scaled_dot_product_attention as a float."""
     for module in t5.modules():
         if isinstance(module, torch.nn.Dropout):
-            module.p = cfg.dropout
-    return t5
+            module.p = rate
+        elif isinstance(getattr(module, "dropout", None), float):
+            module.dropout = rate
 
 
 @contextlib.contextmanager
