@@ -136,6 +136,37 @@ def markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
+def figure(table: dict, path: Path) -> bool:
+    """Two bar charts: the fine-tuned task and the unseen tasks' Norm. Avg. per method, and the
+    True/False answer ratio on other-format tasks (the paper's Fig. 2 measure, at the end of
+    training). Needs matplotlib (requirements-dev.txt); returns False without it."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    methods = list(table)
+    x = range(len(methods))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.38
+    left.bar([i - width / 2 for i in x], [table[m][FINE_TUNING_TASK] for m in methods], width,
+             label=f"{FINE_TUNING_TASK} (fine-tuned, 0-shot)", color="#4c72b0")
+    left.bar([i + width / 2 for i in x], [table[m]["norm_avg"] for m in methods], width,
+             label="Norm. Avg. of 8 unseen tasks (1-shot)", color="#dd8452")
+    right.bar(list(x), [table[m]["true_false_ratio"] for m in methods], 0.6, color="#c44e52")
+    for ax, title in ((left, "scores"), (right, "'True'/'False' answers on other-format tasks (%)")):
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([TITLES[m] for m in methods], rotation=20, ha="right", fontsize=8)
+        ax.set_ylim(0, 118 if ax is left else 100)
+        ax.set_title(title, fontsize=10)
+    left.legend(fontsize=8, loc="upper center", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="The miniature ProMoT comparison (pretrained, prompt tuning, "
                                             "fine-tuning, ProMoT, ProMoT + 1-shot) on the bundled tiny T5.")
@@ -196,7 +227,10 @@ def main(argv=None):
     (out / "table.json").write_text(json.dumps({"table": table, "settings": s, "model": str(args.model),
                                                 "seconds": timings, "minutes": round(minutes, 1)},
                                                indent=1) + "\n", encoding="utf-8")
+    drew = figure(table, out / "figure.png")
     print("\n" + text)
+    if drew:
+        print(f"figure: {out}/figure.png")
     print(f"\n{out}/table.md written in {minutes:.1f} min", flush=True)
     return table
 
