@@ -342,7 +342,8 @@ class Config:
     eval_examples: int = field(default=None, metadata=dict(help="score only the first N validation examples [all]"))
     eval_batch_size: int = field(default=16, metadata=dict(help="examples per rank per decoding batch"))
     num_beams: int = field(default=4, metadata=dict(help="beam width when scoring (paper: 4)"))
-    max_new_tokens: int = field(default=64, metadata=dict(help="longest decoded answer when scoring"))
+    max_new_tokens: int = field(default=None, metadata=dict(help=(
+        "longest decoded answer when scoring [evaluate.py's per-metric default]")))
     log_every: int = field(default=10, metadata=dict(help="print a progress line every N steps"))
     keep_checkpoints: int = field(default=1, metadata=dict(help="training checkpoints kept for --resume (best/ is kept apart)"))
     stop_after_step: int = field(default=None, metadata=dict(help=(
@@ -859,37 +860,19 @@ def load_checkpoint(path, state, optimizer, ctx):
 
 @torch.no_grad()
 def validation_scores(t5, prompts, cfg, ctx, tasks, val_sets, train_sets, tokenizer):
-    """{task: metric} on the validation split, decoding like the paper (beam 4) via evaluate.py.
-
-    Each rank decodes every world-th example; predictions are gathered so
-    corpus metrics (BLEU) see the whole split."""
+    """{task: metric} on the validation split through evaluate.score_task: the paper's
+    decoding (beam 4), post-processing (App. B.2) and metric. Under FSDP the weights
+    are gathered for the duration and each rank decodes a share of the batches."""
     scores = {}
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and ctx.world == 1)
     with unsharded(t5), autocast:
         for task, examples, pool in zip(tasks, val_sets, train_sets):
             examples = examples[: cfg.eval_examples] if cfg.eval_examples else examples
-            mine = list(range(ctx.rank, len(examples), ctx.world))
-            preds = {}
-            prompt = prompts.get(task.name)
-            for start in range(0, len(mine), cfg.eval_batch_size):
-                idx = mine[start:start + cfg.eval_batch_size]
-                queries = [examples[i] for i in idx]
-                texts = [x for x, _ in data.kshot_inputs(task, queries, pool, cfg.shots, seed=cfg.seed,
-                                                          tokenizer=tokenizer, max_input_tokens=cfg.max_input_length,
-                                                          warn=lambda message: None)]
-                ids, mask = data.pad_batch([truncate(tokenizer.encode(x), cfg.max_input_length) for x in texts])
-                out = evaluate.generate(t5, ids.to(ctx.device), mask.to(ctx.device), prompt=prompt,
-                                        num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens)
-                for i, row in zip(idx, out.tolist()):
-                    text = evaluate.decode_with_sentinels(tokenizer, row)
-                    preds[i] = evaluate.postprocess(text, task.label_words)
-            if ctx.world > 1:
-                parts = [None] * ctx.world
-                dist.all_gather_object(parts, preds)
-                preds = {k: v for part in parts for k, v in part.items()}
-            order = sorted(preds)
-            scores[task.name] = float(evaluate.compute_metric(
-                task.metric, [preds[i] for i in order], [examples[i].targets for i in order]))
+            result = evaluate.score_task(
+                t5, tokenizer, task, examples, pool=pool, shots=cfg.shots, prompt=prompts.get(task.name),
+                num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                seed=cfg.seed, max_input_tokens=cfg.max_input_length, distributed=ctx.world > 1)
+            scores[task.name] = float(result["score"])
     return scores
 
 

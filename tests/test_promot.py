@@ -280,13 +280,17 @@ def test_end_to_end_stage1_stage2_then_evaluate(env, tmp_path):
     t5 = model_lib.load_pretrained(str(best)).eval()
     prompt = promot.read_prompt_file(str(best / "prompt.safetensors"), "toy_tf", 5, 32)
     assert torch.equal(prompt, load_file(str(out / "stage1" / "best" / "prompt.safetensors"))["prompt"])
-    # evaluate.py's decoding on the exported model, with and without the prompt
+    # evaluate.py reads the exported folder and prompt as they are
     import data
     import evaluate
+    results = tmp_path / "results.json"
+    assert evaluate.main(["--model", str(best), "--data-dir", env["data"], "--out", str(results),
+                          "--tasks", "toy_copy", "--shots", "1", "--prompt", str(best / "prompt.safetensors"),
+                          "--limit", "3", "--num-beams", "2", "--max-new-tokens", "4"]) == 0
+    runs = json.load(open(results))["runs"]
+    assert [(r["task"], r["prompt"]) for r in runs] == [("toy_tf", True), ("toy_copy", False)]  # routed by format
     tok = data.Tokenizer(str(best / "spiece.model"))
     ids, mask = data.pad_batch([tok.encode("the cat sat question: is there a cat? answer: <extra_id_0>")])
-    with_prompt = evaluate.generate(t5, ids, mask, prompt=prompt, num_beams=2, max_new_tokens=4)
-    assert with_prompt.shape[0] == 1
     # transformers reads the same directory: same logits with the prompt as inputs_embeds
     from helpers import load_oracle
     hf = load_oracle(str(best))
