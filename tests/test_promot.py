@@ -301,3 +301,26 @@ def test_end_to_end_stage1_stage2_then_evaluate(env, tmp_path):
     theirs = hf(inputs_embeds=embeds, attention_mask=torch.cat([torch.ones(1, 5, dtype=torch.long), mask], 1),
                 decoder_input_ids=dec).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+# --- memory options ------------------------------------------------------------
+
+def test_activation_checkpointing_gives_the_same_weights(env):
+    """Recomputing each block in backward (same dropout masks: the RNG state is saved
+    with the block input) must not change the result."""
+    plain = train(args(env, env["root"] / "run_noac", "finetune", "--no-eval", steps=2, save_every=2))
+    ckpt = train(args(env, env["root"] / "run_ac", "finetune", "--no-eval", "--activation-checkpointing",
+                      steps=2, save_every=2))
+    a = {k: v.detach() for k, v in plain.model.state_dict().items()}
+    b = {k: v.detach() for k, v in ckpt.model.state_dict().items()}
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
+
+
+def test_bfloat16_trains_with_float32_master_weights(env):
+    out = env["root"] / "run_bf16"
+    run = train(args(env, out, "joint", "--no-eval", "--dtype", "bfloat16", steps=2, save_every=2))
+    assert all(p.dtype == torch.float32 for p in run.model.parameters())
+    assert not same_tensors({k: v.detach() for k, v in run.model.state_dict().items()}, pretrained(env))
+    losses = [json.loads(line)["loss"] for line in open(out / "log.jsonl") if '"loss"' in line]
+    assert all(loss == loss and loss < 100 for loss in losses)  # finite

@@ -77,3 +77,16 @@ def test_two_ranks_resume_and_score_like_one(env):
     b = load_file(str(two / "stage1" / "final" / "prompt.safetensors"))["prompt"]
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert (two / "stage1" / "best" / "prompt.safetensors").exists()
+
+
+def test_two_ranks_bfloat16_with_activation_checkpointing(env):
+    """The 13B configuration in miniature: FSDP2 mixed precision (bf16 compute, fp32
+    master weights and reduction) and per-block activation checkpointing."""
+    out = env["root"] / "bf16"
+    torchrun("promot.py", "--stage", "finetune", "--model", env["model"], "--data-dir", env["data"],
+             "--task", "toy_tf", "--steps", "2", "--save-every", "2", "--batch-size", "4", "--dtype", "bfloat16",
+             "--activation-checkpointing", "--no-eval", "--out", str(out))
+    final = load_file(str(out / "finetune" / "final" / "model.safetensors"))
+    pre = load_file(os.path.join(env["model"], "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in final.values())
+    assert not torch.equal(final["shared.weight"], pre["shared.weight"])
