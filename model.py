@@ -217,10 +217,16 @@ class Attention(nn.Module):
             k, v = cache["k"], cache["v"]
         else:
             k, v = self.split_heads(self.project("k", source)), self.split_heads(self.project("v", source))
-            if cache is not None:
+            if cache is not None:  # contiguous once, so every later step's matmul reads it without a copy
+                k, v = k.contiguous(), v.contiguous()
                 cache["k"], cache["v"] = k, v
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0, scale=1.0)
+        if q.shape[2] == 1 and not self.training:
+            # One query per row (a decoding step): plain matmuls beat the fused kernel's setup cost.
+            weights = torch.softmax((q @ k.transpose(2, 3) + bias).float(), dim=-1).to(v.dtype)
+            out = weights @ v
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0, scale=1.0)
         return self.project("o", out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
@@ -312,6 +318,7 @@ class KVCache:
 
     def __init__(self):
         self.layers = []
+        self.source_mask = None  # additive mask of the encoder positions, built on first use
 
     @property
     def length(self):
@@ -379,7 +386,12 @@ class T5(nn.Module):
         if decoder_attention_mask is not None:
             keep = keep & decoder_attention_mask.bool()[:, None, None, :]
         self_mask = additive_mask(keep, x.dtype)
-        source_mask = additive_mask(encoder_mask[:, None, None, :], x.dtype)
+        if cache is not None and cache.source_mask is not None:
+            source_mask = cache.source_mask  # the source is fixed for a cache's lifetime
+        else:
+            source_mask = additive_mask(encoder_mask[:, None, None, :], x.dtype)
+            if cache is not None:
+                cache.source_mask = source_mask
         h = self.decoder(x, self_mask, offset, encoder_hidden, source_mask, cache)
         if self.config.scale_decoder_outputs:
             h = h * self.config.d_model ** -0.5  # Mesh TF rescale before a tied softmax
