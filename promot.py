@@ -328,6 +328,9 @@ class Config:
     adafactor_step_offset: int = field(default=0, metadata=dict(help=(
         "Adafactor step_offset; T5X counts steps from the pretrained checkpoint's step, "
         "-1000000 reproduces that for a 1M-step checkpoint")))
+    train_examples: int = field(default=None, metadata=dict(help=(
+        "read only the first N training examples of each task (WMT14's 15.8M pairs need not all "
+        "sit in memory for 1000 steps of 64) [all]")))
     shots: int = field(default=0, metadata=dict(help="k-shot demonstrations prepended to every training input (1 = the paper's '+1-shot')"))
     max_input_length: int = field(default=1024, metadata=dict(help="input tokens kept (EOS included), App. B.4"))
     max_target_length: int = field(default=256, metadata=dict(help="target tokens kept (EOS included)"))
@@ -381,7 +384,7 @@ def parse_args(argv=None):
         else:
             kind = {"steps": int, "batch_size": int, "micro_batch_size": int, "seed": int, "save_every": int,
                     "prompt_length": int, "shots": int, "max_input_length": int, "max_target_length": int,
-                    "eval_examples": int, "eval_batch_size": int, "num_beams": int, "max_new_tokens": int,
+                    "eval_examples": int, "eval_batch_size": int, "train_examples": int, "num_beams": int, "max_new_tokens": int,
                     "log_every": int, "keep_checkpoints": int, "stop_after_step": int,
                     "adafactor_step_offset": int, "lr": float, "prompt_init_scale": float,
                     "dropout": float, "label_smoothing": float, "weight_decay": float}.get(f.name, str)
@@ -722,7 +725,7 @@ def check_inputs(cfg, ctx):
     if not names or len(set(names)) != len(names):
         raise UsageError(f"--task {cfg.task!r}: expected one task name or distinct comma-separated names")
     tasks = [data.get_task(n, cfg.data_dir) for n in names]
-    train_sets = [data.load_split(t, cfg.data_dir, "train") for t in tasks]
+    train_sets = [data.load_split(t, cfg.data_dir, "train", limit=cfg.train_examples) for t in tasks]
     for t, s in zip(tasks, train_sets):
         if not s:
             raise UsageError(f"task {t.name}: the train split in {cfg.data_dir} is empty")
@@ -1121,10 +1124,12 @@ def main(argv=None):
     try:
         code = train(cfg).code
     except (UsageError, model_lib.CheckpointError, data.DataError) as e:
-        print(f"promot.py: error: {e}", file=sys.stderr)
+        if not dist.is_initialized() or dist.get_rank() == 0:  # every rank found the same problem
+            print(f"promot.py: error: {e}", file=sys.stderr)
         code = 2
     except Diverged as e:
-        print(f"promot.py: {e}", file=sys.stderr)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"promot.py: {e}", file=sys.stderr)
         code = 1
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -163,6 +163,31 @@ def test_kill_and_resume_equals_an_uninterrupted_run_bitwise(env):
     assert same_tensors(a, b)  # dropout 0.1 is on: RNG, data position and optimizer all restored
 
 
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(env):
+    """A hard kill (no chance to save) loses only the steps since the last checkpoint;
+    a half-written checkpoint (step_N.tmp) is ignored."""
+    steps = 12
+    extra = ["--no-eval", "--log-every", "1"]
+    reference = train(args(env, env["root"] / "run_ref_kill", "finetune", *extra, steps=steps, save_every=1))
+    out = env["root"] / "run_kill"
+    cmd = [sys.executable, os.path.join(ROOT, "promot.py"), *args(env, out, "finetune", *extra, steps=steps, save_every=1)]
+    # one thread like this pytest process (conftest): bitwise equality needs the same kernels
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count('"loss"') >= 3):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    killed_at = log.read_text().count('"loss"')
+    assert killed_at < steps, "the run finished before it could be killed"
+    resumed = train(args(env, out, "finetune", *extra, "--resume", steps=steps, save_every=1))
+    assert resumed.step == steps
+    assert same_tensors({k: v.detach() for k, v in reference.model.state_dict().items()},
+                        {k: v.detach() for k, v in resumed.model.state_dict().items()})
+
+
 def _write_prompt(env):
     promot.save_prompts({"toy_tf": torch.rand(5, 32, generator=torch.Generator().manual_seed(3))},
                         str(env["root"] / "p.safetensors"))
