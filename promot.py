@@ -354,6 +354,8 @@ class Config:
     device: str = field(default="auto", metadata=dict(help="cpu, cuda or auto"))
 
 
+CHOICES = {"stage": STAGES, "prompt_init": ("uniform", "vocab", "text", "file"), "dtype": ("float32", "bfloat16")}
+
 # Settings that may change between a run and its --resume.
 RESUMABLE_CHANGES = {"resume", "steps", "log_every", "stop_after_step", "eval_batch_size", "device",
                      "keep_checkpoints"}
@@ -377,21 +379,12 @@ def parse_args(argv=None):
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
-        if f.type == "bool" or isinstance(f.default, bool):
+        if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-        elif f.name == "stage":
-            p.add_argument(flag, choices=STAGES, required=True, help=help_)
-        else:
-            kind = {"steps": int, "batch_size": int, "micro_batch_size": int, "seed": int, "save_every": int,
-                    "prompt_length": int, "shots": int, "max_input_length": int, "max_target_length": int,
-                    "eval_examples": int, "eval_batch_size": int, "train_examples": int, "num_beams": int, "max_new_tokens": int,
-                    "log_every": int, "keep_checkpoints": int, "stop_after_step": int,
-                    "adafactor_step_offset": int, "lr": float, "prompt_init_scale": float,
-                    "dropout": float, "label_smoothing": float, "weight_decay": float}.get(f.name, str)
-            required = f.name in ("model", "data_dir", "task", "out")
-            p.add_argument(flag, type=kind, default=None if required else f.default, required=required,
-                           help=help_, **({"choices": ("uniform", "vocab", "text", "file")} if f.name == "prompt_init" else {}),
-                           **({"choices": ("float32", "bfloat16")} if f.name == "dtype" else {}))
+            continue
+        required = f.name in ("stage", "model", "data_dir", "task", "out")
+        p.add_argument(flag, type=f.type, required=required, default=None if required else f.default,
+                       choices=CHOICES.get(f.name), help=help_)
     args = p.parse_args(argv)
     cfg = Config(**vars(args))
     for k, v in stage_defaults(cfg.stage).items():
