@@ -660,10 +660,12 @@ def global_batch(mixture, tasks, train_sets, tokenizer, cfg, ctx, truncation):
     rows = []
     for name, example in mine:
         t = index[name]
-        # "+1-shot" (paper 5.3): a demonstration from the training set, never the example itself;
-        # demonstrations are dropped first when the input would exceed --max-input-length.
+        # "+1-shot" (paper 5.3): a demonstration from the training set, never the example itself.
+        # Inputs longer than --max-input-length lose demonstrations first, then the end of the
+        # query's longest field (App. B.4 cuts articles), so the template and the answer
+        # sentinel stay, exactly as evaluate.score_task builds its inputs.
         (text, target), = data.training_pairs(tasks[t], [example], shots=cfg.shots, pool=train_sets[t],
-                                              seed=cfg.seed, tokenizer=tokenizer if cfg.shots else None,
+                                              seed=cfg.seed, tokenizer=tokenizer,
                                               max_input_tokens=cfg.max_input_length, stats=truncation,
                                               warn=lambda message: None)
         rows.append((t, text, target))
@@ -671,7 +673,8 @@ def global_batch(mixture, tasks, train_sets, tokenizer, cfg, ctx, truncation):
 
 
 def truncate(ids, max_len, eos_id=1):
-    """Cut to max_len tokens, keeping the final EOS (seqio's append_eos_after_trim)."""
+    """Cut to max_len tokens, keeping the final EOS (seqio's append_eos_after_trim).
+    Inputs already fit (data.fit_input); this bounds the targets."""
     return ids if len(ids) <= max_len else ids[: max_len - 1] + [eos_id]
 
 
@@ -751,19 +754,14 @@ def check_inputs(cfg, ctx):
             now = asdict(cfg)
             diffs = [f"--{k.replace('_', '-')}: saved {saved.get(k)!r}, now {now[k]!r}"
                      for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
-            if saved.get("world_size", ctx.world) != ctx.world and _exact_resume_needs_same_world():
+            if saved.get("world_size", ctx.world) != ctx.world:
+                # each rank's RNG state (dropout) and data slice are saved per rank
                 diffs.append(f"ranks: saved {saved.get('world_size')}, now {ctx.world}")
             if diffs:
                 raise UsageError(f"--resume: {run_config} was written by another configuration: "
                                  + "; ".join(diffs))
     return dict(config=config, tokenizer=tokenizer, tasks=tasks, train_sets=train_sets,
                 val_sets=val_sets, prompt_file=prompt_file, stage_dir=stage_dir)
-
-
-def _exact_resume_needs_same_world():
-    # Per-rank RNG states (dropout) are saved per rank; another rank count would
-    # continue with different masks, and the data split per rank changes.
-    return True
 
 
 # ---------------------------------------------------------------------------

@@ -349,3 +349,17 @@ def test_bfloat16_trains_with_float32_master_weights(env):
     assert not same_tensors({k: v.detach() for k, v in run.model.state_dict().items()}, pretrained(env))
     losses = [json.loads(line)["loss"] for line in open(out / "log.jsonl") if '"loss"' in line]
     assert all(loss == loss and loss < 100 for loss in losses)  # finite
+
+
+def test_long_inputs_are_cut_in_the_query_text_keeping_template_and_sentinel(env):
+    import data
+    cfg = promot.parse_args(args(env, env["root"] / "unused", "1", "--max-input-length", "16"))
+    task = data.get_task("toy_tf", env["data"])
+    train_set = data.load_split(task, env["data"], "train")
+    long_example = data.Example({"input": " ".join(["dog sat on the mat"] * 20)}, ["False"])
+    mixture = data.Mixture({"toy_tf": [long_example]}, seed=0)
+    tok = data.Tokenizer(os.path.join(env["model"], "spiece.model"))
+    rows = promot.global_batch(mixture, [task], [train_set], tok, cfg, promot.Dist(), data.TruncationStats())
+    text = rows[0][1]
+    assert len(tok.encode(text)) <= 16
+    assert text.endswith("question: is there a cat? answer: <extra_id_0>")
