@@ -85,6 +85,9 @@ class Adafactor(torch.optim.Optimizer):
     the steps one process takes, and the state is a DTensor sharded like the
     parameter (row/column statistics that lose the sharded dimension are
     replicated).
+
+    To reuse it elsewhere, copy the class and the four small helpers after it
+    (`_is_dtensor`, `_local`, `_shard_info`, `_zeros_state`); it needs only torch.
     """
 
     def __init__(self, params, lr, decay_rate=0.8, clipping_threshold=1.0,

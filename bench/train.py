@@ -8,8 +8,8 @@ memory is its own:
   stage 1  prompt tuning: frozen model, a 100-token prompt, Adafactor lr 0.2
            without parameter scaling. promot: model.T5(prompt=P); transformers:
            inputs_embeds = [P; embed(x)] with requires_grad off on the weights.
-  stage 2  model tuning: all weights, Adafactor lr 1e-3 with parameter scaling
-           (the prompt frozen and prepended in both).
+  stage 2  model tuning: all weights, Adafactor lr 1e-3 with parameter scaling,
+           label smoothing 0.1 (the prompt frozen and prepended in both).
 The promot side runs the calls promot.train runs per step (forward with the
 prompt, model.cross_entropy normalised by the token count, backward,
 promot.Adafactor.step); data loading is left out of both. Tokens/s counts input
@@ -63,9 +63,11 @@ def worker(args):
                                multiply_by_parameter_scale=args.stage == 2)
         dec = model.shift_right(labels)
 
+        smoothing = 0.0 if args.stage == 1 else 0.1  # promot's defaults (stage 1: T5X prompt tuning)
+
         def step():
             logits = net(ids, mask, dec, prompt=prompt)
-            loss_sum, n = model.cross_entropy(logits, labels, label_smoothing=0.1)
+            loss_sum, n = model.cross_entropy(logits, labels, label_smoothing=smoothing)
             (loss_sum / n).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -80,10 +82,15 @@ def worker(args):
         full_mask = torch.cat([torch.ones(args.batch, 100, dtype=mask.dtype, device=dev), mask], 1)
         embed = net.get_input_embeddings()
 
+        smoothing = 0.0 if args.stage == 1 else 0.1
+        dec = net._shift_right(labels)
+
         def step():
             embeds = torch.cat([prompt.unsqueeze(0).expand(args.batch, -1, -1), embed(ids)], 1)
-            out = net(inputs_embeds=embeds, attention_mask=full_mask, labels=labels)
-            out.loss.backward()  # transformers' loss: mean over tokens, no label smoothing
+            logits = net(inputs_embeds=embeds, attention_mask=full_mask, decoder_input_ids=dec).logits
+            # the same amount of work as promot's loss: mean token cross-entropy with smoothing
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), label_smoothing=smoothing)
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
