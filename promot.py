@@ -909,6 +909,53 @@ def export(dir_, t5, prompts, cfg, ctx, model_trains):
     barrier(ctx)
 
 
+def train_step(t5, batches, prompts, tasks, optimizer, cfg, ctx):
+    """One optimizer step on this rank's micro-batches; returns (mean loss, tokens) of the global batch.
+
+    The loss is the token cross-entropy summed over the global batch divided by
+    its token count, so 1 process and N ranks (and any micro-batching) take the
+    same step. A non-finite loss returns before the update, leaving the weights
+    as they were.
+    """
+    targets = [int((b["labels"] != -100).sum()) for b in batches]
+    prompt_tokens = cfg.prompt_length if prompts else 0
+    counts = torch.tensor([sum(targets), sum(int(b["attention_mask"].sum()) + len(b["tasks"]) * prompt_tokens
+                                             for b in batches) + sum(targets)],
+                          dtype=torch.float64, device=ctx.device)  # NCCL reduces device tensors only
+    if ctx.world > 1:
+        dist.all_reduce(counts)
+    global_targets, global_tokens = counts.tolist()
+    model_trains = any(p.requires_grad for p in t5.parameters())
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for i, b in enumerate(batches):
+        if ctx.world > 1 and model_trains:
+            t5.set_requires_gradient_sync(i == len(batches) - 1)  # reduce-scatter once, after the last
+        prompt = None
+        if prompts:  # one (p, d) prompt, or each row its own task's prompt (multi-task)
+            prompt = (prompts[tasks[0].name] if len(tasks) == 1
+                      else torch.stack([prompts[tasks[t].name] for t in b["tasks"]]))
+        # one process: autocast; under FSDP the MixedPrecisionPolicy casts instead
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16,
+                            enabled=cfg.dtype == "bfloat16" and ctx.world == 1):
+            logits = t5(b["input_ids"], b["attention_mask"], model_lib.shift_right(b["labels"]), prompt=prompt)
+        loss, _ = model_lib.cross_entropy(logits, b["labels"], cfg.label_smoothing)
+        # Divided by the global token count; times the world size because FSDP
+        # averages gradients over ranks, and the true gradient is their sum.
+        (loss * (ctx.world / global_targets)).backward()
+        loss_sum += loss.detach().double()
+    if ctx.world > 1:
+        dist.all_reduce(loss_sum)
+        for p in prompts.values():  # replicated outside FSDP: average like FSDP does
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(ctx.world)
+    mean_loss = float(loss_sum) / global_targets
+    if math.isfinite(mean_loss):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_loss, global_tokens
+
+
 @dataclass
 class Run:
     """What `train` hands back (tests and notebooks inspect the live model and prompts)."""
@@ -1016,9 +1063,6 @@ def train(cfg):
     truncation = data.TruncationStats()
     per_rank = cfg.batch_size // ctx.world
     micro = cfg.micro_batch_size or per_rank
-    bf16_autocast = cfg.dtype == "bfloat16" and ctx.world == 1
-    fsdp = ctx.world > 1
-    trainable_prompts = [p for p in prompts.values() if p.requires_grad]
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     window_time, window_tokens, run_start, train_time = 0.0, 0, time.time(), 0.0
     if ctx.main:
@@ -1031,40 +1075,12 @@ def train(cfg):
             step_start = time.time()
             rows = global_batch(mixture, tasks, train_sets, tokenizer, cfg, ctx, truncation)
             batches = [make_batch(rows[i:i + micro], tokenizer, cfg, ctx.device) for i in range(0, per_rank, micro)]
-            counts = torch.tensor([sum(int((b["labels"] != -100).sum()) for b in batches),
-                                   sum(int(b["attention_mask"].sum()) + len(b["tasks"]) * (cfg.prompt_length if prompts else 0)
-                                       + int((b["labels"] != -100).sum()) for b in batches)], dtype=torch.float64)
-            if ctx.world > 1:
-                dist.all_reduce(counts)
-            global_targets, global_tokens = counts.tolist()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-            for i, b in enumerate(batches):
-                if fsdp and model_trains:
-                    t5.set_requires_gradient_sync(i == len(batches) - 1)
-                prompt = None
-                if prompts:
-                    prompt = (prompts[tasks[b["tasks"][0]].name] if len(tasks) == 1
-                              else torch.stack([prompts[tasks[t].name] for t in b["tasks"]]))
-                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
-                    logits = t5(b["input_ids"], b["attention_mask"], model_lib.shift_right(b["labels"]), prompt=prompt)
-                ls, _ = model_lib.cross_entropy(logits, b["labels"], cfg.label_smoothing)
-                # Normalised by the token count of the whole global batch; times the
-                # world size because FSDP averages gradients over ranks.
-                (ls * (ctx.world / global_targets)).backward()
-                loss_sum += ls.detach().double()
-            if ctx.world > 1:
-                dist.all_reduce(loss_sum)
-                for p in trainable_prompts:  # replicated outside FSDP: average like FSDP does
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(ctx.world)
-            loss = float(loss_sum) / global_targets
+            loss, global_tokens = train_step(t5, batches, prompts, tasks, optimizer, cfg, ctx)
             if not math.isfinite(loss):
                 last = latest_checkpoint(stage_dir)
                 raise Diverged(f"loss is {loss} at step {step + 1}; stopped without updating. The last good "
                                f"checkpoint is {last or 'none (no checkpoint saved yet)'}; try a lower --lr or "
                                "--dtype float32, then continue with --resume")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             window_tokens += global_tokens
             elapsed = time.time() - step_start
@@ -1080,7 +1096,7 @@ def train(cfg):
                     f"{tps:,.0f} tok/s | ETA {fmt_time(eta)}")
                 window_time, window_tokens = 0.0, 0
 
-            stop = torch.tensor([1.0 if _STOP["requested"] else 0.0])
+            stop = torch.tensor([1.0 if _STOP["requested"] else 0.0], device=ctx.device)
             if ctx.world > 1:
                 dist.all_reduce(stop, op=dist.ReduceOp.MAX)
             stop = bool(stop.item()) or step == cfg.stop_after_step

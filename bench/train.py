@@ -10,8 +10,8 @@ memory is its own:
            inputs_embeds = [P; embed(x)] with requires_grad off on the weights.
   stage 2  model tuning: all weights, Adafactor lr 1e-3 with parameter scaling,
            label smoothing 0.1 (the prompt frozen and prepended in both).
-The promot side runs the calls promot.train runs per step (forward with the
-prompt, model.cross_entropy normalised by the token count, backward,
+The promot side runs promot.train_step, the step promot.train runs (forward
+with the prompt, model.cross_entropy normalised by the token count, backward,
 promot.Adafactor.step); data loading is left out of both. Tokens/s counts input
 (+ prompt) and target tokens. Peak memory: on CUDA the allocator's peak above
 the memory held before the first step; on CPU the growth of the process's peak
@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -61,16 +62,14 @@ def worker(args):
             p.requires_grad_(args.stage == 2)
         opt = promot.Adafactor(params, lr=0.2 if args.stage == 1 else 1e-3,
                                multiply_by_parameter_scale=args.stage == 2)
-        dec = model.shift_right(labels)
-
-        smoothing = 0.0 if args.stage == 1 else 0.1  # promot's defaults (stage 1: T5X prompt tuning)
+        # promot.train_step, as promot.train calls it (stage 1 has no label smoothing: T5X prompt tuning)
+        cfg = SimpleNamespace(prompt_length=100, dtype="float32", label_smoothing=0.0 if args.stage == 1 else 0.1)
+        batch = dict(input_ids=ids, attention_mask=mask, labels=labels, tasks=[0] * args.batch)
+        tasks, prompts, ctx = [SimpleNamespace(name="bench")], {"bench": prompt}, promot.Dist(device=dev)
 
         def step():
-            logits = net(ids, mask, dec, prompt=prompt)
-            loss_sum, n = model.cross_entropy(logits, labels, label_smoothing=smoothing)
-            (loss_sum / n).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            promot.train_step(net, [batch], prompts, tasks, opt, cfg, ctx)
+
     else:
         from transformers.optimization import Adafactor
         net = load_oracle(args.ckpt).to(dev).train()
