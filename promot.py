@@ -480,10 +480,13 @@ def load_sharded(t5, path, dtype=torch.float32):
     tensor in flight.
     """
     expected = dict(t5.named_parameters())
-    loaded = set()
+    loaded, head, embedding = set(), None, None
     for name, tensor, file in model_lib.checkpoint_tensors(path):
         if name == "lm_head.weight" and t5.lm_head is None:
-            continue  # tied: the head is the embedding
+            head = tensor  # tied: an alias of the embedding, checked below
+            continue
+        if name == "shared.weight" and t5.lm_head is None:
+            embedding = tensor
         if name not in expected:
             raise model_lib.CheckpointError(f"{file}: unexpected tensor {name!r} for this config")
         if name in loaded:
@@ -502,6 +505,12 @@ def load_sharded(t5, path, dtype=torch.float32):
     missing = sorted(set(expected) - loaded)
     if missing:
         raise model_lib.CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+    if head is not None and embedding is not None and not torch.equal(head, embedding):
+        # transformers 5 writes tie_word_embeddings=true even for untied models;
+        # model.load_pretrained follows the tensors, the sharded model is built from the config.
+        raise model_lib.CheckpointError(
+            f"{path}/config.json says tie_word_embeddings (or omits it) but lm_head.weight differs from the "
+            "embedding; set \"tie_word_embeddings\": false in config.json")
 
 
 def load_model(cfg, ctx):
@@ -515,8 +524,6 @@ def load_model(cfg, ctx):
                 checkpoint_block(block)
     else:
         t5 = model_lib.build(config, "meta")
-        # An untied checkpoint whose config says tied (transformers 5 writes that) is
-        # read by model.load_pretrained; here the config must tell the truth.
         shard_model(t5, ctx.mesh, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing)
         t5.to_empty(device=ctx.device)
         load_sharded(t5, cfg.model)

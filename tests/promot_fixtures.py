@@ -29,11 +29,11 @@ def make_spiece(folder):
     return os.path.join(folder, "spiece.model")
 
 
-def make_model_dir(folder, spiece, **overrides):
+def make_model_dir(folder, spiece, kind="t5v1_1", **overrides):
     from helpers import make_checkpoint
     config = dict(vocab_size=140, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4)
     config.update(overrides)
-    make_checkpoint(folder, kind="t5v1_1", **config)
+    make_checkpoint(folder, kind=kind, **config)
     shutil.copy(spiece, os.path.join(folder, "spiece.model"))
     return folder
 

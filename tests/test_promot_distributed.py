@@ -41,9 +41,11 @@ def env(tmp_path_factory):
 
 
 def test_two_ranks_end_with_the_weights_of_one_process(env):
-    """Joint tuning trains both the FSDP-sharded model and the replicated prompt.
+    """Joint tuning trains both the FSDP-sharded model and the replicated prompt, here
+    on a T5 v1.0 whose head is the embedding (tied, one FSDP unit, two gradient uses).
     One process accumulates two micro-batches of 2; two ranks take 2 rows each."""
-    common = ["promot.py", "--stage", "joint", "--model", env["model"], "--data-dir", env["data"],
+    tied = pf.make_model_dir(str(env["root"] / "tied"), os.path.join(env["model"], "spiece.model"), kind="t5")
+    common = ["promot.py", "--stage", "joint", "--model", tied, "--data-dir", env["data"],
               "--task", "toy_tf", "--steps", "3", "--save-every", "3", "--batch-size", "4",
               "--micro-batch-size", "2", "--prompt-length", "5", "--dropout", "0", "--no-eval"]
     one = env["root"] / "one"
@@ -56,9 +58,10 @@ def test_two_ranks_end_with_the_weights_of_one_process(env):
         assert sorted(a) == sorted(b)
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{name}:{k}")
-    pre = load_file(os.path.join(env["model"], "model.safetensors"))
+    pre = load_file(os.path.join(tied, "model.safetensors"))
     moved = load_file(str(two / "joint" / "final" / "model.safetensors"))
     assert not torch.equal(pre["shared.weight"], moved["shared.weight"])  # it trained
+    assert "lm_head.weight" not in moved  # still tied
 
 
 def test_two_ranks_resume_and_score_like_one(env):
