@@ -326,6 +326,9 @@ class Config:
     dropout: float = field(default=0.1, metadata=dict(help="dropout rate (T5X fine-tuning default 0.1, paper App. B.4)"))
     label_smoothing: float = field(default=None, metadata=dict(help=(
         "label smoothing [stage 1: 0 (T5X prompt-tuning config); others: 0.1 (App. B.4)]")))
+    z_loss: float = field(default=1e-4, metadata=dict(help=(
+        "T5X's auxiliary loss z_loss * logsumexp(logits)^2 per target token, which keeps the "
+        "softmax normaliser near 1 (Z_LOSS = 1e-4 in the T5X / prompt-tuning gin configs the paper ran); 0 turns it off")))
     weight_decay: float = field(default=None, metadata=dict(help=(
         "Adafactor weight decay, not scaled by lr [stage 1: 1e-5 (T5X prompt-tuning config); others: none]")))
     adafactor_step_offset: int = field(default=0, metadata=dict(help=(
@@ -919,8 +922,8 @@ def export(dir_, t5, prompts, cfg, ctx, model_trains):
 def train_step(t5, batches, prompts, tasks, optimizer, cfg, ctx):
     """One optimizer step on this rank's micro-batches; returns (mean loss, tokens) of the global batch.
 
-    The loss is the token cross-entropy summed over the global batch divided by
-    its token count, so 1 process and N ranks (and any micro-batching) take the
+    The loss is the token cross-entropy (plus T5X's z-loss) summed over the
+    global batch divided by its token count, so 1 process and N ranks (and any micro-batching) take the
     same step. A non-finite loss returns before the update, leaving the weights
     as they were.
     """
@@ -946,6 +949,9 @@ def train_step(t5, batches, prompts, tasks, optimizer, cfg, ctx):
                             enabled=cfg.dtype == "bfloat16" and ctx.world == 1):
             logits = t5(b["input_ids"], b["attention_mask"], model_lib.shift_right(b["labels"]), prompt=prompt)
         loss, _ = model_lib.cross_entropy(logits, b["labels"], cfg.label_smoothing)
+        if cfg.z_loss:
+            log_z = torch.logsumexp(logits.float(), dim=-1)
+            loss = loss + cfg.z_loss * (log_z.square() * (b["labels"] != -100)).sum()
         # Divided by the global token count; times the world size because FSDP
         # averages gradients over ranks, and the true gradient is their sum.
         (loss * (ctx.world / global_targets)).backward()

@@ -10,6 +10,7 @@ memory is its own:
            inputs_embeds = [P; embed(x)] with requires_grad off on the weights.
   stage 2  model tuning: all weights, Adafactor lr 1e-3 with parameter scaling,
            label smoothing 0.1 (the prompt frozen and prepended in both).
+T5X's z-loss (promot's default) is off here, as transformers has none.
 The promot side runs promot.train_step, the step promot.train runs (forward
 with the prompt, model.cross_entropy normalised by the token count, backward,
 promot.Adafactor.step); data loading is left out of both. Tokens/s counts input
@@ -63,7 +64,8 @@ def worker(args):
         opt = promot.Adafactor(params, lr=0.2 if args.stage == 1 else 1e-3,
                                multiply_by_parameter_scale=args.stage == 2)
         # promot.train_step, as promot.train calls it (stage 1 has no label smoothing: T5X prompt tuning)
-        cfg = SimpleNamespace(prompt_length=100, dtype="float32", label_smoothing=0.0 if args.stage == 1 else 0.1)
+        cfg = SimpleNamespace(prompt_length=100, dtype="float32", label_smoothing=0.0 if args.stage == 1 else 0.1,
+                              z_loss=0.0)  # transformers' loss has none
         batch = dict(input_ids=ids, attention_mask=mask, labels=labels, tasks=[0] * args.batch)
         tasks, prompts, ctx = [SimpleNamespace(name="bench")], {"bench": prompt}, promot.Dist(device=dev)
 
