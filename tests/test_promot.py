@@ -363,3 +363,23 @@ def test_long_inputs_are_cut_in_the_query_text_keeping_template_and_sentinel(env
     text = rows[0][1]
     assert len(tok.encode(text)) <= 16
     assert text.endswith("question: is there a cat? answer: <extra_id_0>")
+
+
+def test_train_step_loss_is_token_mean_cross_entropy_plus_t5x_z_loss(env):
+    """T5X: loss = sum over target tokens of (smoothed CE + z_loss * logsumexp(logits)^2),
+    divided by the number of target tokens of the global batch."""
+    from types import SimpleNamespace
+    t5 = model_lib.load_pretrained(env["model"])
+    promot.set_dropout(t5, 0.0)
+    ids = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
+    labels = torch.tensor([[10, 11, 1], [12, 1, -100]])
+    batch = dict(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels, tasks=[0, 0])
+    cfg = SimpleNamespace(prompt_length=5, dtype="float32", label_smoothing=0.1, z_loss=1e-4)
+    opt = promot.Adafactor(list(t5.parameters()), lr=0.0)
+    loss, tokens = promot.train_step(t5, [batch], {}, [SimpleNamespace(name="x")], opt, cfg, promot.Dist())
+    with torch.no_grad():
+        logits = t5(ids, batch["attention_mask"], model_lib.shift_right(labels))
+    ce, n = model_lib.cross_entropy(logits, labels, 0.1)
+    z = (torch.logsumexp(logits, -1).square() * (labels != -100)).sum()
+    assert n == 5 and tokens == 7 + 5
+    assert loss == pytest.approx(float((ce + 1e-4 * z) / n), rel=1e-6)
