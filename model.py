@@ -746,6 +746,11 @@ def save_pretrained(model, path, state_dict=None, max_shard_bytes=5 * 10**9):
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        umask = os.umask(0)
+        os.umask(umask)  # mkdtemp and safetensors create private (0700/0600) files; use the usual modes
+        os.chmod(tmp, 0o777 & ~umask)
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         if os.path.isdir(path):
             weights = re.compile(r"config\.json|model.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?")
             for name in os.listdir(path):

@@ -327,3 +327,12 @@ def test_bin_that_needs_pickle_code_execution_is_refused(tmp_path, capsys):
     with pytest.raises(model.CheckpointError, match="pytorch_model.bin: refused to load"):
         model.load_pretrained(tmp_path)
     assert "pickled code ran" not in capsys.readouterr().out
+
+
+def test_saved_checkpoint_has_the_usual_file_modes(tmp_path):
+    make_checkpoint(tmp_path / "src", kind="t5")
+    model.save_pretrained(model.load_pretrained(tmp_path / "src"), tmp_path / "out")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o777 & ~umask
+    assert os.stat(tmp_path / "out" / "model.safetensors").st_mode & 0o777 == 0o666 & ~umask
