@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import diagnostics
 import evaluate
 import model as model_lib
 
@@ -353,6 +354,20 @@ class Config:
     num_beams: int = field(default=4, metadata=dict(help="beam width when scoring (paper: 4)"))
     max_new_tokens: int = field(default=None, metadata=dict(help=(
         "longest decoded answer when scoring [evaluate.py's per-metric default]")))
+    probe_every: int = field(default=0, metadata=dict(help=(
+        "diagnostics (paper Fig. 1, 2): every N steps and at the start, score --probe-tasks k-shot "
+        "without the prompt and record the share of answers in the fine-tuned task's label set, "
+        "in RUN/diagnostics.jsonl [0: off]")))
+    probe_tasks: str = field(default="", metadata=dict(help="comma-separated unseen tasks to probe, e.g. trivia_qa,wmt16_ende"))
+    probe_shots: str = field(default="1", metadata=dict(help="comma-separated shot counts of the probes"))
+    probe_limit: int = field(default=100, metadata=dict(help="examples per probe task (the first N of its evaluation split)"))
+    align_steps: str = field(default="", metadata=dict(help=(
+        "diagnostics (paper Fig. 3, 7): comma-separated steps at which to record cos(g, g_format), the "
+        "gradient on a batch against the gradient on the same inputs with shuffled labels, e.g. 0,400")))
+    align_every: int = field(default=0, metadata=dict(help="also record the gradient alignment every N steps [0: off]"))
+    align_batch_size: int = field(default=32, metadata=dict(help="examples in the gradient-alignment batch"))
+    diagnostics_strict: bool = field(default=False, metadata=dict(help=(
+        "stop the run when a probe fails (by default it is logged and training continues)")))
     log_every: int = field(default=10, metadata=dict(help="print a progress line every N steps"))
     keep_checkpoints: int = field(default=1, metadata=dict(help="training checkpoints kept for --resume (best/ is kept apart)"))
     stop_after_step: int = field(default=None, metadata=dict(help=(
@@ -364,6 +379,8 @@ CHOICES = {"stage": STAGES, "prompt_init": ("uniform", "vocab", "text", "file"),
 
 # Settings that may change between a run and its --resume.
 RESUMABLE_CHANGES = {"resume", "steps", "log_every", "stop_after_step", "eval_batch_size", "device",
+                     "probe_every", "probe_tasks", "probe_shots", "probe_limit", "align_steps", "align_every",
+                     "align_batch_size", "diagnostics_strict",
                      "keep_checkpoints"}
 
 
@@ -454,7 +471,11 @@ def shard_model(t5, mesh, bf16=False, activation_checkpointing=False):
     master copy the optimizer updates.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    # cast_forward_inputs=False: the model casts what it needs itself (the prompt to the
+    # embedding dtype), and casting would copy the decoder's KV-cache dicts, so the
+    # cache filled inside a block would be lost while decoding.
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
+                              cast_forward_inputs=False)
     for block in list(t5.encoder.blocks) + list(t5.decoder.blocks):
         if activation_checkpointing:
             checkpoint_block(block)
@@ -919,6 +940,34 @@ def export(dir_, t5, prompts, cfg, ctx, model_trains):
     barrier(ctx)
 
 
+def make_diagnostics(cfg, ctx, stage_name, tokenizer, tasks):
+    """diagnostics.TrainingDiagnostics for the --probe-* / --align-* flags, or None."""
+    def numbers(text, flag):
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(f"--{flag} {text!r}: expected comma-separated integers") from None
+    probe_tasks = [t.strip() for t in cfg.probe_tasks.split(",") if t.strip()]
+    align_steps = numbers(cfg.align_steps, "align-steps")
+    if not ((cfg.probe_every and probe_tasks) or align_steps or cfg.align_every):
+        if cfg.probe_every and not probe_tasks:
+            raise UsageError("--probe-every needs --probe-tasks (comma-separated unseen tasks)")
+        return None
+    if (align_steps or cfg.align_every) and cfg.stage == "1":
+        raise UsageError("--align-steps/--align-every measure the model's gradient; stage 1 trains only the prompt")
+    if (align_steps or cfg.align_every) and len(tasks) > 1:
+        raise UsageError("--align-steps/--align-every need a single --task (its labels are shuffled)")
+    try:
+        return diagnostics.TrainingDiagnostics(
+            cfg.out, stage_name, tokenizer, cfg.data_dir, tasks[0].name, probe_tasks=probe_tasks,
+            probe_every=cfg.probe_every, probe_shots=numbers(cfg.probe_shots, "probe-shots"),
+            probe_limit=cfg.probe_limit, align_steps=align_steps, align_every=cfg.align_every,
+            align_batch_size=cfg.align_batch_size, seed=cfg.seed, num_beams=cfg.num_beams,
+            strict=cfg.diagnostics_strict)
+    except diagnostics.DiagnosticsError as e:
+        raise UsageError(str(e)) from None
+
+
 def train_step(t5, batches, prompts, tasks, optimizer, cfg, ctx):
     """One optimizer step on this rank's micro-batches; returns (mean loss, tokens) of the global batch.
 
@@ -986,6 +1035,7 @@ def train(cfg):
     tasks, train_sets, val_sets = inputs["tasks"], inputs["train_sets"], inputs["val_sets"]
     tokenizer, stage_dir, d_model = inputs["tokenizer"], inputs["stage_dir"], inputs["config"].d_model
     stage_name = STAGE_DIRS[cfg.stage]
+    diag = make_diagnostics(cfg, ctx, stage_name, tokenizer, tasks)  # checked before anything is written
 
     # -- the run folder: config.json gathers every stage's settings
     if ctx.main:
@@ -1072,6 +1122,10 @@ def train(cfg):
     if ckpt is not None and start_step % cfg.save_every == 0:
         score_and_keep_best(start_step)  # in case the run stopped between saving and scoring
 
+    # -- the paper's §3 diagnostics (they never change the training trajectory)
+    if diag is not None and start_step == 0:
+        diag.run(0, t5, prompts, unsharded)
+
     # -- the loop
     truncation = data.TruncationStats()
     per_rank = cfg.batch_size // ctx.world
@@ -1095,6 +1149,8 @@ def train(cfg):
                                f"checkpoint is {last or 'none (no checkpoint saved yet)'}; try a lower --lr or "
                                "--dtype float32, then continue with --resume")
             step += 1
+            if diag is not None:
+                diag.run(step, t5, prompts, unsharded)
             window_tokens += global_tokens
             elapsed = time.time() - step_start
             window_time += elapsed

@@ -178,3 +178,38 @@ def test_alignment_under_torchrun_equals_one_process(lab, tmp_path):
     single = diagnostics.gradient_alignment(t5, batch, shuffled)
     for group, value in single.items():
         assert sharded[group] == pytest.approx(value, abs=1e-6), group
+
+
+# --- during training (promot.py --probe-* / --align-*) ------------------------
+
+def promot_args(lab, out, *extra, steps=4):
+    return ["--stage", "finetune", "--model", lab["model_dir"], "--data-dir", lab["data_dir"], "--task", "toy_tf",
+            "--out", str(out), "--steps", str(steps), "--save-every", "2", "--batch-size", "4", "--log-every", "1",
+            "--eval-examples", "4", "--num-beams", "2", "--max-new-tokens", "4", *extra]
+
+
+def test_probes_run_at_the_requested_steps_and_leave_training_unchanged(lab, tmp_path):
+    import promot
+    plain = promot.train(promot.parse_args(promot_args(lab, tmp_path / "plain")))
+    probed = promot.train(promot.parse_args(promot_args(
+        lab, tmp_path / "probed", "--probe-every", "2", "--probe-tasks", "toy_copy", "--probe-shots", "0,1",
+        "--probe-limit", "3", "--align-steps", "0,3")))
+    records = [json.loads(line) for line in open(tmp_path / "probed" / "diagnostics.jsonl")]
+    assert [(r["kind"], r["step"]) for r in records if r["kind"] == "probe"] == [
+        ("probe", 0), ("probe", 0), ("probe", 2), ("probe", 2), ("probe", 4), ("probe", 4)]
+    assert [r["step"] for r in records if r["kind"] == "alignment"] == [0, 3]
+    a, b = plain.model.state_dict(), probed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same final weights, bit for bit
+    # and the figures come out of the recorded run
+    pytest.importorskip("matplotlib")
+    written = diagnostics.plot([str(tmp_path / "probed")], str(tmp_path / "fig"))
+    assert str(tmp_path / "fig" / "tradeoff.png") in written
+
+
+def test_alignment_flags_are_refused_for_stage_1(lab, tmp_path, capsys):
+    import promot
+    argv = promot_args(lab, tmp_path / "s1", "--align-steps", "0")
+    argv[1] = "1"
+    assert promot.main(argv) == 2
+    assert "stage 1 trains only the prompt" in capsys.readouterr().err
+    assert not (tmp_path / "s1").exists()  # refused before anything was written
