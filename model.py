@@ -504,13 +504,29 @@ def lora_info(model):
     return None
 
 
-def save_lora(model, path):
-    """Writes only the adapter tensors, with rank/alpha/targets/d_model in the metadata."""
+def init_lora_tensors(model, generator=None):
+    """Fresh adapter values for the adapters attached to `model` (which may sit on the meta
+    device): A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) like nn.Linear's default, B = 0."""
+    tensors = {}
+    for name, p in model.named_parameters():
+        if ".lora." in name:
+            if name.endswith(".a"):
+                bound = 1.0 / math.sqrt(p.shape[1])
+                tensors[name] = (torch.rand(p.shape, generator=generator) * 2 - 1) * bound
+            else:
+                tensors[name] = torch.zeros(p.shape)
+    return tensors
+
+
+def save_lora(model, path, state_dict=None):
+    """Writes only the adapter tensors, with rank/alpha/targets/d_model in the metadata.
+    Pass `state_dict` (full tensors) when the model is sharded."""
     from safetensors.torch import save_file
     info = lora_info(model)
     if info is None:
         raise ValueError("the model has no LoRA adapter to save")
-    tensors = {n: p.detach().cpu().contiguous() for n, p in model.state_dict().items() if ".lora." in n}
+    state = state_dict if state_dict is not None else model.state_dict()
+    tensors = {n: p.detach().cpu().contiguous() for n, p in state.items() if ".lora." in n}
     meta = {"rank": str(info["rank"]), "alpha": repr(info["alpha"]), "targets": ",".join(info["targets"]),
             "d_model": str(model.config.d_model), "format": "promot-lora"}
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -522,8 +538,8 @@ def save_lora(model, path):
             os.remove(tmp)
 
 
-def load_lora(model, path):
-    """Attaches the adapters saved in `path` (rank and targets from the file) to `model`."""
+def read_lora(path, d_model):
+    """(tensors, {"rank", "alpha", "targets"}) of an adapter file written by save_lora."""
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(path, framework="pt") as f:
@@ -532,22 +548,35 @@ def load_lora(model, path):
         raise CheckpointError(f"{path}: cannot read a LoRA adapter file ({e})") from None
     if meta.get("format") != "promot-lora":
         raise CheckpointError(f"{path}: not a promot LoRA file (metadata lacks format=promot-lora)")
-    if int(meta["d_model"]) != model.config.d_model:
+    if int(meta["d_model"]) != d_model:
         raise CheckpointError(f"{path}: adapter made for d_model={meta['d_model']}, "
-                              f"this model has d_model={model.config.d_model}")
-    rank, targets = int(meta["rank"]), meta["targets"].split(",")
-    if lora_info(model) is None:
-        add_lora(model, rank, float(meta["alpha"]), targets)
+                              f"this model has d_model={d_model}")
+    return tensors, {"rank": int(meta["rank"]), "alpha": float(meta["alpha"]), "targets": meta["targets"].split(",")}
+
+
+def check_lora_tensors(model, tensors, source):
+    """Raises unless `tensors` are exactly the adapters attached to `model`, shape for shape."""
     expected = {n: p for n, p in model.named_parameters() if ".lora." in n}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{path}: adapter tensors do not fit this model (missing {missing[:2]}, "
+        raise CheckpointError(f"{source}: adapter tensors do not fit this model (missing {missing[:2]}, "
                               f"unexpected {unexpected[:2]}); was it made for another depth or targets?")
     for name, tensor in tensors.items():
         if tensor.shape != expected[name].shape:
-            raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model's adapter "
-                                  f"has {tuple(expected[name].shape)} (rank {rank} in the file)")
-        with torch.no_grad():
+            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model's adapter "
+                                  f"has {tuple(expected[name].shape)}")
+    return expected
+
+
+def load_lora(model, path):
+    """Attaches the adapters saved in `path` (rank and targets from the file) to `model`."""
+    tensors, info = read_lora(path, model.config.d_model)
+    rank = info["rank"]
+    if lora_info(model) is None:
+        add_lora(model, rank, info["alpha"], info["targets"])
+    expected = check_lora_tensors(model, tensors, f"{path} (rank {rank} in the file)")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
             expected[name].copy_(tensor)
     return model
 
