@@ -228,9 +228,17 @@ class TrainingDiagnostics:
         return records
 
     def probe(self, step, t5, prompts):
+        try:
+            return self._probe(step, t5, prompts)
+        finally:
+            model_lib.set_lora_enabled(t5, True)  # training goes on with its adapters, whatever happened
+
+    def _probe(self, step, t5, prompts):
         records = []
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         for name, (examples, pool) in self.probe_sets.items():
+            # LoRA adapters, like the prompt, only for the fine-tuned task's format (paper §4)
+            model_lib.set_lora_enabled(t5, data.get_task(name).format == self.finetune_task.format)
             for shots in self.probe_shots:
                 result = evaluate.score_task(
                     t5, self.tokenizer, name, examples, pool=pool, shots=shots,

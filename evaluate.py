@@ -574,9 +574,12 @@ def parse_args(argv=None):
     p.add_argument("--prompt-tasks", default=None,
                    help="fine-tuned task(s) the prompt was trained on, comma-separated "
                         "[the 'prompt.<task>' keys of the file]")
+    p.add_argument("--lora", default=None,
+                   help="LoRA adapter file (lora.safetensors from promot.py --stage1-module lora): the "
+                        "stage-1 module of App. C.7, routed like the prompt by --use-prompt")
     p.add_argument("--use-prompt", choices=("auto", "always", "never"), default="auto",
-                   help="auto: prepend the prompt only for tasks in the fine-tuned task's format "
-                        "(paper §4); always/never: force it (ablations)")
+                   help="auto: prepend the prompt (apply the LoRA adapters) only for tasks in the "
+                        "fine-tuned task's format (paper §4); always/never: force it (ablations)")
     p.add_argument("--fine-tuned-tasks", default=None,
                    help="fine-tuned task(s), scored 0-shot in the table's first rows [--prompt-tasks]")
     p.add_argument("--baseline", default=None,
@@ -633,6 +636,8 @@ def run(args):
     prompt_tasks = _task_list(args.prompt_tasks, args.data_dir)
     if args.prompt_tasks and not args.prompt:
         raise EvaluationError("--prompt-tasks needs --prompt")
+    if args.lora and not args.fine_tuned_tasks:
+        raise EvaluationError("--lora needs --fine-tuned-tasks (the adapters are applied for their format only)")
     baseline = read_results(args.baseline) if args.baseline else None
 
     device, rank, world = _setup_device()
@@ -646,6 +651,8 @@ def run(args):
     tokenizer.check_fits(t5.config.vocab_size)
     prompts = load_prompts(args.prompt, t5.config.d_model, prompt_tasks) if args.prompt else {}
     fine_tuned = _task_list(args.fine_tuned_tasks, args.data_dir) or list(prompts)
+    if args.lora:
+        model_lib.load_lora(t5, args.lora)
     label_words = sorted({w for name in fine_tuned for w in (data.get_task(name).label_words or ())})
 
     settings = {k: v for k, v in vars(args).items()}
@@ -664,13 +671,16 @@ def run(args):
         pool = (data.load_split(task, args.data_dir, task.demo_split, limit=args.demo_pool_limit)
                 if any(shot_list) else None)
         prompt = route_prompt(task, prompts, args.use_prompt)
+        # LoRA adapters follow the same rule as the prompt: one code path decides both
+        use_lora = args.lora is not None and route_prompt(task, dict.fromkeys(fine_tuned, True), args.use_prompt)
+        model_lib.set_lora_enabled(t5, bool(use_lora))
         for k in shot_list:
             label = f"{task.name} {k}-shot{' +prompt' if prompt is not None else ''}"
             progress = progress_printer(label) if rank == 0 else None
             result = score_task(t5, tokenizer, task, examples, pool=pool, shots=k, prompt=prompt,
                                 format_label_words=label_words if role == "evaluation" else None,
                                 progress=progress, **common)
-            result.update(role=role, split=split)
+            result.update(role=role, split=split, lora=bool(use_lora))
             say(f"{label}: {task.metric} {result['score']:.2f} on {len(examples)} {split} examples")
             runs.append(result)
     results = {"format": RESULTS_FORMAT, "model": args.model, "settings": settings,

@@ -21,6 +21,7 @@ decoding/metrics to evaluate.py.
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -312,6 +313,14 @@ class Config:
     lr: float = field(default=None, metadata=dict(help=(
         "learning rate, constant [stage 1: 0.2 on the prompt; others: 1e-3 (joint: 1e-3 for prompt and model)]")))
     save_every: int = field(default=None, metadata=dict(help="checkpoint (and score) every N steps [stage 1: 1000; others: 100]"))
+    stage1_module: str = field(default="prompt", metadata=dict(help=(
+        "what stage 1 trains and stage 2 keeps frozen and applied: the soft prompt (the paper), or "
+        "LoRA adapters (App. C.7, Table 15); evaluate.py --lora applies them for same-format tasks only")))
+    lora_rank: int = field(default=4, metadata=dict(help="LoRA rank r (Table 15: 2 and 4)"))
+    lora_alpha: float = field(default=None, metadata=dict(help="LoRA scale numerator; the update is (alpha/r) B A [r]"))
+    lora_targets: str = field(default="q,v", metadata=dict(help="attention projections that get adapters (q,k,v,o)"))
+    lora: str = field(default="", metadata=dict(help=(
+        "stage 2 with --stage1-module lora: the frozen adapter file [RUN/stage1/best/lora.safetensors]")))
     prompt_length: int = field(default=100, metadata=dict(help="soft prompt length p"))
     prompt_init: str = field(default="uniform", metadata=dict(help=(
         "stage 1 / joint / random-prompt initialisation: uniform (T5X prompt tuning's default, U[0, "
@@ -375,7 +384,7 @@ class Config:
     device: str = field(default="auto", metadata=dict(help="cpu, cuda or auto"))
 
 
-CHOICES = {"stage": STAGES, "prompt_init": ("uniform", "vocab", "text", "file"), "dtype": ("float32", "bfloat16")}
+CHOICES = {"stage": STAGES, "stage1_module": ("prompt", "lora"), "prompt_init": ("uniform", "vocab", "text", "file"), "dtype": ("float32", "bfloat16")}
 
 # Settings that may change between a run and its --resume.
 RESUMABLE_CHANGES = {"resume", "steps", "log_every", "stop_after_step", "eval_batch_size", "device",
@@ -410,6 +419,8 @@ def parse_args(argv=None):
                        choices=CHOICES.get(f.name), help=help_)
     args = p.parse_args(argv)
     cfg = Config(**vars(args))
+    if cfg.stage == "1" and cfg.stage1_module == "lora" and cfg.lr is None:
+        cfg.lr = 1e-3  # App. C.7 gives no LoRA rate; the prompt's 0.2 would swamp a rank-4 update
     for k, v in stage_defaults(cfg.stage).items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
@@ -495,7 +506,7 @@ def checkpoint_block(block):
 
 
 @torch.no_grad()
-def load_sharded(t5, path, dtype=torch.float32):
+def load_sharded(t5, path, dtype=torch.float32, extra=None):
     """Fill an FSDP-sharded model from a checkpoint directory.
 
     Every rank streams the file one tensor at a time and keeps only its own
@@ -505,7 +516,8 @@ def load_sharded(t5, path, dtype=torch.float32):
     """
     expected = dict(t5.named_parameters())
     loaded, head, embedding = set(), None, None
-    for name, tensor, file in model_lib.checkpoint_tensors(path):
+    extra = ((name, tensor, "LoRA adapters") for name, tensor in (extra or {}).items())
+    for name, tensor, file in itertools.chain(model_lib.checkpoint_tensors(path), extra):
         if name == "lm_head.weight" and t5.lm_head is None:
             head = tensor  # tied: an alias of the embedding, checked below
             continue
@@ -537,20 +549,38 @@ def load_sharded(t5, path, dtype=torch.float32):
             "embedding; set \"tie_word_embeddings\": false in config.json")
 
 
-def load_model(cfg, ctx):
-    """The pretrained model, on this device, sharded under torchrun, with the run's dropout."""
+def load_model(cfg, ctx, lora=None):
+    """The pretrained model, on this device, sharded under torchrun, with the run's dropout.
+
+    lora = (tensors or None, {"rank", "alpha", "targets"}) attaches LoRA adapters before
+    sharding, so FSDP shards them with their layer; None tensors means fresh ones
+    (seeded by --seed, the same on every rank)."""
     config = model_lib.T5Config.from_json(os.path.join(cfg.model, "config.json"))
     bf16 = cfg.dtype == "bfloat16"
+
+    def attach_lora(t5):
+        tensors, info = lora
+        model_lib.add_lora(t5, info["rank"], info["alpha"], info["targets"])
+        if tensors is None:
+            tensors = model_lib.init_lora_tensors(t5, torch.Generator().manual_seed(cfg.seed))
+        model_lib.check_lora_tensors(t5, tensors, cfg.lora or "the stage-1 adapters")
+        return tensors
+
     if ctx.world == 1:
         t5 = model_lib.load_pretrained(cfg.model, dtype=torch.float32, device=ctx.device)
+        if lora is not None:
+            with torch.no_grad():
+                for name, tensor in attach_lora(t5).items():
+                    t5.get_parameter(name).copy_(tensor)
         if cfg.activation_checkpointing:
             for block in list(t5.encoder.blocks) + list(t5.decoder.blocks):
                 checkpoint_block(block)
     else:
         t5 = model_lib.build(config, "meta")
+        adapters = attach_lora(t5) if lora is not None else None
         shard_model(t5, ctx.mesh, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing)
         t5.to_empty(device=ctx.device)
-        load_sharded(t5, cfg.model)
+        load_sharded(t5, cfg.model, extra=adapters)
     set_dropout(t5, cfg.dropout)
     return t5
 
@@ -761,8 +791,28 @@ def check_inputs(cfg, ctx):
             raise UsageError(f"task {t.name}: the train split in {cfg.data_dir} is empty")
     val_sets = [data.load_split(t, cfg.data_dir, cfg.eval_split) for t in tasks] if cfg.eval else None
 
+    lora = None
+    if cfg.stage1_module == "lora":
+        if cfg.stage not in ("1", "2"):
+            raise UsageError(f"--stage1-module lora belongs to ProMoT's two stages (--stage 1 or 2), not --stage {cfg.stage}")
+        if cfg.stage == "1":
+            targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+            if cfg.lora_rank < 1:
+                raise UsageError(f"--lora-rank must be a positive integer, got {cfg.lora_rank}")
+            unknown = [t for t in targets if t not in model_lib.LORA_TARGETS]
+            if unknown or not targets:
+                raise UsageError(f"--lora-targets {cfg.lora_targets!r}: unknown {unknown or targets}; "
+                                 f"choose from {','.join(model_lib.LORA_TARGETS)}")
+            lora = (None, {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": targets})
+        else:
+            path = cfg.lora or os.path.join(cfg.out, "stage1", "best", "lora.safetensors")
+            if not os.path.isfile(path):
+                raise UsageError(f"--stage 2 --stage1-module lora needs stage-1 adapters: none at {path}; run "
+                                 "--stage 1 --stage1-module lora with the same --out first, or pass --lora FILE")
+            lora = model_lib.read_lora(path, config.d_model)
+
     prompt_file = None
-    if cfg.stage == "2":
+    if cfg.stage == "2" and cfg.stage1_module == "prompt":
         prompt_file = cfg.prompt or os.path.join(cfg.out, "stage1", "best", "prompt.safetensors")
         if not os.path.isfile(prompt_file):
             raise UsageError(f"--stage 2 needs a stage-1 prompt: none at {prompt_file}; run --stage 1 "
@@ -795,7 +845,7 @@ def check_inputs(cfg, ctx):
                 raise UsageError(f"--resume: {run_config} was written by another configuration: "
                                  + "; ".join(diffs))
     return dict(config=config, tokenizer=tokenizer, tasks=tasks, train_sets=train_sets,
-                val_sets=val_sets, prompt_file=prompt_file, stage_dir=stage_dir)
+                val_sets=val_sets, prompt_file=prompt_file, stage_dir=stage_dir, lora=lora)
 
 
 # ---------------------------------------------------------------------------
@@ -825,6 +875,8 @@ def training_state(t5, prompts, optimizer, model_trains):
     state = {"prompts": {n: p.detach() for n, p in prompts.items()}, "optimizer": optimizer.state_dict()}
     if model_trains:
         state["model"] = t5.state_dict()
+    elif model_lib.lora_info(t5) is not None:  # stage 1 with LoRA: the adapters are what trains
+        state["model"] = {n: t for n, t in t5.state_dict().items() if ".lora." in n}
     return state
 
 
@@ -928,6 +980,10 @@ def fmt_time(seconds):
 def export(dir_, t5, prompts, cfg, ctx, model_trains):
     """A directory evaluate.py and transformers read: model (public layout) + prompt + spiece."""
     sd = full_state_dict(t5, ctx) if model_trains else None
+    lora = None
+    if model_lib.lora_info(t5) is not None:  # full adapter tensors (a collective under FSDP)
+        lora = {n: (p.full_tensor() if _is_dtensor(p) else p).detach().cpu()
+                for n, p in t5.named_parameters() if ".lora." in n}
     if ctx.main:
         os.makedirs(os.path.dirname(os.path.abspath(dir_)), exist_ok=True)
         if model_trains:
@@ -937,6 +993,8 @@ def export(dir_, t5, prompts, cfg, ctx, model_trains):
             os.makedirs(dir_, exist_ok=True)
         if prompts:
             save_prompts(prompts, os.path.join(dir_, "prompt.safetensors"))
+        if lora is not None:
+            model_lib.save_lora(t5, os.path.join(dir_, "lora.safetensors"), state_dict=lora)
     barrier(ctx)
 
 
@@ -1057,10 +1115,11 @@ def train(cfg):
 
     # -- model and prompts
     torch.manual_seed(cfg.seed + ctx.rank)  # dropout masks differ across ranks
-    t5 = load_model(cfg, ctx)
+    t5 = load_model(cfg, ctx, inputs["lora"])
     model_trains = cfg.stage != "1"
-    prompt_trains = cfg.stage in ("1", "joint")
-    if cfg.stage == "finetune":
+    lora_trains = cfg.stage == "1" and cfg.stage1_module == "lora"
+    prompt_trains = cfg.stage in ("1", "joint") and not lora_trains
+    if cfg.stage == "finetune" or cfg.stage1_module == "lora":
         prompts = {}
     elif cfg.stage == "2":
         prompts = {t.name: read_prompt_file(inputs["prompt_file"], t.name, cfg.prompt_length, d_model) for t in tasks}
@@ -1068,16 +1127,18 @@ def train(cfg):
         g = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: prompts are replicated
         prompts = {t.name: init_prompt(cfg, d_model, tokenizer, t, g) for t in tasks}
     prompts = {n: torch.nn.Parameter(p.to(ctx.device), requires_grad=prompt_trains) for n, p in prompts.items()}
-    for p in t5.parameters():
-        p.requires_grad_(model_trains)
+    for name, p in t5.named_parameters():
+        p.requires_grad_(lora_trains if ".lora." in name else model_trains)  # stage-2 adapters stay frozen
     t5.train()
 
     groups = []
+    if lora_trains:  # like the prompt: B starts at 0, so a parameter-scaled step would be ~0
+        groups.append(dict(params=[p for p in t5.parameters() if p.requires_grad], multiply_by_parameter_scale=False))
     if prompt_trains:
         # prompt-tuning's config: no parameter-scale multiplier on the prompt
         groups.append(dict(params=list(prompts.values()), multiply_by_parameter_scale=False))
     if model_trains:
-        groups.append(dict(params=[p for p in t5.parameters()], multiply_by_parameter_scale=True))
+        groups.append(dict(params=[p for p in t5.parameters() if p.requires_grad], multiply_by_parameter_scale=True))
     optimizer = Adafactor(groups, lr=cfg.lr, weight_decay_rate=cfg.weight_decay or None,
                           step_offset=cfg.adafactor_step_offset)
     optimizer.init_state()

@@ -105,3 +105,110 @@ def test_adapter_for_another_model_shape_is_rejected(net, tmp_path):
     make_checkpoint(tmp_path / "deep", kind="mt5", num_layers=3)
     with pytest.raises(model.CheckpointError, match="do not fit this model"):
         model.load_lora(model.load_pretrained(tmp_path / "deep"), tmp_path / "a.safetensors")
+
+
+# --- the two ProMoT stages with LoRA as the stage-1 module (promot.py) -------
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import promot_fixtures as pf  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    import promot
+    d = tmp_path_factory.mktemp("lora_runs")
+    spiece = pf.make_spiece(str(d / "spm"))
+    env = dict(model=pf.make_model_dir(str(d / "model"), spiece), data=pf.make_data_dir(str(d / "data")), root=d)
+    common = ["--model", env["model"], "--data-dir", env["data"], "--task", "toy_tf", "--out", str(d / "run"),
+              "--stage1-module", "lora", "--lora-rank", "2", "--batch-size", "4", "--steps", "3",
+              "--save-every", "3", "--no-eval", "--log-every", "1"]
+    env["stage1"] = promot.train(promot.parse_args(["--stage", "1", *common]))
+    env["adapters_after_stage1"] = load_file(str(d / "run" / "stage1" / "final" / "lora.safetensors"))
+    env["stage2"] = promot.train(promot.parse_args(["--stage", "2", *common]))
+    return env
+
+
+def test_stage1_with_lora_changes_only_the_adapters(runs):
+    pre = model.load_pretrained(runs["model"]).state_dict()
+    after = runs["stage1"].model.state_dict()
+    assert sorted(n for n in after if ".lora." not in n) == sorted(pre)
+    assert all(torch.equal(after[n], pre[n]) for n in pre)  # every model tensor bit-identical
+    b = [t for n, t in runs["adapters_after_stage1"].items() if n.endswith(".b")]
+    assert b and all(t.abs().sum() > 0 for t in b)  # the adapters learned (B started at zero)
+
+
+def test_stage2_keeps_the_adapters_bit_identical_and_applied(runs):
+    net = runs["stage2"].model
+    for name, tensor in runs["adapters_after_stage1"].items():
+        assert torch.equal(net.get_parameter(name).detach(), tensor), name
+    assert model.lora_info(net)["rank"] == 2
+    assert all(a.use_lora for a in net.modules() if isinstance(a, model.Attention))
+    pre = model.load_pretrained(runs["model"]).state_dict()
+    assert not torch.equal(net.state_dict()["decoder.blocks.0.ff.wo.weight"], pre["decoder.blocks.0.ff.wo.weight"])
+    saved = load_file(str(runs["root"] / "run" / "stage2" / "final" / "lora.safetensors"))
+    assert all(torch.equal(saved[n], t) for n, t in runs["adapters_after_stage1"].items())
+
+
+def test_removing_the_adapters_restores_the_plain_stage2_model(runs):
+    final = str(runs["root"] / "run" / "stage2" / "final")
+    plain = model.load_pretrained(final).eval()  # the saved model holds no adapters
+    adapted = model.load_lora(model.load_pretrained(final).eval(), os.path.join(final, "lora.safetensors"))
+    batch = random_batch(plain.config.vocab_size)
+    with torch.no_grad():
+        assert not torch.allclose(adapted(*batch), plain(*batch))
+        model.set_lora_enabled(adapted, False)
+        assert torch.equal(adapted(*batch), plain(*batch))
+
+
+def test_evaluate_applies_adapters_only_for_the_fine_tuned_format(runs, tmp_path):
+    final = str(runs["root"] / "run" / "stage2" / "final")
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--model", final, "--data-dir", runs["data"],
+           "--lora", os.path.join(final, "lora.safetensors"), "--fine-tuned-tasks", "toy_tf", "--tasks", "toy_copy",
+           "--shots", "0", "--limit", "3", "--num-beams", "1", "--max-new-tokens", "3", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    import json
+    runs_ = {r["task"]: r for r in json.loads(out.read_text())["runs"]}
+    assert runs_["toy_tf"]["lora"] is True and runs_["toy_copy"]["lora"] is False
+
+
+def test_stage1_lora_under_torchrun_equals_one_process(runs):
+    common = ["promot.py", "--stage", "1", "--stage1-module", "lora", "--lora-rank", "2", "--model", runs["model"],
+              "--data-dir", runs["data"], "--task", "toy_tf", "--steps", "2", "--save-every", "2", "--batch-size",
+              "4", "--dropout", "0", "--no-eval"]
+    one, two = runs["root"] / "t_one", runs["root"] / "t_two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, *common, "--out", str(one)], cwd=ROOT, check=True, capture_output=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           *common, "--out", str(two)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(str(one / "stage1" / "final" / "lora.safetensors"))
+    b = load_file(str(two / "stage1" / "final" / "lora.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_stage2_lora_without_stage1_adapters_is_refused(runs, tmp_path, capsys):
+    import promot
+    code = promot.main(["--stage", "2", "--stage1-module", "lora", "--model", runs["model"], "--data-dir",
+                        runs["data"], "--task", "toy_tf", "--out", str(tmp_path / "new")])
+    assert code == 2
+    assert "needs stage-1 adapters: none at" in capsys.readouterr().err
+
+
+def test_lora_rank_zero_and_unknown_targets_are_refused(runs, tmp_path, capsys):
+    import promot
+    base = ["--stage", "1", "--stage1-module", "lora", "--model", runs["model"], "--data-dir", runs["data"],
+            "--task", "toy_tf", "--out", str(tmp_path / "x")]
+    assert promot.main([*base, "--lora-rank", "0"]) == 2
+    assert "--lora-rank must be a positive integer, got 0" in capsys.readouterr().err
+    assert promot.main([*base, "--lora-targets", "q,wi"]) == 2
+    assert "--lora-targets 'q,wi': unknown ['wi']" in capsys.readouterr().err
