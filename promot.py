@@ -616,6 +616,10 @@ def unsharded(t5):
         for m in fsdp_modules:
             m.set_reshard_after_forward(True, recurse=False)
             m.reshard()
+        # FSDP records the order of forward calls to prefetch in backward; decoding
+        # made a different number of calls on each rank, so forget it, or the next
+        # backward's all-gathers and reduce-scatters would pair up wrongly (a hang).
+        t5.reset_iter_state()
 
 
 def full_state_dict(t5, ctx):

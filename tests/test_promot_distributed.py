@@ -87,13 +87,15 @@ def test_two_ranks_stage2_bf16_checkpointed_resume_is_bitwise(env):
     master weights and reduction), per-block activation checkpointing, dropout on.
     Stage-2 checkpoints hold DTensor shards of the weights and of Adafactor's state
     (torch.distributed.checkpoint, one file per rank); stopping and resuming on 2
-    ranks ends bit-identical to running straight through."""
+    ranks ends bit-identical to running straight through. Multi-task, and checkpoints
+    are scored in between (decoding must leave FSDP's state as it found it)."""
     prompt = env["root"] / "p.safetensors"
     import promot
     promot.save_prompts({"toy_tf": torch.rand(5, 32, generator=torch.Generator().manual_seed(3))}, str(prompt))
     common = ["promot.py", "--stage", "2", "--prompt", str(prompt), "--model", env["model"], "--data-dir",
-              env["data"], "--task", "toy_tf", "--steps", "4", "--save-every", "2", "--batch-size", "4",
-              "--prompt-length", "5", "--no-eval", "--dtype", "bfloat16", "--activation-checkpointing"]
+              env["data"], "--task", "toy_tf,toy_copy", "--steps", "4", "--save-every", "2", "--batch-size", "4",
+              "--prompt-length", "5", "--dtype", "bfloat16", "--activation-checkpointing",
+              "--eval-examples", "3", "--num-beams", "2", "--max-new-tokens", "3"]
     straight, cut = env["root"] / "s2_straight", env["root"] / "s2_cut"
     torchrun(*common, "--out", str(straight))
     torchrun(*common, "--out", str(cut), "--stop-after-step", "3")
