@@ -267,11 +267,14 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def forward(self, x, self_mask, bias=None, offset=0, source=None, source_mask=None, cache=None):
-        """Returns (x, bias). A block that owns a position-bias table computes the
-        bias inside its own forward (so FSDP has gathered the table) and hands it
-        to the blocks after it, which reuse it (T5 shares one table per stack)."""
+        """Returns (x, the bias this block computed or None). A block that owns a
+        position-bias table computes the bias inside its own forward (so FSDP has
+        gathered the table) and hands it to the blocks after it, which reuse it
+        (T5 shares one table per stack). Passing `bias` through unchanged would
+        return an alias of an input, which FSDP warns about."""
+        computed = None
         if self.self_attn.relative_attention_bias is not None:
-            bias = self.self_attn.position_bias(x.shape[1], self_mask.shape[-1], offset) + self_mask
+            bias = computed = self.self_attn.position_bias(x.shape[1], self_mask.shape[-1], offset) + self_mask
         cache = cache if cache is not None else {}
         h = self.self_attn(self.self_norm(x), bias, cache=cache.get("self"))
         x = x + self.dropout(h)
@@ -279,7 +282,7 @@ class Block(nn.Module):
             h = self.cross_attn(self.cross_norm(x), source_mask, source=source, cache=cache.get("cross"))
             x = x + self.dropout(h)
         x = x + self.dropout(self.ff(self.ff_norm(x)))
-        return x, bias
+        return x, computed
 
 
 class Stack(nn.Module):
@@ -298,7 +301,8 @@ class Stack(nn.Module):
         bias = None
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
-            x, bias = block(x, self_mask, bias, offset, source, source_mask, layer_cache)
+            x, computed = block(x, self_mask, bias, offset, source, source_mask, layer_cache)
+            bias = computed if computed is not None else bias
         return self.dropout(self.final_norm(x))
 
 
