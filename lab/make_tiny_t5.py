@@ -149,18 +149,21 @@ def init_t5_(t5: model_lib.T5, seed: int) -> None:
 # 3. Pretraining
 # --------------------------------------------------------------------------
 
-def batch_pairs(streams, pools, rng, batch_size: int, max_shots: int):
-    """(task name, [(input, target)]) for one step: one task and one number of shots (0..max_shots)
-    per batch, so that the rows have similar lengths and padding wastes little (on a CPU the
-    step time is proportional to the padded length). Over steps, tasks come in equal shares."""
-    name = rng.choice(lab_tasks.TASK_NAMES)
-    task = data.get_task(name)
-    shots = rng.randint(1 if name in FEW_SHOT_ONLY else 0, max_shots)
-    pairs = []
-    for _, example in streams[name].take(batch_size):
+def batch_groups(mixture, pools, rng, batch_size: int, max_shots: int):
+    """One step's examples, grouped by task: {task name: [(input, target)]}.
+
+    The step mixes tasks (a batch of one task makes Adafactor, which has no momentum,
+    chase that task's answer prior: the model then answers "D" or "False" to
+    everything), but each task's rows are padded and run together, since on a CPU the
+    step time follows the padded length. Each row gets 0..max_shots demonstrations
+    (1..max_shots for FEW_SHOT_ONLY tasks)."""
+    groups = {}
+    for name, example in mixture.take(batch_size):
+        task = data.get_task(name)
+        shots = rng.randint(1 if name in FEW_SHOT_ONLY else 0, max_shots)
         demos = data.choose_demonstrations(example, pools[name], shots, seed=rng.random())
-        pairs.append((data.make_input(task, example, demos), data.make_target(task, example)))
-    return name, pairs
+        groups.setdefault(name, []).append((data.make_input(task, example, demos), data.make_target(task, example)))
+    return groups
 
 
 @torch.no_grad()
@@ -203,11 +206,14 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=3, help="encoder layers = decoder layers")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--d-ff", type=int, default=256)
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.015, help="peak Adafactor lr (relative to parameter RMS)")
+    p.add_argument("--lr", type=float, default=0.02, help="peak Adafactor lr (relative to parameter RMS)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--max-shots", type=int, default=4)
+    p.add_argument("--init-from", default=None,
+                   help="continue from this checkpoint folder (its weights and spiece.model) instead of a "
+                        "fresh tokenizer and random weights; the optimizer starts afresh")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-every", type=int, default=0, help="quick greedy scores every N steps (0: only at the end)")
@@ -220,21 +226,28 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    print(f"[1/3] SentencePiece, {args.vocab_size} pieces", flush=True)
-    train_spiece(suite_text(args.seed), out / "spiece.model", args.vocab_size, args.seed)
-    tokenizer = data.Tokenizer(out / "spiece.model")
+    if args.init_from:
+        print(f"[1/3] tokenizer and weights from {args.init_from}", flush=True)
+        spiece = (Path(args.init_from) / "spiece.model").read_bytes()
+        t5 = model_lib.load_pretrained(args.init_from)
+        (out / "spiece.model").write_bytes(spiece)
+        tokenizer = data.Tokenizer(out / "spiece.model")
+        cfg = t5.config
+    else:
+        print(f"[1/3] SentencePiece, {args.vocab_size} pieces", flush=True)
+        train_spiece(suite_text(args.seed), out / "spiece.model", args.vocab_size, args.seed)
+        tokenizer = data.Tokenizer(out / "spiece.model")
+        cfg = tiny_config(tokenizer.vocab_size, args.d_model, args.layers, args.heads, args.d_ff)
+        t5 = model_lib.T5(cfg)
+        init_t5_(t5, args.seed)
     vocab = tokenizer.vocab_size
     print(f"      {tokenizer.piece_count} pieces + 100 sentinels = {vocab} ids", flush=True)
-
-    cfg = tiny_config(vocab, args.d_model, args.layers, args.heads, args.d_ff)
-    t5 = model_lib.T5(cfg)
-    init_t5_(t5, args.seed)
     n_params = sum(p.numel() for p in t5.parameters())
     print(f"[2/3] T5.1.1-style model: d_model {cfg.d_model}, {cfg.num_layers}+{cfg.num_decoder_layers} layers, "
           f"{n_params / 1e6:.2f}M parameters", flush=True)
 
     pools = {name: lab_tasks.generate(name, "train", seed=args.seed) for name in lab_tasks.TASK_NAMES}
-    streams = {name: data.Mixture({name: pool}, seed=args.seed) for name, pool in pools.items()}
+    mixture = data.Mixture(pools, seed=args.seed)
     rng = random.Random(args.seed)
     optimizer = Adafactor(t5.parameters(), lr=args.lr)
     print(f"[3/3] pretraining {args.steps} steps x {args.batch_size} examples, 0-{args.max_shots} shots, "
@@ -245,14 +258,18 @@ def main(argv=None):
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        _, pairs = batch_pairs(streams, pools, rng, args.batch_size, args.max_shots)
-        batch = data.make_batch(tokenizer, pairs)
-        labels = batch["labels"]
-        logits = t5(batch["input_ids"], batch["attention_mask"], model_lib.shift_right(labels))
-        loss_sum, tokens = model_lib.cross_entropy(logits, labels)
-        loss = loss_sum / tokens
+        groups = batch_groups(mixture, pools, rng, args.batch_size, args.max_shots)
+        batches = [data.make_batch(tokenizer, pairs) for pairs in groups.values()]
+        total_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_sum = 0.0
+        for batch in batches:  # gradient accumulation: one optimizer step over the mixed batch
+            labels = batch["labels"]
+            logits = t5(batch["input_ids"], batch["attention_mask"], model_lib.shift_right(labels))
+            part, _ = model_lib.cross_entropy(logits, labels)
+            (part / total_tokens).backward()
+            loss_sum += part.item()
+        loss = torch.tensor(loss_sum / total_tokens)
         optimizer.step()
         window.append(loss.item())
         done = step + 1

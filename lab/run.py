@@ -55,8 +55,8 @@ OTHER_FORMAT_TASKS = tuple(n for n in EVALUATION_TASKS
 # Full run and --quick run. Stage 1 learns only the prompt, so it gets a high lr (paper: 0.2
 # for 5000 steps); model tuning uses the paper's 1e-3 (Adafactor, scaled by parameter RMS).
 SETTINGS = {
-    "full": dict(stage1_steps=300, stage2_steps=300, batch_size=32, prompt_length=20, stage1_lr=0.2,
-                 lr=1e-3, save_every=100, eval_examples=64, limit=100, train_size=4000),
+    "full": dict(stage1_steps=200, stage2_steps=200, batch_size=32, prompt_length=20, stage1_lr=0.2,
+                 lr=1e-3, save_every=100, eval_examples=64, limit=64, train_size=4000),
     "quick": dict(stage1_steps=60, stage2_steps=60, batch_size=16, prompt_length=20, stage1_lr=0.2,
                   lr=1e-3, save_every=30, eval_examples=32, limit=32, train_size=1000),
 }
