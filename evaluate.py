@@ -563,11 +563,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Evaluate a (ProMoT-)fine-tuned T5/mT5 on the paper's tasks and print its table.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder: config.json, weights, spiece.model")
-    p.add_argument("--data-dir", required=True, help="folder with one sub-folder per task (see data.py)")
-    p.add_argument("--out", required=True, help="results JSON to write (every example included)")
-    p.add_argument("--tasks", default=",".join(data.EVALUATION_TASKS),
-                   help="evaluation tasks, comma-separated; the table's rows and the Norm. Avg.")
+    p.add_argument("--model", default=None, help="checkpoint folder: config.json, weights, spiece.model "
+                   "[without --model and --data-dir: the miniature lab's lab/tiny-t5 on lab/data]")
+    p.add_argument("--data-dir", default=None, help="folder with one sub-folder per task (see data.py)")
+    p.add_argument("--out", default=None, help="results JSON to write (every example included) "
+                   "[runs/lab/eval.json with the lab]")
+    p.add_argument("--tasks", default=None,
+                   help="evaluation tasks, comma-separated; the table's rows and the Norm. Avg. "
+                        "[the paper's eight; with the lab: its tasks other than lab_owns]")
     p.add_argument("--shots", default="1,4", help="numbers of demonstrations, comma-separated (columns)")
     p.add_argument("--prompt", default=None,
                    help="soft prompt file: prompt.safetensors from promot.py, or a (p, d_model) .npy")
@@ -600,7 +603,22 @@ def parse_args(argv=None):
                         "(WMT's millions of pairs need not all be read) [all]")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bfloat16 on GPU, float32 on CPU")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.model and not args.data_dir:  # the miniature lab (README): the bundled model and suite
+        lab = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab")
+        args.model, args.data_dir = os.path.join(lab, "tiny-t5"), os.path.join(lab, "data")
+        args.out = args.out or os.path.join("runs", "lab", "eval.json")
+        args.fine_tuned_tasks = args.fine_tuned_tasks or "lab_owns"
+        if args.tasks is None and os.path.isdir(args.data_dir):
+            args.tasks = ",".join(sorted(set(os.listdir(args.data_dir)) - {"lab_owns"}))
+    missing = [flag for flag, value in (("--model", args.model), ("--data-dir", args.data_dir), ("--out", args.out))
+               if not value]
+    if missing:
+        p.error(f"the following arguments are required: {', '.join(missing)} "
+                "(omit both --model and --data-dir to evaluate the miniature lab)")
+    if args.tasks is None:
+        args.tasks = ",".join(data.EVALUATION_TASKS)
+    return args
 
 
 def _task_list(text, data_dir):

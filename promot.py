@@ -293,14 +293,15 @@ class Config:
         "prepended, model tuned). finetune: standard fine-tuning, no prompt. joint: prompt and "
         "model tuned together in one stage (Table 6). random-prompt: fine-tuning with a fixed "
         "random uniform prompt (Table 6)")))
-    model: str = field(default="", metadata=dict(help="pretrained checkpoint directory (Hugging Face layout, with spiece.model)"))
-    data_dir: str = field(default="", metadata=dict(help="data folder read by data.py (one sub-folder per task)"))
+    model: str = field(default="", metadata=dict(help="pretrained checkpoint directory (Hugging Face layout, with spiece.model) [without --model and --data-dir: the miniature lab, lab/tiny-t5 on lab/data]"))
+    data_dir: str = field(default="", metadata=dict(help="data folder read by data.py (one sub-folder per task) [lab/data with the lab]"))
     task: str = field(default="", metadata=dict(help=(
         "task name, or several comma-separated for multi-task training (Table 5): stage 1 "
-        "learns one prompt per task, stage 2 mixes the tasks, each example with its own task's prompt")))
+        "learns one prompt per task, stage 2 mixes the tasks, each example with its own task's prompt "
+        "[lab_owns with the lab]")))
     out: str = field(default="", metadata=dict(help=(
         "run folder. Each stage writes RUN/<stage>/ (checkpoints, best/, final/); "
-        "RUN/config.json and RUN/log.jsonl collect every stage")))
+        "RUN/config.json and RUN/log.jsonl collect every stage [runs/lab with the lab]")))
     steps: int = field(default=None, metadata=dict(help="training steps [stage 1: 5000; others: 1000]"))
     batch_size: int = field(default=64, metadata=dict(help=(
         "global batch size in examples, across all ranks; gradients accumulate over "
@@ -399,6 +400,12 @@ def stage_defaults(stage):
     return dict(steps=1000, save_every=100, lr=1e-3, label_smoothing=0.1, weight_decay=None)
 
 
+# The bundled tiny T5 and its synthetic suite (lab/): what runs when no model and data are given.
+_LAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab")
+LAB_DEFAULTS = {"model": os.path.join(_LAB, "tiny-t5"), "data_dir": os.path.join(_LAB, "data"),
+                "task": "lab_owns", "out": os.path.join("runs", "lab")}
+
+
 def parse_args(argv=None):
     """Command line -> Config. Every dataclass field is a flag; None defaults are stage-dependent."""
     p = argparse.ArgumentParser(
@@ -414,10 +421,21 @@ def parse_args(argv=None):
         if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
             continue
-        required = f.name in ("stage", "model", "data_dir", "task", "out")
+        required = f.name == "stage"
         p.add_argument(flag, type=f.type, required=required, default=None if required else f.default,
                        choices=CHOICES.get(f.name), help=help_)
     args = p.parse_args(argv)
+    if not args.model and not args.data_dir:
+        # No model and no data: the miniature lab (lab/README), so a newcomer sees ProMoT run.
+        for name, value in LAB_DEFAULTS.items():
+            if not getattr(args, name):
+                setattr(args, name, value)
+        print(f"promot.py: no --model/--data-dir: the miniature lab ({args.model}, {args.data_dir}, "
+              f"--task {args.task}, --out {args.out})", flush=True)
+    missing = [f"--{n.replace('_', '-')}" for n in ("model", "data_dir", "task", "out") if not getattr(args, n)]
+    if missing:
+        p.error(f"the following arguments are required: {', '.join(missing)} "
+                "(omit both --model and --data-dir to run the miniature lab)")
     cfg = Config(**vars(args))
     if cfg.stage == "1" and cfg.stage1_module == "lora" and cfg.lr is None:
         cfg.lr = 1e-3  # App. C.7 gives no LoRA rate; the prompt's 0.2 would swamp a rank-4 update
