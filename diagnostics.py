@@ -436,7 +436,7 @@ def main(argv=None):
         batch, shuffled = alignment_batches(args.task, train, tokenizer, args.batch_size, args.seed)
         prompt = None
         if args.prompt:
-            prompt = evaluate.route_prompt(args.task, evaluate.load_prompts(args.prompt, t5.config.d_model), "always")
+            prompt = evaluate.route_prompt(args.task, evaluate.load_prompts(args.prompt, t5.config.d_model, data_dir=args.data_dir), "always")
         cosines = gradient_alignment(t5, batch, shuffled, prompt, args.layer)
         print(f"cos(g, g_format) on {args.batch_size} {args.task} examples, decoder layer {args.layer}:")
         for group, cos in cosines.items():

@@ -423,7 +423,7 @@ def route_prompt(task, prompts, use_prompt="auto"):
     return next(iter(prompts.values())) if use_prompt == "always" else None
 
 
-def load_prompts(path, d_model, tasks=None):
+def load_prompts(path, d_model, tasks=None, data_dir=None):
     """Soft prompts by fine-tuned task, {task: (p, d_model) float tensor}.
 
     Reads what promot.py writes, prompt.safetensors with `prompt.<task>` per task (and
@@ -456,7 +456,7 @@ def load_prompts(path, d_model, tasks=None):
         if prompt.dim() != 2 or prompt.shape[1] != d_model:
             raise EvaluationError(f"{path}: tensor {key!r} has shape {tuple(prompt.shape)}; the model "
                                   f"needs (prompt length, d_model={d_model})")
-        prompts[data.get_task(name).name] = prompt
+        prompts[data.get_task(name, data_dir).name] = prompt
     return prompts
 
 
@@ -667,8 +667,9 @@ def run(args):
         raise EvaluationError(f"{args.model}: no spiece.model beside the checkpoint")
     tokenizer = data.Tokenizer(spiece)
     tokenizer.check_fits(t5.config.vocab_size)
-    prompts = load_prompts(args.prompt, t5.config.d_model, prompt_tasks) if args.prompt else {}
-    fine_tuned = _task_list(args.fine_tuned_tasks, args.data_dir) or list(prompts)
+    prompts = load_prompts(args.prompt, t5.config.d_model, prompt_tasks, args.data_dir) if args.prompt else {}
+    # (resolved through the data folder, which also registers tasks defined there by task.json)
+    fine_tuned = _task_list(args.fine_tuned_tasks or ",".join(prompts), args.data_dir)
     if args.lora:
         model_lib.load_lora(t5, args.lora)
     label_words = sorted({w for name in fine_tuned for w in (data.get_task(name).label_words or ())})
