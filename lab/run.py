@@ -175,6 +175,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer steps and examples: a couple of minutes")
     p.add_argument("--steps", type=int, default=None, help="override the steps of every training stage")
     p.add_argument("--limit", type=int, default=None, help="override the examples scored per task")
+    p.add_argument("--lr", type=float, default=None, help="override the model-tuning lr (stage 2, fine-tuning)")
+    p.add_argument("--stage1-lr", type=float, default=None, help="override the prompt lr of stage 1")
     p.add_argument("--quiet", action="store_true", help="print only commands and the table")
     args = p.parse_args(argv)
 
@@ -183,6 +185,10 @@ def main(argv=None):
         s.update(stage1_steps=args.steps, stage2_steps=args.steps, save_every=args.steps)
     if args.limit:
         s.update(limit=args.limit, eval_examples=args.limit)
+    if args.lr:
+        s.update(lr=args.lr)
+    if args.stage1_lr:
+        s.update(stage1_lr=args.stage1_lr)
     out = Path(args.out)
     if out.exists():
         import shutil
