@@ -1116,6 +1116,7 @@ def train(cfg):
     tokenizer, stage_dir, d_model = inputs["tokenizer"], inputs["stage_dir"], inputs["config"].d_model
     stage_name = STAGE_DIRS[cfg.stage]
     diag = make_diagnostics(cfg, ctx, stage_name, tokenizer, tasks)  # checked before anything is written
+    barrier(ctx)  # every rank has checked --out before rank 0 writes into it
 
     # -- the run folder: config.json gathers every stage's settings
     if ctx.main:
