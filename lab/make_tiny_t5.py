@@ -156,11 +156,13 @@ def batch_groups(mixture, pools, rng, batch_size: int, max_shots: int):
     chase that task's answer prior: the model then answers "D" or "False" to
     everything), but each task's rows are padded and run together, since on a CPU the
     step time follows the padded length. Each row gets 0..max_shots demonstrations
-    (1..max_shots for FEW_SHOT_ONLY tasks)."""
+    (1..max_shots for FEW_SHOT_ONLY tasks); max_shots 0 gives every row none (one for
+    FEW_SHOT_ONLY tasks)."""
     groups = {}
     for name, example in mixture.take(batch_size):
         task = data.get_task(name)
-        shots = rng.randint(1 if name in FEW_SHOT_ONLY else 0, max_shots)
+        low = 1 if name in FEW_SHOT_ONLY else 0
+        shots = rng.randint(low, max(low, max_shots))
         demos = data.choose_demonstrations(example, pools[name], shots, seed=rng.random())
         groups.setdefault(name, []).append((data.make_input(task, example, demos), data.make_target(task, example)))
     return groups
@@ -211,6 +213,13 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=0.02, help="peak Adafactor lr (relative to parameter RMS)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--max-shots", type=int, default=4)
+    p.add_argument("--zero-shot-steps", type=float, default=0.75,
+                   help="fraction of the steps, at the start, whose examples get no demonstrations (one for "
+                        "the fine-tuning task): the tasks are learned on short inputs, which are 3x cheaper; "
+                        "the remaining steps add 0..max-shots demonstrations, so the model learns to read them")
+    p.add_argument("--sequence-task-rate", type=float, default=0.5,
+                   help="mixing rate of the three sequence tasks (zorbish, backwards, news) relative to 1 for "
+                        "the others: they are learned fast, the lookups slowly")
     p.add_argument("--init-from", default=None,
                    help="continue from this checkpoint folder (its weights and spiece.model) instead of a "
                         "fresh tokenizer and random weights; the optimizer starts afresh")
@@ -247,18 +256,22 @@ def main(argv=None):
           f"{n_params / 1e6:.2f}M parameters", flush=True)
 
     pools = {name: lab_tasks.generate(name, "train", seed=args.seed) for name in lab_tasks.TASK_NAMES}
-    mixture = data.Mixture(pools, seed=args.seed)
+    sequence_tasks = {"lab_zorbish", "lab_backwards", "lab_news"}
+    rates = {name: args.sequence_task_rate if name in sequence_tasks else 1.0 for name in pools}
+    mixture = data.Mixture(pools, rates=rates, seed=args.seed)
+    zero_shot_steps = int(args.zero_shot_steps * args.steps)
     rng = random.Random(args.seed)
     optimizer = Adafactor(t5.parameters(), lr=args.lr)
-    print(f"[3/3] pretraining {args.steps} steps x {args.batch_size} examples, 0-{args.max_shots} shots, "
-          f"{len(pools)} tasks", flush=True)
+    print(f"[3/3] pretraining {args.steps} steps x {args.batch_size} examples, {len(pools)} tasks: "
+          f"0 shots for {zero_shot_steps} steps, then 0-{args.max_shots}", flush=True)
     t5.train()
     history, window = [], []
     train_start = time.time()
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        groups = batch_groups(mixture, pools, rng, args.batch_size, args.max_shots)
+        shots = 0 if step < zero_shot_steps else args.max_shots
+        groups = batch_groups(mixture, pools, rng, args.batch_size, shots)
         batches = [data.make_batch(tokenizer, pairs) for pairs in groups.values()]
         total_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
         optimizer.zero_grad(set_to_none=True)

@@ -15,6 +15,13 @@ subprocesses (every command is printed, so each step can be rerun by hand):
   5. Standard fine-tuning:                  promot.py --stage finetune, evaluate.py
   6. ProMoT + 1-shot:                       stages 1 and 2 with --shots 1, evaluate.py
   7. the table:                             RUN/table.md (and RUN/table.json)
+  8. the diagnostics figures:               evaluate.py plot RUN/finetune RUN/promot --out RUN/figures
+
+Standard fine-tuning and ProMoT's stage 2 run with the paper's §3 diagnostics:
+in-context probes of two other-format tasks (lab_who, lab_zorbish: their scores
+and the share of "True"/"False" answers, Fig. 1-2) every `probe_every` steps,
+and the gradient alignment with label-shuffled data (Fig. 3) at the first and
+last step. They never change the training trajectory (tested in tests/).
 
 The fine-tuning task is lab_owns (True/False, like RTE), scored 0-shot; the
 other eight tasks are scored 1-shot (their Norm. Avg.). The extra row
@@ -51,14 +58,18 @@ EVALUATION_TASKS = lab_tasks.EVALUATION_TASKS
 # Tasks whose answers are never "True"/"False": where a True/False answer is format specialization.
 OTHER_FORMAT_TASKS = tuple(n for n in EVALUATION_TASKS
                            if "True" not in (lab_tasks.make_task(n).label_words or ()))
+# Probed during standard fine-tuning and stage 2 (paper Fig. 1-2): a short answer and a translation.
+PROBE_TASKS = ("lab_who", "lab_zorbish")
 
 # Full run and --quick run. Stage 1 learns only the prompt, so it gets a high lr (paper: 0.2
 # for 5000 steps); model tuning uses the paper's 1e-3 (Adafactor, scaled by parameter RMS).
 SETTINGS = {
     "full": dict(stage1_steps=200, stage2_steps=200, batch_size=32, prompt_length=20, stage1_lr=0.2,
-                 lr=1e-3, save_every=100, eval_examples=64, limit=64, train_size=4000),
+                 lr=1e-3, save_every=100, eval_examples=64, limit=64, train_size=4000,
+                 probe_every=50, probe_limit=32),
     "quick": dict(stage1_steps=60, stage2_steps=60, batch_size=16, prompt_length=20, stage1_lr=0.2,
-                  lr=1e-3, save_every=30, eval_examples=32, limit=32, train_size=1000),
+                  lr=1e-3, save_every=30, eval_examples=32, limit=32, train_size=1000,
+                  probe_every=30, probe_limit=16),
 }
 
 METHODS = ("pretrained", "prompt_tuning", "finetune", "promot", "promot_1shot")
@@ -81,6 +92,15 @@ def run(cmd, log_path: Path, quiet: bool) -> None:
     if code != 0:
         tail = log_path.read_text(encoding="utf-8").splitlines()[-15:]
         raise SystemExit(f"lab/run.py: command failed (exit {code}); last lines of {log_path}:\n" + "\n".join(tail))
+
+
+def diagnostics_flags(s: dict) -> list:
+    """promot.py flags for the paper's §3 measurements during model tuning."""
+    steps = s["stage2_steps"]
+    every = min(s["probe_every"], steps)
+    return ["--probe-every", every, "--probe-tasks", ",".join(PROBE_TASKS), "--probe-shots", 1,
+            "--probe-limit", s["probe_limit"], "--align-steps", f"0,{steps - 1}" if steps > 1 else "0",
+            "--align-batch-size", 16]
 
 
 def train(stage, out: Path, s: dict, model: str, data_dir: Path, quiet: bool, extra=()):
@@ -213,10 +233,11 @@ def main(argv=None):
     prompt = out / "promot" / "stage1" / "best" / "prompt.safetensors"
     results["prompt_tuning"] = timed("eval prompt tuning",
                                      lambda: evaluate("prompt_tuning", m, prompt, out, s, data_dir, args.quiet))
-    timed("finetune", lambda: train("finetune", out / "finetune", s, m, data_dir, args.quiet))
+    diag = diagnostics_flags(s)
+    timed("finetune", lambda: train("finetune", out / "finetune", s, m, data_dir, args.quiet, diag))
     results["finetune"] = timed("eval finetune", lambda: evaluate(
         "finetune", out / "finetune" / "finetune" / "best", None, out, s, data_dir, args.quiet))
-    timed("stage 2", lambda: train("2", out / "promot", s, m, data_dir, args.quiet))
+    timed("stage 2", lambda: train("2", out / "promot", s, m, data_dir, args.quiet, diag))
     best = out / "promot" / "stage2" / "best"
     results["promot"] = timed("eval promot", lambda: evaluate(
         "promot", best, best / "prompt.safetensors", out, s, data_dir, args.quiet))
@@ -228,15 +249,18 @@ def main(argv=None):
 
     table = summarize({k: results[k] for k in METHODS})
     text = markdown(table)
+    drew = figure(table, out / "figure.png")
+    timed("figures", lambda: run([sys.executable, "evaluate.py", "plot", out / "finetune", out / "promot",
+                                  "--out", out / "figures"], out / "logs" / "plot.txt", args.quiet))
     minutes = (time.time() - started) / 60
     (out / "table.md").write_text(text + "\n", encoding="utf-8")
     (out / "table.json").write_text(json.dumps({"table": table, "settings": s, "model": str(args.model),
                                                 "seconds": timings, "minutes": round(minutes, 1)},
                                                indent=1) + "\n", encoding="utf-8")
-    drew = figure(table, out / "figure.png")
     print("\n" + text)
     if drew:
         print(f"figure: {out}/figure.png")
+    print(f"diagnostics (CSV, and PNG with matplotlib): {out}/figures/")
     print(f"\n{out}/table.md written in {minutes:.1f} min", flush=True)
     return table
 

@@ -8,7 +8,7 @@ metrics, promot.py's two stages) runs on them unchanged:
 
   name           mimics          format               metric       answer
   lab_owns       RTE             true_false           accuracy     True / False      (the fine-tuning task)
-  lab_both       WiC             true_false           accuracy     True / False
+  lab_both       WiC             true_false           accuracy     True / False      (is a word in a list)
   lab_lives      CB              true_false_neither   accuracy     True / False / Neither
   lab_kind       OpenbookQA      choice_letter        accuracy     A / B / C / D
   lab_who        TriviaQA        short_answer         exact_match  a name
@@ -98,91 +98,73 @@ def _sentence_list(sentences):
 # Generators: rng -> (fields, targets). Each draws one candidate example.
 # --------------------------------------------------------------------------
 
-def _owner_facts(rng, n):
-    people = rng.sample(NAMES, n)
-    return [(p, rng.choice(COLORS), rng.choice(ANIMALS)) for p in people]
-
+# The lookup tasks are kept small on purpose: one fact to check, or two facts to
+# choose between. A 1.3M-parameter T5 pretrained for 40 minutes on a CPU learns
+# these; with three facts and two attributes per fact (the first version of this
+# suite) it stayed at chance after 33 minutes.
 
 def gen_owns(rng):
-    """RTE-like: do the facts entail the statement? False statements change one detail."""
-    facts = _owner_facts(rng, rng.randint(2, 3))
-    person, color, animal = rng.choice(facts)
+    """RTE-like: does the fact entail the statement? A false statement changes the color or the animal."""
+    person, color, animal = rng.choice(NAMES), rng.choice(COLORS), rng.choice(ANIMALS)
     label = rng.random() < 0.5
+    said_color, said_animal = color, animal
     if not label:
-        change = rng.choice(("color", "animal", "person"))
-        if change == "color":
-            color = rng.choice([c for c in COLORS if c != color])
-        elif change == "animal":
-            animal = rng.choice([a for a in ANIMALS if a != animal])
+        if rng.random() < 0.5:
+            said_color = rng.choice([c for c in COLORS if c != color])
         else:
-            person = rng.choice([p for p, c, a in facts if p != person] + [rng.choice(NAMES)])
-            if (person, color, animal) in facts:
-                return None
-    premise = _sentence_list(f"{p} has a {c} {a}" for p, c, a in facts)
-    return {"premise": premise, "hypothesis": f"{person} has a {color} {animal}."}, ["True" if label else "False"]
+            said_animal = rng.choice([a for a in ANIMALS if a != animal])
+    return ({"premise": f"{person} has a {color} {animal}.", "hypothesis": f"{person} has a {said_color} {said_animal}."},
+            ["True" if label else "False"])
 
 
 def gen_both(rng):
-    """WiC-like: is a word in both lists?"""
-    pool = list(COLORS + ANIMALS + THINGS)
-    first, second = rng.sample(pool, 3), rng.sample(pool, 3)
+    """WiC-like: is the word in the list?"""
+    pool = COLORS + ANIMALS + THINGS
+    words = rng.sample(pool, 4)
     label = rng.random() < 0.5
-    shared = [w for w in first if w in second]
-    if label:
-        word = rng.choice(first)
-        if word not in second:
-            second[rng.randrange(3)] = word
-    else:
-        candidates = [w for w in first + second if w not in shared]
-        if not candidates:
-            return None
-        word = rng.choice(candidates)
-    answer = "True" if word in first and word in second else "False"
-    return ({"sentence1": "First list: " + " ".join(first) + ".",
-             "sentence2": "Second list: " + " ".join(second) + ".", "word": word}, [answer])
+    word = rng.choice(words) if label else rng.choice([w for w in pool if w not in words])
+    return {"sentence1": "List: " + " ".join(words) + ".", "word": word}, ["True" if label else "False"]
 
 
 def gen_lives(rng):
-    """CB-like: True if stated, False if contradicted, Neither if the person is not mentioned."""
-    n = rng.randint(2, 3)
-    people = rng.sample(NAMES, n + 1)
-    homes = rng.sample(CITIES, n)
-    facts = list(zip(people[:n], homes))
+    """CB-like: True if stated, False if contradicted, Neither if the statement is about someone else."""
+    person, other = rng.sample(NAMES, 2)
+    home = rng.choice(CITIES)
     label = rng.choice(("True", "False", "Neither"))
     if label == "True":
-        person, city = rng.choice(facts)
+        who, city = person, home
     elif label == "False":
-        person, home = rng.choice(facts)
-        city = rng.choice([c for c in CITIES if c != home])
+        who, city = person, rng.choice([c for c in CITIES if c != home])
     else:
-        person, city = people[n], rng.choice(CITIES)
-    premise = _sentence_list(f"{p} lives in {c}" for p, c in facts)
-    return {"premise": premise, "hypothesis": f"{person} lives in {city}."}, [label]
+        who, city = other, rng.choice(CITIES)
+    return {"premise": f"{person} lives in {home}.", "hypothesis": f"{who} lives in {city}."}, [label]
 
 
 def gen_kind(rng):
-    """OpenbookQA-like: which option is of the asked kind? Options from four different kinds."""
-    kinds = rng.sample(sorted(KINDS), 4)
+    """OpenbookQA-like: a fact, a question about it, four options of the same kind."""
+    person = rng.choice(NAMES)
+    noun, members = rng.choice((("animal", ANIMALS), ("thing", THINGS), ("color", COLORS)))
+    options = rng.sample(members, 4)
     asked = rng.randrange(4)
-    options = [rng.choice(KINDS[k]) for k in kinds]
-    return ({"question": f"Which one is {kinds[asked]}?",
+    return ({"question": f"{person} likes the {options[asked]}. Which {noun} does {person} like?",
              **{f"option_{l}": o for l, o in zip("abcd", options)}}, ["ABCD"[asked]])
 
 
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
 def gen_who(rng):
-    """TriviaQA-like short answer: who has the X? (context inside the question)."""
-    facts = _owner_facts(rng, rng.randint(2, 3))
-    if len({(c, a) for _, c, a in facts}) < len(facts):
-        return None
-    person, color, animal = rng.choice(facts)
-    context = _sentence_list(f"{p} has a {c} {a}" for p, c, a in facts)
-    return {"question": f"{context} Who has the {color} {animal}?"}, [person]
+    """TriviaQA-like short answer: who has the X? (two facts inside the question)."""
+    people, animals = rng.sample(NAMES, 2), rng.sample(ANIMALS, 2)
+    person, animal = rng.choice(list(zip(people, animals)))
+    context = _sentence_list(f"{p} has {_a(a)}" for p, a in zip(people, animals))
+    return {"question": f"{context} Who has the {animal}?"}, [person]
 
 
 def gen_where(rng):
-    """WebQuestions-like short answer: where does X live?"""
-    n = rng.randint(2, 3)
-    facts = list(zip(rng.sample(NAMES, n), rng.sample(CITIES, n)))
+    """WebQuestions-like short answer: where does X live? (two facts inside the question)."""
+    facts = list(zip(rng.sample(NAMES, 2), rng.sample(CITIES, 2)))
     person, city = rng.choice(facts)
     context = _sentence_list(f"{p} lives in {c}" for p, c in facts)
     return {"question": f"{context} Where does {person} live?"}, [city]
@@ -231,8 +213,7 @@ def gen_news(rng):
 # Task definitions (templates of the paper's Table 7 where a counterpart exists)
 # --------------------------------------------------------------------------
 
-TEMPLATE_BOTH = ("{sentence1} {sentence2} question: The word {word} is in both lists. "
-                 "Is it true or false? answer:")
+TEMPLATE_BOTH = "{sentence1} question: The word {word} is in the list. Is it true or false? answer:"
 
 # name -> (data.Task keyword arguments, generator)
 SUITE = {
@@ -262,7 +243,7 @@ EVALUATION_TASKS = tuple(n for n in TASK_NAMES if n != FINE_TUNING_TASK)
 # classification, 0 for the open formats (a random word is never the answer). The
 # lab's tests ask the bundled model for much more than this.
 CHANCE = {"lab_owns": 50.0, "lab_both": 50.0, "lab_lives": 100 / 3, "lab_kind": 25.0,
-          "lab_who": 100 / 3, "lab_where": 100 / 3, "lab_zorbish": 0.0, "lab_backwards": 0.0,
+          "lab_who": 50.0, "lab_where": 50.0, "lab_zorbish": 0.0, "lab_backwards": 0.0,
           "lab_news": 0.0}
 
 
