@@ -63,12 +63,15 @@ PROBE_TASKS = ("lab_who", "lab_zorbish")
 
 # Full run and --quick run. Stage 1 learns only the prompt, so it gets a high lr (paper: 0.2
 # for 5000 steps); model tuning uses the paper's 1e-3 (Adafactor, scaled by parameter RMS).
+# Dropout is 0, not the paper's 0.1: the bundled model was pretrained without dropout, and
+# with 0.1 standard fine-tuning did not learn lab_owns at all (57.8% after 200 steps, from
+# 84.4% before; with 0: 98% on validation).
 SETTINGS = {
     "full": dict(stage1_steps=200, stage2_steps=200, batch_size=32, prompt_length=20, stage1_lr=0.2,
-                 lr=1e-3, save_every=100, eval_examples=64, limit=64, train_size=4000,
+                 lr=1e-3, dropout=0.0, save_every=100, eval_examples=64, limit=64, train_size=4000,
                  probe_every=50, probe_limit=32),
     "quick": dict(stage1_steps=60, stage2_steps=60, batch_size=16, prompt_length=20, stage1_lr=0.2,
-                  lr=1e-3, save_every=30, eval_examples=32, limit=32, train_size=1000,
+                  lr=1e-3, dropout=0.0, save_every=30, eval_examples=32, limit=32, train_size=1000,
                   probe_every=30, probe_limit=16),
 }
 
@@ -99,7 +102,7 @@ def diagnostics_flags(s: dict) -> list:
     steps = s["stage2_steps"]
     every = min(s["probe_every"], steps)
     return ["--probe-every", every, "--probe-tasks", ",".join(PROBE_TASKS), "--probe-shots", 1,
-            "--probe-limit", s["probe_limit"], "--align-steps", f"0,{steps - 1}" if steps > 1 else "0",
+            "--probe-limit", s["probe_limit"], "--align-steps", f"0,{steps}",
             "--align-batch-size", 16]
 
 
@@ -109,6 +112,7 @@ def train(stage, out: Path, s: dict, model: str, data_dir: Path, quiet: bool, ex
     cmd = [sys.executable, "promot.py", "--stage", stage, "--model", model, "--data-dir", data_dir,
            "--task", FINE_TUNING_TASK, "--out", out, "--steps", steps, "--lr", lr,
            "--batch-size", s["batch_size"], "--save-every", s["save_every"], "--log-every", 25,
+           "--dropout", s["dropout"],
            "--prompt-length", s["prompt_length"], "--prompt-init", "vocab",
            "--num-beams", 1, "--eval-examples", s["eval_examples"], "--max-new-tokens", 16, *extra]
     run(cmd, out.parent / "logs" / f"{out.name}_{stage}.txt", quiet)
@@ -197,6 +201,7 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="override the examples scored per task")
     p.add_argument("--lr", type=float, default=None, help="override the model-tuning lr (stage 2, fine-tuning)")
     p.add_argument("--stage1-lr", type=float, default=None, help="override the prompt lr of stage 1")
+    p.add_argument("--dropout", type=float, default=None, help="override the dropout of every stage")
     p.add_argument("--quiet", action="store_true", help="print only commands and the table")
     args = p.parse_args(argv)
 
@@ -209,6 +214,8 @@ def main(argv=None):
         s.update(lr=args.lr)
     if args.stage1_lr:
         s.update(stage1_lr=args.stage1_lr)
+    if args.dropout is not None:
+        s.update(dropout=args.dropout)
     out = Path(args.out)
     if out.exists():
         import shutil
