@@ -99,44 +99,50 @@ def bundled():
     return t5, tokenizer
 
 
-# Scores (0-100) the bundled model must reach on 32 test examples, 1-shot, greedy, far
-# above lab_tasks.CHANCE (0 for the open formats: a random word sequence scores ~0).
-# Measured values are in lab/tiny-t5/pretraining.json.
-REQUIRED = {"lab_zorbish": 80, "lab_backwards": 60, "lab_news": 80}
-# The tasks that need a lookup in the input (compare a statement with the facts, find
-# an owner, a city, a kind) stayed at chance after the 33-minute pretraining the
-# bundled checkpoint got: its loss was still falling (see pretraining.log). They are
-# expected to fail until a longer pretraining replaces lab/tiny-t5/.
-NOT_YET_LEARNED = ("lab_owns", "lab_both", "lab_lives", "lab_kind", "lab_who", "lab_where")
+# Scores (0-100) the bundled model must reach on 64 test examples, greedy, from the
+# template alone (0-shot) and with one demonstration, far above lab_tasks.CHANCE (50 for
+# True/False, 33 for True/False/Neither, 0 for the open formats). Measured with the
+# committed checkpoint (0-shot / 1-shot): lab_owns 84.4 / 67.2, lab_both 79.7 / 64.1,
+# lab_lives 85.9 / 85.9, the three generation tasks 100 / 100.
+REQUIRED_0_SHOT = {"lab_owns": 70, "lab_both": 70, "lab_lives": 65,
+                   "lab_zorbish": 80, "lab_backwards": 80, "lab_news": 80}
+REQUIRED_1_SHOT = {"lab_lives": 65, "lab_zorbish": 80, "lab_backwards": 80, "lab_news": 80}
+# Not learned by the 39-minute pretraining (lab/tiny-t5/pretraining.json): the multiple
+# choice (it answers "B" to everything: 18.8) and the two short-answer lookups (it answers a
+# name, a city, from the question, but the wrong one half of the time: 53.1, 53.1, chance 50).
+NOT_YET_LEARNED = ("lab_kind", "lab_who", "lab_where")
 
 
-def score_bundled(bundled, name, shots=1, n=32):
+def score_bundled(bundled, name, shots=1, n=64):
     t5, tokenizer = bundled
     return evaluate.score_task(t5, tokenizer, data.get_task(name), lab_tasks.generate(name, "test", n),
                                pool=lab_tasks.generate(name, "train", 200), shots=shots, num_beams=1,
                                max_new_tokens=32, batch_size=32)
 
 
-@pytest.mark.parametrize("name", sorted(REQUIRED))
-def test_bundled_model_does_the_generation_tasks_from_template_and_one_demonstration(bundled, name):
-    result = score_bundled(bundled, name)
-    assert result["score"] >= REQUIRED[name] > lab_tasks.CHANCE[name] + 50, \
+@pytest.mark.parametrize("shots,name", [(0, n) for n in sorted(REQUIRED_0_SHOT)] +
+                         [(1, n) for n in sorted(REQUIRED_1_SHOT)])
+def test_bundled_model_does_the_learned_tasks_from_template_and_demonstration(bundled, shots, name):
+    required = (REQUIRED_0_SHOT if shots == 0 else REQUIRED_1_SHOT)[name]
+    result = score_bundled(bundled, name, shots=shots)
+    assert result["score"] >= required >= lab_tasks.CHANCE[name] + 20, \
         [(r["input"][-80:], r["raw_output"]) for r in result["examples"][:3]]
 
 
-@pytest.mark.parametrize("name", [n for n in NOT_YET_LEARNED if data.get_task(n).label_words])
+@pytest.mark.parametrize("name", [n for n in lab_tasks.TASK_NAMES if data.get_task(n).label_words])
 def test_bundled_model_answers_classification_tasks_with_their_label_words(bundled, name):
-    """The format, at least, is learned: every answer is one of the task's label words."""
-    result = score_bundled(bundled, name)
+    """The format, at least, is learned everywhere: every answer is one of the task's label words."""
+    result = score_bundled(bundled, name, n=32)
     labels = set(data.get_task(name).label_words)
     assert all(r["prediction"] in labels for r in result["examples"]), \
         [r["raw_output"] for r in result["examples"][:5]]
 
 
-@pytest.mark.xfail(reason="lookup tasks not learned by the bundled checkpoint's 33-minute pretraining", strict=False)
+@pytest.mark.xfail(reason="multiple choice and short-answer lookups not learned by the bundled checkpoint's "
+                          "39-minute pretraining", strict=False)
 @pytest.mark.parametrize("name", NOT_YET_LEARNED)
-def test_bundled_model_scores_far_above_chance_on_the_lookup_tasks(bundled, name):
-    result = score_bundled(bundled, name, n=64)
+def test_bundled_model_scores_far_above_chance_on_the_remaining_lookup_tasks(bundled, name):
+    result = score_bundled(bundled, name, shots=0)
     assert result["score"] >= lab_tasks.CHANCE[name] + 25
 
 
@@ -154,6 +160,17 @@ def test_lab_run_quick_goes_through_stage_1_stage_2_finetune_and_evaluate_and_wr
         assert set(lab_tasks.TASK_NAMES) <= set(row)
     text = (tmp_path / "run" / "table.md").read_text()
     assert "Norm. Avg." in text and "ProMoT + 1-shot" in text
+    # The diagnostics of standard fine-tuning and ProMoT's stage 2: probes and gradient
+    # alignment before the first step and after the last (3), drawn by `evaluate.py plot`.
+    figures = tmp_path / "run" / "figures"
+    for run_name in ("finetune", "promot"):
+        records = [json.loads(line) for line in
+                   (tmp_path / "run" / run_name / "diagnostics.jsonl").read_text().splitlines()]
+        kinds = {(r.get("kind"), r.get("step")) for r in records}
+        assert {("probe", 0), ("probe", 3), ("alignment", 0), ("alignment", 3)} <= kinds, kinds
+    for name in ("in_context.csv", "alignment.csv"):
+        rows = (figures / name).read_text().splitlines()
+        assert len(rows) > 2 and all(t in (figures / "in_context.csv").read_text() for t in lab_run.PROBE_TASKS)
     # Prompt tuning leaves the model untouched: tasks of other formats see no prompt, so
     # they score exactly as the pretrained model does (paper §4, prompt routing).
     for name in lab_run.OTHER_FORMAT_TASKS:
