@@ -1,6 +1,6 @@
 """lab/run.py: the whole ProMoT comparison, in miniature, on a CPU.
 
-    python lab/run.py                 # about 7 minutes on 2 CPU cores -> runs/lab/table.md
+    python lab/run.py                 # about 7 minutes on 2 CPU cores -> runs/lab_comparison/table.md
     python lab/run.py --quick         # a couple of minutes: fewer steps and examples (CI)
 
 It does what the paper's Table 3 does, with the bundled tiny T5 (lab/tiny-t5/)
@@ -197,7 +197,8 @@ def figure(table: dict, path: Path) -> bool:
 def main(argv=None):
     p = argparse.ArgumentParser(description="The miniature ProMoT comparison (pretrained, prompt tuning, "
                                             "fine-tuning, ProMoT, ProMoT + 1-shot) on the bundled tiny T5.")
-    p.add_argument("--out", default=str(ROOT / "runs" / "lab"), help="run folder (replaced)")
+    p.add_argument("--out", default=str(ROOT / "runs" / "lab_comparison"),
+                   help="run folder (replaced); not runs/lab, which the flagless promot.py uses")
     p.add_argument("--model", default=str(ROOT / "lab" / "tiny-t5"), help="pretrained checkpoint")
     p.add_argument("--quick", action="store_true", help="fewer steps and examples: a couple of minutes")
     p.add_argument("--steps", type=int, default=None, help="override the steps of every training stage")
