@@ -214,9 +214,9 @@ def main(argv=None):
         s.update(stage1_steps=args.steps, stage2_steps=args.steps, save_every=args.steps)
     if args.limit:
         s.update(limit=args.limit, eval_examples=args.limit)
-    if args.lr:
+    if args.lr is not None:
         s.update(lr=args.lr)
-    if args.stage1_lr:
+    if args.stage1_lr is not None:
         s.update(stage1_lr=args.stage1_lr)
     if args.dropout is not None:
         s.update(dropout=args.dropout)

@@ -60,7 +60,6 @@ ANIMALS = ("cat", "dog", "fox", "owl", "bird", "fish", "frog", "goat", "horse", 
 CITIES = ("Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Delhi", "Berlin", "Madrid", "Quito")
 THINGS = ("book", "lamp", "chair", "cup", "hat", "ball", "key", "coat", "box", "pen")
 VERBS = ("sees", "likes", "finds", "holds", "wants", "paints")
-KINDS = {"a color": COLORS, "an animal": ANIMALS, "a city": CITIES, "a thing": THINGS, "a person": NAMES}
 
 # A made-up target language, word for word (the miniature's "German").
 ZORBISH = {

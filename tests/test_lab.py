@@ -3,6 +3,7 @@
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,53 @@ def test_bundled_model_answers_classification_tasks_with_their_label_words(bundl
 def test_bundled_model_scores_far_above_chance_on_the_remaining_lookup_tasks(bundled, name):
     result = score_bundled(bundled, name, shots=0)
     assert result["score"] >= lab_tasks.CHANCE[name] + 25
+
+
+# --------------------------------------------------------------------------
+# The pretraining script
+# --------------------------------------------------------------------------
+
+def test_pretraining_batches_mix_tasks_and_give_demonstrations_only_when_asked(monkeypatch):
+    from lab import make_tiny_t5 as make
+    assert make.SEQUENCE_TASKS == {"lab_zorbish", "lab_backwards", "lab_news"}
+    pools = {n: lab_tasks.generate(n, "train", 50) for n in lab_tasks.TASK_NAMES}
+    mixture = data.Mixture(pools, rates={n: 0.5 if n in make.SEQUENCE_TASKS else 1.0 for n in pools})
+    asked = []  # (task of the example, number of demonstrations it gets)
+    choose = data.choose_demonstrations
+
+    def spy(example, pool, k, seed=0):
+        asked.append((next(n for n in pools if pool is pools[n]), k))
+        return choose(example, pool, k, seed=seed)
+
+    monkeypatch.setattr(data, "choose_demonstrations", spy)
+    rng = random.Random(0)
+    groups = make.batch_groups(mixture, pools, rng, 256, max_shots=0)
+    assert sum(len(rows) for rows in groups.values()) == 256 and set(groups) == set(pools)
+    # the zero-shot phase: none, except one for the fine-tuning task (pretrained only with shots)
+    assert {(n, k) for n, k in asked} == {(n, 1 if n in make.FEW_SHOT_ONLY else 0) for n in pools}
+    for name, rows in groups.items():  # each group holds its own task's prompts, 0-shot here
+        targets = {data.make_target(data.get_task(name), e) for e in pools[name]}
+        assert all(y in targets and x.endswith("<extra_id_0>") for x, y in rows), name
+    counts = {n: sum(1 for m, _ in asked if m == n) for n in pools}
+    assert all(counts[n] < counts["lab_owns"] for n in make.SEQUENCE_TASKS)  # drawn at half rate
+    asked.clear()
+    make.batch_groups(mixture, pools, rng, 256, max_shots=4)
+    assert {k for _, k in asked} == {0, 1, 2, 3, 4}
+    assert min(k for n, k in asked if n in make.FEW_SHOT_ONLY) == 1
+
+
+def test_pretraining_script_writes_a_loadable_checkpoint(tmp_path):
+    from lab import make_tiny_t5 as make
+    out = tmp_path / "tiny"
+    make.main(["--out", str(out), "--steps", "4", "--d-model", "32", "--d-ff", "64", "--layers", "1",
+               "--heads", "2", "--warmup", "2", "--zero-shot-steps", "0.5", "--eval-every", "0",
+               "--eval-examples", "2", "--log-every", "2"])
+    record = json.loads((out / "pretraining.json").read_text())
+    assert [h["step"] for h in record["loss_history"]] == [2, 4]
+    assert all(h["loss"] > 0 for h in record["loss_history"])
+    t5 = model_lib.load_pretrained(str(out))
+    data.Tokenizer(out / "spiece.model").check_fits(t5.config.vocab_size)
+    assert t5.config.d_model == 32 and record["parameters"] == sum(p.numel() for p in t5.parameters())
 
 
 # --------------------------------------------------------------------------
