@@ -183,9 +183,13 @@ def test_pretraining_batches_mix_tasks_and_give_demonstrations_only_when_asked(m
 def test_pretraining_script_writes_a_loadable_checkpoint(tmp_path):
     from lab import make_tiny_t5 as make
     out = tmp_path / "tiny"
-    make.main(["--out", str(out), "--steps", "4", "--d-model", "32", "--d-ff", "64", "--layers", "1",
+    # --threads 1: main() sets the thread count of this process, and later tests compare
+    # in-process training bitwise with 1-thread subprocesses (conftest sets 1 thread)
+    threads = torch.get_num_threads()
+    make.main(["--out", str(out), "--threads", "1", "--steps", "4", "--d-model", "32", "--d-ff", "64", "--layers", "1",
                "--heads", "2", "--warmup", "2", "--zero-shot-steps", "0.5", "--eval-every", "0",
                "--eval-examples", "2", "--log-every", "2"])
+    assert torch.get_num_threads() == threads
     record = json.loads((out / "pretraining.json").read_text())
     assert [h["step"] for h in record["loss_history"]] == [2, 4]
     assert all(h["loss"] > 0 for h in record["loss_history"])
