@@ -7,14 +7,16 @@ It holds
     equal to `transformers`' T5Tokenizer on the same spiece.model;
   * `Task` / `TASKS`: the paper's twelve tasks, templates copied from its
     Table 7, metric names, label words, the App. B.2 prefix token;
-  * readers for each data set's published files (`load_split`);
+  * `load_split`: one split of a task as Examples;
   * prompt building: k-shot inputs, the mT5 sentinel rule, truncation,
     label shuffling (paper §3.3), "+1-shot" training inputs (paper §5.3);
-  * batching: dynamic padding, length-sorted evaluation batches and a
-    deterministic, resumable multi-task mixture;
+  * batching: one batch encoder (`encode_batch`), length-sorted evaluation
+    batches and a deterministic, resumable multi-task mixture;
   * a small CLI: `python data.py show ...` and `python data.py check ...`.
-Decoding, post-processing and metrics live in evaluate.py; the model in
-model.py; training in promot.py.
+The readers of each data set's published files (JSON Lines exports, the
+official releases) live in support/dataset_files.py. Decoding,
+post-processing and metrics live in evaluate.py; the model in model.py;
+training in promot.py.
 """
 
 from __future__ import annotations
@@ -33,9 +35,8 @@ from typing import Callable
 import sentencepiece
 import torch
 
-
-class DataError(ValueError):
-    """A problem with the user's data or arguments; the message says where and what."""
+from support import dataset_files
+from support.dataset_files import DataError
 
 
 # --------------------------------------------------------------------------
@@ -218,7 +219,8 @@ def register_task(task: Task, reader: Callable | None = None, replace: bool = Fa
 
     This is how code adds tasks (a synthetic suite, a new data set): the reader
     may build examples however it likes; everything downstream (prompts, batching,
-    the CLI) only sees Examples.
+    the CLI) only sees Examples. A file reader of support/dataset_files.py, which
+    returns (fields, targets) records, is wrapped by `examples_reader`.
     """
     if reader is not None:
         task = dataclasses.replace(task, load=reader)
@@ -232,6 +234,14 @@ def register_task(task: Task, reader: Callable | None = None, replace: bool = Fa
     return task
 
 
+def examples_reader(reader: Callable) -> Callable:
+    """Task.load from a support.dataset_files reader, whose (fields, targets)
+    records become Examples."""
+    def load(data_dir, split):
+        return [Example(fields, targets) for fields, targets in reader(data_dir, split)]
+    return load
+
+
 def get_task(name, data_dir=None) -> Task:
     """The Task called `name`. A folder `<data_dir>/<name>/` holding a `task.json`
     defines a generic JSONL task (see `register_jsonl_task`)."""
@@ -240,380 +250,12 @@ def get_task(name, data_dir=None) -> Task:
     if name not in TASKS and data_dir is not None:
         spec = Path(data_dir) / name / "task.json"
         if spec.is_file():
-            return register_jsonl_task(name, **_read_task_json(spec))
+            settings = dataset_files.read_task_json(spec, _TASK_JSON_KEYS, METRICS)
+            return register_jsonl_task(name, **settings)
     if name not in TASKS:
         raise DataError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}"
                         + (f" (or a folder {Path(data_dir) / name}/ with a task.json)" if data_dir else ""))
     return TASKS[name]
-
-
-# --------------------------------------------------------------------------
-# Reading files: every user-caused problem becomes one DataError naming the
-# file, the line and what was expected.
-# --------------------------------------------------------------------------
-
-class UnlabeledSplit(DataError):
-    """The split exists but carries no labels (e.g. a hidden test set)."""
-
-
-# Accepted file stems per split: `datasets` exports use train/validation/test,
-# SuperGLUE's release uses val, others dev.
-SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "val", "dev"), "test": ("test",)}
-
-
-def task_folder(data_dir, name) -> Path:
-    folder = Path(data_dir) / name
-    if not folder.is_dir():
-        raise DataError(f"{folder}: folder not found; put the {name} files there "
-                        "(README, section 'Data sets')")
-    return folder
-
-
-def find_file(folder: Path, names, split: str) -> Path:
-    """The first of `names` present in `folder`, else a DataError listing them all."""
-    path = find_file_or_none(folder, names)
-    if path is None:
-        _missing(folder, split, names)
-    return path
-
-
-def find_file_or_none(folder: Path, names):
-    return next((folder / n for n in names if (folder / n).is_file()), None)
-
-
-def _missing(folder: Path, split: str, names):
-    raise DataError(f"{folder}: no file for split {split!r}; accepted names: {', '.join(names)}")
-
-
-def jsonl_names(split: str, stems=None) -> list[str]:
-    stems = stems or SPLIT_STEMS.get(split, (split,))
-    return [f"{stem}{ext}" for stem in stems for ext in (".jsonl", ".json")]
-
-
-def read_lines(path: Path):
-    """Yield (line number, text) of a UTF-8 file, naming the line of any bad byte."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                yield lineno, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x} "
-                                f"at column {err.start + 1})") from None
-
-
-def read_jsonl(path: Path):
-    """Yield (line number, object) for each non-blank line of a JSON Lines file."""
-    for lineno, line in read_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        yield lineno, record
-
-
-def read_json(path: Path):
-    """Load a whole JSON file (TriviaQA's and WebQuestions' releases)."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        lineno = raw.count(b"\n", 0, err.start) + 1
-        raise DataError(f"{path}:{lineno}: not UTF-8 text "
-                        f"(byte {raw[err.start]:#04x})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-
-
-_MISSING = object()
-
-
-def get_field(record: dict, dotted: str, where: str, default=_MISSING):
-    """record["a"]["b"] for dotted "a.b"; a DataError naming the field and place if absent."""
-    value = record
-    for key in dotted.split("."):
-        if not isinstance(value, dict) or key not in value:
-            if default is not _MISSING:
-                return default
-            raise DataError(f"{where}: missing field {dotted!r}")
-        value = value[key]
-    return value
-
-
-def get_text(record: dict, dotted: str, where: str) -> str:
-    value = get_field(record, dotted, where)
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {dotted!r} should be a string, got {json.dumps(value)[:40]}")
-    return value
-
-
-def label_word(value, mapping: dict, where: str, field_name: str = "label") -> str:
-    # bool is checked apart because True == 1 for a dict lookup.
-    key = ("bool", value) if isinstance(value, bool) else value
-    if key not in mapping:
-        accepted = ", ".join(json.dumps(k[1] if isinstance(k, tuple) else k) for k in mapping)
-        raise DataError(f"{where}: {field_name} {json.dumps(value)} is not one of {accepted}")
-    return mapping[key]
-
-
-def read_jsonl_split(name: str, data_dir, split: str, convert, stems=None) -> list[Example]:
-    """Read <data_dir>/<name>/<split>.jsonl with `convert(record, where, split)`, which
-    returns an Example or None to drop the record."""
-    path = find_file(task_folder(data_dir, name), jsonl_names(split, stems), split)
-    examples = []
-    for lineno, record in read_jsonl(path):
-        example = convert(record, f"{path}:{lineno}", split)
-        if example is not None:
-            examples.append(example)
-    if not examples:
-        raise DataError(f"{path}: no examples in split {split!r}")
-    return examples
-
-
-# Label values -> Table 7 answer words. `datasets` exports store class ids
-# (super_glue rte: 0 entailment, 1 not_entailment; cb: 0 entailment,
-# 1 contradiction, 2 neutral; wic: 0 different, 1 same sense; snli: 0 entailment,
-# 1 neutral, 2 contradiction), the official releases store names or booleans.
-RTE_LABELS = {0: "True", 1: "False", "entailment": "True", "not_entailment": "False"}
-CB_LABELS = {0: "True", 1: "False", 2: "Neither",
-             "entailment": "True", "contradiction": "False", "neutral": "Neither"}
-WIC_LABELS = {0: "False", 1: "True", ("bool", False): "False", ("bool", True): "True"}
-SNLI_LABELS = {0: "True", 1: "Neither", 2: "False",
-               "entailment": "True", "neutral": "Neither", "contradiction": "False"}
-
-
-def _label_targets(record, key, mapping, where, split):
-    """[answer word], or [] for an unlabeled test example (-1 in `datasets` exports,
-    no label field in the SuperGLUE release)."""
-    value = record.get(key, _MISSING)
-    if value is _MISSING and split != "test":
-        raise DataError(f"{where}: missing field {key!r}")
-    if value is _MISSING or value == -1:
-        return []
-    return [label_word(value, mapping, where, key)]
-
-
-def superglue_reader(name: str, text_fields: tuple, mapping: dict):
-    """RTE, CB, WiC: `datasets` export or SuperGLUE's own jsonl (same field names,
-    string/boolean labels, val.jsonl for the dev split)."""
-    def convert(record, where, split):
-        fields = {f: get_text(record, f, where) for f in text_fields}
-        return Example(fields, _label_targets(record, "label", mapping, where, split))
-
-    return lambda data_dir, split: read_jsonl_split(name, data_dir, split, convert)
-
-
-def snli_reader(data_dir, split):
-    """SNLI: `datasets` export (premise/hypothesis/label, -1 = no gold label) or the
-    official snli_1.0_*.jsonl (sentence1/sentence2/gold_label, "-" = no gold label).
-    Examples without a gold label are dropped, as everyone does."""
-    def convert(record, where, split):
-        if "gold_label" in record:
-            if record["gold_label"] == "-":
-                return None
-            fields = {"premise": get_text(record, "sentence1", where),
-                      "hypothesis": get_text(record, "sentence2", where)}
-            return Example(fields, [label_word(record["gold_label"], SNLI_LABELS, where, "gold_label")])
-        fields = {"premise": get_text(record, "premise", where),
-                  "hypothesis": get_text(record, "hypothesis", where)}
-        label = get_field(record, "label", where)
-        return None if label == -1 else Example(fields, [label_word(label, SNLI_LABELS, where)])
-
-    official = {"train": ("snli_1.0_train",), "validation": ("snli_1.0_dev",), "test": ("snli_1.0_test",)}
-    stems = SPLIT_STEMS.get(split, (split,)) + official.get(split, ())
-    return read_jsonl_split("snli", data_dir, split, convert, stems)
-
-
-def openbookqa_reader(data_dir, split):
-    """OpenbookQA: `datasets` export (question_stem, choices.{text,label}, answerKey)
-    or the official Main/*.jsonl (question.{stem,choices[{text,label}]}, answerKey).
-    The target is the answer's letter (the paper, App. C.1: "A", "B", "C", "D")."""
-    def convert(record, where, split):
-        if "question_stem" in record:
-            stem = get_text(record, "question_stem", where)
-            texts = get_field(record, "choices.text", where)
-            labels = get_field(record, "choices.label", where)
-        else:
-            stem = get_text(record, "question.stem", where)
-            choices = get_field(record, "question.choices", where)
-            texts = [get_text(c, "text", where) for c in choices]
-            labels = [get_text(c, "label", where) for c in choices]
-        options = dict(zip(labels, texts))
-        if sorted(options) != ["A", "B", "C", "D"]:
-            raise DataError(f"{where}: expected choices labelled A, B, C, D, got {labels}")
-        answer = get_field(record, "answerKey", where)
-        fields = {"question": stem, **{f"option_{k.lower()}": v for k, v in options.items()}}
-        return Example(fields, [label_word(answer, {k: k for k in "ABCD"}, where, "answerKey")])
-
-    return read_jsonl_split("openbookqa", data_dir, split, convert)
-
-
-def _dedup(texts) -> list[str]:
-    return list(dict.fromkeys(t for t in texts if t))
-
-
-TRIVIA_QA_OFFICIAL = {"train": ("web-train.json", "wikipedia-train.json"),
-                      "validation": ("web-dev.json", "wikipedia-dev.json"),
-                      "test": ("web-test-without-answers.json", "wikipedia-test-without-answers.json")}
-
-
-def trivia_qa_reader(data_dir, split):
-    """TriviaQA rc.nocontext: `datasets` export (question, answer.value,
-    answer.aliases; hidden test answers are [] / "<unk>") or the official release's
-    qa/{web,wikipedia}-<split>.json ({"Data": [{"Question", "Answer": {"Value",
-    "Aliases"}}]}), both files concatenated as `datasets` does for rc.
-    Targets: the answer value, then every alias (all count for exact match)."""
-    folder = task_folder(data_dir, "trivia_qa")
-    for official_dir in (folder / "qa", folder):
-        files = [official_dir / n for n in TRIVIA_QA_OFFICIAL.get(split, ()) if (official_dir / n).is_file()]
-        if files:
-            return _trivia_qa_official(files, split)
-
-    def convert(record, where, split):
-        value = get_field(record, "answer.value", where)
-        aliases = get_field(record, "answer.aliases", where)
-        targets = _dedup([value] + list(aliases)) if value not in ("", "<unk>") else _dedup(aliases)
-        return Example({"question": get_text(record, "question", where)}, targets)
-
-    if find_file_or_none(folder, jsonl_names(split)) is None:
-        _missing(folder, split, jsonl_names(split) + [f"qa/{n}" for n in TRIVIA_QA_OFFICIAL.get(split, ())])
-    return read_jsonl_split("trivia_qa", data_dir, split, convert)
-
-
-def _trivia_qa_official(files, split):
-    examples = []
-    for path in files:
-        records = get_field(read_json(path), "Data", f"{path}:1")
-        for i, record in enumerate(records):
-            where = f"{path}: Data[{i}]"
-            answer = record.get("Answer")  # absent in the *-test-without-answers files
-            if answer is None and split != "test":
-                raise DataError(f"{where}: missing field 'Answer'")
-            targets = [] if answer is None else _dedup(
-                [get_text(answer, "Value", where)] + list(get_field(answer, "Aliases", where)))
-            examples.append(Example({"question": get_text(record, "Question", where)}, targets))
-    if not examples:
-        raise DataError(f"{files[0].parent}: no examples in split {split!r}")
-    return examples
-
-
-_WEBQ_DESCRIPTION = re.compile(r'\(description (?:"((?:[^"\\]|\\.)*)"|([^()"]*))\)')
-
-
-def parse_webquestions_target(target_value: str, where: str) -> list[str]:
-    """'(list (description "Jazmine Sullivan") (description Ohio))' -> ['Jazmine Sullivan', 'Ohio']."""
-    answers = [quoted.replace('\\"', '"') if quoted else bare.strip()
-               for quoted, bare in _WEBQ_DESCRIPTION.findall(target_value)]
-    if not target_value.startswith("(list") or not answers:
-        raise DataError(f"{where}: targetValue {target_value[:60]!r} is not '(list (description ...) ...)'")
-    return answers
-
-
-def web_questions_reader(data_dir, split):
-    """WebQuestions: `datasets` export (question, answers) or the official
-    webquestions.examples.<split>.json, a JSON array of {utterance, targetValue}.
-    There is no validation split (Table 8)."""
-    folder = task_folder(data_dir, "web_questions")
-    official = folder / f"webquestions.examples.{split}.json"
-    if official.is_file():
-        records = read_json(official)
-        if not isinstance(records, list) or not records:
-            raise DataError(f"{official}: expected a non-empty JSON array of questions")
-        return [Example({"question": get_text(r, "utterance", f"{official}: [{i}]")},
-                        parse_webquestions_target(get_text(r, "targetValue", f"{official}: [{i}]"),
-                                                  f"{official}: [{i}]"))
-                for i, r in enumerate(records)]
-
-    def convert(record, where, split):
-        answers = get_field(record, "answers", where)
-        if not isinstance(answers, list):
-            raise DataError(f"{where}: field 'answers' should be a list of strings")
-        return Example({"question": get_text(record, "question", where)}, _dedup(answers))
-
-    if find_file_or_none(folder, jsonl_names(split)) is None:
-        _missing(folder, split, jsonl_names(split) + [official.name])
-    return read_jsonl_split("web_questions", data_dir, split, convert)
-
-
-
-LANGUAGE_NAMES = {"en": "English", "fr": "French", "de": "German", "ro": "Romanian"}
-
-
-def translation_reader(name: str, source: str, target: str, official_stems: dict):
-    """WMT: `datasets` export ({"translation": {"en": ..., "fr": ...}}) or two
-    aligned plain-text files <stem>.<source> and <stem>.<target> (one sentence per
-    line, e.g. newstest2014.en / newstest2014.fr as sacrebleu -- echo src/ref -- writes them)."""
-    def convert(record, where, split):
-        return Example({"sentence": get_text(record, f"translation.{source}", where)},
-                       [get_text(record, f"translation.{target}", where)])
-
-    def load(data_dir, split):
-        folder = task_folder(data_dir, name)
-        stems = SPLIT_STEMS.get(split, (split,)) + official_stems.get(split, ())
-        if find_file_or_none(folder, jsonl_names(split, stems)):
-            return read_jsonl_split(name, data_dir, split, convert, stems)
-        for stem in stems:
-            src, tgt = folder / f"{stem}.{source}", folder / f"{stem}.{target}"
-            if src.is_file() and tgt.is_file():
-                return _read_parallel(src, tgt, split)
-        names = jsonl_names(split, stems) + [f"{s}.{source} + {s}.{target}" for s in stems]
-        _missing(folder, split, names)
-
-    return load
-
-
-def _read_parallel(src: Path, tgt: Path, split: str) -> list[Example]:
-    sources = [line for _, line in read_lines(src)]
-    targets = [line for _, line in read_lines(tgt)]
-    if len(sources) != len(targets):
-        raise DataError(f"{src} has {len(sources)} lines but {tgt} has {len(targets)}; "
-                        "the two files must be aligned line by line")
-    if not sources:
-        raise DataError(f"{src}: no examples in split {split!r}")
-    return [Example({"sentence": s}, [t]) for s, t in zip(sources, targets)]
-
-
-def xsum_reader(data_dir, split):
-    """XSum: `datasets` export (document, summary, id)."""
-    def convert(record, where, split):
-        return Example({"article": get_text(record, "document", where)}, [get_text(record, "summary", where)])
-    return read_jsonl_split("xsum", data_dir, split, convert)
-
-
-def wiki_lingua_reader(data_dir, split):
-    """WikiLingua English, GEM version (`datasets` GEM/wiki_lingua, english_en):
-    source, target and, where present, references (all used for scoring)."""
-    def convert(record, where, split):
-        references = record.get("references") or []
-        return Example({"article": get_text(record, "source", where)},
-                       _dedup([get_text(record, "target", where)] + list(references)))
-    return read_jsonl_split("wiki_lingua_en", data_dir, split, convert)
-
-
-def jsonl_task_reader(name: str):
-    """Generic JSONL task: one {"input": ..., "target": ... | "targets": [...]} per line;
-    every other top-level string field is available to the template too."""
-    def convert(record, where, split):
-        if "targets" in record:
-            targets = record["targets"]
-            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-                raise DataError(f"{where}: field 'targets' should be a list of strings")
-        elif "target" in record:
-            targets = [get_text(record, "target", where)]
-        elif split == "test":
-            targets = []
-        else:
-            raise DataError(f"{where}: missing field 'target' (or 'targets')")
-        fields = {k: v for k, v in record.items() if k not in ("target", "targets") and isinstance(v, str)}
-        get_text(record, "input", where)
-        return Example(fields, list(targets))
-
-    return lambda data_dir, split: read_jsonl_split(name, data_dir, split, convert)
 
 
 def register_jsonl_task(name: str, template: str = "{input}", metric: str = "exact_match",
@@ -626,56 +268,48 @@ def register_jsonl_task(name: str, template: str = "{input}", metric: str = "exa
                 label_words=tuple(label_words) if label_words else None, prefix=prefix,
                 format=format or name, eval_split=eval_split, demo_split=demo_split,
                 max_input_tokens=max_input_tokens, source="generic JSONL (input/target)")
-    return register_task(task, jsonl_task_reader(name), replace=replace)
+    return register_task(task, examples_reader(dataset_files.jsonl_task_reader(name)), replace=replace)
 
 
 _TASK_JSON_KEYS = ("template", "metric", "label_words", "prefix", "format", "eval_split",
                    "demo_split", "max_input_tokens")
 
 
-def _read_task_json(path: Path) -> dict:
-    spec = read_json(path)
-    if not isinstance(spec, dict):
-        raise DataError(f"{path}: expected a JSON object with keys {', '.join(_TASK_JSON_KEYS)}")
-    unknown = sorted(set(spec) - set(_TASK_JSON_KEYS))
-    if unknown:
-        raise DataError(f"{path}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(_TASK_JSON_KEYS)}")
-    if spec.get("metric", "exact_match") not in METRICS:
-        raise DataError(f"{path}: metric {spec['metric']!r} is not one of {', '.join(METRICS)}")
-    return spec
+LANGUAGE_NAMES = {"en": "English", "fr": "French", "de": "German", "ro": "Romanian"}
 
 
 def _register_paper_tasks():
     """The paper's twelve tasks (§5.1, App. C): four fine-tuning, eight evaluation.
     Any of them can play either role."""
+    files = dataset_files  # the readers of each data set's published layout
     true_false, three_way = ("True", "False"), ("True", "False", "Neither")
     superglue = "SuperGLUE v1.0.2 (super_glue/{})"
     tasks = [
         (Task("rte", TEMPLATE_RTE, "accuracy", true_false, None, "true_false", "validation",
               paper_sizes={"train": 2490, "validation": 277, "test": 3000}, source=superglue.format("rte")),
-         superglue_reader("rte", ("premise", "hypothesis"), RTE_LABELS)),
+         files.superglue_reader("rte", ("premise", "hypothesis"), files.RTE_LABELS)),
         (Task("cb", TEMPLATE_NLI3, "accuracy", three_way, None, "true_false_neither", "validation",
               paper_sizes={"train": 250, "validation": 56, "test": 250}, source=superglue.format("cb")),
-         superglue_reader("cb", ("premise", "hypothesis"), CB_LABELS)),
+         files.superglue_reader("cb", ("premise", "hypothesis"), files.CB_LABELS)),
         (Task("wic", TEMPLATE_WIC, "accuracy", true_false, None, "true_false", "validation",
               paper_sizes={"train": 5428, "validation": 638, "test": 1400}, source=superglue.format("wic")),
-         superglue_reader("wic", ("word", "sentence1", "sentence2"), WIC_LABELS)),
+         files.superglue_reader("wic", ("word", "sentence1", "sentence2"), files.WIC_LABELS)),
         (Task("snli", TEMPLATE_NLI3, "accuracy", three_way, None, "true_false_neither", "test",
-              source="SNLI 1.0 (snli)"), snli_reader),
+              source="SNLI 1.0 (snli)"), files.snli_reader),
         (Task("openbookqa", TEMPLATE_OPENBOOKQA, "accuracy", ("A", "B", "C", "D"), "Q:", "choice_letter",
-              "test", source="OpenBookQA main (openbookqa)"), openbookqa_reader),
+              "test", source="OpenBookQA main (openbookqa)"), files.openbookqa_reader),
         (Task("trivia_qa", TEMPLATE_QA, "exact_match", None, "Q:", "short_answer", "test",
               paper_sizes={"train": 138384, "validation": 18669, "test": 17210},
-              source="TriviaQA rc.nocontext 1.1.0 (trivia_qa)"), trivia_qa_reader),
+              source="TriviaQA rc.nocontext 1.1.0 (trivia_qa)"), files.trivia_qa_reader),
         (Task("web_questions", TEMPLATE_QA, "exact_match", None, "Q:", "short_answer", "test",
               paper_sizes={"train": 3778, "test": 2032}, source="WebQuestions 1.0.0 (web_questions)"),
-         web_questions_reader),
+         files.web_questions_reader),
         (Task("xsum", TEMPLATE_SUMMARIZATION, "rouge2", None, "Article:", "summary", "test",
               max_input_tokens=1024, paper_sizes={"train": 203577, "validation": 11305, "test": 11301},
-              source="XSum 1.1.0 (xsum)"), xsum_reader),
+              source="XSum 1.1.0 (xsum)"), files.xsum_reader),
         (Task("wiki_lingua_en", TEMPLATE_SUMMARIZATION, "rouge2", None, "Article:", "summary", "test",
               max_input_tokens=1024, paper_sizes={"train": 99020, "validation": 13823, "test": 28614},
-              source="GEM wiki_lingua english_en (GEM/wiki_lingua)"), wiki_lingua_reader),
+              source="GEM wiki_lingua english_en (GEM/wiki_lingua)"), files.wiki_lingua_reader),
     ]
     # WMT: English source, newstest sets as the official files name them.
     for name, target, sizes, official in [
@@ -691,9 +325,9 @@ def _register_paper_tasks():
         wmt = name[:5]
         tasks.append((Task(name, template, "bleu", None, "Translate", f"translation_en_{target}", "test",
                            paper_sizes=sizes, source=f"{wmt.upper()} en-{target} ({wmt}/{target}-en)"),
-                      translation_reader(name, "en", target, official)))
+                      files.translation_reader(name, "en", target, official)))
     for task, reader in tasks:
-        register_task(task, reader, replace=True)
+        register_task(task, examples_reader(reader), replace=True)
 
 
 _register_paper_tasks()
@@ -701,6 +335,14 @@ _register_paper_tasks()
 FINE_TUNING_TASKS = ("rte", "wmt14_enfr", "snli", "openbookqa")  # paper §5.1, App. C
 EVALUATION_TASKS = ("cb", "wic", "trivia_qa", "web_questions", "wmt16_ende", "wmt16_enro",
                     "xsum", "wiki_lingua_en")  # paper §5.1, the eight unseen tasks
+
+
+# --------------------------------------------------------------------------
+# Loading a split
+# --------------------------------------------------------------------------
+
+class UnlabeledSplit(DataError):
+    """The split exists but carries no labels (e.g. a hidden test set)."""
 
 
 def load_split(task, data_dir, split: str, limit: int | None = None) -> list[Example]:
@@ -944,39 +586,35 @@ def pad_batch(seqs, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def make_batch(tokenizer: Tokenizer, pairs, tasks=None) -> dict:
-    """Tensors for one training step from (input text, target text) pairs:
-    input_ids, attention_mask, labels (-100 past each target's EOS) and, when
-    given, the task name of each row (to pick each row's soft prompt)."""
-    input_ids, attention_mask = pad_batch([tokenizer.encode(x) for x, _ in pairs])
-    labels, _ = pad_batch([tokenizer.encode(y) for _, y in pairs], pad_id=-100)
+def encode_batch(tokenizer: Tokenizer, pairs, max_input_tokens: int | None = None,
+                 max_target_tokens: int | None = None, tasks=None, device=None) -> dict:
+    """The batch encoder: tensors for one step from (input text, target text) pairs.
+
+    Returns input_ids, attention_mask and labels (LongTensors, labels -100 past
+    each target's EOS) and, when given, the task name of each row (to pick each
+    row's soft prompt). An id list longer than its max is cut to max - 1 ids plus
+    the final EOS, like seqio's append_eos_after_trim. Tensors go to `device`
+    when given.
+    """
+    def cut(ids, max_len):
+        return ids if max_len is None or len(ids) <= max_len else ids[:max_len - 1] + [EOS_ID]
+
+    input_ids, attention_mask = pad_batch([cut(tokenizer.encode(x), max_input_tokens) for x, _ in pairs])
+    labels, _ = pad_batch([cut(tokenizer.encode(y), max_target_tokens) for _, y in pairs], pad_id=-100)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if device is not None:
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
     if tasks is not None:
         batch["tasks"] = list(tasks)
     return batch
 
 
-def eval_batches(lengths, batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+def eval_batches(lengths, batch_size: int) -> list[list[int]]:
     """Index lists that group similar lengths: sorted longest first (an
-    out-of-memory shows at once, and padding is small), at most `batch_size` rows
-    and, if given, at most `max_tokens` = rows * longest. Put results back in the
-    original order with the indices."""
+    out-of-memory shows at once, and padding is small), at most `batch_size`
+    rows each. Put results back in the original order with the indices."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, current = [], []
-    for i in order:
-        too_many_tokens = max_tokens and current and (len(current) + 1) * lengths[current[0]] > max_tokens
-        if len(current) == batch_size or too_many_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def examples_proportional(sizes: dict[str, int], cap: int | None = None) -> dict[str, float]:
-    """T5's examples-proportional mixing (Raffel et al. 2020, §3.5.2): rate ∝ min(size, cap)."""
-    return {name: float(min(n, cap) if cap else n) for name, n in sizes.items()}
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 class Mixture:
@@ -985,12 +623,12 @@ class Mixture:
     Mixing rule: draw d picks task t with probability rates[t] / sum(rates), using
     a random number that depends only on (seed, d); the default rates are equal
     (the paper's RTE + WMT14 En-Fr mixture, §5.4, does not state its rule, and
-    examples-proportional mixing would give RTE 0.016% of the draws; pass
-    `rates=examples_proportional(sizes, cap)` for T5's rule). Within a task the
-    items come in a seeded permutation, a new one each epoch, so every item is
-    seen once per epoch. The whole position is `state_dict()`: load it into a
-    Mixture built from the same lists and seed to continue exactly where it was.
-    With one task this is plain epoch shuffling.
+    examples-proportional mixing would give RTE 0.016% of the draws; for T5's
+    rule, Raffel et al. 2020 §3.5.2, pass rates = min(size, cap) per task).
+    Within a task the items come in a seeded permutation, a new one each epoch,
+    so every item is seen once per epoch. The whole position is `state_dict()`:
+    load it into a Mixture built from the same lists and seed to continue
+    exactly where it was. With one task this is plain epoch shuffling.
     """
 
     def __init__(self, datasets: dict[str, list], rates: dict[str, float] | None = None, seed: int = 0):

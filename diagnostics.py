@@ -14,9 +14,9 @@ Why fine-tuning forgets, measured three ways:
 
 This file is separate from promot.py (which trains) and evaluate.py (which
 scores) because it is read on its own: it is the paper's §3 in code. The
-trainer calls `TrainingDiagnostics`; `python evaluate.py plot RUN_DIR` (or
-`python diagnostics.py plot`) draws the figures; `python diagnostics.py align`
-measures the gradient alignment of any checkpoint.
+trainer calls `TrainingDiagnostics` (built from its flags by `from_flags`);
+`python diagnostics.py plot RUN_DIR` draws the figures; `python diagnostics.py
+align` measures the gradient alignment of any checkpoint.
 
 Records go to RUN_DIR/diagnostics.jsonl, one JSON object per line:
   {"kind": "probe", "stage", "step", "task", "shots", "score", "metric", "format_ratio", "num_examples"}
@@ -38,6 +38,7 @@ import torch.distributed as dist
 import data
 import evaluate
 import model as model_lib
+from support import dataset_files, lora, run_checkpoints
 
 
 class DiagnosticsError(ValueError):
@@ -109,16 +110,7 @@ def cosine_similarities(g, h, groups):
             for group, (d, a, b) in zip(groups, sums.tolist())}
 
 
-def encode_pairs(tokenizer, pairs, max_input_tokens=1024, max_target_tokens=256, device="cpu"):
-    """(input text, target text) pairs -> a padded batch (labels -100 on padding)."""
-    def cut(ids, n):  # keep the final EOS when cutting, like seqio
-        return ids if len(ids) <= n else ids[: n - 1] + [ids[-1]]
-    ids, mask = data.pad_batch([cut(tokenizer.encode(x), max_input_tokens) for x, _ in pairs])
-    labels, _ = data.pad_batch([cut(tokenizer.encode(y), max_target_tokens) for _, y in pairs], pad_id=-100)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-
-
-def alignment_batches(task, examples, tokenizer, batch_size, seed, device="cpu", **cut):
+def alignment_batches(task, examples, tokenizer, batch_size, seed, device="cpu"):
     """This rank's slice of (a batch of the task, the same inputs with labels shuffled)."""
     task = data.get_task(task)
     if task.label_words is None:
@@ -133,7 +125,8 @@ def alignment_batches(task, examples, tokenizer, batch_size, seed, device="cpu",
     if batch_size % world:
         raise DiagnosticsError(f"--align-batch-size {batch_size} must be divisible by the {world} ranks")
     part = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
-    return [encode_pairs(tokenizer, data.training_pairs(task, xs)[part], device=device, **cut)
+    return [data.encode_batch(tokenizer, data.training_pairs(task, xs)[part], max_input_tokens=1024,
+                              max_target_tokens=256, device=device)
             for xs in (chosen, shuffled)]
 
 
@@ -231,14 +224,14 @@ class TrainingDiagnostics:
         try:
             return self._probe(step, t5, prompts)
         finally:
-            model_lib.set_lora_enabled(t5, True)  # training goes on with its adapters, whatever happened
+            lora.set_lora_enabled(t5, True)  # training goes on with its adapters, whatever happened
 
     def _probe(self, step, t5, prompts):
         records = []
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         for name, (examples, pool) in self.probe_sets.items():
             # LoRA adapters, like the prompt, only for the fine-tuned task's format (paper §4)
-            model_lib.set_lora_enabled(t5, data.get_task(name).format == self.finetune_task.format)
+            lora.set_lora_enabled(t5, evaluate.same_format(name, self.finetune_task))
             for shots in self.probe_shots:
                 result = evaluate.score_task(
                     t5, self.tokenizer, name, examples, pool=pool, shots=shots,
@@ -269,20 +262,37 @@ class TrainingDiagnostics:
                     f.write(json.dumps(r) + "\n")
 
 
+def from_flags(cfg, tasks, tokenizer, stage):
+    """TrainingDiagnostics for promot.py's --probe-* / --align-* flags (on `cfg`), or None."""
+    def numbers(text, flag):
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise DiagnosticsError(f"--{flag} {text!r}: expected comma-separated integers") from None
+    probe_tasks = [t.strip() for t in cfg.probe_tasks.split(",") if t.strip()]
+    align_steps = numbers(cfg.align_steps, "align-steps")
+    if not ((cfg.probe_every and probe_tasks) or align_steps or cfg.align_every):
+        if cfg.probe_every and not probe_tasks:
+            raise DiagnosticsError("--probe-every needs --probe-tasks (comma-separated unseen tasks)")
+        return None
+    if (align_steps or cfg.align_every) and cfg.stage == "1":
+        raise DiagnosticsError("--align-steps/--align-every measure the model's gradient; stage 1 trains only the prompt")
+    if (align_steps or cfg.align_every) and len(tasks) > 1:
+        raise DiagnosticsError("--align-steps/--align-every need a single --task (its labels are shuffled)")
+    return TrainingDiagnostics(
+        cfg.out, stage, tokenizer, cfg.data_dir, tasks[0].name, probe_tasks=probe_tasks,
+        probe_every=cfg.probe_every, probe_shots=numbers(cfg.probe_shots, "probe-shots"),
+        probe_limit=cfg.probe_limit, align_steps=align_steps, align_every=cfg.align_every,
+        align_batch_size=cfg.align_batch_size, seed=cfg.seed, num_beams=cfg.num_beams,
+        strict=cfg.diagnostics_strict)
+
+
 # ----------------------------------------------------------------------------
 # Figures
 
 
 def read_jsonl(path):
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DiagnosticsError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-    return rows
+    return [record for _, record in dataset_files.read_jsonl(path)]
 
 
 def run_records(run_dir):
@@ -320,12 +330,10 @@ def tables(run_dirs):
 
 
 def write_csv(rows, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with run_checkpoints.atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def plot(run_dirs, out_dir):
@@ -350,8 +358,8 @@ def plot(run_dirs, out_dir):
     def save(fig, name):
         path = os.path.join(out_dir, name)
         fig.tight_layout()
-        fig.savefig(path + ".tmp.png", dpi=120)
-        os.replace(path + ".tmp.png", path)
+        with run_checkpoints.atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
         written.append(path)
 
@@ -415,7 +423,8 @@ def parse_args(argv=None):
     a.add_argument("--task", required=True, help="classification task whose labels are shuffled, e.g. rte")
     a.add_argument("--data-dir", required=True, help="folder with the task's files (see README, Data sets)")
     a.add_argument("--prompt", default=None, help="prompt.safetensors to prepend (stage-2 models)")
-    a.add_argument("--batch-size", type=int, default=32, help="examples in the batch (default: 32)")
+    a.add_argument("--align-batch-size", "--batch-size", type=int, default=32,
+                   help="examples in the batch (default: 32)")
     a.add_argument("--layer", type=int, default=-1, help="decoder layer of the per-kind groups (default: -1, the last)")
     a.add_argument("--seed", type=int, default=0, help="which examples and which label permutation (default: 0)")
     a.add_argument("--out", default=None, help="also write the cosines to this JSON file")
@@ -433,20 +442,21 @@ def main(argv=None):
         t5 = model_lib.load_pretrained(args.model)
         tokenizer = data.Tokenizer(os.path.join(args.model, "spiece.model"))
         train = data.load_split(data.get_task(args.task, args.data_dir), args.data_dir, "train")
-        batch, shuffled = alignment_batches(args.task, train, tokenizer, args.batch_size, args.seed)
+        batch, shuffled = alignment_batches(args.task, train, tokenizer, args.align_batch_size, args.seed)
         prompt = None
         if args.prompt:
-            prompt = evaluate.route_prompt(args.task, evaluate.load_prompts(args.prompt, t5.config.d_model, data_dir=args.data_dir), "always")
+            prompts = model_lib.read_prompts(args.prompt, t5.config.d_model)
+            prompt = evaluate.route_prompt(args.task, prompts, "always")
         cosines = gradient_alignment(t5, batch, shuffled, prompt, args.layer)
-        print(f"cos(g, g_format) on {args.batch_size} {args.task} examples, decoder layer {args.layer}:")
+        print(f"cos(g, g_format) on {args.align_batch_size} {args.task} examples, decoder layer {args.layer}:")
         for group, cos in cosines.items():
             print(f"  {group:14s} {cos:+.4f}")
         if args.out:
-            evaluate.write_json_atomic({"model": args.model, "task": args.task, "layer": args.layer,
-                                        "batch_size": args.batch_size, "seed": args.seed, "cosines": cosines},
-                                       args.out)
+            run_checkpoints.write_json(args.out, {"model": args.model, "task": args.task, "layer": args.layer,
+                                                  "batch_size": args.align_batch_size, "seed": args.seed,
+                                                  "cosines": cosines}, indent=1)
         return 0
-    except (DiagnosticsError, data.DataError, model_lib.CheckpointError, evaluate.EvaluationError) as e:
+    except (DiagnosticsError, data.DataError, model_lib.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -14,7 +14,9 @@ This room holds everything between a trained model and the paper's Tables 3-5:
   and writes every example's input, raw output, prediction and reference to JSON.
 
 It leaves the model to `model.py`, task templates and data files to `data.py`, and
-training (which calls `score_task` to pick the best checkpoint) to `promot.py`.
+training (which calls `score_task` to pick the best checkpoint) to `promot.py`. It reads top
+to bottom: decoding, post-processing, metrics, scoring and prompt routing, results, and the
+command line last.
 """
 
 import argparse
@@ -22,6 +24,7 @@ import json
 import os
 import re
 import string
+import subprocess
 import sys
 import time
 
@@ -31,6 +34,7 @@ from rouge_score import rouge_scorer
 
 import data
 import model as model_lib
+from support import fsdp, lora, run_checkpoints
 
 
 # ---------------------------------------------------------------------------------------
@@ -403,61 +407,32 @@ def score_task(model, tokenizer, task, examples, pool=None, shots=0, prompt=None
     return result
 
 
+def same_format(task, fine_tuned_task):
+    """Whether `task` answers in the output format of `fine_tuned_task` (`data.Task.format`).
+
+    The one rule that decides where ProMoT's stage-1 module goes (paper §4, "Evaluation"):
+    the soft prompt, or the LoRA adapters, and the in-context probes during training."""
+    return data.get_task(task).format == data.get_task(fine_tuned_task).format
+
+
 def route_prompt(task, prompts, use_prompt="auto"):
     """The soft prompt to prepend for `task`, or None (paper §4, "Evaluation").
 
     The prompt learned on a fine-tuned task holds that task's format, so it is used only
-    for tasks in the same format (`data.Task.format`); every other task sees the plain
+    for tasks in the same format (`same_format`); every other task sees the plain
     fine-tuned model. `prompts` maps fine-tuned task name -> prompt. use_prompt="always"
     or "never" forces it either way (ablations); "always" still prefers a prompt whose task
-    shares the format, else the first one.
+    shares the format, else the first one. LoRA adapters are routed by the same function
+    (`prompts` = {fine-tuned task: True}).
     """
     if use_prompt not in ("auto", "always", "never"):
         raise EvaluationError(f"use_prompt must be auto, always or never, not {use_prompt!r}")
     if use_prompt == "never" or not prompts:
         return None
-    task = data.get_task(task)
     for name, prompt in prompts.items():
-        if data.get_task(name).format == task.format:
+        if same_format(task, name):
             return prompt
     return next(iter(prompts.values())) if use_prompt == "always" else None
-
-
-def load_prompts(path, d_model, tasks=None, data_dir=None):
-    """Soft prompts by fine-tuned task, {task: (p, d_model) float tensor}.
-
-    Reads what promot.py writes, prompt.safetensors with `prompt.<task>` per task (and
-    `prompt` when there is one), or a single (p, d_model) array in a .npy file (T5X's
-    format) or under the key `prompt`. `tasks` names the fine-tuned tasks; without it they
-    are read from the `prompt.<task>` keys. A task without its own key gets `prompt`.
-    """
-    if not os.path.isfile(path):
-        raise EvaluationError(f"{path}: no such prompt file")
-    try:
-        if path.endswith(".npy"):
-            import numpy
-            tensors = {"prompt": torch.from_numpy(numpy.load(path, allow_pickle=False))}
-        else:
-            from safetensors.torch import load_file
-            tensors = load_file(path)
-    except Exception as err:  # safetensors and numpy raise several types for a bad file
-        raise EvaluationError(f"{path}: cannot read a prompt ({err})") from None
-    named = [k[len("prompt."):] for k in tensors if k.startswith("prompt.")]
-    tasks = list(tasks or named)
-    if not tasks:
-        raise EvaluationError(f"{path}: the file does not say which task its prompt was trained on "
-                              "(no 'prompt.<task>' key); pass --prompt-tasks")
-    prompts = {}
-    for name in tasks:
-        key = f"prompt.{name}" if f"prompt.{name}" in tensors else "prompt"
-        if key not in tensors:
-            raise EvaluationError(f"{path}: no tensor 'prompt.{name}' or 'prompt'; found {sorted(tensors)}")
-        prompt = tensors[key].float()
-        if prompt.dim() != 2 or prompt.shape[1] != d_model:
-            raise EvaluationError(f"{path}: tensor {key!r} has shape {tuple(prompt.shape)}; the model "
-                                  f"needs (prompt length, d_model={d_model})")
-        prompts[data.get_task(name, data_dir).name] = prompt
-    return prompts
 
 
 # ---------------------------------------------------------------------------------------
@@ -529,17 +504,6 @@ def read_results(path):
     return results
 
 
-def write_json_atomic(obj, path):
-    """Write to a temporary file beside `path`, then rename: an interrupted run leaves the
-    old file (or none), never a truncated one that looks complete."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def progress_printer(label, stream=None):
     """A `progress(done, total)` callback printing one updating line with examples/s and ETA
     (to `stream`, default stderr)."""
@@ -559,66 +523,73 @@ def progress_printer(label, stream=None):
 # The evaluation run (command line)
 # ---------------------------------------------------------------------------------------
 
+# Old flag -> new flag: the same setting has the same name in promot.py and evaluate.py.
+RENAMED = {"--fine-tuned-tasks": "--task", "--prompt-tasks": "--task", "--tasks": "--eval-tasks",
+           "--limit": "--eval-examples", "--batch-size": "--eval-batch-size",
+           "--demo-pool-limit": "--train-examples", "--max-input-length": "--max-input-tokens"}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Evaluate a (ProMoT-)fine-tuned T5/mT5 on the paper's tasks and print its table.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="checkpoint folder: config.json, weights, spiece.model "
-                   "[without --model and --data-dir: the miniature lab's lab/tiny-t5 on lab/data]")
-    p.add_argument("--data-dir", default=None, help="folder with one sub-folder per task (see data.py)")
-    p.add_argument("--out", default=None, help="results JSON to write (every example included) "
-                   "[runs/lab/eval.json with the lab]")
-    p.add_argument("--tasks", default=None,
-                   help="evaluation tasks, comma-separated; the table's rows and the Norm. Avg. "
-                        "[the paper's eight; with the lab: its tasks other than lab_owns]")
+        prog="evaluate.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Score a (ProMoT-)fine-tuned T5/mT5 on the paper's tasks and print its table "
+                    "(README: Evaluation). Without --model and --data-dir: the miniature lab.")
+    p.add_argument("--model", default=None, help="checkpoint folder: config.json, weights, spiece.model [lab: lab/tiny-t5]")
+    p.add_argument("--data-dir", default=None, help="folder with one sub-folder per task [lab: lab/data]")
+    p.add_argument("--out", default=None, help="results JSON to write, every example included [lab: runs/lab/eval.json]")
+    p.add_argument("--task", default=None, help="fine-tuned task(s), scored 0-shot in the first rows "
+                   "[the prompt file's 'prompt.<task>' keys]")
+    p.add_argument("--eval-tasks", default=None, help="unseen tasks, comma-separated: the table's rows "
+                   "[the paper's eight; lab: its tasks but lab_owns]")
     p.add_argument("--shots", default="1,4", help="numbers of demonstrations, comma-separated (columns)")
-    p.add_argument("--prompt", default=None,
-                   help="soft prompt file: prompt.safetensors from promot.py, or a (p, d_model) .npy")
-    p.add_argument("--prompt-tasks", default=None,
-                   help="fine-tuned task(s) the prompt was trained on, comma-separated "
-                        "[the 'prompt.<task>' keys of the file]")
-    p.add_argument("--lora", default=None,
-                   help="LoRA adapter file (lora.safetensors from promot.py --stage1-module lora): the "
-                        "stage-1 module of App. C.7, routed like the prompt by --use-prompt")
+    p.add_argument("--prompt", default=None, help="soft prompt file: prompt.safetensors from promot.py, or a T5X .npy")
+    p.add_argument("--lora", default=None, help="LoRA adapter file from promot.py --stage1-module lora (App. C.7)")
     p.add_argument("--use-prompt", choices=("auto", "always", "never"), default="auto",
-                   help="auto: prepend the prompt (apply the LoRA adapters) only for tasks in the "
-                        "fine-tuned task's format (paper §4); always/never: force it (ablations)")
-    p.add_argument("--fine-tuned-tasks", default=None,
-                   help="fine-tuned task(s), scored 0-shot in the table's first rows [--prompt-tasks]")
-    p.add_argument("--baseline", default=None,
-                   help="results JSON of another run (e.g. the pretrained model): Norm. Avg. differences")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
-    p.add_argument("--num-beams", type=int, default=4, help="beam width (paper App. B.4: 4); 1 = greedy")
+                   help="auto: prompt (or LoRA) only for tasks in the fine-tuned task's format (paper §4)")
+    p.add_argument("--baseline", default=None, help="results JSON of another run: Norm. Avg. differences")
+    p.add_argument("--eval-examples", type=int, default=None, help="score only the first N examples of each task")
+    p.add_argument("--num-beams", type=int, default=4, help="beam width (App. B.4: 4); 1 = greedy")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest answer [per metric: " + ", ".join(f"{k} {v}" for k, v in MAX_NEW_TOKENS.items()) + "]")
     p.add_argument("--length-penalty", type=float, default=1.0, help="exponent of the length penalty")
     p.add_argument("--brevity-penalty", choices=("hf", "t5x"), default="hf",
                    help="hf: score / length**alpha (transformers); t5x: score / ((5+length)/6)**alpha")
-    p.add_argument("--batch-size", type=int, default=16, help="inputs per decoding batch (per GPU)")
-    p.add_argument("--max-input-tokens", type=int, default=None,
-                   help="cut longer inputs [the task's: 1024 for summarization, else none]")
+    p.add_argument("--eval-batch-size", type=int, default=16, help="examples per rank per decoding batch")
+    p.add_argument("--max-input-tokens", type=int, default=None, help="input tokens kept [the task's: 1024 for summarization]")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing demonstrations")
-    p.add_argument("--demo-pool-limit", type=int, default=None,
-                   help="draw demonstrations from the first N examples of the train split only "
-                        "(WMT's millions of pairs need not all be read) [all]")
+    p.add_argument("--train-examples", type=int, default=None,
+                   help="draw demonstrations from the first N training examples only [all]")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bfloat16 on GPU, float32 on CPU")
-    args = p.parse_args(argv)
+    args = p.parse_args(renamed_flags(sys.argv[1:] if argv is None else argv, RENAMED, "evaluate.py"))
     if not args.model and not args.data_dir:  # the miniature lab (README): the bundled model and suite
         lab = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab")
         args.model, args.data_dir = os.path.join(lab, "tiny-t5"), os.path.join(lab, "data")
         args.out = args.out or os.path.join("runs", "lab", "eval.json")
-        args.fine_tuned_tasks = args.fine_tuned_tasks or "lab_owns"
-        if args.tasks is None and os.path.isdir(args.data_dir):
-            args.tasks = ",".join(sorted(set(os.listdir(args.data_dir)) - {"lab_owns"}))
+        args.task = args.task or "lab_owns"
+        if args.eval_tasks is None and os.path.isdir(args.data_dir):
+            args.eval_tasks = ",".join(sorted(set(os.listdir(args.data_dir)) - {"lab_owns"}))
     missing = [flag for flag, value in (("--model", args.model), ("--data-dir", args.data_dir), ("--out", args.out))
                if not value]
     if missing:
         p.error(f"the following arguments are required: {', '.join(missing)} "
                 "(omit both --model and --data-dir to evaluate the miniature lab)")
-    if args.tasks is None:
-        args.tasks = ",".join(data.EVALUATION_TASKS)
+    if args.eval_tasks is None:
+        args.eval_tasks = ",".join(data.EVALUATION_TASKS)
     return args
+
+
+def renamed_flags(argv, renamed, prog):
+    """argv with renamed flags replaced by their new names, each with a one-line note on stderr
+    (promot.py uses it too)."""
+    out = []
+    for arg in argv:
+        old, eq, value = arg.partition("=")
+        if old in renamed:
+            print(f"{prog}: {old} is now {renamed[old]}; the old name will go away", file=sys.stderr)
+            arg = renamed[old] + eq + value
+        out.append(arg)
+    return out
 
 
 def _task_list(text, data_dir):
@@ -626,39 +597,25 @@ def _task_list(text, data_dir):
     return [data.get_task(name, data_dir).name for name in names]
 
 
-def _setup_device():
-    """(device, rank, world). Under torchrun: one process per GPU (gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = torch.distributed.get_rank() if world > 1 else 0
-    return device, rank, world
-
-
-def run(args):
-    """The whole evaluation; returns the results dict (written and printed on rank 0)."""
+def check_args(args):
+    """(shots, evaluation tasks, baseline results): the flags checked before any work."""
     shots = []
     for part in args.shots.split(","):
         if not part.strip().isdigit():
             raise EvaluationError(f"--shots {args.shots!r}: expected comma-separated numbers like 1,4")
         shots.append(int(part))
-    for flag in ("limit", "num_beams", "max_new_tokens", "batch_size", "demo_pool_limit"):
+    for flag in ("eval_examples", "num_beams", "max_new_tokens", "eval_batch_size", "train_examples"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise EvaluationError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
-    tasks = _task_list(args.tasks, args.data_dir)
-    prompt_tasks = _task_list(args.prompt_tasks, args.data_dir)
-    if args.prompt_tasks and not args.prompt:
-        raise EvaluationError("--prompt-tasks needs --prompt")
-    if args.lora and not args.fine_tuned_tasks:
-        raise EvaluationError("--lora needs --fine-tuned-tasks (the adapters are applied for their format only)")
+    if args.lora and not args.task:
+        raise EvaluationError("--lora needs --task (the adapters are applied for its format only)")
     baseline = read_results(args.baseline) if args.baseline else None
+    return shots, _task_list(args.eval_tasks, args.data_dir), baseline
 
-    device, rank, world = _setup_device()
+
+def load(args, device):
+    """(model, tokenizer, {fine-tuned task: prompt}, fine-tuned tasks) as the flags say."""
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
     t5 = model_lib.load_pretrained(args.model, dtype=dtype, device=device).eval()
@@ -667,59 +624,68 @@ def run(args):
         raise EvaluationError(f"{args.model}: no spiece.model beside the checkpoint")
     tokenizer = data.Tokenizer(spiece)
     tokenizer.check_fits(t5.config.vocab_size)
-    prompts = load_prompts(args.prompt, t5.config.d_model, prompt_tasks, args.data_dir) if args.prompt else {}
-    # (resolved through the data folder, which also registers tasks defined there by task.json)
-    fine_tuned = _task_list(args.fine_tuned_tasks or ",".join(prompts), args.data_dir)
+    fine_tuned = _task_list(args.task, args.data_dir)  # (through the data folder: it may define tasks by task.json)
+    prompts = {}
+    if args.prompt:
+        prompts = model_lib.read_prompts(args.prompt, t5.config.d_model, fine_tuned or None)
+        prompts = {data.get_task(name, args.data_dir).name: p for name, p in prompts.items()}
     if args.lora:
-        model_lib.load_lora(t5, args.lora)
-    label_words = sorted({w for name in fine_tuned for w in (data.get_task(name).label_words or ())})
+        lora.load_lora(t5, args.lora)
+    return t5, tokenizer, prompts, fine_tuned or list(prompts)
 
-    settings = {k: v for k, v in vars(args).items()}
-    settings.update(dtype=str(dtype).replace("torch.", ""), world_size=world)
+
+def run(args):
+    """The whole evaluation; returns the results dict (written and printed on rank 0)."""
+    shots, tasks, baseline = check_args(args)
+    ctx = fsdp.setup_distributed("auto")
+    t5, tokenizer, prompts, fine_tuned = load(args, ctx.device)
+    label_words = sorted({w for name in fine_tuned for w in (data.get_task(name).label_words or ())})
+    settings = dict(vars(args), dtype=str(next(t5.parameters()).dtype).replace("torch.", ""), world_size=ctx.world)
     common = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                   length_penalty=args.length_penalty, brevity_penalty=args.brevity_penalty,
-                  batch_size=args.batch_size, seed=args.seed, max_input_tokens=args.max_input_tokens,
-                  distributed=world > 1)
-    say = (lambda m: print(m, file=sys.stderr)) if rank == 0 else (lambda m: None)
+                  batch_size=args.eval_batch_size, seed=args.seed, max_input_tokens=args.max_input_tokens,
+                  distributed=ctx.world > 1)
+    say = (lambda m: print(m, file=sys.stderr)) if ctx.main else (lambda m: None)
     runs = []
     plan = [(name, "fine-tuned", [0]) for name in fine_tuned] + [(name, "evaluation", shots) for name in tasks]
     for name, role, shot_list in plan:
         task = data.get_task(name, args.data_dir)
         split, examples = data.load_eval_split(task, args.data_dir, warn=say)
-        examples = examples[: args.limit] if args.limit else examples
-        pool = (data.load_split(task, args.data_dir, task.demo_split, limit=args.demo_pool_limit)
+        examples = examples[: args.eval_examples]
+        pool = (data.load_split(task, args.data_dir, task.demo_split, limit=args.train_examples)
                 if any(shot_list) else None)
         prompt = route_prompt(task, prompts, args.use_prompt)
-        # LoRA adapters follow the same rule as the prompt: one code path decides both
+        # LoRA adapters follow the same rule as the prompt: one function decides both
         use_lora = args.lora is not None and route_prompt(task, dict.fromkeys(fine_tuned, True), args.use_prompt)
-        model_lib.set_lora_enabled(t5, bool(use_lora))
+        lora.set_lora_enabled(t5, bool(use_lora))
         for k in shot_list:
             label = f"{task.name} {k}-shot{' +prompt' if prompt is not None else ''}"
-            progress = progress_printer(label) if rank == 0 else None
             result = score_task(t5, tokenizer, task, examples, pool=pool, shots=k, prompt=prompt,
                                 format_label_words=label_words if role == "evaluation" else None,
-                                progress=progress, **common)
+                                progress=progress_printer(label) if ctx.main else None, **common)
             result.update(role=role, split=split, lora=bool(use_lora))
             say(f"{label}: {task.metric} {result['score']:.2f} on {len(examples)} {split} examples")
             runs.append(result)
     results = {"format": RESULTS_FORMAT, "model": args.model, "settings": settings,
                "norm_avg": norm_avg_by_shots(runs), "runs": runs}
-    if rank == 0:
+    if ctx.main:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        write_json_atomic(results, args.out)
+        run_checkpoints.write_json(args.out, results, indent=1)
         print(results_table(results, baseline))
     return results
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["plot"]:  # `python evaluate.py plot RUN_DIR...`: the diagnostics figures
-        import diagnostics
-        return diagnostics.main(argv)
+    if argv[:1] == ["plot"]:  # the figures moved to diagnostics.py; this alias runs it
+        print("evaluate.py: 'evaluate.py plot' is now 'diagnostics.py plot'; the old name will go away",
+              file=sys.stderr)
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.call([sys.executable, os.path.join(here, "diagnostics.py"), *argv])
     args = parse_args(argv)
     try:
         run(args)
-    except (EvaluationError, data.DataError, model_lib.CheckpointError) as err:
+    except (EvaluationError, data.DataError, model_lib.CheckpointError, lora.LoRAError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -6,13 +6,18 @@ mT5 and UMT5 and to run them on the public checkpoints:
 - `T5Config`, read from a checkpoint's `config.json`;
 - the network: RMS norm, relative position buckets, attention (with a KV cache
   for incremental decoding), the ReLU / gated-GELU feed-forward, the stacks;
-- soft-prompt prepending (`prompt=`), the only change ProMoT needs, and
-  removable LoRA adapters, the paper's alternative stage-1 module (App. C.7);
+- soft-prompt prepending (`prompt=`), the only change ProMoT needs, and the
+  prompt file (`read_prompts` / `save_prompts`);
 - `cross_entropy` with T5X's label smoothing, and `shift_right`;
 - `load_pretrained` / `save_pretrained` in the Hugging Face layout, so a
-  fine-tuned model goes back to the tools that made the checkpoint.
+  fine-tuned model goes back to the tools that made the checkpoint: the
+  translation between their parameter names and ours, and the tied-head rule.
 
-Training loops, data and decoding live in promot.py, data.py and evaluate.py.
+Plumbing lives in support/: LoRA adapters, the paper's alternative stage-1
+module (App. C.7), attach to the attention layers from outside
+(support/lora.py); finding, streaming and writing checkpoint files is
+support/hf_files.py. Training loops, data and decoding live in promot.py,
+data.py and evaluate.py.
 
 The four variants differ only in config values:
   T5 v1.0  feed_forward_proj="relu", tied embeddings, logits rescaled by d_model**-0.5
@@ -25,17 +30,14 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class CheckpointError(ValueError):
-    """A checkpoint directory, file or tensor is not what the loader expects."""
+from support import hf_files
+from support.hf_files import CheckpointError  # what every loading error here raises
 
 
 # ----------------------------------------------------------------------------
@@ -178,8 +180,6 @@ class Attention(nn.Module):
         self.num_buckets = cfg.relative_attention_num_buckets
         self.max_distance = cfg.relative_attention_max_distance
         self.relative_attention_bias = nn.Embedding(self.num_buckets, cfg.num_heads) if has_position_bias else None
-        self.lora = nn.ModuleDict()  # optional low-rank adapters on q/k/v/o (see add_lora)
-        self.use_lora = True
 
     def position_bias(self, query_len, key_len, offset=0):
         """(1, heads, query_len, key_len) bias; queries sit at offset, offset+1, ..."""
@@ -188,13 +188,6 @@ class Attention(nn.Module):
         key_pos = torch.arange(key_len, device=device)[None, :]
         buckets = relative_position_bucket(key_pos - query_pos, self.bidirectional, self.num_buckets, self.max_distance)
         return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
-
-    def project(self, name, x):
-        """x @ W_name, plus the low-rank update when an adapter is attached and switched on."""
-        out = getattr(self, name)(x)
-        if self.use_lora and name in self.lora:
-            out = out + self.lora[name](x)
-        return out
 
     def split_heads(self, x):
         return x.view(x.shape[0], -1, self.num_heads, self.d_kv).transpose(1, 2)
@@ -206,9 +199,9 @@ class Attention(nn.Module):
         hidden). `cache` is this layer's dict in a KVCache: self-attention
         appends the new keys/values, cross-attention computes them once.
         """
-        q = self.split_heads(self.project("q", x))
+        q = self.split_heads(self.q(x))
         if source is None:
-            k, v = self.split_heads(self.project("k", x)), self.split_heads(self.project("v", x))
+            k, v = self.split_heads(self.k(x)), self.split_heads(self.v(x))
             if cache is not None:
                 if "k" in cache:
                     k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
@@ -216,7 +209,7 @@ class Attention(nn.Module):
         elif cache is not None and "k" in cache:
             k, v = cache["k"], cache["v"]
         else:
-            k, v = self.split_heads(self.project("k", source)), self.split_heads(self.project("v", source))
+            k, v = self.split_heads(self.k(source)), self.split_heads(self.v(source))
             if cache is not None:  # contiguous once, so every later step's matmul reads it without a copy
                 k, v = k.contiguous(), v.contiguous()
                 cache["k"], cache["v"] = k, v
@@ -227,7 +220,7 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0, scale=1.0)
-        return self.project("o", out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        return self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
 class FeedForward(nn.Module):
@@ -408,6 +401,75 @@ class T5(nn.Module):
                            decoder_attention_mask=decoder_attention_mask)
 
 
+def set_dropout(model, rate):
+    """One dropout rate everywhere: the nn.Dropout modules and the attention-probability
+    dropout that Attention passes to scaled_dot_product_attention as a float."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = rate
+        elif isinstance(module, Attention):
+            module.dropout = rate
+
+
+# ----------------------------------------------------------------------------
+# Soft-prompt files: the prompt is model state, saved next to the checkpoint
+
+
+def read_prompts(path, d_model=None, tasks=None, length=None):
+    """{task: (p, d_model) fp32 prompt} from a prompt file.
+
+    Reads what save_prompts writes (prompt.safetensors: `prompt.<task>` per task,
+    plus `prompt` when it holds one task) or a T5X `.npy` array, which counts as
+    the key `prompt`. `tasks` defaults to the tasks the `prompt.<task>` keys
+    name; a requested task without its own key gets `prompt`. `d_model` and
+    `length`, when given, are checked against each prompt's shape.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such prompt file")
+    try:
+        if str(path).endswith(".npy"):
+            import numpy
+            tensors = {"prompt": torch.from_numpy(numpy.load(path, allow_pickle=False))}
+        else:
+            from safetensors.torch import load_file
+            tensors = load_file(path)
+    except Exception as e:  # safetensors and numpy raise several types for a bad file
+        raise CheckpointError(f"{path}: cannot read a prompt ({e})") from None
+    if tasks is None:
+        tasks = [key[len("prompt."):] for key in tensors if key.startswith("prompt.")]
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not tasks:
+        raise CheckpointError(f"{path}: the file does not say which task its prompt was trained on "
+                              "(no 'prompt.<task>' key); pass --task")
+    prompts = {}
+    for task in tasks:
+        key = f"prompt.{task}" if f"prompt.{task}" in tensors else "prompt"
+        if key not in tensors:
+            raise CheckpointError(f"{path}: no tensor 'prompt.{task}' or 'prompt'; found {sorted(tensors)}")
+        prompt = tensors[key].float()
+        if prompt.dim() != 2 or (d_model is not None and prompt.shape[1] != d_model):
+            need = f"(p, {d_model}) (d_model = {d_model})" if d_model is not None else "a 2-D (p, d_model) array"
+            raise CheckpointError(f"{path}: prompt {key!r} has shape {tuple(prompt.shape)}; the model needs {need}")
+        if length is not None and prompt.shape[0] != length:
+            raise CheckpointError(f"{path}: prompt {key!r} has length {prompt.shape[0]}; --prompt-length is {length}")
+        prompts[task] = prompt
+    return prompts
+
+
+def save_prompts(prompts, path):
+    """Writes {task: prompt} as `prompt.<task>` (plus `prompt` for a single task) at `path`;
+    the metadata lists the tasks. The caller makes the write atomic."""
+    from safetensors.torch import save_file
+    tensors = {f"prompt.{task}": t.detach().float().cpu().contiguous() for task, t in prompts.items()}
+    if len(prompts) == 1:
+        tensors["prompt"] = next(iter(tensors.values())).clone()
+    save_file(tensors, path, metadata={"tasks": ",".join(prompts)})
+
+
+# ----------------------------------------------------------------------------
+# The training loss
+
+
 def shift_right(labels, decoder_start_token_id=0, pad_token_id=0):
     """Teacher forcing input: [start, y_1, ..., y_{T-1}], ignored (-100) labels become pad."""
     shifted = labels.new_full(labels.shape, pad_token_id)
@@ -441,156 +503,12 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
 
 
 # ----------------------------------------------------------------------------
-# LoRA: a removable low-rank adapter, the other stage-1 module of the paper (App. C.7)
-
-LORA_TARGETS = ("q", "k", "v", "o")
-
-
-class LoRA(nn.Module):
-    """The update (alpha / r) * B @ A added to one frozen projection W (Hu et al., 2021).
-
-    B starts at zero, so a fresh adapter leaves the model exactly as it was;
-    A starts like a default nn.Linear, as in the LoRA reference code.
-    """
-
-    def __init__(self, d_in, d_out, rank, alpha, device=None, dtype=None):
-        super().__init__()
-        self.a = nn.Parameter(torch.empty(rank, d_in, device=device, dtype=dtype))
-        self.b = nn.Parameter(torch.zeros(d_out, rank, device=device, dtype=dtype))
-        nn.init.kaiming_uniform_(self.a, a=math.sqrt(5))
-        self.scale = alpha / rank
-
-    def forward(self, x):
-        return F.linear(F.linear(x, self.a), self.b) * self.scale
-
-
-def _attentions(model):
-    return [m for m in model.modules() if isinstance(m, Attention)]
-
-
-def add_lora(model, rank, alpha=None, targets=("q", "v")):
-    """Attaches a LoRA adapter to the chosen projections of every attention layer.
-
-    The paper's choice (and LoRA's) is Q and V. alpha defaults to rank (scale 1).
-    Returns the new adapter parameters; nothing else changes.
-    """
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if unknown or not targets:
-        raise ValueError(f"unknown LoRA target(s) {unknown or list(targets)}; choose from {list(LORA_TARGETS)}")
-    alpha = float(rank if alpha is None else alpha)
-    params = []
-    for attn in _attentions(model):
-        for name in targets:
-            w = getattr(attn, name).weight
-            attn.lora[name] = LoRA(w.shape[1], w.shape[0], rank, alpha, device=w.device, dtype=w.dtype)
-            params += list(attn.lora[name].parameters())
-    return params
-
-
-def set_lora_enabled(model, enabled):
-    """Applies (True) or removes (False) every attached adapter without deleting it.
-
-    This is the adapter's version of prepending or not prepending the prompt:
-    adapters on for tasks in the fine-tuned task's format, off for the others.
-    """
-    for attn in _attentions(model):
-        attn.use_lora = enabled
-
-
-def lora_info(model):
-    """{"rank", "alpha", "targets"} of the attached adapters, or None."""
-    for attn in _attentions(model):
-        if len(attn.lora):
-            first = next(iter(attn.lora.values()))
-            return {"rank": first.a.shape[0], "alpha": first.scale * first.a.shape[0], "targets": list(attn.lora)}
-    return None
-
-
-def init_lora_tensors(model, generator=None):
-    """Fresh adapter values for the adapters attached to `model` (which may sit on the meta
-    device): A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) like nn.Linear's default, B = 0."""
-    tensors = {}
-    for name, p in model.named_parameters():
-        if ".lora." in name:
-            if name.endswith(".a"):
-                bound = 1.0 / math.sqrt(p.shape[1])
-                tensors[name] = (torch.rand(p.shape, generator=generator) * 2 - 1) * bound
-            else:
-                tensors[name] = torch.zeros(p.shape)
-    return tensors
-
-
-def save_lora(model, path, state_dict=None):
-    """Writes only the adapter tensors, with rank/alpha/targets/d_model in the metadata.
-    Pass `state_dict` (full tensors) when the model is sharded."""
-    from safetensors.torch import save_file
-    info = lora_info(model)
-    if info is None:
-        raise ValueError("the model has no LoRA adapter to save")
-    state = state_dict if state_dict is not None else model.state_dict()
-    tensors = {n: p.detach().cpu().contiguous() for n, p in state.items() if ".lora." in n}
-    meta = {"rank": str(info["rank"]), "alpha": repr(info["alpha"]), "targets": ",".join(info["targets"]),
-            "d_model": str(model.config.d_model), "format": "promot-lora"}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_lora(path, d_model):
-    """(tensors, {"rank", "alpha", "targets"}) of an adapter file written by save_lora."""
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot read a LoRA adapter file ({e})") from None
-    if meta.get("format") != "promot-lora":
-        raise CheckpointError(f"{path}: not a promot LoRA file (metadata lacks format=promot-lora)")
-    if int(meta["d_model"]) != d_model:
-        raise CheckpointError(f"{path}: adapter made for d_model={meta['d_model']}, "
-                              f"this model has d_model={d_model}")
-    return tensors, {"rank": int(meta["rank"]), "alpha": float(meta["alpha"]), "targets": meta["targets"].split(",")}
-
-
-def check_lora_tensors(model, tensors, source):
-    """Raises unless `tensors` are exactly the adapters attached to `model`, shape for shape."""
-    expected = {n: p for n, p in model.named_parameters() if ".lora." in n}
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: adapter tensors do not fit this model (missing {missing[:2]}, "
-                              f"unexpected {unexpected[:2]}); was it made for another depth or targets?")
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model's adapter "
-                                  f"has {tuple(expected[name].shape)}")
-    return expected
-
-
-def load_lora(model, path):
-    """Attaches the adapters saved in `path` (rank and targets from the file) to `model`."""
-    tensors, info = read_lora(path, model.config.d_model)
-    rank = info["rank"]
-    if lora_info(model) is None:
-        add_lora(model, rank, info["alpha"], info["targets"])
-    expected = check_lora_tensors(model, tensors, f"{path} (rank {rank} in the file)")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            expected[name].copy_(tensor)
-    return model
-
-
-# ----------------------------------------------------------------------------
 # Checkpoints in the Hugging Face layout
 #
 # Our parameter names are readable (encoder.blocks.0.self_attn.q.weight); the
 # public checkpoints use transformers' (encoder.block.0.layer.0.SelfAttention.q.weight).
-# The two tables below are the whole translation.
+# The two tables below are the whole translation. Finding, reading and writing
+# the files is support/hf_files.py's job.
 
 _HF_SUBLAYERS = {
     "encoder": {"layer.0.SelfAttention": "self_attn", "layer.0.layer_norm": "self_norm",
@@ -601,7 +519,7 @@ _HF_SUBLAYERS = {
 }
 _HF_NAME = re.compile(r"(encoder|decoder)\.block\.(\d+)\.(layer\.\d\.\w+)\.(.+)")
 _OUR_NAME = re.compile(r"(encoder|decoder)\.blocks\.(\d+)\.(\w+)\.(.+)")
-_EMBED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+_EMBED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")  # copies of shared.weight
 
 
 def hf_to_ours(name):
@@ -633,106 +551,73 @@ def build(config, device="meta"):
         return T5(config)
 
 
-def _checkpoint_files(path):
-    """[(file, [names] or None)] of a checkpoint directory, safetensors preferred."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if os.path.exists(os.path.join(path, single)):
-            return [os.path.join(path, single)]
-        index_path = os.path.join(path, index)
-        if os.path.exists(index_path):
-            try:
-                with open(index_path, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{index_path}: expected JSON with a 'weight_map' ({e!r})") from None
-            return [os.path.join(path, f) for f in dict.fromkeys(weight_map.values())]
-    raise CheckpointError(f"{path}: found no weights; expected model.safetensors, model.safetensors.index.json, "
-                          "pytorch_model.bin or pytorch_model.bin.index.json")
+def read_embedding(path):
+    """The input embedding table of a checkpoint directory, as stored, read without the rest."""
+    for name in ("shared.weight", *_EMBED_ALIASES):
+        found = hf_files.read_tensors(path, [name])
+        if found:
+            return found[name]
+    raise CheckpointError(f"{path}: no shared (input embedding) tensor")
 
 
-def _read_file(file):
-    """Yields (transformers name, tensor) from one weights file, one tensor at a time."""
-    if not os.path.exists(file):
-        raise CheckpointError(f"{file}: listed in the checkpoint index but missing")
-    if file.endswith(".safetensors"):
-        from safetensors import SafetensorError, safe_open
-        try:
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{file}: cannot read as safetensors ({e}); the file may be truncated or "
-                                  "corrupted, download it again") from None
-        return
-    try:  # weights_only: never run code stored in the pickle
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise CheckpointError(f"{file}: cannot read ({e})") from None
-        state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as e:
-        raise CheckpointError(f"{file}: refused to load; it is not a plain tensor file that loads without "
-                              f"executing pickled code ({type(e).__name__}: {str(e)[:200]})") from None
-    for name, tensor in state.items():
-        yield name, tensor
+def read_config(path):
+    """The T5Config of a checkpoint directory, with the head untied when the tensors say so.
 
-
-def checkpoint_tensors(path):
-    """Yields (our parameter name, tensor, file) for every weight of a checkpoint directory.
-
-    Embedding aliases are reported under shared.weight; unknown names raise.
+    transformers 5 writes tie_word_embeddings=true for every model but keeps a
+    separate lm_head.weight when its values differ from the embedding; follow
+    the tensors, not the flag. Only those two tensors are read.
     """
-    for file in _checkpoint_files(path):
-        for name, tensor in _read_file(file):
-            ours = "shared.weight" if name in _EMBED_ALIASES else hf_to_ours(name)
-            if ours is None:
-                raise CheckpointError(f"{file}: unexpected tensor {name!r}; not a T5/mT5 weight")
-            yield ours, tensor, file
+    config = T5Config.from_json(os.path.join(path, "config.json"))
+    if config.tie_word_embeddings:
+        head = hf_files.read_tensors(path, ["lm_head.weight"]).get("lm_head.weight")
+        if head is not None:
+            embedding = read_embedding(path)
+            if head.shape != embedding.shape or not torch.equal(head, embedding.to(head.dtype)):
+                config.tie_word_embeddings = False
+    return config
 
 
 def _set_tensor(model, name, tensor):
+    """Replaces a (meta) parameter by `tensor`, so loading allocates each tensor once."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     module._parameters[leaf] = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
 
 
-def load_pretrained(path, dtype=torch.float32, device="cpu"):
-    """Reads a Hugging Face T5/mT5/UMT5 checkpoint directory into our model.
+@torch.no_grad()
+def load_weights(model, path, copy=None, dtype=None, device=None):
+    """Fills `model` (built from read_config(path)) from a checkpoint directory, one tensor at a time.
 
-    The model is built on the meta device (no memory) and filled one tensor at
-    a time, so peak memory is the model plus about one tensor in flight.
-    Every expected tensor must appear once with the expected shape.
+    Every parameter but the adapters (".lora.") must appear once with its
+    shape; the tied head and the embed_tokens copies of the embedding are
+    aliases. `copy(name, tensor)` puts each full tensor in place; the default
+    swaps the meta parameter for the tensor cast to dtype/device, so peak
+    memory is the model plus about one tensor in flight. (A sharded model
+    passes a copy that keeps only its own slice.)
     """
-    config = T5Config.from_json(os.path.join(path, "config.json"))
-    model = build(config, "meta")
-    expected = {n: p.shape for n, p in model.named_parameters()}
-    loaded, head = set(), None
-    for name, tensor, file in checkpoint_tensors(path):
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            head = (tensor, file)  # an alias of shared.weight, unless its values differ (see below)
-            continue
+    if copy is None:
+        def copy(name, tensor):
+            _set_tensor(model, name, tensor.to(device=device, dtype=dtype))
+    config = model.config
+    expected = {n: p.shape for n, p in model.named_parameters() if ".lora." not in n}
+    loaded = set()
+    for hf_name, tensor, file in hf_files.stream_tensors(path):
+        if hf_name == "lm_head.weight" and model.lm_head is None:
+            continue  # tied: read_config found it equal to the embedding
+        name = "shared.weight" if hf_name in _EMBED_ALIASES else hf_to_ours(hf_name)
+        if name is None:
+            raise CheckpointError(f"{file}: unexpected tensor {hf_name!r}; not a T5/mT5 weight")
         if name not in expected:
             raise CheckpointError(f"{file}: unexpected tensor {ours_to_hf(name)!r} for this config "
                                   f"(model_type={config.model_type}, layers={config.num_layers}/"
                                   f"{config.num_decoder_layers})")
         if name in loaded:
-            continue  # embedding aliases repeat shared.weight
-        if tensor.shape != expected[name]:
+            continue  # an embedding alias after shared.weight
+        if tuple(tensor.shape) != tuple(expected[name]):
             raise CheckpointError(f"{file}: tensor {ours_to_hf(name)!r} has shape {tuple(tensor.shape)}; "
                                   f"config.json implies {tuple(expected[name])}")
-        _set_tensor(model, name, tensor.to(device=device, dtype=dtype))
+        copy(name, tensor)
         loaded.add(name)
-    if head is not None and "shared.weight" in loaded and not torch.equal(
-            head[0].to(device=device, dtype=dtype), model.shared.weight.data):
-        # transformers 5 writes tie_word_embeddings=true for every model but keeps a
-        # separate head when the values differ; follow the tensors, not the flag.
-        model.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False, device="meta")
-        _set_tensor(model, "lm_head.weight", head[0].to(device=device, dtype=dtype))
-        config.tie_word_embeddings = False
-        loaded.add("lm_head.weight")
     missing = [ours_to_hf(n) for n in expected if n not in loaded]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensor(s) the config needs, "
@@ -740,62 +625,22 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
     return model
 
 
-def save_pretrained(model, path, state_dict=None, max_shard_bytes=5 * 10**9):
-    """Writes config.json + safetensors (sharded with an index above max_shard_bytes).
+def load_pretrained(path, dtype=torch.float32, device="cpu"):
+    """Reads a Hugging Face T5/mT5/UMT5 checkpoint directory into our model.
 
-    The directory is written under a temporary name and swapped in at the end,
-    so a failed save leaves the previous checkpoint untouched. Files in an
-    existing directory that are not weights (spiece.model, a prompt) are kept.
-    Pass `state_dict` (our names, full tensors) when the model is sharded.
+    The model is built on the meta device (no memory) and filled one tensor at
+    a time, so peak memory is the model plus about one tensor in flight.
     """
-    from safetensors.torch import save_file
+    return load_weights(build(read_config(path), "meta"), path, dtype=dtype, device=device)
+
+
+def save_pretrained(model, path, state_dict=None, max_shard_bytes=5 * 10**9):
+    """Writes config.json + safetensors in the Hugging Face layout (sharded with an
+    index above max_shard_bytes), replacing `path` only once complete; other
+    files of an existing directory (spiece.model, a prompt) are kept.
+    Pass `state_dict` (our names, full tensors) when the model is sharded.
+    Adapters are not part of the model (support/lora.py saves them).
+    """
     state = state_dict if state_dict is not None else model.state_dict()
-    state = {n: t for n, t in state.items() if ".lora." not in n}  # adapters are saved by save_lora
-    tensors = {ours_to_hf(n): t.detach().to("cpu").contiguous() for n, t in state.items()}
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    shards.append(current)
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
-    try:
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(model.config.to_dict(), f, indent=2)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, file), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, file))
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        umask = os.umask(0)
-        os.umask(umask)  # mkdtemp and safetensors create private (0700/0600) files; use the usual modes
-        os.chmod(tmp, 0o777 & ~umask)
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-        if os.path.isdir(path):
-            weights = re.compile(r"config\.json|model.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?")
-            for name in os.listdir(path):
-                if not weights.fullmatch(name):
-                    src = os.path.join(path, name)
-                    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, name))
-            old = tmp + ".old"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tensors = {ours_to_hf(n): t for n, t in state.items() if ".lora." not in n}
+    hf_files.write_checkpoint(path, model.config.to_dict(), tensors, max_shard_bytes)

@@ -6,7 +6,7 @@
 Nothing is allocated: the model is built on the meta device (model.build), and
   * parameters, gradients and Adafactor state are counted from its tensor
     shapes, sharded over dim 0 the way fully_shard shards them, with
-    promot.Adafactor's own factoring rule (a factored statistic that loses the
+    support/adafactor.py's own factoring rule (a factored statistic that loses the
     sharded dimension is replicated on every rank);
   * activations are measured by running forward on meta tensors of the
     per-device micro-batch (bf16, as under --dtype bfloat16) with a
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as model_lib  # noqa: E402
-from promot import Adafactor  # noqa: E402
+from support.adafactor import Adafactor  # noqa: E402
 
 MT5_XXL = dict(vocab_size=250112, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24,
                num_heads=64, relative_attention_num_buckets=32, relative_attention_max_distance=128,
@@ -48,7 +48,7 @@ def shard_numel(shape, n):
 
 
 def adafactor_state_numel(shape, n):
-    """fp32 elements per device of promot.Adafactor's second-moment state (no momentum)."""
+    """fp32 elements per device of support/adafactor.py's second-moment state (no momentum)."""
     dims = Adafactor.factored_dims(tuple(shape))
     if dims is None:
         return shard_numel(shape, n)

@@ -48,6 +48,8 @@ def worker(args):
     import model
     import promot
     from helpers import load_oracle
+    from support.adafactor import Adafactor as PromotAdafactor
+    from support.fsdp import Dist
     torch.manual_seed(0)
     dev = torch.device(args.device)
     vocab = SHAPE["vocab_size"]
@@ -57,20 +59,20 @@ def worker(args):
     prompt = torch.nn.Parameter((torch.rand(100, SHAPE["d_model"]) * 0.5).to(dev), requires_grad=args.stage == 1)
     if args.impl == "promot":
         net = model.load_pretrained(args.ckpt, device=dev)
-        promot.set_dropout(net, SHAPE["dropout_rate"])
+        model.set_dropout(net, SHAPE["dropout_rate"])
         params = [prompt] if args.stage == 1 else list(net.parameters())
         for p in net.parameters():
             p.requires_grad_(args.stage == 2)
-        opt = promot.Adafactor(params, lr=0.2 if args.stage == 1 else 1e-3,
-                               multiply_by_parameter_scale=args.stage == 2)
+        opt = PromotAdafactor(params, lr=0.2 if args.stage == 1 else 1e-3,
+                                 multiply_by_parameter_scale=args.stage == 2)
         # promot.train_step, as promot.train calls it (stage 1 has no label smoothing: T5X prompt tuning)
         cfg = SimpleNamespace(prompt_length=100, dtype="float32", label_smoothing=0.0 if args.stage == 1 else 0.1,
                               z_loss=0.0)  # transformers' loss has none
-        batch = dict(input_ids=ids, attention_mask=mask, labels=labels, tasks=[0] * args.batch)
-        tasks, prompts, ctx = [SimpleNamespace(name="bench")], {"bench": prompt}, promot.Dist(device=dev)
+        batch = dict(input_ids=ids, attention_mask=mask, labels=labels, tasks=["bench"] * args.batch)
+        prompts, ctx = {"bench": prompt}, Dist(device=dev)
 
         def step():
-            promot.train_step(net, [batch], prompts, tasks, opt, cfg, ctx)
+            promot.train_step(net, [batch], prompts, opt, cfg, ctx)
 
     else:
         from transformers.optimization import Adafactor

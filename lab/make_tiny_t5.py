@@ -14,7 +14,7 @@ to commit and to fine-tune on a laptop CPU. This script
      relative position buckets) with model.py, initialised like Mesh TF T5;
   3. pretrains it multi-task on all nine tasks through data.py's own prompt
      code (make_input / make_target: the query ends in <extra_id_0>, the target
-     is "<extra_id_0> answer <extra_id_1>"), with promot.Adafactor in a plain
+     is "<extra_id_0> answer <extra_id_1>"), with support/adafactor.py's Adafactor in a plain
      loop: the first 75% of the steps without demonstrations (short inputs, so
      three times as many steps fit in the budget), the rest with 0-4
      demonstrations drawn from the task's training split, so that it learns to
@@ -55,7 +55,7 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 import model as model_lib  # noqa: E402
 from lab import tasks as lab_tasks  # noqa: E402
-from promot import Adafactor  # noqa: E402
+from support.adafactor import Adafactor  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # Tasks pretrained only with demonstrations (see the module docstring).
@@ -276,7 +276,7 @@ def main(argv=None):
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         shots = 0 if step < zero_shot_steps else args.max_shots
         groups = batch_groups(mixture, pools, rng, args.batch_size, shots)
-        batches = [data.make_batch(tokenizer, pairs) for pairs in groups.values()]
+        batches = [data.encode_batch(tokenizer, pairs) for pairs in groups.values()]
         total_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0

@@ -15,7 +15,7 @@ subprocesses (every command is printed, so each step can be rerun by hand):
   5. Standard fine-tuning:                  promot.py --stage finetune, evaluate.py
   6. ProMoT + 1-shot:                       stages 1 and 2 with --shots 1, evaluate.py
   7. the table:                             RUN/table.md (and RUN/table.json)
-  8. the diagnostics figures:               evaluate.py plot RUN/finetune RUN/promot --out RUN/figures
+  8. the diagnostics figures:               diagnostics.py plot RUN/finetune RUN/promot --out RUN/figures
 
 Standard fine-tuning and ProMoT's stage 2 run with the paper's §3 diagnostics:
 in-context probes of three unseen tasks (lab_news, lab_lives, lab_backwards: their
@@ -123,11 +123,11 @@ def train(stage, out: Path, s: dict, model: str, data_dir: Path, quiet: bool, ex
 
 def evaluate(name, model, prompt, out: Path, s: dict, data_dir: Path, quiet: bool):
     cmd = [sys.executable, "evaluate.py", "--model", model, "--data-dir", data_dir,
-           "--out", out / "eval" / f"{name}.json", "--tasks", ",".join(EVALUATION_TASKS), "--shots", "1",
-           "--fine-tuned-tasks", FINE_TUNING_TASK, "--num-beams", 1, "--max-new-tokens", 40,
-           "--batch-size", 32, "--limit", s["limit"]]
+           "--out", out / "eval" / f"{name}.json", "--eval-tasks", ",".join(EVALUATION_TASKS), "--shots", "1",
+           "--task", FINE_TUNING_TASK, "--num-beams", 1, "--max-new-tokens", 40,
+           "--eval-batch-size", 32, "--eval-examples", s["limit"]]
     if prompt:
-        cmd += ["--prompt", prompt, "--prompt-tasks", FINE_TUNING_TASK]
+        cmd += ["--prompt", prompt]
     run(cmd, out / "eval" / f"{name}.log", quiet)
     return json.loads((out / "eval" / f"{name}.json").read_text(encoding="utf-8"))
 
@@ -261,7 +261,7 @@ def main(argv=None):
     table = summarize({k: results[k] for k in METHODS})
     text = markdown(table)
     drew = figure(table, out / "figure.png")
-    timed("figures", lambda: run([sys.executable, "evaluate.py", "plot", out / "finetune", out / "promot",
+    timed("figures", lambda: run([sys.executable, "diagnostics.py", "plot", out / "finetune", out / "promot",
                                   "--out", out / "figures"], out / "logs" / "plot.txt", args.quiet))
     minutes = (time.time() - started) / 60
     (out / "table.md").write_text(text + "\n", encoding="utf-8")

@@ -1,7 +1,7 @@
 """Run by tests/test_promot_distributed.py under `torchrun --nproc_per_node 2`.
 
 Each rank holds shards (dim 0, FSDP2's layout, uneven sizes included) of the
-same parameters; promot.Adafactor must take exactly the steps that one
+same parameters; Adafactor must take exactly the steps that one
 process takes on the full tensors. Rank 0 writes "OK" to argv[1] on success.
 """
 import sys
@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from promot import Adafactor
+from support.adafactor import Adafactor
 
 dist.init_process_group("gloo")
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))

@@ -10,14 +10,14 @@ import torch.distributed as dist  # noqa: E402
 import data  # noqa: E402
 import diagnostics  # noqa: E402
 import model  # noqa: E402
-import promot  # noqa: E402
+from support import fsdp  # noqa: E402
 
 model_dir, data_dir, out = sys.argv[1:4]
-ctx = promot.setup_distributed("cpu")
-t5 = model.build(model.T5Config.from_json(os.path.join(model_dir, "config.json")), "meta")
-promot.shard_model(t5, ctx.mesh)
+ctx = fsdp.setup_distributed("cpu")
+t5 = model.build(model.read_config(model_dir), "meta")
+fsdp.shard_model(t5, ctx.mesh, list(t5.encoder.blocks) + list(t5.decoder.blocks))
 t5.to_empty(device="cpu")
-promot.load_sharded(t5, model_dir)
+model.load_weights(t5, model_dir, copy=lambda name, tensor: fsdp.copy_into_shard(t5.get_parameter(name), tensor))
 tokenizer = data.Tokenizer(os.path.join(model_dir, "spiece.model"))
 examples = data.load_split(data.get_task("toy_tf", data_dir), data_dir, "train")
 batch, shuffled = diagnostics.alignment_batches("toy_tf", examples, tokenizer, 8, seed=0)

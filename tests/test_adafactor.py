@@ -1,4 +1,4 @@
-"""promot.Adafactor against two oracles.
+"""support/adafactor.py's Adafactor (promot.Adafactor) against two oracles.
 
 1. `transformers.optimization.Adafactor` where the two rules coincide:
    relative_step=False, warmup_init=False, decay_rate=-0.8 (theirs) = 0.8
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from promot import Adafactor
+from support.adafactor import Adafactor
 
 
 def run_ours(shapes, steps, seed=0, **kwargs):

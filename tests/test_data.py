@@ -378,12 +378,24 @@ def test_pad_batch_pads_right_to_the_longest():
     assert labels.tolist() == [[5, 1], [1, -100]] and labels.dtype == data.torch.long
 
 
-def test_make_batch_encodes_inputs_and_labels(tok):
+def test_encode_batch_encodes_inputs_and_labels(tok):
     pairs = data.training_pairs(RTE, rte_examples(3))
-    batch = data.make_batch(tok, pairs, tasks=["rte"] * 3)
+    batch = data.encode_batch(tok, pairs, tasks=["rte"] * 3)
     assert batch["input_ids"][0, :batch["attention_mask"][0].sum()].tolist() == tok.encode(pairs[0][0])
     assert batch["labels"][1].tolist() == tok.encode(pairs[1][1])
     assert batch["tasks"] == ["rte"] * 3
+
+
+def test_encode_batch_cuts_to_the_max_keeping_the_final_eos(tok):
+    # seqio's append_eos_after_trim: ids[:max - 1] + [EOS]
+    long_input, long_target = " ".join(["word"] * 20), " ".join(["answer"] * 10)
+    batch = data.encode_batch(tok, [(long_input, long_target), ("a", "b")], max_input_tokens=8,
+                              max_target_tokens=5, device="cpu")
+    assert batch["input_ids"][0].tolist() == tok.encode(long_input)[:7] + [data.EOS_ID]
+    assert batch["labels"][0].tolist() == tok.encode(long_target)[:4] + [data.EOS_ID]
+    assert batch["input_ids"].shape == (2, 8) and batch["labels"].shape == (2, 5)
+    assert batch["labels"][1, :len(tok.encode("b"))].tolist() == tok.encode("b")  # short rows are not cut
+    assert "tasks" not in batch and batch["input_ids"].device.type == "cpu"
 
 
 def test_eval_batches_sort_by_length_and_cover_every_index_once():
@@ -391,7 +403,6 @@ def test_eval_batches_sort_by_length_and_cover_every_index_once():
     batches = data.eval_batches(lengths, batch_size=3)
     assert batches == [[1, 3, 5], [6, 2, 4], [0]]
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    assert data.eval_batches(lengths, batch_size=3, max_tokens=100) == [[1, 3], [5, 6], [2, 4, 0]]
 
 
 def test_mixture_proportions_follow_the_rates():
@@ -422,10 +433,6 @@ def test_mixture_is_deterministic_and_resumes_exactly():
     assert head + resumed.take(63) == whole
     with pytest.raises(data.DataError, match="seed 7"):
         data.Mixture(datasets, seed=9).load_state_dict(state)
-
-
-def test_examples_proportional_rates_are_capped():
-    assert data.examples_proportional({"rte": 2490, "wmt": 15786979}, cap=2 ** 16) == {"rte": 2490.0, "wmt": 65536.0}
 
 
 def test_mixture_rejects_rates_for_other_tasks_and_empty_tasks():

@@ -2,10 +2,14 @@
 the JSON Lines a `datasets` export (`Dataset.to_json`) writes, and the official releases."""
 
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
 
 import data
+from support import dataset_files
 
 
 def write_jsonl(path, records):
@@ -336,3 +340,38 @@ def test_labeled_test_split_is_used_without_fallback(tmp_path):
     warnings = []
     split, examples = data.load_eval_split("xsum", tmp_path, warn=warnings.append)
     assert split == "test" and len(examples) == 1 and warnings == []
+
+
+# --- support/dataset_files.py: the leaf the readers live in ---------------------------------
+
+def test_data_error_is_the_leaf_s_class():
+    assert data.DataError is dataset_files.DataError and issubclass(data.UnlabeledSplit, data.DataError)
+
+
+def test_readers_return_plain_fields_and_targets(tmp_path):
+    write_jsonl(tmp_path / "rte/train.jsonl", [{"premise": "p", "hypothesis": "h", "label": 0}])
+    reader = dataset_files.superglue_reader("rte", ("premise", "hypothesis"), dataset_files.RTE_LABELS)
+    assert reader(tmp_path, "train") == [({"premise": "p", "hypothesis": "h"}, ["True"])]
+
+
+def test_read_jsonl_takes_a_str_path_and_skips_blank_lines(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n', encoding="utf-8")
+    assert list(dataset_files.read_jsonl(str(path))) == [(1, {"a": 1}), (3, {"a": 2})]
+    path.write_text('{"a": 1}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"x.jsonl:2: expected a JSON object, got list"):
+        list(dataset_files.read_jsonl(str(path)))
+
+
+def test_parse_webquestions_target_reads_quoted_and_bare_descriptions():
+    assert dataset_files.parse_webquestions_target(
+        '(list (description "Jazmine Sullivan") (description Ohio))', "here") == ["Jazmine Sullivan", "Ohio"]
+
+
+def test_dataset_files_works_copied_alone(tmp_path):
+    shutil.copy(dataset_files.__file__, tmp_path / "dataset_files.py")
+    result = subprocess.run([sys.executable, "-c", "import dataset_files, sys; "
+                             "print(sorted(m for m in sys.modules if m in ('data', 'support', 'torch')))"],
+                            cwd=tmp_path, capture_output=True, text=True, env={"PATH": ""})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -138,7 +138,7 @@ def test_plot_writes_non_empty_pngs_and_csvs(tmp_path):
     pytest.importorskip("matplotlib")
     write_run(tmp_path / "ft", "finetune", [(0, 40.0, 5.0), (2, 10.0, 80.0), (4, 2.0, 99.0)])
     write_run(tmp_path / "promot", "stage2", [(0, 40.0, 5.0), (2, 38.0, 6.0), (4, 37.0, 4.0)])
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "plot", str(tmp_path / "ft"),
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "diagnostics.py"), "plot", str(tmp_path / "ft"),
                              str(tmp_path / "promot"), "--out", str(tmp_path / "fig")],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -157,9 +157,17 @@ def test_plot_on_a_run_without_records(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_evaluate_plot_still_runs_diagnostics_plot_with_a_note(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "plot", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert "'evaluate.py plot' is now 'diagnostics.py plot'" in result.stderr
+    assert "no diagnostics.jsonl" in result.stderr
+
+
 def test_align_command_prints_cosines(lab, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "diagnostics.py"), "align", "--model",
-                             lab["model_dir"], "--task", "toy_tf", "--data-dir", lab["data_dir"], "--batch-size", "8",
+                             lab["model_dir"], "--task", "toy_tf", "--data-dir", lab["data_dir"], "--align-batch-size", "8",
                              "--out", str(tmp_path / "a.json")], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / "a.json").read_text())

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import data
 import evaluate
+import model as model_lib
 from helpers import make_checkpoint
 
 WORDS = ("the a cat dog sat ran on in mat park premise question hypothesis Is it true or false neither "
@@ -85,8 +86,8 @@ def setup(tmp_path_factory):
 def common_args(setup, out, *extra):
     model_dir, data_dir, prompt_file = setup
     return ["--model", str(model_dir), "--data-dir", str(data_dir), "--out", str(out),
-            "--tasks", "cb,wic,trivia_qa,wmt16_ende,xsum", "--shots", "0,1", "--num-beams", "2",
-            "--max-new-tokens", "5", "--batch-size", "4", "--limit", "5", *extra]
+            "--eval-tasks", "cb,wic,trivia_qa,wmt16_ende,xsum", "--shots", "0,1", "--num-beams", "2",
+            "--max-new-tokens", "5", "--eval-batch-size", "4", "--eval-examples", "5", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -217,25 +218,40 @@ def test_route_prompt_picks_each_tasks_own_prompt_in_multi_task_promot():
 
 # --- prompt files -------------------------------------------------------------------------
 
-def test_load_prompts_reads_promots_multi_task_file(tmp_path):
+def test_read_prompts_reads_promots_multi_task_file(tmp_path):
     rte, wmt = torch.rand(3, 8), torch.rand(3, 8)
     save_file({"prompt.rte": rte, "prompt.wmt14_enfr": wmt}, str(tmp_path / "p.safetensors"))
-    prompts = evaluate.load_prompts(str(tmp_path / "p.safetensors"), d_model=8)
+    prompts = model_lib.read_prompts(str(tmp_path / "p.safetensors"), d_model=8)
     assert list(prompts) == ["rte", "wmt14_enfr"]
     assert torch.equal(prompts["rte"], rte) and torch.equal(prompts["wmt14_enfr"], wmt)
 
 
-def test_load_prompts_reads_a_t5x_npy_for_the_named_tasks(tmp_path):
+def test_read_prompts_reads_a_t5x_npy_for_the_named_tasks(tmp_path):
     import numpy
     numpy.save(tmp_path / "p.npy", numpy.ones((3, 8), dtype=numpy.float32))
-    prompts = evaluate.load_prompts(str(tmp_path / "p.npy"), d_model=8, tasks=["rte"])
+    prompts = model_lib.read_prompts(str(tmp_path / "p.npy"), d_model=8, tasks=["rte"])
     assert list(prompts) == ["rte"] and prompts["rte"].shape == (3, 8)
 
 
-def test_a_prompt_file_that_names_no_task_asks_for_prompt_tasks(tmp_path):
+def test_a_prompt_file_that_names_no_task_asks_for_the_task(tmp_path):
     save_file({"prompt": torch.rand(3, 8)}, str(tmp_path / "p.safetensors"))
-    with pytest.raises(evaluate.EvaluationError, match="--prompt-tasks"):
-        evaluate.load_prompts(str(tmp_path / "p.safetensors"), d_model=8)
+    with pytest.raises(model_lib.CheckpointError, match="--task"):
+        model_lib.read_prompts(str(tmp_path / "p.safetensors"), d_model=8)
+
+
+def test_old_flag_names_still_work_with_a_note(setup, tmp_path, capsys):
+    """--tasks, --limit, --batch-size, --fine-tuned-tasks were renamed to promot.py's names."""
+    model_dir, data_dir, _ = setup
+    out = tmp_path / "r.json"
+    assert evaluate.main(["--model", str(model_dir), "--data-dir", str(data_dir), "--out", str(out),
+                          "--fine-tuned-tasks", "rte", "--tasks", "cb", "--shots", "0", "--num-beams", "1",
+                          "--max-new-tokens", "3", "--batch-size", "2", "--limit", "2"]) == 0
+    err = capsys.readouterr().err
+    for old, new in (("--tasks", "--eval-tasks"), ("--limit", "--eval-examples"),
+                     ("--batch-size", "--eval-batch-size"), ("--fine-tuned-tasks", "--task")):
+        assert f"evaluate.py: {old} is now {new}" in err
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["task"], r["role"], r["num_examples"]) for r in runs] == [("rte", "fine-tuned", 2), ("cb", "evaluation", 2)]
 
 
 # --- bad input: one clear message each, nothing half-written -----------------------------
@@ -247,7 +263,7 @@ def run_expecting_error(args, capsys):
 
 def test_unknown_task_is_one_clear_message(setup, tmp_path, capsys):
     args = common_args(setup, tmp_path / "r.json")
-    args[args.index("--tasks") + 1] = "cb,trivia"
+    args[args.index("--eval-tasks") + 1] = "cb,trivia"
     err = run_expecting_error(args, capsys)
     assert "unknown task 'trivia'" in err and "trivia_qa" in err
     assert not (tmp_path / "r.json").exists()
@@ -257,7 +273,7 @@ def test_prompt_of_the_wrong_width_is_one_clear_message(setup, tmp_path, capsys)
     bad = tmp_path / "wide.safetensors"
     save_file({"prompt.rte": torch.zeros(3, 48)}, str(bad))
     err = run_expecting_error(common_args(setup, tmp_path / "r.json", "--prompt", str(bad)), capsys)
-    assert "wide.safetensors" in err and "(3, 48)" in err and "d_model=32" in err
+    assert "wide.safetensors" in err and "(3, 48)" in err and "d_model = 32" in err
 
 
 def test_baseline_of_another_format_is_one_clear_message(setup, tmp_path, capsys):
@@ -273,7 +289,7 @@ def test_empty_task_file_is_one_clear_message(setup, tmp_path, capsys):
     (empty / "cb").mkdir(parents=True)
     (empty / "cb" / "validation.jsonl").write_text("")
     err = run_expecting_error(["--model", str(model_dir), "--data-dir", str(empty), "--out",
-                               str(tmp_path / "r.json"), "--tasks", "cb", "--shots", "0"], capsys)
+                               str(tmp_path / "r.json"), "--eval-tasks", "cb", "--shots", "0"], capsys)
     assert "cb" in err and "no examples" in err
 
 

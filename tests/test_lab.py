@@ -13,6 +13,7 @@ import data
 import evaluate
 import model as model_lib
 from lab import tasks as lab_tasks
+from support import dataset_files
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "lab" / "tiny-t5"
@@ -70,8 +71,8 @@ def test_registered_task_and_written_jsonl_task_give_the_same_model_inputs(tmp_p
     for name in lab_tasks.TASK_NAMES:
         spec = json.loads((tmp_path / name / "task.json").read_text())
         written = data.Task(name=name, template=spec["template"], metric=spec["metric"])
-        rows = data.jsonl_task_reader(name)(tmp_path, "test")
-        demo_rows = data.jsonl_task_reader(name)(tmp_path, "train")[:2]
+        rows = data.examples_reader(dataset_files.jsonl_task_reader(name))(tmp_path, "test")
+        demo_rows = data.examples_reader(dataset_files.jsonl_task_reader(name))(tmp_path, "train")[:2]
         queries = lab_tasks.generate(name, "test", 10)
         demos = lab_tasks.generate(name, "train", 2)
         assert [data.make_input(written, r, demo_rows) for r in rows] == \

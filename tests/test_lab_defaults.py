@@ -41,7 +41,7 @@ def test_default_main_job_trains_and_evaluates_the_bundled_model(tmp_path):
     best = tmp_path / "run" / "stage2" / "best"
     result = subprocess.run([sys.executable, "evaluate.py", "--model", str(best), "--data-dir",
                              os.path.join(LAB, "data"), "--prompt", str(best / "prompt.safetensors"),
-                             "--tasks", "lab_who,lab_backwards", "--shots", "1", "--limit", "4", "--num-beams", "1",
+                             "--eval-tasks", "lab_who,lab_backwards", "--shots", "1", "--eval-examples", "4", "--num-beams", "1",
                              "--out", str(tmp_path / "eval.json")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "lab_backwards" in result.stdout and "Norm. Avg." in result.stdout

@@ -5,6 +5,7 @@ import torch
 from helpers import make_checkpoint, random_batch
 
 import model
+from support import lora as lora_lib
 
 
 @pytest.fixture
@@ -28,83 +29,117 @@ def randomize_b(net):
 def test_fresh_adapter_leaves_logits_unchanged(net):
     batch = random_batch(net.config.vocab_size)
     before = logits(net, batch)
-    params = model.add_lora(net, rank=4)
+    params = lora_lib.add_lora(net, rank=4)
     assert torch.equal(logits(net, batch), before)
     attentions = 2 + 2 * 2  # mt5 fixture: 2 encoder self, 2 decoder self + 2 cross
     assert len(params) == attentions * 2 * 2  # (q, v) x (A, B)
 
 
 def test_adapter_equals_dense_weight_plus_scaled_BA(net):
-    model.add_lora(net, rank=2, alpha=6.0, targets=("q", "v"))
+    lora_lib.add_lora(net, rank=2, alpha=6.0, targets=("q", "v"))
     randomize_b(net)
     attn = net.encoder.blocks[1].self_attn
     x = torch.randn(3, 5, net.config.d_model)
     for name in ("q", "v"):
         a, b = attn.lora[name].a, attn.lora[name].b
         dense = getattr(attn, name).weight + (6.0 / 2) * b @ a
-        torch.testing.assert_close(attn.project(name, x), x @ dense.T)
-    assert torch.equal(attn.project("k", x), attn.k(x))  # untargeted projections untouched
+        torch.testing.assert_close(getattr(attn, name)(x), x @ dense.T)
+    assert "k" not in attn.lora and not attn.k._forward_hooks  # untargeted projections untouched
+    assert torch.equal(attn.k(x), torch.nn.functional.linear(x, attn.k.weight))
+
+
+def test_adapter_parameter_names_are_unchanged(net):
+    """Saved adapter files and run checkpoints name the tensors this way."""
+    lora_lib.add_lora(net, rank=2)
+    names = [n for n, _ in net.named_parameters() if ".lora." in n]
+    assert names[:2] == ["encoder.blocks.0.self_attn.lora.q.a", "encoder.blocks.0.self_attn.lora.q.b"]
+    assert "decoder.blocks.1.cross_attn.lora.v.b" in names
+    assert len(names) == 6 * 2 * 2  # 6 attention layers x (q, v) x (A, B)
+
+
+def test_adding_adapters_again_replaces_them(net):
+    lora_lib.add_lora(net, rank=2)
+    lora_lib.add_lora(net, rank=4, alpha=8.0)
+    randomize_b(net)
+    attn = net.decoder.blocks[0].cross_attn
+    assert len(attn.q._forward_hooks) == 1  # one hook per projection, reading the current adapter
+    x = torch.randn(2, 3, net.config.d_model)
+    dense = attn.q.weight + (8.0 / 4) * attn.lora["q"].b @ attn.lora["q"].a
+    torch.testing.assert_close(attn.q(x), x @ dense.T)
+    assert lora_lib.lora_info(net) == {"rank": 4, "alpha": 8.0, "targets": ["q", "v"]}
+
+
+def test_adapters_attach_to_any_module_with_q_k_v_o_linears():
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(4, 4, bias=False) for _ in range(4))
+            self.other = torch.nn.Linear(4, 4)
+    toy = torch.nn.Sequential(Toy(), torch.nn.Linear(4, 4))
+    params = lora_lib.add_lora(toy, rank=1, targets=("o",))
+    assert [n for n, _ in toy.named_parameters() if ".lora." in n] == ["0.lora.o.a", "0.lora.o.b"]
+    assert len(params) == 2
 
 
 def test_disabling_adapters_restores_the_plain_model(net):
     batch = random_batch(net.config.vocab_size)
     plain = logits(net, batch)
-    model.add_lora(net, rank=4)
+    lora_lib.add_lora(net, rank=4)
     randomize_b(net)
     assert not torch.allclose(logits(net, batch), plain)
-    model.set_lora_enabled(net, False)
+    lora_lib.set_lora_enabled(net, False)
     assert torch.equal(logits(net, batch), plain)
-    model.set_lora_enabled(net, True)
+    lora_lib.set_lora_enabled(net, True)
     assert not torch.allclose(logits(net, batch), plain)
 
 
 def test_save_and_load_round_trip(net, tmp_path):
-    model.add_lora(net, rank=3, alpha=5.0, targets=("q", "k", "v", "o"))
+    lora_lib.add_lora(net, rank=3, alpha=5.0, targets=("q", "k", "v", "o"))
     randomize_b(net)
-    model.save_lora(net, tmp_path / "lora.safetensors")
+    lora_lib.save_lora(net, tmp_path / "lora.safetensors")
     fresh = model.load_pretrained(tmp_path / "ckpt").eval()
-    model.load_lora(fresh, tmp_path / "lora.safetensors")
-    assert model.lora_info(fresh) == {"rank": 3, "alpha": 5.0, "targets": ["q", "k", "v", "o"]}
+    lora_lib.load_lora(fresh, tmp_path / "lora.safetensors")
+    assert lora_lib.lora_info(fresh) == {"rank": 3, "alpha": 5.0, "targets": ["q", "k", "v", "o"]}
     batch = random_batch(net.config.vocab_size)
     assert torch.equal(logits(fresh, batch), logits(net, batch))
 
 
 def test_model_checkpoint_excludes_adapters(net, tmp_path):
-    model.add_lora(net, rank=2)
+    lora_lib.add_lora(net, rank=2)
     model.save_pretrained(net, tmp_path / "saved")
     reloaded = model.load_pretrained(tmp_path / "saved")  # would fail on unexpected adapter tensors
-    assert model.lora_info(reloaded) is None
+    assert lora_lib.lora_info(reloaded) is None
 
 
 @pytest.mark.parametrize("rank", [0, -1, 2.5])
 def test_bad_rank(net, rank):
     with pytest.raises(ValueError, match="LoRA rank must be a positive integer"):
-        model.add_lora(net, rank=rank)
+        lora_lib.add_lora(net, rank=rank)
 
 
 def test_unknown_target(net):
     with pytest.raises(ValueError, match=r"unknown LoRA target\(s\) \['wi'\]"):
-        model.add_lora(net, rank=2, targets=("q", "wi"))
+        lora_lib.add_lora(net, rank=2, targets=("q", "wi"))
 
 
 def test_adapter_for_another_rank_is_rejected(net, tmp_path):
-    model.add_lora(net, rank=2)
-    model.save_lora(net, tmp_path / "r2.safetensors")
+    lora_lib.add_lora(net, rank=2)
+    lora_lib.save_lora(net, tmp_path / "r2.safetensors")
     other = model.load_pretrained(tmp_path / "ckpt")
-    model.add_lora(other, rank=4)
-    with pytest.raises(model.CheckpointError, match=r"r2.safetensors \(rank 2 in the file\): .* has shape \(2, 32\)"):
-        model.load_lora(other, tmp_path / "r2.safetensors")
+    lora_lib.add_lora(other, rank=4)
+    with pytest.raises(lora_lib.LoRAError, match=r"r2.safetensors \(rank 2 in the file\): .* has shape \(2, 32\)"):
+        lora_lib.load_lora(other, tmp_path / "r2.safetensors")
 
 
 def test_adapter_for_another_model_shape_is_rejected(net, tmp_path):
-    model.add_lora(net, rank=2)
-    model.save_lora(net, tmp_path / "a.safetensors")
+    lora_lib.add_lora(net, rank=2)
+    lora_lib.save_lora(net, tmp_path / "a.safetensors")
     make_checkpoint(tmp_path / "wide", kind="mt5", d_model=48)
-    with pytest.raises(model.CheckpointError, match="adapter made for d_model=32, this model has d_model=48"):
-        model.load_lora(model.load_pretrained(tmp_path / "wide"), tmp_path / "a.safetensors")
+    with pytest.raises(lora_lib.LoRAError, match="adapter made for d_model=32, this model has d_model=48"):
+        lora_lib.load_lora(model.load_pretrained(tmp_path / "wide"), tmp_path / "a.safetensors")
     make_checkpoint(tmp_path / "deep", kind="mt5", num_layers=3)
-    with pytest.raises(model.CheckpointError, match="do not fit this model"):
-        model.load_lora(model.load_pretrained(tmp_path / "deep"), tmp_path / "a.safetensors")
+    with pytest.raises(lora_lib.LoRAError, match="do not fit this model"):
+        lora_lib.load_lora(model.load_pretrained(tmp_path / "deep"), tmp_path / "a.safetensors")
 
 
 # --- the two ProMoT stages with LoRA as the stage-1 module (promot.py) -------
@@ -147,8 +182,8 @@ def test_stage2_keeps_the_adapters_bit_identical_and_applied(runs):
     net = runs["stage2"].model
     for name, tensor in runs["adapters_after_stage1"].items():
         assert torch.equal(net.get_parameter(name).detach(), tensor), name
-    assert model.lora_info(net)["rank"] == 2
-    assert all(a.use_lora for a in net.modules() if isinstance(a, model.Attention))
+    assert lora_lib.lora_info(net)["rank"] == 2
+    assert all(m.enabled for m in net.modules() if isinstance(m, lora_lib.LoRA))
     pre = model.load_pretrained(runs["model"]).state_dict()
     assert not torch.equal(net.state_dict()["decoder.blocks.0.ff.wo.weight"], pre["decoder.blocks.0.ff.wo.weight"])
     saved = load_file(str(runs["root"] / "run" / "stage2" / "final" / "lora.safetensors"))
@@ -158,11 +193,11 @@ def test_stage2_keeps_the_adapters_bit_identical_and_applied(runs):
 def test_removing_the_adapters_restores_the_plain_stage2_model(runs):
     final = str(runs["root"] / "run" / "stage2" / "final")
     plain = model.load_pretrained(final).eval()  # the saved model holds no adapters
-    adapted = model.load_lora(model.load_pretrained(final).eval(), os.path.join(final, "lora.safetensors"))
+    adapted = lora_lib.load_lora(model.load_pretrained(final).eval(), os.path.join(final, "lora.safetensors"))
     batch = random_batch(plain.config.vocab_size)
     with torch.no_grad():
         assert not torch.allclose(adapted(*batch), plain(*batch))
-        model.set_lora_enabled(adapted, False)
+        lora_lib.set_lora_enabled(adapted, False)
         assert torch.equal(adapted(*batch), plain(*batch))
 
 
@@ -170,8 +205,8 @@ def test_evaluate_applies_adapters_only_for_the_fine_tuned_format(runs, tmp_path
     final = str(runs["root"] / "run" / "stage2" / "final")
     out = tmp_path / "results.json"
     cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--model", final, "--data-dir", runs["data"],
-           "--lora", os.path.join(final, "lora.safetensors"), "--fine-tuned-tasks", "toy_tf", "--tasks", "toy_copy",
-           "--shots", "0", "--limit", "3", "--num-beams", "1", "--max-new-tokens", "3", "--out", str(out)]
+           "--lora", os.path.join(final, "lora.safetensors"), "--task", "toy_tf", "--eval-tasks", "toy_copy",
+           "--shots", "0", "--eval-examples", "3", "--num-beams", "1", "--max-new-tokens", "3", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     import json

@@ -186,6 +186,147 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "sharded", "bin"])
+@pytest.mark.parametrize("tie", [True, None])  # transformers 5 writes true for every model; v1.0 omits the key
+def test_config_saying_tied_with_a_different_head_loads_untied(tmp_path, tie, layout):
+    config = make_checkpoint(tmp_path, kind="t5v1_1", layout=layout)
+    ids, mask, dec = random_batch(config["vocab_size"])
+    with torch.no_grad():
+        expected = load_oracle(tmp_path)(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    _edit_config(tmp_path, tie_word_embeddings=tie, scale_decoder_outputs=False)
+    assert model.read_config(tmp_path).tie_word_embeddings is False
+    net = model.load_pretrained(tmp_path).eval()
+    assert net.config.tie_word_embeddings is False and net.lm_head is not None
+    assert_logits_close(logits_of(net, ids, mask, dec), expected)
+
+
+def test_tied_checkpoint_that_also_stores_an_equal_head_stays_tied(tmp_path):
+    config = make_checkpoint(tmp_path, kind="t5")
+    _rewrite(tmp_path, lambda s: s.update({"lm_head.weight": s["shared.weight"].clone(),
+                                           "encoder.embed_tokens.weight": s["shared.weight"].clone()}))
+    ids, mask, dec = random_batch(config["vocab_size"])
+    with torch.no_grad():
+        expected = load_oracle(tmp_path)(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert model.read_config(tmp_path).tie_word_embeddings is True
+    net = model.load_pretrained(tmp_path).eval()
+    assert net.lm_head is None
+    assert_logits_close(logits_of(net, ids, mask, dec), expected)
+
+
+def test_read_config_reads_only_the_head_and_the_embedding(tmp_path, monkeypatch):
+    from support import hf_files
+    make_checkpoint(tmp_path, kind="t5v1_1", layout="sharded")
+    _edit_config(tmp_path, tie_word_embeddings=True)
+    read = []
+    original = hf_files.read_file
+    monkeypatch.setattr(hf_files, "stream_tensors", lambda path: pytest.fail("read the whole checkpoint"))
+    monkeypatch.setattr(hf_files, "read_file", lambda file, names=None: read.extend(names) or original(file, names))
+    assert model.read_config(tmp_path).tie_word_embeddings is False
+    assert sorted(read) == ["lm_head.weight", "shared.weight"]
+
+
+def test_read_tensors_returns_just_the_named_tensors_it_finds(tmp_path):
+    from safetensors.torch import load_file
+
+    from support import hf_files
+    make_checkpoint(tmp_path / "single", kind="t5v1_1")
+    make_checkpoint(tmp_path / "sharded", kind="t5v1_1", layout="sharded")
+    stored = load_file(tmp_path / "single" / "model.safetensors")
+    for layout in ("single", "sharded"):
+        found = hf_files.read_tensors(tmp_path / layout, ["lm_head.weight", "shared.weight", "no.such.weight"])
+        assert sorted(found) == ["lm_head.weight", "shared.weight"]
+        assert all(torch.equal(found[n], stored[n]) for n in found)
+
+
+def test_load_weights_hands_every_tensor_to_copy_once(tmp_path):
+    """The sharded loader's path: a materialised model, filled by a caller's copy; adapters are not expected."""
+    from support import lora as lora_lib
+    make_checkpoint(tmp_path, kind="t5")
+    _rewrite(tmp_path, lambda s: s.update({"lm_head.weight": s["shared.weight"].clone(),
+                                           "decoder.embed_tokens.weight": s["shared.weight"].clone()}))
+    net = model.build(model.read_config(tmp_path), "cpu").eval()
+    lora_lib.add_lora(net, rank=2)
+    copied = []
+
+    def copy(name, tensor):
+        copied.append(name)
+        net.get_parameter(name).copy_(tensor)
+    assert model.load_weights(net, tmp_path, copy=copy) is net
+    assert sorted(copied) == sorted(n for n, _ in net.named_parameters() if ".lora." not in n)
+    ids, mask, dec = random_batch(net.config.vocab_size)
+    loaded = model.load_pretrained(tmp_path).eval()
+    assert torch.equal(logits_of(net, ids, mask, dec), logits_of(loaded, ids, mask, dec))
+
+
+# ---- prompt files: what promot.py writes and evaluate.py reads
+
+
+def test_prompts_round_trip_through_their_file(tmp_path):
+    from safetensors import safe_open
+    prompts = {"rte": torch.rand(5, 8), "wmt14_enfr": torch.rand(5, 8)}
+    model.save_prompts(prompts, tmp_path / "p.safetensors")
+    with safe_open(tmp_path / "p.safetensors", framework="pt") as f:
+        assert sorted(f.keys()) == ["prompt.rte", "prompt.wmt14_enfr"] and f.metadata() == {"tasks": "rte,wmt14_enfr"}
+    back = model.read_prompts(tmp_path / "p.safetensors", d_model=8, length=5)
+    assert list(back) == ["rte", "wmt14_enfr"] and all(torch.equal(back[t], prompts[t]) for t in prompts)
+
+
+def test_a_single_task_file_also_holds_prompt_for_other_tasks(tmp_path):
+    prompt = torch.rand(4, 8, dtype=torch.float64)
+    model.save_prompts({"rte": prompt}, tmp_path / "p.safetensors")
+    back = model.read_prompts(tmp_path / "p.safetensors", 8, tasks=["rte", "cb"])
+    assert back["rte"].dtype == torch.float32 and torch.equal(back["rte"], prompt.float())
+    assert torch.equal(back["cb"], back["rte"])  # no 'prompt.cb' key: the file's 'prompt'
+
+
+def test_t5x_npy_prompt_is_read_for_the_named_tasks(tmp_path):
+    import numpy
+    numpy.save(tmp_path / "p.npy", numpy.arange(24, dtype=numpy.float32).reshape(3, 8))
+    prompts = model.read_prompts(str(tmp_path / "p.npy"), d_model=8, tasks=["rte"])
+    assert list(prompts) == ["rte"] and torch.equal(prompts["rte"], torch.arange(24.0).view(3, 8))
+    with pytest.raises(model.CheckpointError, match=r"p.npy: the file does not say which task .*; pass --task"):
+        model.read_prompts(str(tmp_path / "p.npy"), d_model=8)
+
+
+def test_prompt_file_without_task_keys_needs_the_task(tmp_path):
+    from safetensors.torch import save_file
+    save_file({"prompt": torch.rand(3, 8)}, str(tmp_path / "p.safetensors"))
+    with pytest.raises(model.CheckpointError, match=r"p.safetensors: the file does not say which task .*pass --task"):
+        model.read_prompts(tmp_path / "p.safetensors", d_model=8)
+
+
+def test_prompt_of_the_wrong_width_or_length_names_file_key_and_shapes(tmp_path):
+    model.save_prompts({"rte": torch.zeros(5, 16)}, tmp_path / "narrow.safetensors")
+    with pytest.raises(model.CheckpointError, match=r"narrow.safetensors: prompt 'prompt.rte' has shape \(5, 16\); "
+                                                   r"the model needs \(p, 32\) \(d_model = 32\)"):
+        model.read_prompts(tmp_path / "narrow.safetensors", d_model=32)
+    with pytest.raises(model.CheckpointError, match=r"narrow.safetensors: prompt 'prompt.rte' has length 5; "
+                                                   r"--prompt-length is 4"):
+        model.read_prompts(tmp_path / "narrow.safetensors", d_model=16, length=4)
+
+
+def test_missing_unreadable_and_pickled_prompt_files(tmp_path):
+    import numpy
+    with pytest.raises(model.CheckpointError, match="nope.safetensors: no such prompt file"):
+        model.read_prompts(tmp_path / "nope.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(model.CheckpointError, match="bad.safetensors: cannot read a prompt"):
+        model.read_prompts(tmp_path / "bad.safetensors")
+    numpy.save(tmp_path / "obj.npy", numpy.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(model.CheckpointError, match="obj.npy: cannot read a prompt"):
+        model.read_prompts(str(tmp_path / "obj.npy"), tasks=["rte"])
+
+
 # Published parameter counts (model cards / transformers), checked on the meta device.
 PUBLIC = {
     "t5-small": (dict(d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6, vocab_size=32128,

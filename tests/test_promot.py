@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import model as model_lib
 import promot
 import promot_fixtures as pf
+from support import fsdp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--batch-size", "4", "--prompt-length", "5", "--log-every", "1", "--eval-examples", "4",
@@ -38,9 +39,7 @@ def args(env, out, stage, *extra, task="toy_tf", steps=3, save_every=3):
 
 
 def train(argv):
-    run = promot.train(promot.parse_args(argv))
-    assert run.code == 0
-    return run
+    return promot.train(promot.parse_args(argv))
 
 
 def pretrained(env):
@@ -94,7 +93,7 @@ def test_stage2_keeps_the_prompt_bit_identical_and_uses_it(env, stage1_run):
     assert not same_tensors(trained, pretrained(env))
     # ... and the prompt shapes the update: another prompt, same everything else, other weights
     other = env["root"] / "other_prompt.safetensors"
-    promot.save_prompts({"toy_tf": stage1_prompt + 1.0}, str(other))
+    model_lib.save_prompts({"toy_tf": stage1_prompt + 1.0}, str(other))
     run_other = train(args(env, env["root"] / "run_other_prompt", "2", "--prompt", str(other), steps=2, save_every=2))
     assert not same_tensors(trained, {k: v.detach() for k, v in run_other.model.state_dict().items()})
 
@@ -189,7 +188,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(env):
 
 
 def _write_prompt(env):
-    promot.save_prompts({"toy_tf": torch.rand(5, 32, generator=torch.Generator().manual_seed(3))},
+    model_lib.save_prompts({"toy_tf": torch.rand(5, 32, generator=torch.Generator().manual_seed(3))},
                         str(env["root"] / "p.safetensors"))
     return True
 
@@ -262,7 +261,7 @@ def test_stage2_without_a_stage1_prompt(env, capsys, tmp_path):
 
 
 def test_prompt_of_the_wrong_width(env, capsys, tmp_path):
-    promot.save_prompts({"toy_tf": torch.zeros(5, 16)}, str(tmp_path / "narrow.safetensors"))
+    model_lib.save_prompts({"toy_tf": torch.zeros(5, 16)}, str(tmp_path / "narrow.safetensors"))
     _fails(args(env, tmp_path / "o", "2", "--prompt", str(tmp_path / "narrow.safetensors")), capsys,
            "narrow.safetensors", "(5, 16)", "d_model = 32")
 
@@ -303,15 +302,15 @@ def test_end_to_end_stage1_stage2_then_evaluate(env, tmp_path):
     assert promot.main(args(env, out, "2", steps=2, save_every=1)) == 0
     best = out / "stage2" / "best"
     t5 = model_lib.load_pretrained(str(best)).eval()
-    prompt = promot.read_prompt_file(str(best / "prompt.safetensors"), "toy_tf", 5, 32)
+    prompt = model_lib.read_prompts(str(best / "prompt.safetensors"), 32, ["toy_tf"], 5)["toy_tf"]
     assert torch.equal(prompt, load_file(str(out / "stage1" / "best" / "prompt.safetensors"))["prompt"])
     # evaluate.py reads the exported folder and prompt as they are
     import data
     import evaluate
     results = tmp_path / "results.json"
     assert evaluate.main(["--model", str(best), "--data-dir", env["data"], "--out", str(results),
-                          "--tasks", "toy_copy", "--shots", "1", "--prompt", str(best / "prompt.safetensors"),
-                          "--limit", "3", "--num-beams", "2", "--max-new-tokens", "4"]) == 0
+                          "--eval-tasks", "toy_copy", "--shots", "1", "--prompt", str(best / "prompt.safetensors"),
+                          "--eval-examples", "3", "--num-beams", "2", "--max-new-tokens", "4"]) == 0
     runs = json.load(open(results))["runs"]
     assert [(r["task"], r["prompt"]) for r in runs] == [("toy_tf", True), ("toy_copy", False)]  # routed by format
     tok = data.Tokenizer(str(best / "spiece.model"))
@@ -353,13 +352,14 @@ def test_bfloat16_trains_with_float32_master_weights(env):
 
 def test_long_inputs_are_cut_in_the_query_text_keeping_template_and_sentinel(env):
     import data
-    cfg = promot.parse_args(args(env, env["root"] / "unused", "1", "--max-input-length", "16"))
+    cfg = promot.parse_args(args(env, env["root"] / "unused", "1", "--max-input-tokens", "16"))
     task = data.get_task("toy_tf", env["data"])
     train_set = data.load_split(task, env["data"], "train")
     long_example = data.Example({"input": " ".join(["dog sat on the mat"] * 20)}, ["False"])
     mixture = data.Mixture({"toy_tf": [long_example]}, seed=0)
     tok = data.Tokenizer(os.path.join(env["model"], "spiece.model"))
-    rows = promot.global_batch(mixture, [task], [train_set], tok, cfg, promot.Dist(), data.TruncationStats())
+    inputs = dict(tasks=[task], train_sets=[train_set], tokenizer=tok)
+    rows = promot.global_batch(mixture, inputs, cfg, fsdp.Dist(), data.TruncationStats())
     text = rows[0][1]
     assert len(tok.encode(text)) <= 16
     assert text.endswith("question: is there a cat? answer: <extra_id_0>")
@@ -370,13 +370,13 @@ def test_train_step_loss_is_token_mean_cross_entropy_plus_t5x_z_loss(env):
     divided by the number of target tokens of the global batch."""
     from types import SimpleNamespace
     t5 = model_lib.load_pretrained(env["model"])
-    promot.set_dropout(t5, 0.0)
+    model_lib.set_dropout(t5, 0.0)
     ids = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
     labels = torch.tensor([[10, 11, 1], [12, 1, -100]])
-    batch = dict(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels, tasks=[0, 0])
+    batch = dict(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels, tasks=["x", "x"])
     cfg = SimpleNamespace(prompt_length=5, dtype="float32", label_smoothing=0.1, z_loss=1e-4)
     opt = promot.Adafactor(list(t5.parameters()), lr=0.0)
-    loss, tokens = promot.train_step(t5, [batch], {}, [SimpleNamespace(name="x")], opt, cfg, promot.Dist())
+    loss, tokens = promot.train_step(t5, [batch], {}, opt, cfg, fsdp.Dist())
     with torch.no_grad():
         logits = t5(ids, batch["attention_mask"], model_lib.shift_right(labels))
     ce, n = model_lib.cross_entropy(logits, labels, 0.1)

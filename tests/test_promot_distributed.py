@@ -90,8 +90,8 @@ def test_two_ranks_stage2_bf16_checkpointed_resume_is_bitwise(env):
     ranks ends bit-identical to running straight through. Multi-task, and checkpoints
     are scored in between (decoding must leave FSDP's state as it found it)."""
     prompt = env["root"] / "p.safetensors"
-    import promot
-    promot.save_prompts({"toy_tf": torch.rand(5, 32, generator=torch.Generator().manual_seed(3))}, str(prompt))
+    import model as model_lib
+    model_lib.save_prompts({"toy_tf": torch.rand(5, 32, generator=torch.Generator().manual_seed(3))}, str(prompt))
     common = ["promot.py", "--stage", "2", "--prompt", str(prompt), "--model", env["model"], "--data-dir",
               env["data"], "--task", "toy_tf,toy_copy", "--steps", "4", "--save-every", "2", "--batch-size", "4",
               "--prompt-length", "5", "--dtype", "bfloat16", "--activation-checkpointing",

@@ -1,0 +1,237 @@
+"""Adafactor with T5X's update rule, written out by hand (a leaf of promot: torch only).
+
+Copy this file alone into another codebase: it imports nothing but torch.
+It is the optimizer of both ProMoT stages (paper App. B.4) and is correct on
+FSDP2-sharded parameters (DTensors), where every mean and RMS is reduced
+across the ranks so N ranks take exactly the step one process takes.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+
+class Adafactor(torch.optim.Optimizer):
+    """Adafactor with the update rule of T5X (`t5x/adafactor.py`), by hand.
+
+    For a parameter X with gradient G at step t (counted from 1, minus
+    `step_offset`):
+        decay   = 1 - t^(-decay_rate)                  (0 at t = 1)
+        G2      = G*G + epsilon1
+        V       = decay*V + (1-decay)*G2                (or its factored form)
+        U       = G / sqrt(V)
+        U       = U / max(1, RMS(U) / clipping_threshold)
+        step    = lr * max(epsilon2, RMS(X))  if multiply_by_parameter_scale
+                  lr                          otherwise
+        M       = beta1*M + (1-beta1)*step*U            (only when beta1 is set)
+        X       = (1 - weight_decay_rate)*X - step*U    (or - M)
+    Weight decay is *not* multiplied by the learning rate, as in T5X
+    (transformers' Adafactor multiplies it).
+
+    Factoring (Shazeer & Stern 2018): when the second-largest dimension of X
+    is at least `min_dim_size_to_factor`, V is kept as two vectors, a "row"
+    statistic (mean of G2 over the largest dimension) and a "column" statistic
+    (mean over the second largest), and V ~ row * col / mean(row). Dimensions
+    are ranked with a stable sort, so for a square matrix the last dimension
+    counts as the largest, like numpy.argsort in T5X. T5X's default rule
+    refuses parameters of more than 2 dimensions; here they factor over their
+    two largest dimensions (T5X's `_factored_dims`), and every RMS is over the
+    whole tensor. Smaller tensors keep a full V.
+
+    Learning rate: T5X's Adafactor has no schedule of its own; the trainer
+    passes `learning_rate_fn(step)` (the paper uses a constant). Set
+    `group["lr"]` between steps to schedule it.
+
+    FSDP2: a parameter may be a DTensor sharded on one dimension of a 1-D
+    device mesh (or replicated). Every mean and RMS above is then computed
+    over the whole tensor (local sums + all_reduce), so N ranks take exactly
+    the steps one process takes, and the state is a DTensor sharded like the
+    parameter (row/column statistics that lose the sharded dimension are
+    replicated).
+
+    To reuse it elsewhere, copy this file; it needs only torch.
+    """
+
+    def __init__(self, params, lr, decay_rate=0.8, clipping_threshold=1.0,
+                 multiply_by_parameter_scale=True, beta1=None, weight_decay_rate=None,
+                 min_dim_size_to_factor=128, epsilon1=1e-30, epsilon2=1e-3,
+                 step_offset=0):
+        if lr is None or lr < 0:
+            raise ValueError(f"Adafactor needs a learning rate >= 0, got {lr!r}")
+        if clipping_threshold is not None and clipping_threshold <= 0:
+            raise ValueError(f"clipping_threshold must be > 0 or None, got {clipping_threshold!r}")
+        defaults = dict(lr=lr, decay_rate=decay_rate, clipping_threshold=clipping_threshold,
+                        multiply_by_parameter_scale=multiply_by_parameter_scale, beta1=beta1,
+                        weight_decay_rate=weight_decay_rate,
+                        min_dim_size_to_factor=min_dim_size_to_factor, epsilon1=epsilon1,
+                        epsilon2=epsilon2, step_offset=step_offset)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def factored_dims(shape, min_dim_size_to_factor=128):
+        """(row_dim, col_dim) to factor over, or None: T5X's `_factored_dims`.
+
+        row_dim is the second-largest dimension, col_dim the largest; the row
+        statistic averages over col_dim and the column statistic over row_dim.
+        """
+        if len(shape) < 2:
+            return None
+        order = sorted(range(len(shape)), key=lambda d: shape[d])  # stable, like argsort
+        if shape[order[-2]] < min_dim_size_to_factor:
+            return None
+        return order[-2], order[-1]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def init_state(self):
+        """Create the (zero) state of every parameter now rather than at its first step,
+        e.g. as the template a checkpoint is loaded into."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state_of(p, group)
+
+    def _state_of(self, p, group):
+        state = self.state[p]
+        if len(state) == 0:
+            x = p.to_local() if _is_dtensor(p) else p
+            dims = self.factored_dims(tuple(p.shape), group["min_dim_size_to_factor"])
+            state["step"] = torch.tensor(0, dtype=torch.int64)
+            if dims is not None:
+                row_dim, col_dim = dims
+                state["v_row"] = _zeros_state(p, x, drop=col_dim)  # mean over the largest dim
+                state["v_col"] = _zeros_state(p, x, drop=row_dim)
+            else:
+                state["v"] = _zeros_state(p, x, drop=None)
+            if group["beta1"] is not None:
+                state["m"] = _zeros_state(p, x, drop=None)
+        return state
+
+    def _update(self, p, group):
+        # Local views: on a DTensor we work on this rank's shard and reduce
+        # across ranks where a statistic spans the sharded dimension.
+        shape = tuple(p.shape)  # the global shape, also for a DTensor
+        shard_dim, pg = _shard_info(p)
+        x = p.to_local() if _is_dtensor(p) else p
+        g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
+        if g.is_sparse:
+            raise RuntimeError("Adafactor does not support sparse gradients")
+
+        def mean(t, dims, full_shape, sharded):
+            """Mean over `dims` (keepdim) of a tensor whose dim `sharded` is split across ranks."""
+            s = t.sum(dim=dims, keepdim=True)
+            if pg is not None and sharded is not None and sharded in dims:
+                dist.all_reduce(s, group=pg)
+            return s / math.prod(full_shape[d] for d in dims)
+
+        def rms(t):
+            all_dims = tuple(range(t.dim()))
+            return mean(t * t, all_dims, shape, shard_dim).sqrt().reshape(())
+
+        state = self._state_of(p, group)
+        dims = self.factored_dims(shape, group["min_dim_size_to_factor"])
+
+        x32 = x.float()
+        g32 = g.float()
+        t = int(state["step"]) - group["step_offset"] + 1
+        decay = 1.0 - t ** (-group["decay_rate"])
+        mixing = 1.0 - decay
+
+        update_scale = group["lr"]
+        if group["multiply_by_parameter_scale"]:
+            update_scale = update_scale * torch.clamp(rms(x32), min=group["epsilon2"])
+
+        g2 = g32 * g32 + group["epsilon1"]
+        if dims is not None:
+            row_dim, col_dim = dims
+            v_row, v_col = _local(state["v_row"]), _local(state["v_col"])
+            v_row.mul_(decay).add_(mixing * mean(g2, (col_dim,), shape, shard_dim).squeeze(col_dim))
+            v_col.mul_(decay).add_(mixing * mean(g2, (row_dim,), shape, shard_dim).squeeze(row_dim))
+            # v_row lost col_dim: the dims after it shift down by one.
+            row_shape = shape[:col_dim] + shape[col_dim + 1:]
+            row_dim_in_row = row_dim - (1 if col_dim < row_dim else 0)
+            row_sharded = None if shard_dim in (None, col_dim) else shard_dim - (1 if col_dim < shard_dim else 0)
+            row_col_mean = mean(v_row, (row_dim_in_row,), row_shape, row_sharded)
+            row_factor = (v_row / row_col_mean).rsqrt()
+            col_factor = v_col.rsqrt()
+            u = g32 * row_factor.unsqueeze(col_dim) * col_factor.unsqueeze(row_dim)
+        else:
+            v = _local(state["v"])
+            v.mul_(decay).add_(mixing * g2)
+            u = g32 * v.rsqrt()
+
+        if group["clipping_threshold"] is not None:
+            u = u / torch.clamp(rms(u) / group["clipping_threshold"], min=1.0)
+
+        subtrahend = update_scale * u
+        if group["beta1"] is not None:
+            m = _local(state["m"])
+            m.mul_(group["beta1"]).add_((1.0 - group["beta1"]) * subtrahend)
+            subtrahend = m
+        if group["weight_decay_rate"] is not None:
+            new_x = (1.0 - group["weight_decay_rate"]) * x32 - subtrahend
+        else:
+            new_x = x32 - subtrahend
+        x.copy_(new_x)
+        state["step"] += 1
+
+
+def _is_dtensor(t):
+    return isinstance(t, DTensor)
+
+
+def _local(t):
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _shard_info(p):
+    """(sharded dim or None, process group or None) of a parameter."""
+    if not _is_dtensor(p):
+        return None, None
+    if p.device_mesh.ndim != 1:
+        raise NotImplementedError(
+            "Adafactor handles DTensors on a 1-D device mesh (FSDP2 data parallel); "
+            f"got a {p.device_mesh.ndim}-D mesh")
+    placement = p.placements[0]
+    if placement.is_replicate():
+        return None, None
+    if not placement.is_shard():
+        raise NotImplementedError(f"Adafactor cannot update a parameter with placement {placement}")
+    return placement.dim, p.device_mesh.get_group()
+
+
+def _zeros_state(p, x_local, drop):
+    """fp32 zeros shaped like parameter `p` without dimension `drop`, placed like `p`.
+
+    On a DTensor the state is a DTensor too, so distributed checkpointing
+    saves and restores it shard by shard with the parameter."""
+    local_shape = list(x_local.shape)
+    if drop is not None:
+        del local_shape[drop]
+    local = torch.zeros(local_shape, dtype=torch.float32, device=x_local.device)
+    if not _is_dtensor(p):
+        return local
+    shard_dim, _ = _shard_info(p)
+    global_shape = list(p.shape)
+    if drop is not None:
+        del global_shape[drop]
+    if shard_dim is None or shard_dim == drop:
+        # The statistic averaged over the sharded dimension: every rank holds all of it.
+        return DTensor.from_local(torch.zeros(global_shape, dtype=torch.float32, device=x_local.device),
+                                  p.device_mesh, [Replicate()], run_check=False)
+    new_dim = shard_dim - (1 if drop is not None and drop < shard_dim else 0)
+    stride = tuple(math.prod(global_shape[i + 1:]) for i in range(len(global_shape)))
+    return DTensor.from_local(local, p.device_mesh, [Shard(new_dim)], run_check=False,
+                              shape=torch.Size(global_shape), stride=stride)
+

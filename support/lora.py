@@ -1,0 +1,184 @@
+"""support/lora.py: LoRA adapters (Hu et al., 2021) attached to attention layers by forward hooks.
+
+ProMoT's stage 1 can train a removable low-rank adapter instead of a soft
+prompt (paper App. C.7). This module adds one to the chosen projections of
+every attention layer without changing the layer's code: any module with
+nn.Linear children named q, k, v and o counts as attention. The adapters live
+in `module.lora` (a ModuleDict), so their parameters are named
+`<attention>.lora.<target>.a` / `.b` and a `fully_shard(block)` shards them
+with their block; a forward hook on each target Linear adds the adapter's
+output, inside the Linear's call, where FSDP has gathered the block.
+
+Also here: switching the adapters on and off, and their file
+(`lora.safetensors`: the adapter tensors, with rank/alpha/targets/d_model and
+format=promot-lora in the metadata). Imports only torch and safetensors.
+"""
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LORA_TARGETS = ("q", "k", "v", "o")
+
+
+class LoRAError(ValueError):
+    """An adapter file or adapter tensors that do not fit the model."""
+
+
+class LoRA(nn.Module):
+    """The update (alpha / r) * B @ A added to one frozen projection W.
+
+    B starts at zero, so a fresh adapter leaves the model exactly as it was;
+    A starts like a default nn.Linear, as in the LoRA reference code.
+    """
+
+    def __init__(self, d_in, d_out, rank, alpha, device=None, dtype=None):
+        super().__init__()
+        self.a = nn.Parameter(torch.empty(rank, d_in, device=device, dtype=dtype))
+        self.b = nn.Parameter(torch.zeros(d_out, rank, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.a, a=math.sqrt(5))
+        self.scale = alpha / rank
+        self.enabled = True  # read by the hook; see set_lora_enabled
+
+    def forward(self, x):
+        return F.linear(F.linear(x, self.a), self.b) * self.scale
+
+
+def attention_modules(model):
+    """Every module of `model` with nn.Linear children named q, k, v and o."""
+    return [m for m in model.modules()
+            if all(isinstance(getattr(m, name, None), nn.Linear) for name in LORA_TARGETS)]
+
+
+def _add_adapter_output(attention, target, linear, args, out):
+    """Forward hook of a target Linear: W x, plus the adapter's update when it is on."""
+    adapter = attention.lora[target]
+    return out + adapter(args[0]) if adapter.enabled else out
+
+
+def add_lora(model, rank, alpha=None, targets=("q", "v")):
+    """Attaches a LoRA adapter to the chosen projections of every attention layer.
+
+    The paper's choice (and LoRA's) is Q and V. alpha defaults to rank (scale 1).
+    Returns the new adapter parameters; nothing else changes. Calling it again
+    replaces the adapters (the hooks stay, one per projection).
+    """
+    if not isinstance(rank, int) or rank < 1:
+        raise LoRAError(f"LoRA rank must be a positive integer, got {rank!r}")
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise LoRAError(f"unknown LoRA target(s) {unknown or list(targets)}; choose from {list(LORA_TARGETS)}")
+    alpha = float(rank if alpha is None else alpha)
+    params = []
+    for attention in attention_modules(model):
+        if not hasattr(attention, "lora"):
+            attention.lora = nn.ModuleDict()
+        for name in targets:
+            linear = getattr(attention, name)
+            w = linear.weight
+            if name not in attention.lora:  # the hook finds whichever adapter is attached now
+                linear.register_forward_hook(functools.partial(_add_adapter_output, attention, name))
+            attention.lora[name] = LoRA(w.shape[1], w.shape[0], rank, alpha, device=w.device, dtype=w.dtype)
+            params += list(attention.lora[name].parameters())
+    return params
+
+
+def set_lora_enabled(model, enabled):
+    """Applies (True) or removes (False) every attached adapter without deleting it.
+
+    This is the adapter's version of prepending or not prepending the prompt:
+    adapters on for tasks in the fine-tuned task's format, off for the others.
+    """
+    for module in model.modules():
+        if isinstance(module, LoRA):
+            module.enabled = enabled
+
+
+def lora_info(model):
+    """{"rank", "alpha", "targets"} of the attached adapters, or None."""
+    for attention in attention_modules(model):
+        adapters = getattr(attention, "lora", None)
+        if adapters is not None and len(adapters):
+            first = next(iter(adapters.values()))
+            return {"rank": first.a.shape[0], "alpha": first.scale * first.a.shape[0], "targets": list(adapters)}
+    return None
+
+
+def _d_model(model):
+    """The width the adapters read: the input width of the first attention's q."""
+    attentions = attention_modules(model)
+    return attentions[0].q.in_features if attentions else None
+
+
+def init_lora_tensors(model, generator=None):
+    """Fresh adapter values for the adapters attached to `model` (which may sit on the meta
+    device): A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) like nn.Linear's default, B = 0."""
+    tensors = {}
+    for name, p in model.named_parameters():
+        if ".lora." in name:
+            if name.endswith(".a"):
+                bound = 1.0 / math.sqrt(p.shape[1])
+                tensors[name] = (torch.rand(p.shape, generator=generator) * 2 - 1) * bound
+            else:
+                tensors[name] = torch.zeros(p.shape)
+    return tensors
+
+
+def save_lora(model, path, state_dict=None):
+    """Writes only the adapter tensors, with rank/alpha/targets/d_model in the metadata,
+    directly at `path` (the caller makes the write atomic).
+    Pass `state_dict` (full tensors) when the model is sharded."""
+    from safetensors.torch import save_file
+    info = lora_info(model)
+    if info is None:
+        raise LoRAError("the model has no LoRA adapter to save")
+    state = state_dict if state_dict is not None else model.state_dict()
+    tensors = {n: p.detach().cpu().contiguous() for n, p in state.items() if ".lora." in n}
+    meta = {"rank": str(info["rank"]), "alpha": repr(info["alpha"]), "targets": ",".join(info["targets"]),
+            "d_model": str(_d_model(model)), "format": "promot-lora"}
+    save_file(tensors, path, metadata=meta)
+
+
+def read_lora(path, d_model):
+    """(tensors, {"rank", "alpha", "targets"}) of an adapter file written by save_lora."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise LoRAError(f"{path}: cannot read a LoRA adapter file ({e})") from None
+    if meta.get("format") != "promot-lora":
+        raise LoRAError(f"{path}: not a promot LoRA file (metadata lacks format=promot-lora)")
+    if int(meta["d_model"]) != d_model:
+        raise LoRAError(f"{path}: adapter made for d_model={meta['d_model']}, this model has d_model={d_model}")
+    return tensors, {"rank": int(meta["rank"]), "alpha": float(meta["alpha"]), "targets": meta["targets"].split(",")}
+
+
+def check_lora_tensors(model, tensors, source):
+    """Raises unless `tensors` are exactly the adapters attached to `model`, shape for shape."""
+    expected = {n: p for n, p in model.named_parameters() if ".lora." in n}
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise LoRAError(f"{source}: adapter tensors do not fit this model (missing {missing[:2]}, "
+                        f"unexpected {unexpected[:2]}); was it made for another depth or targets?")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise LoRAError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model's adapter "
+                            f"has {tuple(expected[name].shape)}")
+    return expected
+
+
+def load_lora(model, path):
+    """Attaches the adapters saved in `path` (rank and targets from the file) to `model`."""
+    tensors, info = read_lora(path, _d_model(model))
+    rank = info["rank"]
+    if lora_info(model) is None:
+        add_lora(model, rank, info["alpha"], info["targets"])
+    expected = check_lora_tensors(model, tensors, f"{path} (rank {rank} in the file)")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            expected[name].copy_(tensor)
+    return model
