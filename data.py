@@ -683,6 +683,31 @@ class Mixture:
         self.positions = {name: list(p) for name, p in state["positions"].items()}
 
 
+def rank_batch(mixture: Mixture, tasks, pools, batch_size: int, rank: int = 0, world: int = 1, shots: int = 0,
+               seed=0, tokenizer: Tokenizer | None = None, max_input_tokens: int | None = None,
+               stats: TruncationStats | None = None) -> list[tuple[str, str, str]]:
+    """This rank's (task name, input text, target text) rows of the next global batch.
+
+    Every rank draws the whole global batch of `batch_size` from the same
+    Mixture and keeps its slice, so one process and N ranks train on the same
+    examples, and the mixture's state_dict is the data position a checkpoint
+    stores. `tasks` and `pools` (each task's training set) are parallel lists.
+    With shots=1 every input gets one demonstration from its pool, never the
+    example itself (the paper's "+1-shot", §5.3); too-long inputs are cut as
+    `fit_input` cuts them, exactly as evaluation builds its inputs.
+    """
+    per_rank = batch_size // world
+    mine = mixture.take(batch_size)[rank * per_rank:(rank + 1) * per_rank]
+    by_name = {t.name: (t, pool) for t, pool in zip(tasks, pools)}
+    rows = []
+    for name, example in mine:
+        task, pool = by_name[name]
+        (text, target), = training_pairs(task, [example], shots=shots, pool=pool, seed=seed, tokenizer=tokenizer,
+                                         max_input_tokens=max_input_tokens, stats=stats, warn=lambda message: None)
+        rows.append((name, text, target))
+    return rows
+
+
 # --------------------------------------------------------------------------
 # Command line: see exactly what the model will see; validate a data folder.
 # --------------------------------------------------------------------------

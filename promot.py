@@ -5,17 +5,13 @@ Run it:
     python promot.py --stage 2 --model CKPT --data-dir DATA --task rte --out runs/rte
     torchrun --nproc_per_node 8 promot.py ...      # the same, sharded with FSDP2
 
-Read it top to bottom:
-  1. the method: `STAGES` says what each stage and baseline trains and where
-     its prompt comes from; `init_prompt` and `train_step` are the rest of it;
-  2. `train`, one stage from named steps: open the run, load the model and
-     prompts, build the optimizer, resume, loop (with checkpoints and scoring),
-     export;
-  3. the command line: `Config` (defaults = the paper's App. B.4), input
-     checks, `main`.
-The network is in model.py, tasks and batching in data.py, decoding and metrics
-in evaluate.py; Adafactor, FSDP2, run-folder checkpoints and LoRA are plumbing
-in support/.
+Read it top to bottom: 1. the method (`STAGES`: what each stage and baseline
+trains and where its prompt comes from; `init_prompt`; `train_step`); 2. `train`,
+one stage from named steps (open the run, load the model and prompts, build the
+optimizer, resume, loop, export); 3. the command line (`Config`, whose defaults
+are the paper's App. B.4, the input checks, `main`). The network is in model.py,
+tasks and batching in data.py, decoding and metrics in evaluate.py; Adafactor,
+FSDP2, run-folder checkpoints and LoRA are plumbing in support/.
 """
 
 import argparse
@@ -171,7 +167,7 @@ def train(cfg):
     fsdp.barrier()  # every rank has checked --out before rank 0 writes into it
     s = open_run(cfg, ctx, inputs, diag)
     torch.manual_seed(cfg.seed + ctx.rank)  # dropout masks differ across ranks
-    s.model = load_model(cfg, ctx, inputs, s.trains_adapters)
+    s.model = load_model(cfg, ctx, inputs)
     s.prompts = make_prompts(s)
     build_optimizer(s)
     resume(s)
@@ -207,7 +203,6 @@ class Session:
     model: object = None
     prompts: dict = None
     optimizer: object = None
-    trainable: int = 0
     mixture: object = None
     step: int = 0
     best: dict = field(default_factory=lambda: {"step": None, "score": None, "scores": None, "evaluated": []})
@@ -233,28 +228,27 @@ def open_run(cfg, ctx, inputs, diag):
     return Session(cfg, ctx, inputs, diag, stage_dir, *what_trains(cfg))
 
 
-def load_model(cfg, ctx, inputs, trains_adapters):
+def load_model(cfg, ctx, inputs):
     """The pretrained model on this device (sharded under torchrun), adapters attached, the run's dropout.
 
     One process loads the checkpoint directly. Under torchrun the model is
     built on the meta device, sharded, and each rank copies only its slice of
     every tensor as the file streams by (support/fsdp.py)."""
-    adapters = inputs["adapters"]
     if ctx.world == 1:
         t5 = model_lib.load_pretrained(cfg.model, dtype=torch.float32, device=ctx.device)
-        adapters = attach_adapters(t5, cfg, adapters)
-        copy = (lambda name, tensor: fsdp.copy_into_shard(t5.get_parameter(name), tensor))
-        if cfg.activation_checkpointing:
-            for block in list(t5.encoder.blocks) + list(t5.decoder.blocks):
-                fsdp.checkpoint_block(block)
     else:
         t5 = model_lib.build(model_lib.read_config(cfg.model), "meta")
-        adapters = attach_adapters(t5, cfg, adapters)  # before sharding: FSDP shards them with their block
-        fsdp.shard_model(t5, ctx.mesh, list(t5.encoder.blocks) + list(t5.decoder.blocks),
-                         bf16=cfg.dtype == "bfloat16", activation_checkpointing=cfg.activation_checkpointing)
+    adapters = attach_adapters(t5, cfg, inputs["adapters"])  # before sharding: FSDP shards them with their block
+    blocks = list(t5.encoder.blocks) + list(t5.decoder.blocks)
+    copy = (lambda name, tensor: fsdp.copy_into_shard(t5.get_parameter(name), tensor))
+    if ctx.world > 1:
+        fsdp.shard_model(t5, ctx.mesh, blocks, bf16=cfg.dtype == "bfloat16",
+                         activation_checkpointing=cfg.activation_checkpointing)
         t5.to_empty(device=ctx.device)
-        copy = (lambda name, tensor: fsdp.copy_into_shard(t5.get_parameter(name), tensor))
         model_lib.load_weights(t5, cfg.model, copy=copy)
+    elif cfg.activation_checkpointing:
+        for block in blocks:
+            fsdp.checkpoint_block(block)
     for name, tensor in (adapters or {}).items():
         copy(name, tensor)
     model_lib.set_dropout(t5, cfg.dropout)
@@ -304,7 +298,6 @@ def build_optimizer(s):
     s.optimizer = Adafactor(groups, lr=s.cfg.lr, weight_decay_rate=s.cfg.weight_decay or None,
                             step_offset=s.cfg.adafactor_step_offset)
     s.optimizer.init_state()
-    s.trainable = sum(p.numel() for g in groups for p in g["params"])
 
 
 def training_state(s):
@@ -355,13 +348,16 @@ def loop(s):
     micro = cfg.micro_batch_size or per_rank
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     window_time, window_tokens, run_start, train_time = 0.0, 0, time.time(), 0.0
+    trainable = sum(p.numel() for g in s.optimizer.param_groups for p in g["params"])
     if ctx.main:
         print(f"{STAGES[cfg.stage].folder}: {cfg.steps} steps of {cfg.batch_size} examples on {ctx.world} "
-              f"rank(s) ({ctx.device.type}), {s.trainable:,} trainable parameters, lr {cfg.lr}", flush=True)
+              f"rank(s) ({ctx.device.type}), {trainable:,} trainable parameters, lr {cfg.lr}", flush=True)
     try:
         while s.step < cfg.steps:
             step_start = time.time()
-            rows = global_batch(s.mixture, s.inputs, cfg, ctx, truncation)
+            rows = data.rank_batch(s.mixture, s.inputs["tasks"], s.inputs["train_sets"], cfg.batch_size, ctx.rank,
+                                   ctx.world, cfg.shots, cfg.seed, s.inputs["tokenizer"], cfg.max_input_tokens,
+                                   truncation)
             batches = [data.encode_batch(s.inputs["tokenizer"], [(x, y) for _, x, y in rows[i:i + micro]],
                                          cfg.max_input_tokens, cfg.max_target_tokens,
                                          tasks=[t for t, _, _ in rows[i:i + micro]], device=ctx.device)
@@ -477,33 +473,8 @@ def export(folder, s):
     fsdp.barrier()
 
 
-def global_batch(mixture, inputs, cfg, ctx, truncation):
-    """This rank's (task name, input text, target text) rows of the next global batch.
-
-    Every rank draws the whole global batch from the same data.Mixture (equal
-    task shares, a seeded permutation per epoch) and keeps its slice, so one
-    process and N ranks train on the same examples, and the mixture's
-    state_dict is the data position a checkpoint stores.
-    """
-    per_rank = cfg.batch_size // ctx.world
-    mine = mixture.take(cfg.batch_size)[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
-    tasks = {t.name: (t, pool) for t, pool in zip(inputs["tasks"], inputs["train_sets"])}
-    rows = []
-    for name, example in mine:
-        task, pool = tasks[name]
-        # "+1-shot" (paper 5.3): a demonstration from the training set, never the example itself.
-        # Too-long inputs lose demonstrations first, then the end of the query's longest field,
-        # exactly as evaluate.score_task builds its inputs.
-        (text, target), = data.training_pairs(task, [example], shots=cfg.shots, pool=pool, seed=cfg.seed,
-                                              tokenizer=inputs["tokenizer"], max_input_tokens=cfg.max_input_tokens,
-                                              stats=truncation, warn=lambda message: None)
-        rows.append((name, text, target))
-    return rows
-
-
 def fmt_time(seconds):
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
+    h, rem = divmod(int(max(0, seconds)), 3600)
     return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
@@ -518,7 +489,7 @@ def flag(default, help, **kw):
 @dataclass
 class Config:
     """Every setting; the README's "Training" section explains each one. None = the stage's default."""
-    stage: str = flag("1", "what to train: " + ", ".join(STAGES) + " (README: Stages and baselines)",
+    stage: str = flag("1", "1: ProMoT stage 1 (prompt tuning); 2: stage 2 (model tuning); or a baseline (STAGES)",
                       choices=tuple(STAGES))
     model: str = flag("", "pretrained checkpoint folder (Hugging Face layout, with spiece.model) [lab: lab/tiny-t5]")
     data_dir: str = flag("", "folder with one sub-folder per task [lab: lab/data]")
@@ -538,7 +509,7 @@ class Config:
     lora_targets: str = flag("q,v", "attention projections that get adapters (q,k,v,o)")
     lora: str = flag("", "stage 2 with LoRA: the frozen adapter file [RUN/stage1/best/lora.safetensors]")
     prompt_length: int = flag(100, "soft prompt length p")
-    prompt_init: str = flag("uniform", "prompt initialisation (README: Stages and baselines)",
+    prompt_init: str = flag("uniform", "prompt initialisation: U[0, 0.5), vocabulary rows, label words, or --prompt",
                             choices=("uniform", "vocab", "text", "file"))
     prompt_init_text: str = flag("", "words for --prompt-init text, comma-separated [the task's label words]")
     prompt: str = flag("", "prompt file: stage 2's frozen prompt [RUN/stage1/best/prompt.safetensors], or for --prompt-init file")
@@ -656,12 +627,12 @@ def check_inputs(cfg, ctx):
 
 def check_model_and_data(cfg):
     """The checkpoint folder, its tokenizer and config, the tasks and their splits."""
-    for path, what in ((cfg.model, "config.json"), (cfg.model, "spiece.model")):
-        if not os.path.isdir(path):
-            raise UsageError(f"--model {path}: no such checkpoint directory")
-        if not os.path.isfile(os.path.join(path, what)):
-            raise UsageError(f"--model {path}: no {what}; expected a Hugging Face T5/mT5 checkpoint directory "
-                             "with its SentencePiece vocabulary")
+    if not os.path.isdir(cfg.model):
+        raise UsageError(f"--model {cfg.model}: no such checkpoint directory")
+    for name in ("config.json", "spiece.model"):
+        if not os.path.isfile(os.path.join(cfg.model, name)):
+            raise UsageError(f"--model {cfg.model}: no {name}; expected a Hugging Face T5/mT5 checkpoint "
+                             "directory with its SentencePiece vocabulary (spiece.model)")
     if not os.path.isdir(cfg.data_dir):
         raise UsageError(f"--data-dir {cfg.data_dir}: no such directory")
     config = model_lib.read_config(cfg.model)
@@ -683,15 +654,9 @@ def check_stage_inputs(cfg, config, tasks):
         if cfg.stage not in ("1", "2"):
             raise UsageError(f"--stage1-module lora belongs to ProMoT's two stages (--stage 1 or 2), "
                              f"not --stage {cfg.stage}")
-        if cfg.stage == "1":
-            targets = names(cfg.lora_targets)
-            if cfg.lora_rank < 1:
-                raise UsageError(f"--lora-rank must be a positive integer, got {cfg.lora_rank}")
-            unknown = [t for t in targets if t not in lora.LORA_TARGETS]
-            if unknown or not targets:
-                raise UsageError(f"--lora-targets {cfg.lora_targets!r}: unknown {unknown or targets}; "
-                                 f"choose from {','.join(lora.LORA_TARGETS)}")
-            adapters = (None, {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": targets})
+        if cfg.stage == "1":  # --lora-rank, --lora-targets
+            lora.check_settings(cfg.lora_rank, names(cfg.lora_targets))
+            adapters = (None, {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": names(cfg.lora_targets)})
         else:
             path = cfg.lora or os.path.join(cfg.out, "stage1", "best", "lora.safetensors")
             if not os.path.isfile(path):

@@ -59,6 +59,15 @@ def _add_adapter_output(attention, target, linear, args, out):
     return out + adapter(args[0]) if adapter.enabled else out
 
 
+def check_settings(rank, targets):
+    """Raises LoRAError unless rank is a positive integer and targets a non-empty subset of q, k, v, o."""
+    if not isinstance(rank, int) or rank < 1:
+        raise LoRAError(f"LoRA rank must be a positive integer, got {rank!r}")
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise LoRAError(f"unknown LoRA target(s) {unknown or list(targets)}; choose from {','.join(LORA_TARGETS)}")
+
+
 def add_lora(model, rank, alpha=None, targets=("q", "v")):
     """Attaches a LoRA adapter to the chosen projections of every attention layer.
 
@@ -66,11 +75,7 @@ def add_lora(model, rank, alpha=None, targets=("q", "v")):
     Returns the new adapter parameters; nothing else changes. Calling it again
     replaces the adapters (the hooks stay, one per projection).
     """
-    if not isinstance(rank, int) or rank < 1:
-        raise LoRAError(f"LoRA rank must be a positive integer, got {rank!r}")
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if unknown or not targets:
-        raise LoRAError(f"unknown LoRA target(s) {unknown or list(targets)}; choose from {list(LORA_TARGETS)}")
+    check_settings(rank, targets)
     alpha = float(rank if alpha is None else alpha)
     params = []
     for attention in attention_modules(model):

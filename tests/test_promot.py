@@ -358,8 +358,8 @@ def test_long_inputs_are_cut_in_the_query_text_keeping_template_and_sentinel(env
     long_example = data.Example({"input": " ".join(["dog sat on the mat"] * 20)}, ["False"])
     mixture = data.Mixture({"toy_tf": [long_example]}, seed=0)
     tok = data.Tokenizer(os.path.join(env["model"], "spiece.model"))
-    inputs = dict(tasks=[task], train_sets=[train_set], tokenizer=tok)
-    rows = promot.global_batch(mixture, inputs, cfg, fsdp.Dist(), data.TruncationStats())
+    rows = data.rank_batch(mixture, [task], [train_set], cfg.batch_size, tokenizer=tok,
+                           max_input_tokens=cfg.max_input_tokens)
     text = rows[0][1]
     assert len(tok.encode(text)) <= 16
     assert text.endswith("question: is there a cat? answer: <extra_id_0>")
