@@ -654,8 +654,8 @@ def check_stage_inputs(cfg, config, tasks):
         if cfg.stage not in ("1", "2"):
             raise UsageError(f"--stage1-module lora belongs to ProMoT's two stages (--stage 1 or 2), "
                              f"not --stage {cfg.stage}")
-        if cfg.stage == "1":  # --lora-rank, --lora-targets
-            lora.check_settings(cfg.lora_rank, names(cfg.lora_targets))
+        if cfg.stage == "1":
+            lora.check_settings(cfg.lora_rank, names(cfg.lora_targets), "--lora-rank", "--lora-targets")
             adapters = (None, {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": names(cfg.lora_targets)})
         else:
             path = cfg.lora or os.path.join(cfg.out, "stage1", "best", "lora.safetensors")

@@ -59,13 +59,15 @@ def _add_adapter_output(attention, target, linear, args, out):
     return out + adapter(args[0]) if adapter.enabled else out
 
 
-def check_settings(rank, targets):
-    """Raises LoRAError unless rank is a positive integer and targets a non-empty subset of q, k, v, o."""
+def check_settings(rank, targets, rank_name="LoRA rank", targets_name="LoRA targets"):
+    """Raises LoRAError unless rank is a positive integer and targets a non-empty subset of
+    q, k, v, o; the message calls them `rank_name` and `targets_name` (e.g. a command's flags)."""
     if not isinstance(rank, int) or rank < 1:
-        raise LoRAError(f"LoRA rank must be a positive integer, got {rank!r}")
+        raise LoRAError(f"{rank_name} must be a positive integer, got {rank!r}")
     unknown = [t for t in targets if t not in LORA_TARGETS]
     if unknown or not targets:
-        raise LoRAError(f"unknown LoRA target(s) {unknown or list(targets)}; choose from {','.join(LORA_TARGETS)}")
+        raise LoRAError(f"{targets_name} {','.join(targets)!r}: unknown LoRA target(s) {unknown or list(targets)}; "
+                        f"choose from {','.join(LORA_TARGETS)}")
 
 
 def add_lora(model, rank, alpha=None, targets=("q", "v")):
