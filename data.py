@@ -172,9 +172,8 @@ class Task:
     label_words  the closed answer set of classification tasks, else None
     prefix       App. B.2 cut token: a second occurrence in the output starts a
                  new (hallucinated) example and is cut off; None for classification
-    format       output format; the paper keeps the soft prompt only for the
-                 fine-tuned task itself (Table 10: prompt tuning on SNLI leaves CB,
-                 which shares SNLI's answer set, at the pretrained score)
+    format       output format: the stage-1 prompt (or LoRA) is applied to every
+                 task whose format equals the fine-tuned task's (evaluate.same_format)
     eval_split   split scored in the paper: SuperGLUE dev, the others test (§5.1)
     demo_split   split k-shot demonstrations are drawn from
     max_input_tokens  default input cut (App. B.4: 1024 for summarization)

@@ -423,12 +423,12 @@ def parse_args(argv=None):
     a.add_argument("--task", required=True, help="classification task whose labels are shuffled, e.g. rte")
     a.add_argument("--data-dir", required=True, help="folder with the task's files (see README, Data sets)")
     a.add_argument("--prompt", default=None, help="prompt.safetensors to prepend (stage-2 models)")
-    a.add_argument("--align-batch-size", "--batch-size", type=int, default=32,
-                   help="examples in the batch (default: 32)")
+    a.add_argument("--align-batch-size", type=int, default=32, help="examples in the batch (default: 32)")
     a.add_argument("--layer", type=int, default=-1, help="decoder layer of the per-kind groups (default: -1, the last)")
     a.add_argument("--seed", type=int, default=0, help="which examples and which label permutation (default: 0)")
     a.add_argument("--out", default=None, help="also write the cosines to this JSON file")
-    return ap.parse_args(argv)
+    renamed = {"--batch-size": "--align-batch-size"}  # promot.py's name for the same setting
+    return ap.parse_args(evaluate.renamed_flags(sys.argv[1:] if argv is None else argv, renamed, "diagnostics.py"))
 
 
 def main(argv=None):
@@ -445,7 +445,7 @@ def main(argv=None):
         batch, shuffled = alignment_batches(args.task, train, tokenizer, args.align_batch_size, args.seed)
         prompt = None
         if args.prompt:
-            prompts = model_lib.read_prompts(args.prompt, t5.config.d_model)
+            prompts = model_lib.read_prompts(args.prompt, t5.config.d_model, [args.task])
             prompt = evaluate.route_prompt(args.task, prompts, "always")
         cosines = gradient_alignment(t5, batch, shuffled, prompt, args.layer)
         print(f"cos(g, g_format) on {args.align_batch_size} {args.task} examples, decoder layer {args.layer}:")

@@ -202,7 +202,8 @@ def main(argv=None):
     p.add_argument("--model", default=str(ROOT / "lab" / "tiny-t5"), help="pretrained checkpoint")
     p.add_argument("--quick", action="store_true", help="fewer steps and examples: a couple of minutes")
     p.add_argument("--steps", type=int, default=None, help="override the steps of every training stage")
-    p.add_argument("--limit", type=int, default=None, help="override the examples scored per task")
+    p.add_argument("--eval-examples", "--limit", dest="limit", type=int, default=None,
+                   help="override the examples scored per task (--limit: the old name)")
     p.add_argument("--lr", type=float, default=None, help="override the model-tuning lr (stage 2, fine-tuning)")
     p.add_argument("--stage1-lr", type=float, default=None, help="override the prompt lr of stage 1")
     p.add_argument("--dropout", type=float, default=None, help="override the dropout of every stage")

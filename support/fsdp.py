@@ -5,7 +5,7 @@ The idea is PyTorch's FSDP2 example in three lines, build on the meta device,
 `fully_shard` every block and then the root, materialize:
 
     model = build(config, "meta")
-    shard_model(model, mesh)                 # every block, then the root
+    shard_model(model, mesh, blocks)         # every block, then the root
     model.to_empty(device=device)            # then fill each shard, see copy_into_shard
 
 The rest is what a trainer needs around it: where this process sits

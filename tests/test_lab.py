@@ -205,7 +205,7 @@ def test_pretraining_script_writes_a_loadable_checkpoint(tmp_path):
 
 def test_lab_run_quick_goes_through_stage_1_stage_2_finetune_and_evaluate_and_writes_the_table(tmp_path):
     from lab import run as lab_run
-    table = lab_run.main(["--quick", "--steps", "3", "--limit", "6", "--out", str(tmp_path / "run"),
+    table = lab_run.main(["--quick", "--steps", "3", "--eval-examples", "6", "--out", str(tmp_path / "run"),
                           "--quiet"])
     assert list(table) == list(lab_run.METHODS)
     for row in table.values():
