@@ -72,96 +72,120 @@ def generate(model, input_ids, attention_mask, prompt=None, num_beams=1, max_new
 
 
 def greedy_search(model, encoder_hidden, encoder_mask, max_new_tokens):
-    """The most likely next token at every step, until every row has written EOS."""
+    """The most likely next token at every step, until every row has written EOS. A row that
+    has leaves the batch and the KV cache, so the cost follows the rows still writing."""
     cfg, batch = model.config, encoder_hidden.shape[0]
     cache = model_lib.KVCache()
     last = encoder_hidden.new_full((batch, 1), cfg.decoder_start_token_id, dtype=torch.long)
-    finished = torch.zeros(batch, dtype=torch.bool, device=encoder_hidden.device)
-    out = []
-    for _ in range(max_new_tokens):
-        logits = model.decode(last, encoder_hidden, encoder_mask, cache)[:, -1].float()
-        last = logits.argmax(-1, keepdim=True).masked_fill(finished[:, None], cfg.pad_token_id)
-        out.append(last)
-        finished |= last[:, 0] == cfg.eos_token_id
-        if finished.all():
-            break
-    return torch.cat(out, dim=1)
+    live = torch.arange(batch, device=encoder_hidden.device)  # the rows still writing
+    out = last.new_full((batch, max_new_tokens), cfg.pad_token_id)  # pad after EOS, like transformers
+    for step in range(max_new_tokens):
+        last = model.decode(last, encoder_hidden, encoder_mask, cache)[:, -1].float().argmax(-1, keepdim=True)
+        out[live, step] = last[:, 0]
+        writing = last[:, 0] != cfg.eos_token_id
+        if not writing.all():
+            if not writing.any():
+                return out[:, : step + 1]
+            rows = writing.nonzero()[:, 0]
+            live, last, encoder_hidden, encoder_mask = live[rows], last[rows], encoder_hidden[rows], encoder_mask[rows]
+            cache.reorder(rows, sources=True)
+    return out
 
 
 def beam_search(model, encoder_hidden, encoder_mask, num_beams, max_new_tokens,
                 length_penalty=1.0, brevity_penalty="hf"):
-    """Beam search with transformers' rules (`generation/utils.py`, `_beam_search`)."""
+    """Beam search with transformers' rules (`generation/utils.py`, `_beam_search`). An example
+    closed by the stopping rule leaves the batch and the KV cache, so the cost follows the open
+    examples (transformers decodes every example until the last one closes; same tokens)."""
     cfg, K = model.config, num_beams
     B, device = encoder_hidden.shape[0], encoder_hidden.device
     NEG = -1.0e9  # transformers' score for "impossible"
-    if brevity_penalty == "hf":
-        divisor = lambda n: n ** length_penalty
-    elif brevity_penalty == "t5x":
-        divisor = lambda n: ((5 + n) / 6) ** length_penalty
-    else:
-        raise ValueError(f"brevity_penalty must be 'hf' or 't5x', got {brevity_penalty!r}")
-    # The K beams of an example sit in adjacent rows and read the same encoder output.
-    encoder_hidden = encoder_hidden.repeat_interleave(K, dim=0)
-    encoder_mask = encoder_mask.repeat_interleave(K, dim=0)
+    divisor = brevity_divisor(brevity_penalty, length_penalty)
     cache = model_lib.KVCache()
-    last = torch.full((B * K, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
-    # Running beams. Only beam 0 is live at first, so step 1 does not pick K copies of one token.
+    # Step 1 decodes one row per example: its K beams would hold the same start token and read
+    # the same encoder output. After it, an example's K beams sit in K adjacent rows.
+    last = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
+    # Running beams of the examples still open (`live`: their index in the batch). Only beam 0
+    # is live at first, so step 1 does not pick K copies of one token.
+    live = torch.arange(B, device=device)
     seqs = torch.empty((B, K, 0), dtype=torch.long, device=device)
     scores = torch.zeros((B, K), device=device)
     scores[:, 1:] = NEG
-    # The K best finished hypotheses per example ("slots"), padded with EOS like transformers.
-    done = torch.full((B, K, max_new_tokens), cfg.eos_token_id, dtype=torch.long, device=device)
-    done_scores = torch.full((B, K), NEG, device=device)
-    done_real = torch.zeros((B, K), dtype=torch.bool, device=device)
-    done_len = torch.zeros((B, K), dtype=torch.long, device=device)
-    is_open = torch.ones((B, 1), dtype=torch.bool, device=device)
+    # The K best finished hypotheses per open example ("slots"), padded with EOS like transformers.
+    slots = dict(ids=torch.full((B, K, max_new_tokens), cfg.eos_token_id, dtype=torch.long, device=device),
+                 score=torch.full((B, K), NEG, device=device), real=torch.zeros((B, K), dtype=torch.bool,
+                 device=device), length=torch.zeros((B, K), dtype=torch.long, device=device))
+    answer, answer_len = slots["ids"][:, 0].clone(), slots["length"][:, 0].clone()  # set as examples close
     in_top_k = torch.arange(2 * K, device=device) < K
-    row0 = torch.arange(B, device=device)[:, None] * K
     some_slots_full = False  # until one example has K finished slots, every example stays open
     for step in range(1, max_new_tokens + 1):  # step = tokens generated, EOS included
         logp = model.decode(last, encoder_hidden, encoder_mask, cache)[:, -1].float().log_softmax(-1)
-        V = logp.shape[-1]
+        logp = logp.repeat_interleave(K, 0) if step == 1 else logp
+        n, V = live.numel(), logp.shape[-1]
         # The 2K best continuations over all beams by summed log-prob, so that K survive even
         # if K of them end in EOS (transformers: beams_to_keep = 2 * num_beams).
-        cand_scores, flat = (logp.view(B, K, V) + scores[:, :, None]).view(B, K * V).topk(2 * K)
+        cand_scores, flat = (logp.view(n, K, V) + scores[:, :, None]).view(n, K * V).topk(2 * K)
         beam, token = flat // V, flat % V
         # A candidate ends with EOS or when it reaches max_new_tokens (the stopping criteria).
         ends = (token == cfg.eos_token_id) | (step == max_new_tokens)
-        # Only candidates ranked in the top K may finish (top_num_beam_mask), and only while
-        # the example is open; a finished hypothesis scores sum / length ** length_penalty,
-        # the length counting every generated token, EOS included.
-        finishing = ends & in_top_k & is_open
+        # Only candidates ranked in the top K may finish (top_num_beam_mask); a finished
+        # hypothesis scores sum / length ** length_penalty, the length counting every
+        # generated token, EOS included.
+        finishing = ends & in_top_k
         if finishing.any():  # skipped on most steps: nothing to merge
-            new_scores = torch.where(finishing, cand_scores / divisor(step), NEG)
             cand = torch.cat([seqs.gather(1, beam[:, :, None].expand(-1, -1, step - 1)), token[:, :, None]], 2)
-            cand = torch.nn.functional.pad(cand, (0, max_new_tokens - step), value=cfg.eos_token_id)
-            # Merge with the slots, old ones first, keep the K best (transformers' order, so
-            # ties break the same way).
-            pick = torch.cat([done_scores, new_scores], 1).topk(K).indices
-            done = torch.cat([done, cand], 1).gather(1, pick[:, :, None].expand(-1, -1, max_new_tokens))
-            done_scores = torch.cat([done_scores, new_scores], 1).gather(1, pick)
-            done_real = torch.cat([done_real, finishing], 1).gather(1, pick)
-            done_len = torch.cat([done_len, torch.full_like(token, step)], 1).gather(1, pick)
-            some_slots_full = bool(done_real.all(1).any())
+            slots = merge_finished(slots, dict(
+                ids=torch.nn.functional.pad(cand, (0, max_new_tokens - step), value=cfg.eos_token_id),
+                score=torch.where(finishing, cand_scores / divisor(step), NEG), real=finishing,
+                length=torch.full_like(token, step)))
+            some_slots_full = bool(slots["real"].all(1).any())
         # The next running beams: the K best candidates that did not end.
         scores, keep = (cand_scores + ends * NEG).topk(K)
         parent = beam.gather(1, keep)
         seqs = torch.cat([seqs.gather(1, parent[:, :, None].expand(-1, -1, step - 1)),
                           token.gather(1, keep)[:, :, None]], 2)
-        # The cache follows each running beam to the row it came from.
-        cache.reorder((parent + row0).view(-1))
-        last = seqs[:, :, -1].reshape(B * K, 1)
+        # The cache row each running beam continues (step 1's cache has one row per example).
+        rows = (parent + K * torch.arange(n, device=device)[:, None]) // (K if step == 1 else 1)
         # early_stopping=False: an example closes for good once all K slots are finished and
         # the best running beam, scored at its current length, cannot beat the worst slot.
         # (transformers also stops when every candidate ended; at most K of the 2K can be EOS,
         # so that happens only at max_new_tokens, where the loop ends anyway.)
+        closing = False
         if some_slots_full:
-            worst = torch.where(done_real, done_scores.min(1, keepdim=True).values, NEG)
-            is_open &= (scores[:, :1] / divisor(step) > worst).any(1, keepdim=True)
-            if not is_open.any():
+            worst = torch.where(slots["real"], slots["score"].min(1, keepdim=True).values, NEG)
+            is_open = (scores[:, :1] / divisor(step) > worst).any(1)
+            closing = not bool(is_open.all())
+        if closing:  # the best slot is the answer; the example's rows leave the batch
+            closed = live[~is_open]
+            answer[closed], answer_len[closed] = slots["ids"][~is_open, 0], slots["length"][~is_open, 0]
+            slots = {key: t[is_open] for key, t in slots.items()}
+            live, seqs, scores, rows = live[is_open], seqs[is_open], scores[is_open], rows[is_open]
+            if live.numel() == 0:
                 break
-    # The best slot of each example, cut to the longest of them.
-    return done[:, 0, : int(done_len[:, 0].max())]
+        if closing or step == 1:  # the encoder side moves with the rows too
+            encoder_hidden, encoder_mask = encoder_hidden[rows.view(-1)], encoder_mask[rows.view(-1)]
+        cache.reorder(rows.view(-1), sources=closing or step == 1)
+        last = seqs[:, :, -1].reshape(-1, 1)
+    answer[live], answer_len[live] = slots["ids"][:, 0], slots["length"][:, 0]  # open until the end
+    return answer[:, : int(answer_len.max())]
+
+
+def merge_finished(slots, new):
+    """Each example's K best finished hypotheses once `new` ones join its slots, old ones first
+    (transformers' order, so ties break the same way). Both map ids, score, real (a finished
+    hypothesis, not padding) and length to (examples, hypotheses, ...) tensors."""
+    pick = torch.cat([slots["score"], new["score"]], 1).topk(slots["score"].shape[1]).indices
+    examples = torch.arange(pick.shape[0], device=pick.device)[:, None]
+    return {key: torch.cat([t, new[key]], 1)[examples, pick] for key, t in slots.items()}
+
+
+def brevity_divisor(brevity_penalty, length_penalty):
+    """What a finished hypothesis' summed log-prob is divided by, as a function of its length."""
+    if brevity_penalty == "hf":
+        return lambda n: n ** length_penalty
+    if brevity_penalty == "t5x":
+        return lambda n: ((5 + n) / 6) ** length_penalty
+    raise ValueError(f"brevity_penalty must be 'hf' or 't5x', got {brevity_penalty!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -179,8 +203,9 @@ def postprocess(text, label_words=None, cut_prefixes=CUT_PREFIXES):
     1. Keep the text after `<extra_id_0>` and before `<extra_id_1>`; without the
        sentinels the whole output is the answer.
     2. Cut at the next example: the text from the first task prefix (`Q:`, `Translate`,
-       `Article:`) that is not at the very start. B.2 says "the second prefix": an output
-       that begins by echoing a prefix keeps that first one.
+       `Article:`) that is not at the very start and stands as a word of its own. B.2 says
+       "the second prefix token": an output that begins by echoing a prefix keeps that
+       first one, and "IQ:" or "Translated" inside an answer is no prefix.
     3. Classification (`label_words` given, e.g. True/False/Neither, or OpenbookQA's
        A/B/C/D): the first word, with punctuation around it removed ("True." -> "True",
        "B)" -> "B"). Case is kept: the references are the label words themselves.
@@ -189,8 +214,8 @@ def postprocess(text, label_words=None, cut_prefixes=CUT_PREFIXES):
         text = text.split("<extra_id_0>", 1)[1]
     text = text.split("<extra_id_1>", 1)[0]
     text = text.strip()
-    cuts = [text.find(p, 1) for p in cut_prefixes]
-    cuts = [c for c in cuts if c > 0]
+    # A prefix is a whole word after whitespace (the start itself never cuts, it was stripped).
+    cuts = [m.start() for p in cut_prefixes for m in [re.search(rf"(?<=\s){re.escape(p)}(?=\s|$)", text)] if m]
     if cuts:
         text = text[: min(cuts)].strip()
     if label_words is not None:
@@ -604,14 +629,23 @@ def check_args(args):
         if not part.strip().isdigit():
             raise EvaluationError(f"--shots {args.shots!r}: expected comma-separated numbers like 1,4")
         shots.append(int(part))
-    for flag in ("eval_examples", "num_beams", "max_new_tokens", "eval_batch_size", "train_examples"):
+    for flag in ("eval_examples", "num_beams", "max_new_tokens", "eval_batch_size", "train_examples",
+                 "max_input_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise EvaluationError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
     if args.lora and not args.task:
         raise EvaluationError("--lora needs --task (the adapters are applied for its format only)")
+    if not os.path.isdir(args.model):
+        raise EvaluationError(f"--model {args.model}: not a checkpoint directory (config.json, weights, spiece.model)")
+    if os.path.isdir(args.out) or not os.access(os.path.dirname(os.path.abspath(args.out)) or ".", os.W_OK) \
+            and os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise EvaluationError(f"--out {args.out}: expected a results file in a writable folder")
+    tasks = _task_list(args.eval_tasks, args.data_dir)
+    if not tasks and not args.task and not args.prompt:
+        raise EvaluationError(f"--eval-tasks {args.eval_tasks!r} names no task and there is no --task: nothing to score")
     baseline = read_results(args.baseline) if args.baseline else None
-    return shots, _task_list(args.eval_tasks, args.data_dir), baseline
+    return shots, tasks, baseline
 
 
 def load(args, device):

@@ -8,7 +8,7 @@ mT5 and UMT5 and to run them on the public checkpoints:
   for incremental decoding), the ReLU / gated-GELU feed-forward, the stacks;
 - soft-prompt prepending (`prompt=`), the only change ProMoT needs, and the
   prompt file (`read_prompts` / `save_prompts`);
-- `cross_entropy` with T5X's label smoothing, and `shift_right`;
+- `cross_entropy` with T5X's label smoothing and z-loss, and `shift_right`;
 - `load_pretrained` / `save_pretrained` in the Hugging Face layout, so a
   fine-tuned model goes back to the tools that made the checkpoint: the
   translation between their parameter names and ours, and the tied-head rule.
@@ -321,15 +321,20 @@ class KVCache:
     def length(self):
         return self.layers[0]["self"]["k"].shape[2] if self.layers and "k" in self.layers[0]["self"] else 0
 
-    def reorder(self, index):
+    def reorder(self, index, sources=False):
         """Keeps the batch rows given by `index`, in that order (beam search).
 
-        Only the self-attention entries move: beam search picks rows among the
-        beams of the same source, whose cross-attention keys are identical.
+        The self-attention entries move at every call. The cross-attention keys
+        and the source mask move only with `sources=True`: beam search picks rows
+        among the beams of the same source, which share them, except when it
+        drops the rows of finished examples.
         """
         for layer in self.layers:
-            layer["self"]["k"] = layer["self"]["k"].index_select(0, index)
-            layer["self"]["v"] = layer["self"]["v"].index_select(0, index)
+            for entry in (layer["self"], layer["cross"]) if sources else (layer["self"],):
+                for key in list(entry):
+                    entry[key] = entry[key].index_select(0, index)
+        if sources and self.source_mask is not None:
+            self.source_mask = self.source_mask.index_select(0, index)
 
 
 # ----------------------------------------------------------------------------
@@ -450,6 +455,8 @@ def read_prompts(path, d_model=None, tasks=None, length=None):
         if prompt.dim() != 2 or (d_model is not None and prompt.shape[1] != d_model):
             need = f"(p, {d_model}) (d_model = {d_model})" if d_model is not None else "a 2-D (p, d_model) array"
             raise CheckpointError(f"{path}: prompt {key!r} has shape {tuple(prompt.shape)}; the model needs {need}")
+        if not torch.isfinite(prompt).all():
+            raise CheckpointError(f"{path}: prompt {key!r} holds NaN or inf values")
         if length is not None and prompt.shape[0] != length:
             raise CheckpointError(f"{path}: prompt {key!r} has length {prompt.shape[0]}; --prompt-length is {length}")
         prompts[task] = prompt
@@ -478,28 +485,60 @@ def shift_right(labels, decoder_start_token_id=0, pad_token_id=0):
     return shifted.masked_fill(shifted == -100, pad_token_id)
 
 
-def cross_entropy(logits, labels, label_smoothing=0.0):
-    """Token cross-entropy as T5X computes it; returns (sum over tokens, token count).
+def cross_entropy(logits, labels, label_smoothing=0.0, z_loss=0.0):
+    """Token cross-entropy as T5X computes it, plus its z-loss; returns (sum over tokens, token count).
 
     Label smoothing follows T5X (`compute_weighted_cross_entropy`): the target
     gets 1 - s, every other token s / (V - 1), and the entropy of that target
     distribution is subtracted so a perfect prediction scores 0. (PyTorch's
     built-in smoothing spreads s over all V tokens, the target included.)
-    Labels equal to -100 are ignored. Returning the sum lets a trainer divide
-    by the token count of the whole global batch.
+    T5X's z-loss adds z_loss * logsumexp(logits)^2 per token, pulling the
+    softmax normaliser towards 1. Labels equal to -100 are ignored. Returning
+    the sum lets a trainer divide by the token count of the whole global batch.
     """
     keep = labels != -100
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    target = labels.masked_fill(~keep, 0)
-    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    if label_smoothing > 0:
+    return T5XCrossEntropy.apply(logits, labels.masked_fill(~keep, 0), keep, label_smoothing, z_loss), keep.sum()
+
+
+class T5XCrossEntropy(torch.autograd.Function):
+    """The loss of `cross_entropy` and its gradient written out, as T5X's
+    `cross_entropy_with_logits` does, so the (B, T, V) logits see one exp pass in all.
+
+    With lse = logsumexp(logits), on = 1 - s and off = s / (V - 1) (so on + (V-1)*off = 1),
+    per kept token:
+        loss            = lse - (on - off) * logits[target] - off * sum(logits) - entropy + z_loss * lse^2
+        d loss/d logits = softmax(logits) * (1 + 2 * z_loss * lse) - off - (on - off) * onehot(target)
+    log_softmax, a second logsumexp for the z-loss and their autograd took several
+    passes over the logits for the same numbers (this form is also closer to float64).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, keep, label_smoothing, z_loss):
         vocab = logits.shape[-1]
         on, off = 1.0 - label_smoothing, label_smoothing / (vocab - 1)
-        entropy = -(on * math.log(on) + (vocab - 1) * off * math.log(off + 1e-20))
-        loss = on * nll + off * (-logp.sum(-1) - nll) - entropy
-    else:
-        loss = nll
-    return (loss * keep).sum(), keep.sum()
+        x = logits.float()
+        top = x.amax(-1, keepdim=True)
+        e = torch.sub(x, top).exp_()  # softmax = e / total, kept for backward
+        total = e.sum(-1)
+        lse = total.log() + top.squeeze(-1)
+        loss = lse - (on - off) * x.gather(-1, target[..., None]).squeeze(-1) + z_loss * lse.square()
+        if label_smoothing > 0:
+            entropy = -(on * math.log(on) + (vocab - 1) * off * math.log(off + 1e-20))
+            loss = loss - off * x.sum(-1) - entropy
+        ctx.save_for_backward(e, total, lse, target, keep)
+        ctx.constants = on, off, z_loss, logits.dtype
+        return (loss * keep).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        e, total, lse, target, keep = ctx.saved_tensors
+        on, off, z_loss, dtype = ctx.constants
+        weight = keep * grad  # d(sum)/d(token loss)
+        g = e * (weight * (1 + 2 * z_loss * lse) / total)[..., None]
+        if off:
+            g.sub_((off * weight)[..., None])
+        g.scatter_add_(-1, target[..., None], (-(on - off) * weight)[..., None])
+        return g.to(dtype), None, None, None, None
 
 
 # ----------------------------------------------------------------------------

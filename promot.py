@@ -5,16 +5,15 @@ Run it:
     python promot.py --stage 2 --model CKPT --data-dir DATA --task rte --out runs/rte
     torchrun --nproc_per_node 8 promot.py ...      # the same, sharded with FSDP2
 
-Read it top to bottom: 1. the method (`STAGES`: what each stage and baseline
-trains and where its prompt comes from; `init_prompt`; `train_step`); 2. `train`,
-one stage from named steps (open the run, load the model and prompts, build the
-optimizer, resume, loop, export); 3. the command line (`Config`, whose defaults
-are the paper's App. B.4, the input checks, `main`). The network is in model.py,
-tasks and batching in data.py, decoding and metrics in evaluate.py; Adafactor,
+Read it top to bottom: 1. the method (`STAGES`, `init_prompt`, `train_step`);
+2. `train`, one stage from named steps; 3. the command line (`Config`: the
+paper's App. B.4 defaults, the input checks, `main`). The network is in
+model.py, tasks in data.py, decoding and metrics in evaluate.py; Adafactor,
 FSDP2, run-folder checkpoints and LoRA are plumbing in support/.
 """
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -31,7 +30,7 @@ import data
 import diagnostics
 import evaluate
 import model as model_lib
-from support import fsdp, lora, run_checkpoints
+from support import fsdp, lora, prompt_formats, run_checkpoints
 from support.adafactor import Adafactor  # noqa: F401  (promot.Adafactor: the public name)
 from support.run_checkpoints import atomic_write
 
@@ -129,10 +128,7 @@ def train_step(t5, batches, prompts, optimizer, cfg, ctx):
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16,
                             enabled=cfg.dtype == "bfloat16" and ctx.world == 1):
             logits = t5(b["input_ids"], b["attention_mask"], model_lib.shift_right(b["labels"]), prompt=prompt)
-        loss, _ = model_lib.cross_entropy(logits, b["labels"], cfg.label_smoothing)
-        if cfg.z_loss:
-            log_z = torch.logsumexp(logits.float(), dim=-1)
-            loss = loss + cfg.z_loss * (log_z.square() * (b["labels"] != -100)).sum()
+        loss, _ = model_lib.cross_entropy(logits, b["labels"], cfg.label_smoothing, cfg.z_loss)
         # Divided by the global token count; times the world size because FSDP
         # averages gradients over ranks, and the true gradient is their sum.
         (loss * (ctx.world / global_targets)).backward()
@@ -158,16 +154,35 @@ class Diverged(RuntimeError):
     pass
 
 
+def diverged(s, what):
+    """Diverged, naming the last good checkpoint and what to try."""
+    last = run_checkpoints.latest_checkpoint(os.path.join(s.stage_dir, "checkpoints"))
+    return Diverged(f"{what}. The last good checkpoint is {last or 'none (no checkpoint saved yet)'}; try a lower "
+                    "--lr or --dtype float32, then continue with --resume (--lr may change)")
+
+
 def train(cfg):
     """Run one stage as `cfg` says; returns its Session (the live model and prompts, the best
     checkpoint). The command line is `main`."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: this machine has no CUDA GPU (torch.cuda.is_available() is False)")
     ctx = fsdp.setup_distributed(cfg.device)
     inputs = check_inputs(cfg, ctx)
     diag = diagnostics.from_flags(cfg, inputs["tasks"], inputs["tokenizer"], STAGES[cfg.stage].folder)
     fsdp.barrier()  # every rank has checked --out before rank 0 writes into it
-    s = open_run(cfg, ctx, inputs, diag)
+    lock = run_checkpoints.lock_run_folder(cfg.out)  # one run per folder; rank 0 holds it
+    try:
+        return run_stage(open_run(cfg, ctx, inputs, diag))
+    finally:
+        if lock:
+            run_checkpoints.unlock_run_folder(lock)
+
+
+def run_stage(s):
+    """Load, build, resume, train, export: the stage's steps in order."""
+    cfg, ctx, diag = s.cfg, s.ctx, s.diag
     torch.manual_seed(cfg.seed + ctx.rank)  # dropout masks differ across ranks
-    s.model = load_model(cfg, ctx, inputs)
+    s.model = load_model(cfg, ctx, s.inputs)
     s.prompts = make_prompts(s)
     build_optimizer(s)
     resume(s)
@@ -175,12 +190,8 @@ def train(cfg):
         diag.run(0, s.model, s.prompts, fsdp.unsharded)
     if not loop(s):
         return s  # stopped early (SIGTERM, --stop-after-step)
-    export(os.path.join(s.stage_dir, "final"), s)
-    if not cfg.eval:  # no scores to choose by: best/ is the last checkpoint
-        if ctx.main:
-            shutil.rmtree(os.path.join(s.stage_dir, "best"), ignore_errors=True)
-            shutil.copytree(os.path.join(s.stage_dir, "final"), os.path.join(s.stage_dir, "best"))
-        fsdp.barrier()
+    for name in ("final",) if cfg.eval else ("final", "best"):  # no scores to choose by: best/ is the last
+        export(os.path.join(s.stage_dir, name), s)
     best = s.best
     summary = (f"done: {s.stage_dir}/final" + (f"; best checkpoint step {best['step']} ({best['score']:.2f}) in "
                                                 f"{s.stage_dir}/best" if best["step"] is not None else ""))
@@ -207,13 +218,13 @@ class Session:
     step: int = 0
     best: dict = field(default_factory=lambda: {"step": None, "score": None, "scores": None, "evaluated": []})
 
-    def log(self, record, line=None):
-        """One record in RUN/log.jsonl and, if given, a progress line (rank 0 only)."""
-        if self.ctx.main:
+    def log(self, record=None, line=None):
+        """A record in RUN/log.jsonl and/or a progress line (rank 0 only)."""
+        if self.ctx.main and record:
             with open(os.path.join(self.cfg.out, "log.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps({"stage": STAGES[self.cfg.stage].folder, **record}) + "\n")
-            if line:
-                print(line, flush=True)
+        if self.ctx.main and line:
+            print(line, flush=True)
 
 
 def open_run(cfg, ctx, inputs, diag):
@@ -314,15 +325,15 @@ def resume(s):
     """The data stream, and with --resume the latest checkpoint's weights, optimizer, RNG and position."""
     tasks, train_sets = s.inputs["tasks"], s.inputs["train_sets"]
     s.mixture = data.Mixture({t.name: x for t, x in zip(tasks, train_sets)}, seed=s.cfg.seed)
-    checkpoints = os.path.join(s.stage_dir, "checkpoints")
-    ckpt = run_checkpoints.latest_checkpoint(checkpoints) if s.cfg.resume else None
-    if s.cfg.resume and ckpt is None and s.ctx.main:
-        print(f"--resume: no checkpoint in {checkpoints} yet; starting from step 0", flush=True)
-    if ckpt is None:
+    if not s.cfg.resume:
         return
-    state = training_state(s)
-    trainer = run_checkpoints.load_checkpoint(ckpt, state, s.ctx.device)
+    state, folder = training_state(s), os.path.join(s.stage_dir, "checkpoints")
+    ckpt, trainer = run_checkpoints.load_latest(folder, state, s.ctx.device, lambda m: s.log(line=m))
+    if ckpt is None:
+        return s.log(line=f"--resume: no checkpoint in {folder} yet; starting from step 0")
     s.optimizer.load_state_dict(state["optimizer"])
+    for group in s.optimizer.param_groups:
+        group["lr"] = s.cfg.lr  # --lr may change on --resume (after a NaN, say); config.json records it
     s.step = trainer["step"]
     s.mixture.load_state_dict(trainer["data_position"])
     best_path = os.path.join(s.stage_dir, "best.json")
@@ -364,10 +375,7 @@ def loop(s):
                        for i in range(0, per_rank, micro)]
             loss, global_tokens = train_step(s.model, batches, s.prompts, s.optimizer, cfg, ctx)
             if not math.isfinite(loss):
-                last = run_checkpoints.latest_checkpoint(os.path.join(s.stage_dir, "checkpoints"))
-                raise Diverged(f"loss is {loss} at step {s.step + 1}; stopped without updating. The last good "
-                               f"checkpoint is {last or 'none (no checkpoint saved yet)'}; try a lower --lr or "
-                               "--dtype float32, then continue with --resume")
+                raise diverged(s, f"loss is {loss} at step {s.step + 1}; stopped without updating")
             s.step += 1
             if s.diag is not None:
                 s.diag.run(s.step, s.model, s.prompts, fsdp.unsharded)
@@ -380,7 +388,7 @@ def loop(s):
                 s.log({"step": s.step, "loss": loss, "lr": cfg.lr, "tokens_per_s": tps,
                        "elapsed_s": time.time() - run_start},
                       f"{STAGES[cfg.stage].folder} step {s.step}/{cfg.steps} | loss {loss:.4f} | lr {cfg.lr:.2e} | "
-                      f"{tps:,.0f} tok/s | ETA {fmt_time(eta)}")
+                      f"{tps:,.0f} tok/s | ETA {datetime.timedelta(seconds=round(eta))}")
                 window_time, window_tokens = 0.0, 0
             if not checkpoint_if_due(s):
                 return False
@@ -397,11 +405,13 @@ def checkpoint_if_due(s):
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
     stop = bool(stop.item()) or s.step == cfg.stop_after_step
     scheduled = s.step % cfg.save_every == 0 or s.step == cfg.steps
+    if (scheduled or stop) and not fsdp.all_finite([p for g in s.optimizer.param_groups for p in g["params"]]):
+        raise diverged(s, f"the weights hold NaN or inf after step {s.step}; not saved")
     if scheduled or stop:
         trainer = {"step": s.step, "examples_seen": s.step * cfg.batch_size, "world_size": ctx.world,
                    "data_position": s.mixture.state_dict()}
         path = run_checkpoints.save_checkpoint(os.path.join(s.stage_dir, "checkpoints"), s.step,
-                                               training_state(s), trainer, ctx.device, keep=1)
+                                               training_state(s), trainer, ctx.device, keep=cfg.keep_checkpoints)
         s.log({"event": "checkpoint", "step": s.step, "path": path})
         if scheduled:
             score_and_keep_best(s)
@@ -413,13 +423,23 @@ def checkpoint_if_due(s):
     return True
 
 
+@torch.no_grad()
 def score_and_keep_best(s):
-    """Score this checkpoint on the validation split; export it to best/ when it is the best so far (App. B.4)."""
-    cfg, ctx, best = s.cfg, s.ctx, s.best
+    """Score this checkpoint on the validation split with evaluate.score_task (the paper's decoding,
+    App. B.2 post-processing, metric); export it to best/ when it is the best so far (App. B.4).
+    Under FSDP the weights are gathered for the duration and each rank decodes a share of the batches."""
+    cfg, ctx, inputs, best, scores = s.cfg, s.ctx, s.inputs, s.best, {}
     if not cfg.eval or s.step in best["evaluated"]:
         return
-    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
-        scores = validation_scores(s)
+    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and ctx.world == 1)
+    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []), \
+            fsdp.unsharded(s.model), autocast:
+        for task, examples, pool in zip(inputs["tasks"], inputs["val_sets"], inputs["train_sets"]):
+            scores[task.name] = float(evaluate.score_task(
+                s.model, inputs["tokenizer"], task, examples[: cfg.eval_examples], pool=pool, shots=cfg.shots,
+                prompt=s.prompts.get(task.name), num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.eval_batch_size, seed=cfg.seed, max_input_tokens=cfg.max_input_tokens,
+                distributed=ctx.world > 1)["score"])
     score = sum(scores.values()) / len(scores)
     improved = best["score"] is None or score > best["score"]
     if improved:
@@ -434,31 +454,12 @@ def score_and_keep_best(s):
           + (" (best so far)" if improved else f" (best: step {best['step']}, {best['score']:.2f})"))
 
 
-@torch.no_grad()
-def validation_scores(s):
-    """{task: metric} through evaluate.score_task: the paper's decoding (beam 4), post-processing
-    (App. B.2) and metric. Under FSDP the weights are gathered for the duration and each rank
-    decodes a share of the batches."""
-    cfg, ctx, inputs, scores = s.cfg, s.ctx, s.inputs, {}
-    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and ctx.world == 1)
-    with fsdp.unsharded(s.model), autocast:
-        for task, examples, pool in zip(inputs["tasks"], inputs["val_sets"], inputs["train_sets"]):
-            result = evaluate.score_task(
-                s.model, inputs["tokenizer"], task, examples[: cfg.eval_examples], pool=pool, shots=cfg.shots,
-                prompt=s.prompts.get(task.name), num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
-                batch_size=cfg.eval_batch_size, seed=cfg.seed, max_input_tokens=cfg.max_input_tokens,
-                distributed=ctx.world > 1)
-            scores[task.name] = float(result["score"])
-    return scores
-
-
 def export(folder, s):
-    """A directory evaluate.py and transformers read: the model in the public layout (when it
-    trained) with spiece.model, prompt.safetensors, lora.safetensors."""
+    """A directory evaluate.py, transformers and PEFT read: the model in the public layout (when it
+    trained) with spiece.model, prompt.safetensors (+ peft_<task>/ adapters), lora.safetensors."""
     state = fsdp.full_state_dict(s.model) if s.trains_model else None
-    adapters = None
-    if lora.lora_info(s.model) is not None:  # full adapter tensors (a collective under FSDP)
-        adapters = {n: fsdp.full_tensor(p).detach().cpu() for n, p in s.model.named_parameters() if ".lora." in n}
+    adapters = ({n: fsdp.full_tensor(p).detach().cpu() for n, p in s.model.named_parameters() if ".lora." in n}
+                if lora.lora_info(s.model) is not None else None)  # full tensors (a collective under FSDP)
     if s.ctx.main:
         if s.trains_model:
             model_lib.save_pretrained(s.model, folder, state_dict=state)
@@ -467,15 +468,13 @@ def export(folder, s):
         if s.prompts:
             with atomic_write(os.path.join(folder, "prompt.safetensors")) as tmp:
                 model_lib.save_prompts(s.prompts, tmp)
+        for task, p in s.prompts.items():  # the same prompt as a PEFT prompt-tuning adapter
+            prompt_formats.write_peft_adapter(os.path.join(folder, f"peft_{task}"), p.detach(),
+                                              folder if s.trains_model else s.cfg.model)
         if adapters is not None:
             with atomic_write(os.path.join(folder, "lora.safetensors")) as tmp:
                 lora.save_lora(s.model, tmp, state_dict=adapters)
     fsdp.barrier()
-
-
-def fmt_time(seconds):
-    h, rem = divmod(int(max(0, seconds)), 3600)
-    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
 # ---------------------------------------------------------------------------
@@ -484,6 +483,11 @@ def fmt_time(seconds):
 
 def flag(default, help, **kw):
     return field(default=default, metadata=dict(help=help, **kw))
+
+
+# What a numeric flag accepts; None (where a flag allows it) means the stage's default, or off.
+AT_LEAST_1, AT_LEAST_0 = (lambda v: v >= 1, ">= 1"), (lambda v: 0 <= v < math.inf, "a finite number >= 0")
+RATE = (lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 @dataclass
@@ -495,58 +499,62 @@ class Config:
     data_dir: str = flag("", "folder with one sub-folder per task [lab: lab/data]")
     task: str = flag("", "fine-tuned task, or several comma-separated (multi-task) [lab: lab_owns]")
     out: str = flag("", "run folder; each stage writes RUN/<stage>/ [lab: runs/lab]")
-    steps: int = flag(None, "training steps [stage 1: 5000; others: 1000]")
-    batch_size: int = flag(64, "global batch size in examples, across all ranks")
-    micro_batch_size: int = flag(None, "examples per rank per forward pass; gradients accumulate [batch-size / ranks]")
+    steps: int = flag(None, "training steps [stage 1: 5000; others: 1000]", valid=AT_LEAST_1)
+    batch_size: int = flag(64, "global batch size in examples, across all ranks", valid=AT_LEAST_1)
+    micro_batch_size: int = flag(None, "examples per rank per forward pass [batch-size / ranks]", valid=AT_LEAST_1)
     seed: int = flag(0, "seed of the data order, prompt initialisation, dropout and demonstrations")
     resume: bool = flag(False, "continue from the latest checkpoint of RUN/<stage>/ (same settings)")
-    lr: float = flag(None, "constant learning rate [stage 1: 0.2 (LoRA: 1e-3); others: 1e-3]")
-    save_every: int = flag(None, "checkpoint and score every N steps [stage 1: 1000; others: 100]")
+    lr: float = flag(None, "constant learning rate [stage 1: 0.2 (LoRA: 1e-3); others: 1e-3]", valid=AT_LEAST_0)
+    save_every: int = flag(None, "checkpoint and score every N steps [stage 1: 1000; others: 100]", valid=AT_LEAST_1)
     stage1_module: str = flag("prompt", "what stage 1 trains and stage 2 keeps: the soft prompt or LoRA (App. C.7)",
                               choices=("prompt", "lora"))
     lora_rank: int = flag(4, "LoRA rank r (Table 15: 2 and 4)")
     lora_alpha: float = flag(None, "LoRA scale numerator: the update is (alpha/r) B A [r]")
     lora_targets: str = flag("q,v", "attention projections that get adapters (q,k,v,o)")
     lora: str = flag("", "stage 2 with LoRA: the frozen adapter file [RUN/stage1/best/lora.safetensors]")
-    prompt_length: int = flag(100, "soft prompt length p")
+    prompt_length: int = flag(100, "soft prompt length p", valid=AT_LEAST_1)
     prompt_init: str = flag("uniform", "prompt initialisation: U[0, 0.5), vocabulary rows, label words, or --prompt",
                             choices=("uniform", "vocab", "text", "file"))
     prompt_init_text: str = flag("", "words for --prompt-init text, comma-separated [the task's label words]")
-    prompt: str = flag("", "prompt file: stage 2's frozen prompt [RUN/stage1/best/prompt.safetensors], or for --prompt-init file")
-    dropout: float = flag(0.1, "dropout rate (App. B.4)")
-    label_smoothing: float = flag(None, "label smoothing [stage 1: 0; others: 0.1]")
-    z_loss: float = flag(1e-4, "T5X's auxiliary loss z_loss * logsumexp(logits)^2 per target token; 0: off")
-    weight_decay: float = flag(None, "Adafactor weight decay, not scaled by lr [stage 1: 1e-5; others: none]")
-    adafactor_step_offset: int = flag(0, "Adafactor step_offset (-1000000 continues a 1M-step checkpoint's decay)")
-    train_examples: int = flag(None, "read only the first N training examples of each task [all]")
-    shots: int = flag(0, "demonstrations prepended to every training and validation input (1: '+1-shot')")
-    max_input_tokens: int = flag(1024, "input tokens kept, EOS included (App. B.4)")
-    max_target_tokens: int = flag(256, "target tokens kept, EOS included")
+    prompt: str = flag("", "stage 2's frozen prompt file [RUN/stage1/best/prompt.safetensors], or --prompt-init file's")
+    dropout: float = flag(0.1, "dropout rate (App. B.4)", valid=RATE)
+    label_smoothing: float = flag(None, "label smoothing [stage 1: 0; others: 0.1]", valid=RATE)
+    z_loss: float = flag(1e-4, "T5X's z-loss: z_loss * logsumexp(logits)^2 per target token; 0: off", valid=AT_LEAST_0)
+    weight_decay: float = flag(None, "Adafactor weight decay, unscaled by lr [stage 1: 1e-5; others: none]", valid=RATE)
+    adafactor_step_offset: int = flag(0, "Adafactor step_offset (-1000000 continues a 1M-step checkpoint's decay)",
+                                      valid=(lambda v: v <= 0, "<= 0"))
+    train_examples: int = flag(None, "read only the first N training examples of each task [all]", valid=AT_LEAST_1)
+    shots: int = flag(0, "demonstrations before each training and validation input (1: '+1-shot')", valid=AT_LEAST_0)
+    max_input_tokens: int = flag(1024, "input tokens kept, EOS included (App. B.4)", valid=AT_LEAST_1)
+    max_target_tokens: int = flag(256, "target tokens kept, EOS included",
+                                  valid=(lambda v: v >= 4, ">= 4 (two sentinels, an answer, EOS)"))
     dtype: str = flag("float32", "compute dtype; bfloat16 keeps fp32 master weights", choices=("float32", "bfloat16"))
     activation_checkpointing: bool = flag(False, "recompute each block in backward to save memory")
     eval: bool = flag(True, "score every checkpoint on the validation split and keep the best (--no-eval: the last)")
-    eval_examples: int = flag(None, "score only the first N examples of each task [all]")
-    eval_batch_size: int = flag(16, "examples per rank per decoding batch")
-    num_beams: int = flag(4, "beam width when scoring (App. B.4: 4)")
-    max_new_tokens: int = flag(None, "longest decoded answer [per metric, see evaluate.py]")
-    probe_every: int = flag(0, "score --probe-tasks every N steps and at the start (Fig. 1, 2) [0: off]")
+    eval_examples: int = flag(None, "score only the first N examples of each task [all]", valid=AT_LEAST_1)
+    eval_batch_size: int = flag(16, "examples per rank per decoding batch", valid=AT_LEAST_1)
+    num_beams: int = flag(4, "beam width when scoring (App. B.4: 4)", valid=AT_LEAST_1)
+    max_new_tokens: int = flag(None, "longest decoded answer [per metric, see evaluate.py]", valid=AT_LEAST_1)
+    probe_every: int = flag(0, "score --probe-tasks every N steps and at step 0 (Fig. 1, 2) [0: off]", valid=AT_LEAST_0)
     probe_tasks: str = flag("", "comma-separated unseen tasks to probe, e.g. trivia_qa,wmt16_ende")
     probe_shots: str = flag("1", "comma-separated shot counts of the probes")
-    probe_limit: int = flag(100, "examples per probe task")
+    probe_limit: int = flag(100, "examples per probe task", valid=AT_LEAST_1)
     align_steps: str = flag("", "steps at which to record the gradient alignment cos(g, g_format) (Fig. 3, 7)")
-    align_every: int = flag(0, "also record the gradient alignment every N steps [0: off]")
-    align_batch_size: int = flag(32, "examples in the gradient-alignment batch")
+    align_every: int = flag(0, "also record the gradient alignment every N steps [0: off]", valid=AT_LEAST_0)
+    align_batch_size: int = flag(32, "examples in the gradient-alignment batch", valid=AT_LEAST_1)
     diagnostics_strict: bool = flag(False, "stop the run when a probe fails (default: log it and go on)")
-    log_every: int = flag(10, "print a progress line every N steps")
-    stop_after_step: int = flag(None, "save and stop after this step, as if preempted")
+    log_every: int = flag(10, "print a progress line every N steps", valid=AT_LEAST_1)
+    keep_checkpoints: int = flag(1, "training checkpoints kept (2+: a damaged one falls back to the one before)",
+                                 valid=AT_LEAST_1)
+    stop_after_step: int = flag(None, "save and stop after this step, as if preempted", valid=AT_LEAST_1)
     device: str = flag("auto", "cpu, cuda or auto")
 
 
 # Settings that may change between a run and its --resume.
-RESUMABLE_CHANGES = {"resume", "steps", "log_every", "stop_after_step", "eval_batch_size", "device",
-                     "probe_every", "probe_tasks", "probe_shots", "probe_limit", "align_steps", "align_every",
-                     "align_batch_size", "diagnostics_strict"}
-# Old flag -> new flag (the old one still works, with a note); old RUN/config.json keys are read the same way.
+RESUMABLE_CHANGES = {"resume", "steps", "log_every", "stop_after_step", "eval_batch_size", "device", "out", "lr",
+                     "keep_checkpoints", "probe_every", "probe_tasks", "probe_shots", "probe_limit", "align_steps",
+                     "align_every", "align_batch_size", "diagnostics_strict"}
+# Old flag -> new flag (the old one still works, with a note).
 RENAMED = {"--max-input-length": "--max-input-tokens", "--max-target-length": "--max-target-tokens"}
 
 # The bundled tiny T5 and its synthetic suite (lab/): what runs when no model and data are given.
@@ -609,16 +617,14 @@ def prompt_words(cfg, task):
 
 def check_inputs(cfg, ctx):
     """Everything a user can get wrong, checked up front: one clear message, nothing written."""
-    for name in ("steps", "batch_size", "save_every", "prompt_length", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.batch_size % ctx.world:
-        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the {ctx.world} ranks")
-    per_rank = cfg.batch_size // ctx.world
-    micro = cfg.micro_batch_size or per_rank
-    if micro < 1 or per_rank % micro:
-        raise UsageError(f"--micro-batch-size {micro} does not divide the {per_rank} examples each rank "
-                         f"gets per step (--batch-size {cfg.batch_size} / {ctx.world} ranks)")
+    for f in fields(Config):  # ranges: each flag's `valid`
+        value, (ok, expected) = getattr(cfg, f.name), f.metadata.get("valid", (None, None))
+        if ok is not None and value is not None and not (value == value and ok(value)):
+            raise UsageError(f"--{f.name.replace('_', '-')} {value}: expected {expected}")
+    per_rank, rest = divmod(cfg.batch_size, ctx.world)
+    if rest or per_rank % (cfg.micro_batch_size or per_rank):
+        raise UsageError(f"--batch-size {cfg.batch_size} must split evenly over {ctx.world} rank(s) and then into "
+                         f"micro-batches of --micro-batch-size {cfg.micro_batch_size or per_rank} examples")
     inputs = check_model_and_data(cfg)
     inputs.update(check_stage_inputs(cfg, inputs["config"], inputs["tasks"]))
     check_run_folder(cfg, ctx)
@@ -658,18 +664,11 @@ def check_stage_inputs(cfg, config, tasks):
             lora.check_settings(cfg.lora_rank, names(cfg.lora_targets), "--lora-rank", "--lora-targets")
             adapters = (None, {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": names(cfg.lora_targets)})
         else:
-            path = cfg.lora or os.path.join(cfg.out, "stage1", "best", "lora.safetensors")
-            if not os.path.isfile(path):
-                raise UsageError(f"--stage 2 --stage1-module lora needs stage-1 adapters: none at {path}; run "
-                                 "--stage 1 --stage1-module lora with the same --out first, or pass --lora FILE")
+            path = stage1_file(cfg, cfg.lora, "lora.safetensors", "adapters", "--lora")
             adapters = lora.read_lora(path, config.d_model)
-    source = what_trains(cfg)[0]
-    prompt_file = None
+    source, prompt_file = what_trains(cfg)[0], None
     if source == "stage1":
-        prompt_file = cfg.prompt or os.path.join(cfg.out, "stage1", "best", "prompt.safetensors")
-        if not os.path.isfile(prompt_file):
-            raise UsageError(f"--stage 2 needs a stage-1 prompt: none at {prompt_file}; run --stage 1 "
-                             "with the same --out first, or pass --prompt FILE")
+        prompt_file = stage1_file(cfg, cfg.prompt, "prompt.safetensors", "prompt", "--prompt")
     elif source == "new" and cfg.prompt_init == "file":
         if not cfg.prompt:
             raise UsageError("--prompt-init file needs --prompt FILE")
@@ -682,13 +681,22 @@ def check_stage_inputs(cfg, config, tasks):
     return dict(adapters=adapters, prompt_file=prompt_file)
 
 
+def stage1_file(cfg, given, name, what, flag):
+    """The stage-1 file stage 2 reads: `given`, else RUN/stage1/best/<name>."""
+    path = given or os.path.join(cfg.out, "stage1", "best", name)
+    if not os.path.isfile(path):
+        raise UsageError(f"--stage {cfg.stage} --stage1-module {cfg.stage1_module} needs stage-1 {what}: none at "
+                         f"{path}; run --stage 1 with the same --out first, or pass {flag} FILE")
+    return path
+
+
 def check_run_folder(cfg, ctx):
     """--out: new, or a promot run without this stage, or (--resume) one with the same settings."""
     folder = STAGES[cfg.stage].folder
     stage_dir, run_config = os.path.join(cfg.out, folder), os.path.join(cfg.out, "config.json")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out} exists and is not a directory")
-    if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not os.path.isfile(run_config):
+    if os.path.isdir(cfg.out) and set(os.listdir(cfg.out)) - {".lock"} and not os.path.isfile(run_config):
         raise UsageError(f"--out {cfg.out} is not empty and holds no promot run (no config.json); "
                          "choose a new folder")
     if os.path.isdir(stage_dir) and os.listdir(stage_dir) and not cfg.resume:
@@ -700,11 +708,8 @@ def check_run_folder(cfg, ctx):
         saved = json.load(f).get(folder)
     if saved is None:
         return
-    for old, new in RENAMED.items():  # run folders written before a flag was renamed
-        saved.setdefault(new[2:].replace("-", "_"), saved.get(old[2:].replace("-", "_")))
-    now = asdict(cfg)
-    diffs = [f"--{k.replace('_', '-')}: saved {saved.get(k)!r}, now {now[k]!r}"
-             for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    diffs = run_checkpoints.settings_changes(saved, asdict(cfg), RESUMABLE_CHANGES,
+                                             paths=("model", "data_dir", "prompt", "lora"))
     if saved.get("world_size", ctx.world) != ctx.world:
         # each rank's RNG state (dropout) and data slice are saved per rank
         diffs.append(f"ranks: saved {saved.get('world_size')}, now {ctx.world}")
@@ -714,19 +719,19 @@ def check_run_folder(cfg, ctx):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    code = 0
+    code, message = 0, ""
     try:
         train(cfg)
-    except (UsageError, model_lib.CheckpointError, data.DataError, lora.LoRAError, diagnostics.DiagnosticsError) as e:
-        if not dist.is_initialized() or dist.get_rank() == 0:  # every rank found the same problem
-            print(f"promot.py: error: {e}", file=sys.stderr)
-        code = 2
+    except (UsageError, model_lib.CheckpointError, data.DataError, lora.LoRAError, diagnostics.DiagnosticsError,
+            run_checkpoints.CheckpointFileError, prompt_formats.PromptFormatError) as e:
+        code, message = 2, f"promot.py: error: {e}"
     except Diverged as e:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"promot.py: {e}", file=sys.stderr)
-        code = 1
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        code, message = 1, f"promot.py: {e}"
+    finally:  # on every exit, errors included, so no rank leaves the group behind
+        if message and (not dist.is_initialized() or dist.get_rank() == 0):  # every rank found the same problem
+            print(message, file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return code
 
 

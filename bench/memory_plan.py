@@ -126,6 +126,32 @@ def measure_activations(t5, batch, src_len, tgt_len, prompt_len, stage):
     return per_block, outside[0], sdpa_extra[0]
 
 
+def activation_bytes(t5_bf16, batch, src_len, tgt_len, prompt_len, stage):
+    """(activations, activations with checkpointing) in bytes, with the GPU memory-efficient
+    attention kernel, and the math kernel's extra; see measure_activations."""
+    config = t5_bf16.config
+    per_block, outside, math_extra = measure_activations(t5_bf16, batch, src_len, tgt_len, prompt_len, stage)
+    n_blocks = len(per_block)
+    act = outside + sum(per_block.values()) - math_extra  # with the GPU memory-efficient kernel
+    per_block = {k: v - math_extra / n_blocks for k, v in per_block.items()}
+    block_inputs = batch * (src_len + prompt_len) * config.d_model * 2 * config.num_layers \
+        + batch * tgt_len * config.d_model * 2 * config.num_decoder_layers
+    return act, outside + block_inputs + max(per_block.values()), math_extra
+
+
+def single_device(config, batch, src_len, tgt_len, prompt_len):
+    """Bytes of stage 2 on one device, fp32 weights under bf16 autocast (promot's one-process
+    rule): weights, gradients and Adafactor state in fp32, autocast's bf16 copy of every weight
+    (kept for backward), activations. (Adafactor's two scratch buffers, the largest tensor
+    twice, live only during its step, when the activations are gone.)"""
+    t5 = model_lib.build(model_lib.T5Config(**config), "meta")
+    sizes = [p.numel() for p in t5.parameters()]
+    state = sum(adafactor_state_numel(p.shape, 1) for p in t5.parameters())
+    act, act_ckpt, _ = activation_bytes(t5.to(torch.bfloat16), batch, src_len, tgt_len, prompt_len, 2)
+    fixed = 4 * sum(sizes) * 2 + 4 * state + 2 * sum(sizes)
+    return dict(fixed=fixed, act=act, act_ckpt=act_ckpt, total=fixed + act, total_ckpt=fixed + act_ckpt)
+
+
 def plan(n_devices, global_batch, src_len, tgt_len, prompt_len, hbm_gb):
     config = model_lib.T5Config(**MT5_XXL)
     t5 = model_lib.build(config, "meta")
@@ -139,14 +165,7 @@ def plan(n_devices, global_batch, src_len, tgt_len, prompt_len, hbm_gb):
     t5_bf16 = t5.to(torch.bfloat16)
     rows = []
     for stage in (1, 2):
-        per_block, outside, math_extra = measure_activations(t5_bf16, per_device, src_len, tgt_len,
-                                                             prompt_len, stage)
-        n_blocks = len(per_block)
-        act = outside + sum(per_block.values()) - math_extra  # with the GPU memory-efficient kernel
-        per_block = {k: v - math_extra / n_blocks for k, v in per_block.items()}
-        block_inputs = per_device * (src_len + prompt_len) * config.d_model * 2 * config.num_layers \
-            + per_device * tgt_len * config.d_model * 2 * config.num_decoder_layers
-        act_ckpt = outside + block_inputs + max(per_block.values())
+        act, act_ckpt, math_extra = activation_bytes(t5_bf16, per_device, src_len, tgt_len, prompt_len, stage)
         gathered = 2 * root + 2 * 2 * block  # bf16: root unit + current and prefetched block
         m = dict(stage=stage, params=4 * param_shard,
                  grads=(4 * param_shard + 2 * root) if stage == 2 else 4 * prompt_len * config.d_model,

@@ -1,30 +1,35 @@
-"""Training-step speed and memory of promot against a plain transformers + transformers-Adafactor loop.
+"""Training-step speed of promot against a plain transformers + transformers-Adafactor loop, side by side.
 
-    python bench/train.py [--batch 8 --src 256 --tgt 32 --steps 5] [--device cuda]
+    python bench/train.py                                   # t5-small shape, fp32, CPU, 1 and 2 threads
+    python bench/train.py --device cuda --dtype bfloat16 --shape t5-base [--memory]   # what bench/gpu.sh runs
 
-Same config (a T5.1.1 of t5-small's shape by default, random weights), same
-batch, same optimizer settings, each measured in a fresh subprocess so peak
-memory is its own:
+Both sides load the same random checkpoint (bench/shapes.py) into one process and
+take their steps interleaved (promot, transformers, transformers, promot, ...),
+so a busy machine slows both alike; each side's best step is compared.
   stage 1  prompt tuning: frozen model, a 100-token prompt, Adafactor lr 0.2
            without parameter scaling. promot: model.T5(prompt=P); transformers:
            inputs_embeds = [P; embed(x)] with requires_grad off on the weights.
   stage 2  model tuning: all weights, Adafactor lr 1e-3 with parameter scaling,
            label smoothing 0.1 (the prompt frozen and prepended in both).
-T5X's z-loss (promot's default) is off here, as transformers has none.
-The promot side runs promot.train_step, the step promot.train runs (forward
-with the prompt, model.cross_entropy normalised by the token count, backward,
-promot.Adafactor.step); data loading is left out of both. Tokens/s counts input
-(+ prompt) and target tokens. Peak memory: on CUDA the allocator's peak above
-the memory held before the first step; on CPU the growth of the process's peak
-RSS over its RSS before the first step (grads, optimizer state, activations).
-The last line prints the ratios (promot / transformers; speed above 1 and
-memory below 1 favour promot) and stage 1 / stage 2 memory.
+The promot side is promot.train_step, the step promot.train runs (forward with
+the prompt, model.cross_entropy over the token count, backward, Adafactor.step);
+T5X's z-loss is off, as transformers has none. The transformers side is its T5
+with torch's cross_entropy (label smoothing) and transformers' Adafactor.
+bfloat16 runs both under autocast with fp32 weights (promot's one-process rule).
+
+Printed per thread count (CPU) and stage: each side's step time, the speed ratio
+(transformers time / promot time, above 1 favours promot), FLOPs per step
+(torch.utils.flop_counter.FlopCounterMode: the matrix products of forward and
+backward), achieved FLOP/s, and its fraction of the GEMM peak measured in the
+same run (the best of a few large matmuls) and on CUDA of the card's bf16 data-
+sheet peak (MFU). Then Adafactor.step() alone on the stage-2 parameters against
+transformers' Adafactor. --memory (CUDA) adds promot's stage-2 peak memory with
+and without activation checkpointing against bench/memory_plan.py's prediction.
+The last line holds the ratios.
 """
 import argparse
-import json
 import os
-import resource
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -32,131 +37,208 @@ from types import SimpleNamespace
 
 import torch
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from shapes import SHAPES, bf16_peak, gemm_peak, make_checkpoint, sync  # noqa: E402
 
-SHAPE = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=6, num_decoder_layers=6, num_heads=8,
-             dropout_rate=0.1)
-
-
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+PROMPT = 100
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def worker(args):
+def inputs(args, device):
+    g = torch.Generator().manual_seed(0)
+    vocab = SHAPES[args.shape][1]["vocab_size"]
+    ids = torch.randint(2, vocab, (args.batch, args.src), generator=g).to(device)
+    labels = torch.randint(2, vocab, (args.batch, args.tgt), generator=g).to(device)
+    prompt = (torch.rand(PROMPT, SHAPES[args.shape][1]["d_model"], generator=g) * 0.5).to(device)
+    return ids, torch.ones_like(ids), labels, prompt
+
+
+def load_models(ckpt, device):
+    """promot's and transformers' model of the checkpoint, dropout 0.1 in both (attention too)."""
     import model
-    import promot
     from helpers import load_oracle
-    from support.adafactor import Adafactor as PromotAdafactor
-    from support.fsdp import Dist
-    torch.manual_seed(0)
-    dev = torch.device(args.device)
-    vocab = SHAPE["vocab_size"]
-    ids = torch.randint(2, vocab, (args.batch, args.src), device=dev)
-    mask = torch.ones_like(ids)
-    labels = torch.randint(2, vocab, (args.batch, args.tgt), device=dev)
-    prompt = torch.nn.Parameter((torch.rand(100, SHAPE["d_model"]) * 0.5).to(dev), requires_grad=args.stage == 1)
-    if args.impl == "promot":
-        net = model.load_pretrained(args.ckpt, device=dev)
-        model.set_dropout(net, SHAPE["dropout_rate"])
-        params = [prompt] if args.stage == 1 else list(net.parameters())
-        for p in net.parameters():
-            p.requires_grad_(args.stage == 2)
-        opt = PromotAdafactor(params, lr=0.2 if args.stage == 1 else 1e-3,
-                                 multiply_by_parameter_scale=args.stage == 2)
-        # promot.train_step, as promot.train calls it (stage 1 has no label smoothing: T5X prompt tuning)
-        cfg = SimpleNamespace(prompt_length=100, dtype="float32", label_smoothing=0.0 if args.stage == 1 else 0.1,
-                              z_loss=0.0)  # transformers' loss has none
-        batch = dict(input_ids=ids, attention_mask=mask, labels=labels, tasks=["bench"] * args.batch)
-        prompts, ctx = {"bench": prompt}, Dist(device=dev)
+    ours = model.load_pretrained(ckpt, device=device)
+    model.set_dropout(ours, 0.1)
+    return {"promot": ours, "transformers": load_oracle(ckpt).to(device).train()}
 
-        def step():
-            promot.train_step(net, [batch], prompts, opt, cfg, ctx)
 
-    else:
-        from transformers.optimization import Adafactor
-        net = load_oracle(args.ckpt).to(dev).train()
-        params = [prompt] if args.stage == 1 else list(net.parameters())
-        for p in net.parameters():
-            p.requires_grad_(args.stage == 2)
-        opt = Adafactor(params, lr=0.2 if args.stage == 1 else 1e-3, relative_step=False, warmup_init=False,
-                        scale_parameter=args.stage == 2)
-        full_mask = torch.cat([torch.ones(args.batch, 100, dtype=mask.dtype, device=dev), mask], 1)
-        embed = net.get_input_embeddings()
+def promot_step(net, stage, args, batch):
+    """(promot.train_step as promot.train calls it, the parameters it trains)."""
+    import promot
+    from support import fsdp
+    from support.adafactor import Adafactor
+    ids, mask, labels, prompt = batch
+    prompt = torch.nn.Parameter(prompt.clone(), requires_grad=stage == 1)
+    for p in net.parameters():
+        p.requires_grad_(stage == 2)
+    params = [prompt] if stage == 1 else list(net.parameters())
+    opt = Adafactor(params, lr=0.2 if stage == 1 else 1e-3, multiply_by_parameter_scale=stage == 2)
+    # stage 1 has no label smoothing (T5X prompt tuning); z-loss off: transformers' loss has none
+    cfg = SimpleNamespace(prompt_length=PROMPT, dtype=args.dtype, label_smoothing=0.0 if stage == 1 else 0.1,
+                          z_loss=0.0)
+    rows = dict(input_ids=ids, attention_mask=mask, labels=labels, tasks=["bench"] * len(ids))
+    ctx = fsdp.Dist(device=ids.device)
+    return (lambda: promot.train_step(net, [rows], {"bench": prompt}, opt, cfg, ctx)), params
 
-        smoothing = 0.0 if args.stage == 1 else 0.1
-        dec = net._shift_right(labels)
 
-        def step():
-            embeds = torch.cat([prompt.unsqueeze(0).expand(args.batch, -1, -1), embed(ids)], 1)
+def transformers_step(net, stage, args, batch):
+    """(the same step for transformers: its T5, torch's cross_entropy, its Adafactor; the parameters)."""
+    from transformers.optimization import Adafactor
+    ids, mask, labels, prompt = batch
+    prompt = torch.nn.Parameter(prompt.clone(), requires_grad=stage == 1)
+    for p in net.parameters():
+        p.requires_grad_(stage == 2)
+    params = [prompt] if stage == 1 else list(net.parameters())
+    opt = Adafactor(params, lr=0.2 if stage == 1 else 1e-3, relative_step=False, warmup_init=False,
+                    scale_parameter=stage == 2)
+    full_mask = torch.cat([torch.ones(len(ids), PROMPT, dtype=mask.dtype, device=ids.device), mask], 1)
+    embed, dec, smoothing = net.get_input_embeddings(), net._shift_right(labels), 0.0 if stage == 1 else 0.1
+
+    def step():
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+            embeds = torch.cat([prompt.unsqueeze(0).expand(len(ids), -1, -1), embed(ids)], 1)
             logits = net(inputs_embeds=embeds, attention_mask=full_mask, decoder_input_ids=dec).logits
-            # the same amount of work as promot's loss: mean token cross-entropy with smoothing
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), label_smoothing=smoothing)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        # the work of promot's loss: token-mean cross-entropy with label smoothing
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                                 label_smoothing=smoothing)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, params
 
-    cuda = dev.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = rss_bytes()
-    step()  # warm-up (creates the optimizer state and grads, counted in the peak)
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(args.steps):
+
+def interleaved(steps, rounds, device):
+    """Seconds of each step, the sides taking turns (the order flips every round)."""
+    times = {name: [] for name in steps}
+    for fn in steps.values():  # warm-up: creates grads and optimizer state
+        fn()
+    for r in range(rounds):
+        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+            sync(device)
+            start = time.perf_counter()
+            steps[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def flops_of(step):
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
         step()
-    if cuda:
+    return counter.get_total_flops()
+
+
+def bench_stage(models, stage, args, batch, peak, card_peak):
+    steps = {"promot": promot_step(models["promot"], stage, args, batch)[0],
+             "transformers": transformers_step(models["transformers"], stage, args, batch)[0]}
+    times = interleaved(steps, args.steps, batch[0].device)
+    tokens = args.batch * (args.src + PROMPT + args.tgt)
+    best = {}
+    for name, step in steps.items():
+        best[name], flops = min(times[name]), flops_of(step)
+        rate = flops / best[name]
+        mfu = f", MFU {rate / card_peak:5.1%}" if card_peak else ""
+        print(f"  stage {stage} {name:12s} best {best[name] * 1e3:8.1f} ms  median "
+              f"{statistics.median(times[name]) * 1e3:8.1f} ms  {tokens / best[name]:9,.0f} tok/s  "
+              f"{flops / 1e9:7.1f} GFLOP/step  {rate / 1e9:7.1f} GFLOP/s = {rate / peak:5.1%} of GEMM peak{mfu}",
+              flush=True)
+    ratio = best["transformers"] / best["promot"]
+    print(f"  stage {stage} speed ratio (transformers / promot step time): {ratio:.2f}x", flush=True)
+    return ratio
+
+
+def bench_adafactor(models, args):
+    """Adafactor.step() alone on copies of the stage-2 parameters (random gradients), the two
+    optimizers taking turns; returns each one's best time in seconds."""
+    from transformers.optimization import Adafactor as TheirAdafactor
+
+    from support.adafactor import Adafactor
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in models["promot"].parameters()]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    g = torch.Generator(device=ours[0].device).manual_seed(1)
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn(a.shape, generator=g, device=a.device)
+        b.grad = a.grad.clone()
+    opts = {"promot": Adafactor(ours, lr=1e-3),
+            "transformers": TheirAdafactor(theirs, lr=1e-3, relative_step=False, warmup_init=False,
+                                           scale_parameter=True)}
+    times = interleaved({name: opt.step for name, opt in opts.items()}, args.steps, ours[0].device)
+    return min(times["promot"]), min(times["transformers"])
+
+
+def bench_memory(models, args, batch):
+    """promot's stage-2 peak memory on one GPU with and without activation checkpointing,
+    against bench/memory_plan.py's prediction for the same shape and batch. Measured as the
+    peak above what was allocated before the first step (both models' weights), plus
+    promot's weights."""
+    import memory_plan
+    from support import fsdp
+    kind, shape = SHAPES[args.shape]
+    config = dict(shape, feed_forward_proj="gated-gelu", tie_word_embeddings=False, scale_decoder_outputs=False,
+                  model_type="mt5" if kind == "mt5" else "t5")
+    plan = memory_plan.single_device(config, args.batch, args.src, args.tgt, PROMPT)
+    net = models["promot"]
+    weights = sum(p.numel() * p.element_size() for p in net.parameters())
+    for checkpointing in (False, True):
+        if checkpointing:
+            for block in list(net.encoder.blocks) + list(net.decoder.blocks):
+                fsdp.checkpoint_block(block)
+        step, _ = promot_step(net, 2, args, batch)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        step()
         torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    tokens = args.batch * (args.src + 100 + args.tgt)
-    print(json.dumps({"tokens_per_s": tokens / seconds, "peak_bytes": peak, "step_s": seconds}))
+        measured = torch.cuda.max_memory_allocated() - before + weights
+        predicted = plan["total_ckpt" if checkpointing else "total"]
+        print(f"  stage 2 peak memory, activation checkpointing {'on ' if checkpointing else 'off'}: "
+              f"{measured / 1e9:6.2f} GB measured, {predicted / 1e9:6.2f} GB predicted by memory_plan "
+              f"(measured/predicted x{measured / predicted:.2f})", flush=True)
+        del step
+        for p in net.parameters():
+            p.grad = None
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--src", type=int, default=256)
-    ap.add_argument("--tgt", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--impl", help=argparse.SUPPRESS)
-    ap.add_argument("--stage", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    ap.add_argument("--shape", default="t5-small", choices=sorted(SHAPES))
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--src", type=int, default=128, help="input tokens (the prompt adds 100)")
+    ap.add_argument("--tgt", type=int, default=32, help="target tokens")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per side")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads, each in turn (CPU)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--ckpt", default=None, help="checkpoint folder to make or reuse [a temporary one]")
+    ap.add_argument("--memory", action="store_true", help="stage-2 peak memory vs memory_plan (CUDA)")
     args = ap.parse_args()
-    if args.worker:
-        return worker(args)
-    from helpers import make_checkpoint
-    results = {}
-    with tempfile.TemporaryDirectory() as d:
-        make_checkpoint(d, kind="t5v1_1", **SHAPE)
-        print(f"device {args.device}, T5.1.1 d_model {SHAPE['d_model']} x {SHAPE['num_layers']}+"
-              f"{SHAPE['num_decoder_layers']} layers, vocab {SHAPE['vocab_size']}, batch {args.batch}, "
-              f"input {args.src} + prompt 100, target {args.tgt}, {args.steps} timed steps")
-        for stage in (1, 2):
-            for impl in ("promot", "transformers"):
-                cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--stage", str(stage), "--ckpt", d,
-                       "--batch", str(args.batch), "--src", str(args.src), "--tgt", str(args.tgt),
-                       "--steps", str(args.steps), "--device", args.device]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-                r = results[(impl, stage)] = json.loads(out)
-                print(f"stage {stage} {impl:12s} {r['tokens_per_s']:10,.0f} tok/s  {r['step_s'] * 1000:8.1f} ms/step  "
-                      f"peak +{r['peak_bytes'] / 2**20:8.1f} MiB", flush=True)
-    ratio = {s: (results[("promot", s)]["tokens_per_s"] / results[("transformers", s)]["tokens_per_s"],
-                 results[("promot", s)]["peak_bytes"] / results[("transformers", s)]["peak_bytes"]) for s in (1, 2)}
-    print(f"ratios promot/transformers: stage 1 speed x{ratio[1][0]:.2f} memory x{ratio[1][1]:.2f}; "
-          f"stage 2 speed x{ratio[2][0]:.2f} memory x{ratio[2][1]:.2f}; promot stage1/stage2 memory "
-          f"x{results[('promot', 1)]['peak_bytes'] / results[('promot', 2)]['peak_bytes']:.2f}")
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = make_checkpoint(args.shape, args.ckpt or tmp)
+        card, card_peak = bf16_peak(device)
+        card_peak = card_peak if args.dtype == "bfloat16" else None
+        cfg = SHAPES[args.shape][1]
+        print(f"{args.shape}: d_model {cfg['d_model']}, d_ff {cfg['d_ff']}, {cfg['num_layers']}+"
+              f"{cfg['num_decoder_layers']} layers, vocab {cfg['vocab_size']}; batch {args.batch} x ({args.src} + "
+              f"{PROMPT} prompt) -> {args.tgt}; {args.dtype} on {card}; best of {args.steps} interleaved steps")
+        models, batch = load_models(ckpt, device), inputs(args, device)
+        summary = []
+        for threads in (args.threads if device.type == "cpu" else [torch.get_num_threads()]):
+            torch.set_num_threads(threads)
+            peak = gemm_peak(device, DTYPES[args.dtype])
+            print(f"{threads} thread(s): GEMM peak {peak / 1e9:,.1f} GFLOP/s", flush=True)
+            ratios = [bench_stage(models, stage, args, batch, peak, card_peak) for stage in (1, 2)]
+            ours, theirs = bench_adafactor(models, args)
+            print(f"  Adafactor.step() on the stage-2 parameters: promot {ours * 1e3:.1f} ms, transformers "
+                  f"{theirs * 1e3:.1f} ms ({theirs / ours:.2f}x)", flush=True)
+            summary.append(f"{threads} thread(s): stage 1 {ratios[0]:.2f}x, stage 2 {ratios[1]:.2f}x, "
+                           f"Adafactor.step() {theirs / ours:.2f}x")
+        if args.memory and device.type == "cuda":
+            bench_memory(models, args, batch)
+    print(f"ratios transformers/promot time ({args.shape}, {args.dtype}, {card}): " + "; ".join(summary))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,4 +13,5 @@ be copied alone into another codebase:
   lora.py             LoRA adapters attached to any nn.Linear by forward hooks
   hf_files.py         Hugging Face checkpoint files: find, stream, write (safetensors / .bin / sharded)
   dataset_files.py    readers of each data set's published file layout
+  prompt_formats.py   a trained prompt as a PEFT prompt-tuning adapter or T5X's .npy, and back
 """

@@ -51,6 +51,19 @@ class Adafactor(torch.optim.Optimizer):
     parameter (row/column statistics that lose the sharded dimension are
     replicated).
 
+    How a step runs: one parameter at a time, each statistic computed once,
+    every full-size pass in place in two scratch buffers shared by all
+    parameters (`square` holds X*X, then G2, then U*U; `work` holds U, which
+    becomes step*U). Each operation is the one written above, in the same
+    order, so the result is bit for bit the straightforward tensor
+    expression's (tests/test_speed_paths.py keeps that version as its
+    oracle); what goes is the allocation per temporary, which for a large
+    tensor on CPU costs several passes of page faults. Fusing further would
+    change the rounding: G*G + epsilon1 as one multiply-add, or a squared
+    norm summed in another order. `torch._foreach_*` would batch the passes
+    over tensors, but it needs every tensor's U alive at once, a second copy
+    of the model.
+
     To reuse it elsewhere, copy this file; it needs only torch.
     """
 
@@ -68,6 +81,7 @@ class Adafactor(torch.optim.Optimizer):
                         min_dim_size_to_factor=min_dim_size_to_factor, epsilon1=epsilon1,
                         epsilon2=epsilon2, step_offset=step_offset)
         super().__init__(params, defaults)
+        self._scratch_buffers = {}  # device -> two flat fp32 buffers (see _scratch); not state
 
     @staticmethod
     def factored_dims(shape, min_dim_size_to_factor=128):
@@ -89,11 +103,25 @@ class Adafactor(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
+        live = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        for p, group in live:
+            self._update(p, group, *self._scratch(live, _local(p)))
+        if live and _local(live[0][0]).device.type != "cpu":
+            self._scratch_buffers.clear()  # a caching allocator lends the memory to activations till next step
         return loss
+
+    def _scratch(self, live, x):
+        """Two fp32 scratch tensors shaped like the local tensor `x`: views into two flat buffers
+        as large as the largest local parameter, shared by every parameter of the step.
+
+        Every full-size temporary of the rule lives in one of them, so a step allocates nothing
+        per tensor. On CPU they are kept between steps: a fresh block of that size comes from
+        the kernel and is paid for again in page faults at every use (about 7x a pass over it)."""
+        buffers = self._scratch_buffers
+        if x.device not in buffers or buffers[x.device][0].numel() < x.numel():
+            size = max(_local(p).numel() for p, _ in live if _local(p).device == x.device)
+            buffers[x.device] = [torch.empty(size, dtype=torch.float32, device=x.device) for _ in range(2)]
+        return [b[: x.numel()].view(x.shape) for b in buffers[x.device]]
 
     def init_state(self):
         """Create the (zero) state of every parameter now rather than at its first step,
@@ -118,13 +146,14 @@ class Adafactor(torch.optim.Optimizer):
                 state["m"] = _zeros_state(p, x, drop=None)
         return state
 
-    def _update(self, p, group):
+    def _update(self, p, group, work, square):
+        """The rule of the class docstring for one parameter, each full-size pass written in place:
+        `square` holds X*X, then G2, then U*U; `work` holds U, which becomes the subtrahend."""
         # Local views: on a DTensor we work on this rank's shard and reduce
         # across ranks where a statistic spans the sharded dimension.
         shape = tuple(p.shape)  # the global shape, also for a DTensor
         shard_dim, pg = _shard_info(p)
-        x = p.to_local() if _is_dtensor(p) else p
-        g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
+        x, g = _local(p), _local(p.grad)
         if g.is_sparse:
             raise RuntimeError("Adafactor does not support sparse gradients")
 
@@ -135,25 +164,22 @@ class Adafactor(torch.optim.Optimizer):
                 dist.all_reduce(s, group=pg)
             return s / math.prod(full_shape[d] for d in dims)
 
-        def rms(t):
-            all_dims = tuple(range(t.dim()))
-            return mean(t * t, all_dims, shape, shard_dim).sqrt().reshape(())
+        def rms(t):  # sqrt(mean(t^2)) over the whole tensor; t^2 goes to `square`
+            return mean(torch.mul(t, t, out=square), tuple(range(t.dim())), shape, shard_dim).sqrt().reshape(())
 
         state = self._state_of(p, group)
         dims = self.factored_dims(shape, group["min_dim_size_to_factor"])
-
-        x32 = x.float()
-        g32 = g.float()
+        x32, g32 = x.float(), g.float()  # the tensors themselves for fp32 (master) weights
         t = int(state["step"]) - group["step_offset"] + 1
         decay = 1.0 - t ** (-group["decay_rate"])
         mixing = 1.0 - decay
 
-        update_scale = group["lr"]
+        update_scale = group["lr"]  # step = lr * max(epsilon2, RMS(X))
         if group["multiply_by_parameter_scale"]:
             update_scale = update_scale * torch.clamp(rms(x32), min=group["epsilon2"])
 
-        g2 = g32 * g32 + group["epsilon1"]
-        if dims is not None:
+        g2 = torch.mul(g32, g32, out=square).add_(group["epsilon1"])  # G2 = G*G + epsilon1
+        if dims is not None:  # V ~ row * col / mean(row); U = G * (row/mean(row))^-1/2 * col^-1/2
             row_dim, col_dim = dims
             v_row, v_col = _local(state["v_row"]), _local(state["v_col"])
             v_row.mul_(decay).add_(mixing * mean(g2, (col_dim,), shape, shard_dim).squeeze(col_dim))
@@ -165,25 +191,25 @@ class Adafactor(torch.optim.Optimizer):
             row_col_mean = mean(v_row, (row_dim_in_row,), row_shape, row_sharded)
             row_factor = (v_row / row_col_mean).rsqrt()
             col_factor = v_col.rsqrt()
-            u = g32 * row_factor.unsqueeze(col_dim) * col_factor.unsqueeze(row_dim)
-        else:
+            u = torch.mul(g32, row_factor.unsqueeze(col_dim), out=work).mul_(col_factor.unsqueeze(row_dim))
+        else:  # V = decay*V + (1-decay)*G2; U = G / sqrt(V)
             v = _local(state["v"])
-            v.mul_(decay).add_(mixing * g2)
-            u = g32 * v.rsqrt()
+            v.mul_(decay).add_(g2.mul_(mixing))
+            u = torch.rsqrt(v, out=work).mul_(g32)
 
-        if group["clipping_threshold"] is not None:
-            u = u / torch.clamp(rms(u) / group["clipping_threshold"], min=1.0)
+        if group["clipping_threshold"] is not None:  # U = U / max(1, RMS(U) / clipping_threshold)
+            u.div_(torch.clamp(rms(u) / group["clipping_threshold"], min=1.0))
 
-        subtrahend = update_scale * u
-        if group["beta1"] is not None:
+        subtrahend = u.mul_(update_scale)  # step * U
+        if group["beta1"] is not None:  # M = beta1*M + (1-beta1)*step*U
             m = _local(state["m"])
-            m.mul_(group["beta1"]).add_((1.0 - group["beta1"]) * subtrahend)
+            m.mul_(group["beta1"]).add_(subtrahend.mul_(1.0 - group["beta1"]))
             subtrahend = m
-        if group["weight_decay_rate"] is not None:
-            new_x = (1.0 - group["weight_decay_rate"]) * x32 - subtrahend
-        else:
-            new_x = x32 - subtrahend
-        x.copy_(new_x)
+        if group["weight_decay_rate"] is not None:  # X = (1 - weight_decay_rate)*X - subtrahend
+            x32.mul_(1.0 - group["weight_decay_rate"])
+        x32.sub_(subtrahend)
+        if x32 is not x:
+            x.copy_(x32)
         state["step"] += 1
 
 

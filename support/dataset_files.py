@@ -1,27 +1,45 @@
 """Readers of each data set's published file layout, for promot's twelve tasks.
 
-This leaf turns the files a user downloads -- a `datasets` export
-(`Dataset.to_json`, JSON Lines) or the data set's own release -- into plain
-records. A reader is `reader(data_dir, split) -> list[(fields, targets)]`:
-`fields` is a dict of the text fields a prompt template names, `targets` the
-reference answers (targets[0] is the training target; [] for an unlabeled
-example, e.g. a hidden test split). It holds
-  * the low-level readers: `read_lines`, `read_jsonl`, `read_json`;
+This leaf turns the files a user downloads -- the Hub's parquet files, a
+`datasets` export (`Dataset.to_json`, JSON Lines) or the data set's own
+release -- into plain records. A reader is
+`reader(data_dir, split) -> list[(fields, targets)]` (or a list-like
+`LazySequence` of them): `fields` is a dict of the text fields a prompt
+template names, `targets` the reference answers (targets[0] is the training
+target; [] for an unlabeled example, e.g. a hidden test split). It holds
+  * the low-level readers: `read_lines`, `read_jsonl`, `read_json`, `read_parquet`
+    (pyarrow, optional, is imported only when a parquet file is met);
   * field access with clear errors: `get_field`, `get_text`, `label_word`;
-  * file finding: `SPLIT_STEMS`, `task_folder`, `find_file`, `jsonl_names`;
-  * one reader per data set (SuperGLUE RTE/CB/WiC, SNLI, OpenBookQA, TriviaQA,
-    WebQuestions, WMT, XSum, WikiLingua) and the generic JSONL task.
+  * file finding: `SPLIT_STEMS`, `task_folder`, `split_files` (JSONL, or parquet
+    files and the Hub's shards), `read_split`, `unreadable_files` (for `data.py check`);
+  * large files without holding them: `LazySequence`, a list whose items are
+    read on demand, and `indexed_lines`, a byte-offset index of a file's lines
+    cached beside it (WMT14 En-Fr's 40.8M pairs would take ~30 GB as objects);
+  * one reader per data set (SuperGLUE or GLUE RTE, CB, WiC, SNLI, OpenBookQA,
+    TriviaQA, WebQuestions, WMT, XSum, WikiLingua) and the generic JSONL task.
 Every user-caused problem becomes one `DataError` naming the file, the line
-and what was expected. It imports only the standard library, nothing of the
-project, so it can be copied alone into another codebase; data.py turns the
-records into its Examples and prompts.
+(or parquet row) and what was expected. It imports only the standard library
+(and pyarrow when it meets a parquet file), nothing of the project, so it can
+be copied alone into another codebase; data.py turns the records into its
+Examples and prompts.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
+import hashlib
 import json
+import operator
+import os
 import re
+import struct
 from pathlib import Path
+
+try:
+    import fcntl  # POSIX: one process builds an index while the others wait
+except ImportError:
+    fcntl = None
 
 
 class DataError(ValueError):
@@ -37,11 +55,16 @@ def read_lines(path):
     """Yield (line number, text) of a UTF-8 file, naming the line of any bad byte."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            try:
-                yield lineno, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x} "
-                                f"at column {err.start + 1})") from None
+            yield lineno, decode_line(path, lineno, raw)
+
+
+def decode_line(path, lineno: int, raw: bytes) -> str:
+    """One line's bytes as text, without its line end."""
+    try:
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x} "
+                        f"at column {err.start + 1})") from None
 
 
 def read_jsonl(path):
@@ -49,15 +72,22 @@ def read_jsonl(path):
     (`path` a str or Path); a DataError names path:line of bad JSON, non-UTF-8
     bytes or a value that is not a JSON object."""
     for lineno, line in read_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        yield lineno, record
+        record = parse_json_line(path, lineno, line)
+        if record is not None:
+            yield lineno, record
+
+
+def parse_json_line(path, lineno: int, line: str) -> dict | None:
+    """The JSON object on one line of a JSON Lines file; None for a blank line."""
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def read_json(path):
@@ -73,6 +103,29 @@ def read_json(path):
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+
+
+PYARROW_MISSING = ("reading parquet files needs the optional package pyarrow; "
+                   "install it with `pip install pyarrow`")
+
+
+def read_parquet(path):
+    """Yield (row number, record) for each row of a parquet file, the first row 1.
+    Records are the dicts a `datasets` JSON export holds: structs become dicts, lists
+    lists, class labels ints. pyarrow is imported here, when a parquet file is met."""
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise DataError(f"{path}: {PYARROW_MISSING}") from None
+    try:
+        batches = pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=4096)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path}: not a readable parquet file ({err})") from None
+    row = 0
+    for batch in batches:
+        for record in batch.to_pylist():
+            row += 1
+            yield row, record
 
 
 _MISSING = object()
@@ -123,20 +176,20 @@ def task_folder(data_dir, name) -> Path:
     return folder
 
 
-def find_file(folder: Path, names, split: str) -> Path:
-    """The first of `names` present in `folder`, else a DataError listing them all."""
-    path = find_file_or_none(folder, names)
-    if path is None:
-        _missing(folder, split, names)
-    return path
+class MissingSplit(DataError):
+    """A task folder holds no file for the split (`data.py check` prints "-")."""
 
 
 def find_file_or_none(folder: Path, names):
     return next((folder / n for n in names if (folder / n).is_file()), None)
 
 
-def _missing(folder: Path, split: str, names):
-    raise DataError(f"{folder}: no file for split {split!r}; accepted names: {', '.join(names)}")
+def _missing(folder: Path, split: str, stems=None, also=()):
+    stems = stems or SPLIT_STEMS.get(split, (split,))
+    parquet = (f"{stems[0]}.parquet, {stems[0]}-00000-of-0000N.parquet or {stems[0]}/*.parquet, "
+               "also in a sub-folder such as data/")
+    raise MissingSplit(f"{folder}: no file for split {split!r}; accepted names: "
+                       f"{', '.join(jsonl_names(split, stems) + list(also))}, or parquet: {parquet}")
 
 
 def jsonl_names(split: str, stems=None) -> list[str]:
@@ -144,18 +197,301 @@ def jsonl_names(split: str, stems=None) -> list[str]:
     return [f"{stem}{ext}" for stem in stems for ext in (".jsonl", ".json")]
 
 
-def read_jsonl_split(name: str, data_dir, split: str, convert, stems=None) -> list[tuple[dict, list]]:
-    """Read <data_dir>/<name>/<split>.jsonl with `convert(record, where, split)`, which
-    returns (fields, targets) or None to drop the record."""
-    path = find_file(task_folder(data_dir, name), jsonl_names(split, stems), split)
-    examples = []
-    for lineno, record in read_jsonl(path):
-        example = convert(record, f"{path}:{lineno}", split)
-        if example is not None:
-            examples.append(example)
+# The Hub's shards: <split>-00000-of-00003.parquet (older uploads add -<hash>).
+_SHARD = re.compile(r"(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})(?:-[0-9a-f]+)?\.parquet")
+
+
+def parquet_files(directory: Path, stem: str) -> list[Path]:
+    """The parquet files of one split stem directly in `directory`, in reading order:
+    <stem>.parquet; or every shard <stem>-NNNNN-of-MMMMM.parquet (all M must be
+    there); or <stem>/*.parquet, the layout of the Hub's refs/convert/parquet
+    branch; or that branch's older <dataset>-<stem>.parquet (xsum-train.parquet).
+    [] when there are none."""
+    if (directory / f"{stem}.parquet").is_file():
+        return [directory / f"{stem}.parquet"]
+    shards = {}
+    for path in directory.glob("*-of-*.parquet"):
+        match = _SHARD.fullmatch(path.name)
+        if match and match["stem"] == stem:
+            shards[int(match["index"])] = (path, int(match["count"]))
+    if shards:
+        expected = max(count for _, count in shards.values())
+        absent = [f"{stem}-{i:05d}-of-{expected:05d}.parquet" for i in range(expected) if i not in shards]
+        if absent or any(count != expected for _, count in shards.values()):
+            raise DataError(f"{directory}: split {stem!r} is sharded into {expected} files, but "
+                            + (f"{len(absent)} of them missing ({', '.join(absent[:3])})" if absent
+                               else "the shards disagree on how many there are"))
+        return [shards[i][0] for i in sorted(shards)]
+    if (directory / stem).is_dir():
+        return sorted((directory / stem).glob("*.parquet"))
+    named = sorted(directory.glob(f"*-{stem}.parquet"))
+    if len(named) > 1:
+        raise DataError(f"{directory}: several files for split {stem!r} "
+                        f"({', '.join(p.name for p in named)}); keep one")
+    return named
+
+
+def split_files(folder: Path, split: str, stems=None) -> list[Path]:
+    """The files of one split in a task folder, in reading order ([] if none):
+    <stem>.jsonl / <stem>.json (a `datasets` export), else parquet files as
+    `parquet_files` finds them, in the folder itself or in one sub-folder: `data/`
+    (the Hub's layout) or a config folder such as `rte/` (what
+    `hf download ... --include "rte/*"` writes)."""
+    stems = stems or SPLIT_STEMS.get(split, (split,))
+    jsonl = find_file_or_none(folder, jsonl_names(split, stems))
+    if jsonl is not None:
+        return [jsonl]
+    for stem in stems:
+        files = parquet_files(folder, stem)
+        if files:
+            return files
+    found = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for stem in stems:
+            files = parquet_files(sub, stem)
+            if files:
+                found[sub.name] = files
+                break
+    if len(found) > 1:
+        raise DataError(f"{folder}: split {split!r} is in several sub-folders ({', '.join(found)}); keep one")
+    return next(iter(found.values()), [])
+
+
+def read_records(path: Path):
+    """Yield (where, record) for each record of a JSON Lines or parquet file; `where`
+    names the file and its line (path:7) or row (path: row 7, the first row is 1)."""
+    if path.suffix == ".parquet":
+        for row, record in read_parquet(path):
+            yield f"{path}: row {row}", record
+    else:
+        for lineno, record in read_jsonl(path):
+            yield f"{path}:{lineno}", record
+
+
+def read_split(name: str, data_dir, split: str, convert, stems=None, also=()):
+    """Read one split of <data_dir>/<name>/ (see `split_files`) with
+    `convert(record, where, split)`, which returns (fields, targets) or None to drop
+    the record. `also` lists further accepted names for the error when none is there.
+    A JSON Lines file comes back as a LazySequence read on demand (`indexed_jsonl`),
+    parquet files as a list."""
+    folder = task_folder(data_dir, name)
+    paths = split_files(folder, split, stems)
+    if not paths:
+        _missing(folder, split, stems, also)
+    if paths[0].suffix != ".parquet":
+        examples = indexed_jsonl(paths[0], convert, split)
+    else:
+        examples = [example for path in paths for where, record in read_records(path)
+                    if (example := convert(record, where, split)) is not None]
     if not examples:
-        raise DataError(f"{path}: no examples in split {split!r}")
+        raise DataError(f"{paths[0] if len(paths) == 1 else folder}: no examples in split {split!r}")
     return examples
+
+
+# --------------------------------------------------------------------------
+# Large files: a byte-offset index, records read on demand
+# --------------------------------------------------------------------------
+
+# WMT14 En-Fr's train.jsonl holds 40.8M pairs (~15 GB): as Python objects that is
+# ~30 GB on every rank. Instead one pass checks every line (raising the errors that
+# reading the file whole raises) and writes where each kept line starts; a record
+# is then read, parsed and converted only when it is asked for, so memory does not
+# grow with the file. The index is built once and reused until the file changes.
+
+class LazySequence(collections.abc.Sequence):
+    """A read-only list whose item i is `item(i)`, computed on each access, so that it
+    holds nothing itself. A slice is a list; `map` gives another lazy view."""
+
+    def __init__(self, length: int, item):
+        self._length, self._item = length, item
+
+    def __len__(self):
+        return self._length
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._item(j) for j in range(*i.indices(self._length))]
+        i = operator.index(i)
+        if not -self._length <= i < self._length:
+            raise IndexError(f"index {i} out of range for {self._length} items")
+        return self._item(i % self._length)
+
+    def __eq__(self, other):
+        return (isinstance(other, collections.abc.Sequence) and len(self) == len(other)
+                and all(a == b for a, b in zip(self, other)))
+
+    def __repr__(self):
+        return f"LazySequence({self._length} items)"
+
+    def map(self, function) -> LazySequence:
+        return LazySequence(self._length, lambda i: function(self._item(i)))
+
+
+def indexed_jsonl(path: Path, convert, split: str) -> LazySequence:
+    """The records of a JSON Lines file as `convert(record, where, split)` makes them,
+    read on demand through `indexed_lines`. Blank lines and records that `convert`
+    drops (returns None for) are not in the index."""
+    def record(lineno, raw):
+        found = parse_json_line(path, lineno, decode_line(path, lineno, raw))
+        return None if found is None else convert(found, f"{path}:{lineno}", split)
+
+    lines = indexed_lines(path, f"jsonl {split} {code_fingerprint(convert)}",
+                          lambda lineno, raw: record(lineno, raw) is not None)
+    return lines.map(lambda line: record(*line))
+
+
+INDEX_FORMAT = "promot line index 1"
+_ENTRY = struct.Struct("<QII")  # one kept line: byte offset, byte length, line number (from 1)
+_HEADER_BYTES = 4096            # the index file: a JSON header padded with spaces, then the entries
+
+
+def indexed_lines(path, key: str, keep) -> LazySequence:
+    """The lines of a file for which `keep(line number, bytes)` is true, as a
+    LazySequence of (line number, bytes); each item costs one read of the file.
+
+    The first call reads the file once, calling `keep` on every line (which raises
+    for a bad line), and writes the kept lines' offsets to an index: a hidden file
+    beside the data file, or under ~/.cache/promot/indexes if that folder is not
+    writable. The index records `key` (what `keep` selects) and the file's size,
+    modification time and a hash of its first and last 64 KiB: another key or a
+    changed file gets a new index, and a read after the file changed raises, never
+    reading at a stale offset. It is written to a temporary file and renamed; under
+    torchrun one process builds it while the others wait on a lock."""
+    path = Path(path)
+    data = open(path, "rb", buffering=0)
+    signature = file_signature(data)
+    candidates = index_paths(path, key)
+    found = next(((p, h) for p in candidates if (h := _read_header(p, key, signature))), None)
+    index, header = found or _build_index(path, data, key, keep, signature, candidates)
+    entries = open(index, "rb", buffering=0)
+
+    def line(i):
+        offset, length, lineno = _ENTRY.unpack(os.pread(entries.fileno(), _ENTRY.size,
+                                                        _HEADER_BYTES + i * _ENTRY.size))
+        raw, now = os.pread(data.fileno(), length, offset), os.fstat(data.fileno())
+        if (now.st_size, now.st_mtime_ns) != (signature["size"], signature["mtime_ns"]) or len(raw) != length:
+            raise DataError(f"{path} changed after its index {index} was built; run again to re-index it")
+        return lineno, raw
+
+    return LazySequence(header["count"], line)
+
+
+def file_signature(file) -> dict:
+    """What tells an open file's content apart, cheaply: size, modification time and a
+    hash of its first and last 64 KiB (all of a small file)."""
+    stat, fd = os.fstat(file.fileno()), file.fileno()
+    ends = os.pread(fd, 1 << 16, 0) + os.pread(fd, 1 << 16, max(0, stat.st_size - (1 << 16)))
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ends": hashlib.sha1(ends).hexdigest()}
+
+
+def code_fingerprint(function) -> str:
+    """A hash of the source file defining `function` and of the values its closure
+    holds: what an index built with `function` depends on besides the data."""
+    try:
+        source = Path(function.__code__.co_filename).read_bytes()
+    except OSError:
+        source = function.__code__.co_code
+    held = [getattr(c, "__qualname__", "") if callable(c) else c
+            for c in (cell.cell_contents for cell in function.__closure__ or ())]
+    return hashlib.sha1(source + repr([function.__qualname__] + held).encode()).hexdigest()[:16]
+
+
+def index_paths(path: Path, key: str) -> list[Path]:
+    """Where the index of `path` for `key` is looked for and written, in that order."""
+    name = f".{path.name}.{hashlib.sha1(key.encode()).hexdigest()[:12]}.index"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "promot" / "indexes"
+    return [path.parent / name, cache / (hashlib.sha1(str(path.absolute()).encode()).hexdigest()[:16] + name)]
+
+
+def _read_header(index: Path, key: str, signature: dict) -> dict | None:
+    """The header of a usable index, else None: absent, for another key or file, cut short."""
+    try:
+        with open(index, "rb") as f:
+            header = json.loads(f.read(_HEADER_BYTES))
+        size = index.stat().st_size
+    except (OSError, ValueError):
+        return None
+    usable = (isinstance(header, dict) and header.get("format") == INDEX_FORMAT and header.get("key") == key
+              and header.get("file") == signature and isinstance(header.get("count"), int)
+              and size == _HEADER_BYTES + header["count"] * _ENTRY.size)
+    return header if usable else None
+
+
+def _build_index(path, data, key, keep, signature, candidates) -> tuple[Path, dict]:
+    failures = []
+    for index in candidates:
+        try:
+            index.parent.mkdir(parents=True, exist_ok=True)
+            with _folder_lock(index.parent):
+                header = _read_header(index, key, signature)  # built by another process meanwhile?
+                return index, header or _write_index(path, data, index, key, keep, signature)
+        except OSError as err:  # a read-only folder: try the next place
+            failures.append(f"{index.parent} ({err.strerror or err})")
+    raise DataError(f"{path}: cannot write its index in {' or in '.join(failures)}")
+
+
+def _write_index(path, data, index: Path, key, keep, signature) -> dict:
+    tmp = index.with_name(f"{index.name}.tmp-{os.getpid()}")
+    try:
+        with open(data.fileno(), "rb", closefd=False) as lines, open(tmp, "wb") as out:
+            lines.seek(0)
+            out.write(b" " * _HEADER_BYTES)
+            offset, count = 0, 0
+            for lineno, raw in enumerate(lines, 1):
+                if keep(lineno, raw):
+                    out.write(_ENTRY.pack(offset, len(raw), lineno))
+                    count += 1
+                offset += len(raw)
+            if file_signature(data) != signature:
+                raise DataError(f"{path} changed while it was being indexed; run again")
+            header = {"format": INDEX_FORMAT, "key": key, "file": signature, "count": count}
+            out.seek(0)
+            out.write(json.dumps(header).encode().ljust(_HEADER_BYTES - 1) + b"\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, index)
+        return header
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """Hold an exclusive flock on `folder`. Where locks are not supported, every
+    process builds its own index, which the atomic rename keeps safe."""
+    fd = os.open(folder, os.O_RDONLY) if fcntl else None
+    try:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # and with it the lock
+
+
+# What the readers here read; WMT's plain text is <stem>.<two-letter language>.
+READABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
+_LANGUAGE_SUFFIX = re.compile(r"\.[a-z]{2}")
+_NAMES_A_SPLIT = re.compile(r"(?:^|[/._-])(?:train|validation|val|dev|test)(?:[/._-]|$)")
+
+
+def unreadable_files(folder: Path, depth: int = 3) -> list[Path]:
+    """Files at most `depth` levels below a task folder whose path names a split
+    (train, validation, val, dev, test) but whose format no reader here reads: a
+    .csv, a .tsv, the .arrow of `save_to_disk`, a .gz. Hidden files and folders
+    (the .cache/ that `hf download --local-dir` writes) are skipped."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        here = Path(root).relative_to(folder)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and len(here.parts) < depth - 1)
+        for name in sorted(files):
+            suffix = Path(name).suffix
+            if name.startswith(".") or suffix in READABLE_SUFFIXES or _LANGUAGE_SUFFIX.fullmatch(suffix):
+                continue
+            if _NAMES_A_SPLIT.search((here / name).as_posix()):
+                found.append(Path(root) / name)
+    return found
 
 
 # --------------------------------------------------------------------------
@@ -185,14 +521,23 @@ def _label_targets(record, key, mapping, where, split):
     return [label_word(value, mapping, where, key)]
 
 
-def superglue_reader(name: str, text_fields: tuple, mapping: dict):
+# GLUE's RTE (nyu-mll/glue, config rte) names the two sentences sentence1 and
+# sentence2; its labels mean what SuperGLUE's do (0 entailment, 1 not_entailment,
+# -1 hidden test label), so RTE_LABELS reads both.
+GLUE_RTE_FIELDS = {"premise": "sentence1", "hypothesis": "sentence2"}
+
+
+def superglue_reader(name: str, text_fields: tuple, mapping: dict, glue_fields: dict | None = None):
     """RTE, CB, WiC: `datasets` export or SuperGLUE's own jsonl (same field names,
-    string/boolean labels, val.jsonl for the dev split)."""
+    string/boolean labels, val.jsonl for the dev split). With `glue_fields`
+    ({our field: GLUE's field}), a record without text_fields[0] but with GLUE's
+    name for it is read in GLUE's layout."""
     def convert(record, where, split):
-        fields = {f: get_text(record, f, where) for f in text_fields}
+        glue = glue_fields and text_fields[0] not in record and glue_fields[text_fields[0]] in record
+        fields = {f: get_text(record, glue_fields[f] if glue else f, where) for f in text_fields}
         return fields, _label_targets(record, "label", mapping, where, split)
 
-    return lambda data_dir, split: read_jsonl_split(name, data_dir, split, convert)
+    return lambda data_dir, split: read_split(name, data_dir, split, convert)
 
 
 def snli_reader(data_dir, split):
@@ -213,7 +558,7 @@ def snli_reader(data_dir, split):
 
     official = {"train": ("snli_1.0_train",), "validation": ("snli_1.0_dev",), "test": ("snli_1.0_test",)}
     stems = SPLIT_STEMS.get(split, (split,)) + official.get(split, ())
-    return read_jsonl_split("snli", data_dir, split, convert, stems)
+    return read_split("snli", data_dir, split, convert, stems)
 
 
 def openbookqa_reader(data_dir, split):
@@ -237,27 +582,29 @@ def openbookqa_reader(data_dir, split):
         fields = {"question": stem, **{f"option_{k.lower()}": v for k, v in options.items()}}
         return fields, [label_word(answer, {k: k for k in "ABCD"}, where, "answerKey")]
 
-    return read_jsonl_split("openbookqa", data_dir, split, convert)
+    return read_split("openbookqa", data_dir, split, convert)
 
 
 def _dedup(texts) -> list[str]:
     return list(dict.fromkeys(t for t in texts if t))
 
 
-TRIVIA_QA_OFFICIAL = {"train": ("web-train.json", "wikipedia-train.json"),
-                      "validation": ("web-dev.json", "wikipedia-dev.json"),
-                      "test": ("web-test-without-answers.json", "wikipedia-test-without-answers.json")}
+# The release's qa/ files of each split, globbed and sorted as `datasets`' trivia_qa
+# script does: validation is verified-web-dev, verified-wikipedia-dev, web-dev,
+# wikipedia-dev (407 + 318 + 9,951 + 7,993 = 18,669 questions, Table 8).
+TRIVIA_QA_OFFICIAL = {"train": "*-train.json", "validation": "*-dev.json", "test": "*test-without-answers.json"}
 
 
 def trivia_qa_reader(data_dir, split):
     """TriviaQA rc.nocontext: `datasets` export (question, answer.value,
     answer.aliases; hidden test answers are [] / "<unk>") or the official release's
-    qa/{web,wikipedia}-<split>.json ({"Data": [{"Question", "Answer": {"Value",
-    "Aliases"}}]}), both files concatenated as `datasets` does for rc.
+    qa/*-<split>.json ({"Data": [{"Question", "Answer": {"Value", "Aliases"}}]}),
+    every file of the split concatenated as `datasets` does for rc (TRIVIA_QA_OFFICIAL).
     Targets: the answer value, then every alias (all count for exact match)."""
     folder = task_folder(data_dir, "trivia_qa")
+    pattern = TRIVIA_QA_OFFICIAL.get(split)
     for official_dir in (folder / "qa", folder):
-        files = [official_dir / n for n in TRIVIA_QA_OFFICIAL.get(split, ()) if (official_dir / n).is_file()]
+        files = sorted(official_dir.glob(pattern)) if pattern else []
         if files:
             return _trivia_qa_official(files, split)
 
@@ -267,9 +614,7 @@ def trivia_qa_reader(data_dir, split):
         targets = _dedup([value] + list(aliases)) if value not in ("", "<unk>") else _dedup(aliases)
         return {"question": get_text(record, "question", where)}, targets
 
-    if find_file_or_none(folder, jsonl_names(split)) is None:
-        _missing(folder, split, jsonl_names(split) + [f"qa/{n}" for n in TRIVIA_QA_OFFICIAL.get(split, ())])
-    return read_jsonl_split("trivia_qa", data_dir, split, convert)
+    return read_split("trivia_qa", data_dir, split, convert, also=[f"qa/{pattern}"] if pattern else [])
 
 
 def _trivia_qa_official(files, split):
@@ -281,9 +626,11 @@ def _trivia_qa_official(files, split):
             answer = record.get("Answer")  # absent in the *-test-without-answers files
             if answer is None and split != "test":
                 raise DataError(f"{where}: missing field 'Answer'")
+            # `datasets` strips the question, the value and each alias; so do we.
             targets = [] if answer is None else _dedup(
-                [get_text(answer, "Value", where)] + list(get_field(answer, "Aliases", where)))
-            examples.append(({"question": get_text(record, "Question", where)}, targets))
+                [get_text(answer, "Value", where).strip()]
+                + [a.strip() for a in get_field(answer, "Aliases", where)])
+            examples.append(({"question": get_text(record, "Question", where).strip()}, targets))
     if not examples:
         raise DataError(f"{files[0].parent}: no examples in split {split!r}")
     return examples
@@ -322,9 +669,7 @@ def web_questions_reader(data_dir, split):
             raise DataError(f"{where}: field 'answers' should be a list of strings")
         return {"question": get_text(record, "question", where)}, _dedup(answers)
 
-    if find_file_or_none(folder, jsonl_names(split)) is None:
-        _missing(folder, split, jsonl_names(split) + [official.name])
-    return read_jsonl_split("web_questions", data_dir, split, convert)
+    return read_split("web_questions", data_dir, split, convert, also=[official.name])
 
 
 def translation_reader(name: str, source: str, target: str, official_stems: dict):
@@ -338,44 +683,48 @@ def translation_reader(name: str, source: str, target: str, official_stems: dict
     def load(data_dir, split):
         folder = task_folder(data_dir, name)
         stems = SPLIT_STEMS.get(split, (split,)) + official_stems.get(split, ())
-        if find_file_or_none(folder, jsonl_names(split, stems)):
-            return read_jsonl_split(name, data_dir, split, convert, stems)
-        for stem in stems:
-            src, tgt = folder / f"{stem}.{source}", folder / f"{stem}.{target}"
-            if src.is_file() and tgt.is_file():
-                return _read_parallel(src, tgt, split)
-        names = jsonl_names(split, stems) + [f"{s}.{source} + {s}.{target}" for s in stems]
-        _missing(folder, split, names)
+        if not split_files(folder, split, stems):  # no export: two aligned plain-text files?
+            for stem in stems:
+                src, tgt = folder / f"{stem}.{source}", folder / f"{stem}.{target}"
+                if src.is_file() and tgt.is_file():
+                    return _read_parallel(src, tgt, split)
+        return read_split(name, data_dir, split, convert, stems,
+                          also=[f"{s}.{source} + {s}.{target}" for s in stems])
 
     return load
 
 
-def _read_parallel(src: Path, tgt: Path, split: str) -> list[tuple[dict, list]]:
-    sources = [line for _, line in read_lines(src)]
-    targets = [line for _, line in read_lines(tgt)]
+def _read_parallel(src: Path, tgt: Path, split: str) -> LazySequence:
+    """Line i of each file is pair i, read on demand (`indexed_lines`)."""
+    def utf8(path):  # every line is kept; building the index checks that it is UTF-8
+        return lambda lineno, raw: decode_line(path, lineno, raw) is not None
+
+    key = f"lines {code_fingerprint(decode_line)}"
+    sources, targets = (indexed_lines(path, key, utf8(path)) for path in (src, tgt))
     if len(sources) != len(targets):
         raise DataError(f"{src} has {len(sources)} lines but {tgt} has {len(targets)}; "
                         "the two files must be aligned line by line")
     if not sources:
         raise DataError(f"{src}: no examples in split {split!r}")
-    return [({"sentence": s}, [t]) for s, t in zip(sources, targets)]
+    return LazySequence(len(sources), lambda i: ({"sentence": decode_line(src, *sources[i])},
+                                                 [decode_line(tgt, *targets[i])]))
 
 
 def xsum_reader(data_dir, split):
     """XSum: `datasets` export (document, summary, id)."""
     def convert(record, where, split):
         return {"article": get_text(record, "document", where)}, [get_text(record, "summary", where)]
-    return read_jsonl_split("xsum", data_dir, split, convert)
+    return read_split("xsum", data_dir, split, convert)
 
 
 def wiki_lingua_reader(data_dir, split):
-    """WikiLingua English, GEM version (`datasets` GEM/wiki_lingua, english_en):
+    """WikiLingua English, GEM version (GEM/wiki_lingua, config en):
     source, target and, where present, references (all used for scoring)."""
     def convert(record, where, split):
         references = record.get("references") or []
         return ({"article": get_text(record, "source", where)},
                 _dedup([get_text(record, "target", where)] + list(references)))
-    return read_jsonl_split("wiki_lingua_en", data_dir, split, convert)
+    return read_split("wiki_lingua_en", data_dir, split, convert)
 
 
 # --------------------------------------------------------------------------
@@ -400,7 +749,7 @@ def jsonl_task_reader(name: str):
         get_text(record, "input", where)
         return fields, list(targets)
 
-    return lambda data_dir, split: read_jsonl_split(name, data_dir, split, convert)
+    return lambda data_dir, split: read_split(name, data_dir, split, convert)
 
 
 def read_task_json(path, accepted_keys, metrics) -> dict:

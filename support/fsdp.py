@@ -115,6 +115,15 @@ def copy_into_shard(param, full):
         param.copy_(full)
 
 
+def all_finite(tensors):
+    """Whether every tensor (this rank's shards) is free of NaN and inf on every rank."""
+    ok = torch.tensor([all(bool(torch.isfinite(local_tensor(t)).all()) for t in tensors)], dtype=torch.float32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        ok = ok.to(next(iter(tensors)).device if tensors else ok.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
 def full_tensor(t):
     """The whole tensor of a DTensor (a collective: every rank must call it), else t itself."""
     return t.full_tensor() if isinstance(t, DTensor) else t

@@ -45,6 +45,10 @@ def _locate(path):
                 weight_map = {name: os.path.join(path, file) for name, file in weight_map.items()}
             except (json.JSONDecodeError, KeyError, UnicodeDecodeError, AttributeError, TypeError) as e:
                 raise CheckpointError(f"{index_path}: expected JSON with a 'weight_map' ({e!r})") from None
+            outside = [f for f in weight_map.values() if os.path.dirname(os.path.relpath(f, path)) or f == path]
+            if outside:  # a shard is a file name in this folder; '../x' or '/abs' would read elsewhere
+                raise CheckpointError(f"{index_path}: weight_map names {os.path.relpath(outside[0], path)!r}, "
+                                      "not a file of this folder")
             return list(dict.fromkeys(weight_map.values())), weight_map
     raise CheckpointError(f"{path}: found no weights; expected model.safetensors, model.safetensors.index.json, "
                           "pytorch_model.bin or pytorch_model.bin.index.json")

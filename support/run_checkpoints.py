@@ -1,23 +1,28 @@
-"""A run folder's files: atomic writes and exactly-resumable training checkpoints.
+"""A run folder's files: atomic writes, a lock, and exactly-resumable training checkpoints.
 
-A leaf of promot (it imports only torch and the standard library): copy it
-alone into another codebase.
+A leaf of promot (it imports only torch, safetensors and the standard library):
+copy it alone into another codebase.
 
 - `atomic_write(path)`: the one way promot writes a file. A reader (or a rerun
   after a kill, a full disk, a Ctrl-C) sees the old file or the new one, never
   a half-written one that looks complete.
+- `lock_run_folder(folder)`: one process per run folder; a second one is
+  refused with the PID and host that hold it, a dead holder's lock is taken over.
 - `save_checkpoint` / `latest_checkpoint` / `load_checkpoint`: a directory per
-  step with the sharded training state (torch.distributed.checkpoint, each
-  rank writes its own shards), every rank's RNG state and the trainer's
-  bookkeeping (step, data position, best score), so a resumed run continues
-  bit for bit.
+  step holding every rank's shard of the training state and its RNG state in
+  safetensors (no pickle: a shared or downloaded run folder cannot run code on
+  --resume), the non-tensor state and the trainer's bookkeeping (step, data
+  position, best score) in JSON, and a SHA-256 per file, checked on load, so a
+  resumed run continues bit for bit or is refused.
 """
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import shutil
-import warnings
+import socket
 
 import torch
 import torch.distributed as dist
@@ -44,6 +49,89 @@ def write_json(path, obj, indent=2):
         json.dump(obj, f, indent=indent, ensure_ascii=False)
 
 
+class CheckpointFileError(RuntimeError):
+    """A run folder's lock, checkpoint or disk that stops the run; the message says what to do."""
+
+
+def lock_run_folder(folder):
+    """Take `folder`'s lock file (.lock, holding the PID and host); returns its path (None on ranks > 0).
+
+    Call it on every rank: rank 0 creates the folder and takes the lock, the
+    others learn whether it could. A lock held by a live process, or by any
+    process on another host, is refused; one left by a process that died on
+    this host is taken over."""
+    error, path = None, None
+    if _rank() == 0:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            path = _take_lock(folder)
+        except (CheckpointFileError, OSError) as e:
+            error = e if isinstance(e, CheckpointFileError) else CheckpointFileError(f"{folder}: cannot lock ({e})")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        taken = [error is None]
+        dist.broadcast_object_list(taken, src=0)
+        if not taken[0] and error is None:
+            error = CheckpointFileError(f"{folder}: rank 0 could not lock the run folder")
+    if error is not None:
+        raise error
+    return path
+
+
+def _take_lock(folder):
+    path = os.path.join(folder, ".lock")
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    holder = json.load(f)
+            except (OSError, ValueError):
+                holder = {}  # being written this instant, or garbage: look again
+            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)  # stale: its process is gone
+                continue
+            if holder:
+                raise CheckpointFileError(
+                    f"{folder} is in use by process {holder.get('pid')} on {holder.get('host')} (lock {path}); "
+                    "wait for it to finish, or delete the lock file if that process is gone") from None
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        return path
+    raise CheckpointFileError(f"{path}: cannot take the run folder's lock; delete the file if no run uses {folder}")
+
+
+def unlock_run_folder(path):
+    """Remove a lock taken by this process."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(path, encoding="utf-8") as f:
+            if json.load(f).get("pid") == os.getpid():
+                os.remove(path)
+
+
+def settings_changes(saved, now, may_change=(), paths=()):
+    """["--name: saved X, now Y"] for every setting of `now` that differs from `saved` (a run's
+    recorded settings), except those in `may_change`; the settings in `paths` compare as resolved
+    paths, so a trailing slash or a relative path is the same place."""
+    def norm(key, value):
+        return os.path.realpath(value) if key in paths and value else value
+    return [f"--{k.replace('_', '-')}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items()
+            if k not in may_change and norm(k, saved.get(k)) != norm(k, v)]
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _barrier():
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -53,43 +141,75 @@ def _rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _leaves(tree, prefix=""):
+    """(path, value) of every leaf of nested dicts and lists; paths join keys with '/'."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else None
+    if items is None:
+        yield prefix, tree
+        return
+    for key, value in items:
+        yield from _leaves(value, f"{prefix}/{key}" if prefix else str(key))
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _rng_state(device):
+    state = {"rng/cpu": torch.get_rng_state()}
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
+        state["rng/cuda"] = torch.cuda.get_rng_state(device)
     return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_checkpoint(folder, step, state, trainer, device, keep=1):
     """Write folder/step_N.tmp, then rename it: a checkpoint exists whole or not at all.
 
-    torch.distributed.checkpoint writes each rank's shards in parallel (and
-    runs as one process without torchrun); rank r adds its RNG state; rank 0
-    adds trainer.json (step, data position, best score so far). Only the
-    newest `keep` checkpoints are kept. Returns the checkpoint's path."""
-    import torch.distributed.checkpoint as dcp
+    `state` is nested dicts/lists of tensors (DTensors: this rank's shard) and
+    JSON values. Rank r writes rank{r}.safetensors (its tensors and RNG state)
+    and rank{r}.json (the SHA-256 of that file); rank 0 adds trainer.json
+    (`trainer`, plus the non-tensor values of `state`). Only the newest `keep`
+    checkpoints are kept. Returns the checkpoint's path."""
+    from safetensors.torch import save_file
     final = os.path.join(folder, f"step_{step:07d}")
-    tmp = final + ".tmp"
-    main = _rank() == 0
-    if main:
+    tmp, rank = final + ".tmp", _rank()
+    if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-        dcp.save(state, checkpoint_id=tmp)
-    torch.save(rng_state(device), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
-    if main:
-        with open(os.path.join(tmp, "trainer.json"), "w", encoding="utf-8") as f:
-            json.dump(trainer, f, indent=2)
+    tensors, values = {}, {}
+    for path, value in _leaves(state):
+        if isinstance(value, torch.Tensor):
+            tensors[path] = _local(value).detach().contiguous().cpu()
+        else:
+            values[path] = value
+    tensors.update(_rng_state(device))
+    file = os.path.join(tmp, f"rank{rank}.safetensors")
+    try:
+        save_file(tensors, file)
+        with open(os.path.join(tmp, f"rank{rank}.json"), "w", encoding="utf-8") as f:
+            json.dump({"sha256": _sha256(file)}, f)
+        if rank == 0:
+            with open(os.path.join(tmp, "trainer.json"), "w", encoding="utf-8") as f:
+                json.dump({**trainer, "values": values}, f, indent=1)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(folder)
+        raise CheckpointFileError(f"no space left on the device while writing {file}; "
+                                  + (f"the previous checkpoint {last} is intact" if last else "no checkpoint was saved yet")
+                                  ) from None
     _barrier()
-    if main:
+    if rank == 0:
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -99,23 +219,81 @@ def save_checkpoint(folder, step, state, trainer, device, keep=1):
     return final
 
 
+def checkpoints(folder):
+    """The complete checkpoints in `folder`, oldest first."""
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, d) for d in sorted(os.listdir(folder))
+            if d.startswith("step_") and not d.endswith(".tmp") and os.path.isfile(os.path.join(folder, d, "trainer.json"))]
+
+
+def load_latest(folder, state, device, warn=print):
+    """(path, trainer) of the newest checkpoint in `folder` that loads, filled into `state` as
+    load_checkpoint does, or (None, None) when there is none. A damaged checkpoint is skipped
+    with a warning when an older one is kept (save_checkpoint's `keep`)."""
+    found = checkpoints(folder)
+    for i, path in enumerate(reversed(found)):
+        try:
+            return path, load_checkpoint(path, state, device)
+        except CheckpointFileError as e:
+            if i == len(found) - 1 or "SHA-256" not in str(e):
+                raise
+            warn(f"warning: {e}; falling back to the previous checkpoint")
+    return None, None
+
+
 def latest_checkpoint(folder):
     """The newest complete checkpoint in `folder`, or None."""
-    if not os.path.isdir(folder):
-        return None
-    done = sorted(d for d in os.listdir(folder)
-                  if d.startswith("step_") and not d.endswith(".tmp")
-                  and os.path.isfile(os.path.join(folder, d, "trainer.json")))
-    return os.path.join(folder, done[-1]) if done else None
+    found = checkpoints(folder)
+    return found[-1] if found else None
 
 
 def load_checkpoint(path, state, device):
-    """Fill `state` (the live tensors, in place) and this rank's RNG from checkpoint `path`;
-    returns the trainer's bookkeeping (trainer.json)."""
-    import torch.distributed.checkpoint as dcp
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(state, checkpoint_id=path)
-    set_rng_state(torch.load(os.path.join(path, f"rng_rank{_rank()}.pt"), weights_only=True), device)
-    with open(os.path.join(path, "trainer.json"), encoding="utf-8") as f:
-        return json.load(f)
+    """Fill `state` (the live tensors, in place, and its non-tensor values) and this rank's RNG
+    from checkpoint `path`; returns the trainer's bookkeeping (trainer.json).
+
+    Raises CheckpointFileError when a file is missing, damaged (SHA-256) or
+    does not fit `state` (shapes, names), before anything is changed."""
+    from safetensors import safe_open
+    rank = _rank()
+    file = os.path.join(path, f"rank{rank}.safetensors")
+    if not os.path.isfile(file):
+        old = os.path.isfile(os.path.join(path, ".metadata"))
+        raise CheckpointFileError(
+            f"{path}: " + ("written by an older promot (torch.distributed.checkpoint, whose metadata is a pickle); "
+                           "it is not read, since unpickling can run code: start the stage again" if old
+                           else f"no {os.path.basename(file)}: the checkpoint is incomplete"))
+    try:
+        with open(os.path.join(path, f"rank{rank}.json"), encoding="utf-8") as f:
+            expected = json.load(f)["sha256"]
+        with open(os.path.join(path, "trainer.json"), encoding="utf-8") as f:
+            trainer = json.load(f)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointFileError(f"{path}: unreadable checkpoint bookkeeping ({e})") from None
+    if _sha256(file) != expected:
+        raise CheckpointFileError(f"{file}: SHA-256 mismatch, the file was damaged after it was written")
+    live = [(name, _local(value)) for name, value in _leaves(state) if isinstance(value, torch.Tensor)]
+    with safe_open(file, framework="pt") as f, torch.no_grad():  # one tensor in memory at a time
+        stored = set(f.keys())
+        for name, value in live:
+            if name not in stored or list(f.get_slice(name).get_shape()) != list(value.shape):
+                raise CheckpointFileError(f"{file}: tensor {name!r} is missing or has another shape; the "
+                                          "checkpoint was written by another configuration")
+        for name, value in live:
+            value.copy_(f.get_tensor(name))
+        torch.set_rng_state(f.get_tensor("rng/cpu"))
+        if "rng/cuda" in stored:
+            torch.cuda.set_rng_state(f.get_tensor("rng/cuda"), device)
+    _set_values(state, trainer.pop("values", {}))
+    return trainer
+
+
+def _set_values(tree, values, prefix=""):
+    """Put the saved non-tensor values back into nested dicts/lists, in place."""
+    items = list(tree.items()) if isinstance(tree, dict) else list(enumerate(tree))
+    for key, value in items:
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, (dict, list)):
+            _set_values(value, values, path)
+        elif not isinstance(value, torch.Tensor) and path in values:
+            tree[key] = values[path]

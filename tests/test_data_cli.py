@@ -85,3 +85,44 @@ def test_cli_process_exits_nonzero_without_traceback(data_dir):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
     assert "rte: folder not found" in result.stderr
+
+
+def test_check_warns_where_split_sizes_differ_from_table_8(data_dir, capsys):
+    assert data.main(["check", "--data-dir", str(data_dir)]) == 0  # a warning is not a failure
+    err = capsys.readouterr().err
+    assert "warning: rte train: 6 examples, the paper's Table 8 has 2490" in err
+    assert "warning: rte validation: 4 examples, the paper's Table 8 has 277" in err
+
+
+def test_check_fails_on_a_file_of_unknown_format_and_names_it(data_dir, capsys):
+    (data_dir / "rte/train.csv").write_text("premise,hypothesis,label\n")
+    assert data.main(["check", "--data-dir", str(data_dir)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {data_dir / 'rte/train.csv'}: unknown format; promot reads .jsonl, .json, .parquet" in err
+
+
+def test_check_fails_on_a_save_to_disk_folder(tmp_path, capsys):
+    # Dataset.save_to_disk writes arrow files that promot does not read; check must not say OK.
+    (tmp_path / "cb/train").mkdir(parents=True)
+    (tmp_path / "cb/train/data-00000-of-00001.arrow").write_bytes(b"ARROW1")
+    (tmp_path / "cb/train/dataset_info.json").write_text("{}")
+    assert data.main(["check", "--data-dir", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "cb              train - (paper 250), validation - (paper 56), test - (paper 250)" in captured.out
+    assert "data-00000-of-00001.arrow: unknown format" in captured.err
+    assert f"error: {tmp_path / 'cb'}: no split in a layout promot reads" in captured.err
+
+
+def test_check_fails_on_a_missing_required_field_and_names_file_line_field(data_dir, capsys):
+    with open(data_dir / "rte/val.jsonl", "a") as f:
+        f.write(json.dumps({"premise": "p", "label": "entailment"}) + "\n")
+    assert data.main(["check", "--data-dir", str(data_dir)]) == 1
+    captured = capsys.readouterr()
+    assert "rte/val.jsonl:5: missing field 'hypothesis'" in captured.err and "validation ERROR" in captured.out
+
+
+def test_check_ignores_hidden_files_and_readmes(data_dir, capsys):
+    (data_dir / "rte/.cache/huggingface/download").mkdir(parents=True)
+    (data_dir / "rte/.cache/huggingface/download/train.parquet.metadata").write_text("x")
+    (data_dir / "rte/README.md").write_text("# RTE")
+    assert data.main(["check", "--data-dir", str(data_dir)]) == 0

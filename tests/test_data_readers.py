@@ -46,6 +46,24 @@ def test_rte_superglue_release_uses_val_jsonl_and_string_labels(tmp_path):
     assert targets(data.load_split("rte", tmp_path, "validation")) == [["False"], ["True"]]
 
 
+def test_rte_glue_layout_is_read_from_its_fields(tmp_path):
+    # nyu-mll/glue, config rte: sentence1/sentence2, label 0 = entailment, 1 = not_entailment, -1 hidden.
+    write_jsonl(tmp_path / "rte/train.jsonl", [
+        {"sentence1": "A cat sat.", "sentence2": "An animal sat.", "label": 0, "idx": 0},
+        {"sentence1": "A cat sat.", "sentence2": "Nobody sat.", "label": 1, "idx": 1}])
+    write_jsonl(tmp_path / "rte/test.jsonl", [{"sentence1": "p", "sentence2": "h", "label": -1, "idx": 0}])
+    examples = data.load_split("rte", tmp_path, "train")
+    assert examples[0].fields == {"premise": "A cat sat.", "hypothesis": "An animal sat."}
+    assert targets(examples) == [["True"], ["False"]]
+    with pytest.raises(data.UnlabeledSplit):
+        data.load_split("rte", tmp_path, "test")
+
+
+def test_wic_keeps_its_own_sentence1_sentence2(tmp_path):
+    write_jsonl(tmp_path / "wic/train.jsonl", [{"word": "w", "sentence1": "a", "sentence2": "b", "label": 1}])
+    assert data.load_split("wic", tmp_path, "train")[0].fields == {"word": "w", "sentence1": "a", "sentence2": "b"}
+
+
 def test_cb_three_labels_both_layouts(tmp_path):
     write_jsonl(tmp_path / "cb/train.jsonl", [
         {"premise": "p", "hypothesis": "h", "label": lab} for lab in (0, 1, 2)])
@@ -141,6 +159,38 @@ def test_trivia_qa_official_json_reads_web_and_wikipedia(tmp_path):
     examples = data.load_split("trivia_qa", tmp_path, "validation")
     assert [e.fields["question"] for e in examples] == ["Q web", "Q wiki"]
     assert targets(examples) == [["Paris", "City of Light"], ["42"]]
+
+
+def trivia_release_file(path, questions, answers=True):
+    """A qa/*.json file as triviaqa-rc.tar.gz lays it out (fields padded as in the release)."""
+    records = [{"Question": f" {q} ", "QuestionId": q, "QuestionSource": "x", "EntityPages": [], "SearchResults": []}
+               for q in questions]
+    if answers:
+        for r in records:
+            r["Answer"] = {"Value": f"{r['QuestionId']} answer ", "Aliases": [" alias"], "NormalizedValue": "v",
+                           "NormalizedAliases": ["alias"], "Type": "FreeForm"}
+    write_json(path, {"Data": records, "Domain": "Web", "Version": 1.0, "Split": "dev"})
+
+
+def test_trivia_qa_release_layout_counts_the_verified_dev_files_as_datasets_does(tmp_path):
+    # The release's validation is 407 + 318 + 9,951 + 7,993 = 18,669 questions (Table 8): the
+    # verified-*-dev.json files are part of it. Here 1 + 2 + 3 + 4, in datasets' sorted order.
+    qa = tmp_path / "trivia_qa/qa"
+    trivia_release_file(qa / "web-dev.json", ["w1", "w2", "w3"])
+    trivia_release_file(qa / "wikipedia-dev.json", ["k1", "k2", "k3", "k4"])
+    trivia_release_file(qa / "verified-web-dev.json", ["vw1"])
+    trivia_release_file(qa / "verified-wikipedia-dev.json", ["vk1", "vk2"])
+    trivia_release_file(qa / "web-train.json", ["t1"])
+    trivia_release_file(qa / "wikipedia-train.json", ["t2", "t3"])
+    trivia_release_file(qa / "web-test-without-answers.json", ["x1"], answers=False)
+    trivia_release_file(qa / "wikipedia-test-without-answers.json", ["x2"], answers=False)
+    validation = data.load_split("trivia_qa", tmp_path, "validation")
+    assert [e.fields["question"] for e in validation] == ["vw1", "vk1", "vk2", "w1", "w2", "w3",
+                                                          "k1", "k2", "k3", "k4"]
+    assert validation[0].targets == ["vw1 answer", "alias"]  # stripped, as datasets strips them
+    assert len(data.load_split("trivia_qa", tmp_path, "train")) == 3
+    with pytest.raises(data.UnlabeledSplit, match="2 examples but no labels"):
+        data.load_split("trivia_qa", tmp_path, "test")
 
 
 def test_web_questions_datasets_export(tmp_path):
@@ -241,9 +291,11 @@ def test_register_task_refuses_duplicates_and_bad_metrics():
         data.register_task(data.Task("x", "{a}", "f1"), lambda d, s: [])
 
 
-def test_limit_keeps_the_first_examples(tmp_path):
-    write_jsonl(tmp_path / "xsum/train.jsonl", [{"document": f"d{i}", "summary": "s"} for i in range(5)])
-    assert [e.fields["article"] for e in data.load_split("xsum", tmp_path, "train", limit=2)] == ["d0", "d1"]
+def test_limit_keeps_a_seeded_sample_in_file_order(tmp_path):
+    write_jsonl(tmp_path / "xsum/train.jsonl", [{"document": f"d{i}", "summary": "s"} for i in range(50)])
+    sample = [int(e.fields["article"][1:]) for e in data.load_split("xsum", tmp_path, "train", limit=5)]
+    assert len(set(sample)) == 5 and sample == sorted(sample) and sample != [0, 1, 2, 3, 4]
+    assert len(data.load_split("xsum", tmp_path, "train", limit=500)) == 50  # all of them
 
 
 # --- Bad input: one clear error each -------------------------------------------------------

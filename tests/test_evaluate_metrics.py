@@ -37,6 +37,22 @@ def test_postprocess_keeps_a_prefix_at_the_very_start_and_cuts_at_the_second():
     assert evaluate.postprocess("Q: who? A: Paris Q: next") == "Q: who? A: Paris"
 
 
+@pytest.mark.parametrize("raw", [
+    "His IQ: 160",                                 # "Q:" inside a word
+    "Translated from the French original",         # "Translate" starting a longer word
+    "see Article:5 of the treaty",                 # "Article:" glued to the next word
+])
+def test_postprocess_cuts_only_where_the_prefix_is_a_word_of_its_own(raw):
+    assert evaluate.postprocess(raw) == raw
+
+
+def test_postprocess_cuts_the_papers_repeated_example():
+    # App. C.9: the model answers, then writes the next WebQuestions example itself.
+    raw = "<extra_id_0> Milwaukee, Wisconsin Q: what movies has taylor lautner been in? A: Twilight <extra_id_1>"
+    assert evaluate.postprocess(raw) == "Milwaukee, Wisconsin"
+    assert evaluate.postprocess("A: Milwaukee, Wisconsin Q: what movies") == "A: Milwaukee, Wisconsin"
+
+
 @pytest.mark.parametrize("raw, expected", [
     ("<extra_id_0> True <extra_id_1>", "True"),
     ("False, because the premise says otherwise", "False"),

@@ -83,6 +83,15 @@ def test_stage1_records_config_log_and_best_checkpoint(stage1_run):
     assert (out / "stage1" / "best" / "prompt.safetensors").exists()
 
 
+def test_exports_hold_the_prompt_as_a_peft_adapter_too(stage1_run):
+    from support import prompt_formats
+    out, run = stage1_run
+    final = out / "stage1" / "final"
+    adapter = prompt_formats.read_peft_adapter(str(final / "peft_toy_tf"), d_model=32)
+    assert torch.equal(adapter, load_file(str(final / "prompt.safetensors"))["prompt.toy_tf"])
+    assert json.load(open(final / "peft_toy_tf" / "adapter_config.json"))["peft_type"] == "PROMPT_TUNING"
+
+
 def test_stage2_keeps_the_prompt_bit_identical_and_uses_it(env, stage1_run):
     out, _ = stage1_run
     stage1_prompt = load_file(str(out / "stage1" / "best" / "prompt.safetensors"))["prompt"]
@@ -287,9 +296,29 @@ def test_foreign_non_empty_out_is_refused(env, capsys, tmp_path):
 def test_resume_with_another_configuration_names_the_setting(env, capsys, tmp_path):
     out = tmp_path / "o"
     train(args(env, out, "1", "--no-eval", steps=1, save_every=1))
-    err = _fails(args(env, out, "1", "--no-eval", "--resume", "--lr", "0.3", steps=2, save_every=1), capsys,
-                 "--lr", "0.2", "0.3")
+    err = _fails(args(env, out, "1", "--no-eval", "--resume", "--label-smoothing", "0.2", steps=2, save_every=1),
+                 capsys, "--label-smoothing", "0.0", "0.2")
     assert "--steps" not in err  # more steps is a legitimate resume
+
+
+def test_resume_may_change_lr_and_records_it(env, tmp_path):
+    """The NaN advice ("a lower --lr, then --resume") must work; config.json and the log say what ran."""
+    out = tmp_path / "o"
+    train(args(env, out, "1", "--no-eval", steps=1, save_every=1))
+    run = train(args(env, out, "1", "--no-eval", "--resume", "--lr", "0.05", steps=2, save_every=1))
+    assert run.step == 2 and all(g["lr"] == 0.05 for g in run.optimizer.param_groups)
+    assert json.load(open(out / "config.json"))["stage1"]["lr"] == 0.05
+    steps = [json.loads(line) for line in open(out / "log.jsonl") if '"loss"' in line]
+    assert [(r["step"], r["lr"]) for r in steps] == [(1, 0.2), (2, 0.05)]
+
+
+def test_resume_accepts_the_same_paths_written_differently(env, tmp_path):
+    out = tmp_path / "o"
+    train(args(env, out, "1", "--no-eval", steps=1, save_every=1))
+    argv = args(env, out, "1", "--no-eval", "--resume", steps=2, save_every=1)
+    argv[argv.index("--model") + 1] = env["model"] + os.sep  # a trailing slash
+    argv[argv.index("--data-dir") + 1] = os.path.relpath(env["data"])
+    assert train(argv).step == 2
 
 
 # --- end to end --------------------------------------------------------------

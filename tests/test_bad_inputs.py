@@ -1,0 +1,258 @@
+"""Hostile and mistaken inputs (issue 17): each gets one line naming what is wrong and exit 2,
+no traceback, and leaves --out as it was; nothing from a run folder or checkpoint runs code;
+one run per folder; a damaged checkpoint is caught; a diverged run never saves NaN weights."""
+
+import errno
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import evaluate
+import model as model_lib
+import promot
+import promot_fixtures as pf
+from support import run_checkpoints
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    spiece = pf.make_spiece(str(d / "spiece"))
+    return dict(model=pf.make_model_dir(str(d / "model"), spiece), data=pf.make_data_dir(str(d / "data")), root=d)
+
+
+def train_args(env, out, *extra, stage="1", steps=2, save_every=1):
+    return ["--stage", stage, "--model", env["model"], "--data-dir", env["data"], "--task", "toy_tf",
+            "--out", str(out), "--steps", str(steps), "--save-every", str(save_every), "--batch-size", "4",
+            "--prompt-length", "5", "--log-every", "1", "--no-eval", *extra]
+
+
+def one_line_error(err, prefix):
+    assert err.startswith(prefix) and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+PROMOT_BAD = [  # (flags, words the message must hold)
+    (["--lr", "-1"], ["--lr -1.0", ">= 0"]),
+    (["--lr", "nan"], ["--lr nan"]),
+    (["--dropout", "2"], ["--dropout 2.0", "[0, 1)"]),
+    (["--label-smoothing", "2"], ["--label-smoothing"]),
+    (["--label-smoothing", "-1"], ["--label-smoothing -1.0"]),
+    (["--weight-decay", "2"], ["--weight-decay"]),
+    (["--z-loss", "-1"], ["--z-loss"]),
+    (["--shots", "-1"], ["--shots -1"]),
+    (["--train-examples", "-1"], ["--train-examples -1"]),
+    (["--max-target-tokens", "1"], ["--max-target-tokens 1", ">= 4"]),
+    (["--max-input-length", "0"], ["--max-input-tokens 0"]),  # the old name, renamed with a note
+    (["--adafactor-step-offset", "1000000"], ["--adafactor-step-offset", "<= 0"]),
+    (["--steps", "0"], ["--steps 0"]),
+    (["--batch-size", "0"], ["--batch-size 0"]),
+    (["--micro-batch-size", "0"], ["--micro-batch-size 0"]),
+    (["--micro-batch-size", "3"], ["--micro-batch-size 3"]),
+    (["--eval-batch-size", "0"], ["--eval-batch-size 0"]),
+    (["--num-beams", "0"], ["--num-beams 0"]),
+    (["--max-new-tokens", "-1"], ["--max-new-tokens -1"]),
+    (["--keep-checkpoints", "0"], ["--keep-checkpoints 0"]),
+    (["--prompt-length", "0"], ["--prompt-length 0"]),
+    (["--probe-every", "-1"], ["--probe-every -1"]),
+    (["--task", "../toy_tf"], ["'../toy_tf'", "not a path"]),
+    (["--task", "/etc"], ["'/etc'", "not a path"]),
+    (["--lora-rank", "0", "--stage1-module", "lora"], ["--lora-rank"]),
+]
+
+
+@pytest.mark.parametrize("flags,words", PROMOT_BAD, ids=[" ".join(f) for f, _ in PROMOT_BAD])
+def test_promot_refuses_bad_flags_in_one_line_before_writing(env, tmp_path, capsys, flags, words):
+    out = tmp_path / "out"
+    argv = train_args(env, out)
+    for i in range(0, len(flags), 2):  # replace a flag already in argv, else add it
+        if flags[i] in argv:
+            argv[argv.index(flags[i]) + 1] = flags[i + 1]
+        else:
+            argv += flags[i:i + 2]
+    assert promot.main(argv) == 2
+    err = capsys.readouterr().err
+    err = "\n".join(line for line in err.splitlines() if " is now " not in line) + "\n"  # rename notes
+    one_line_error(err, "promot.py: error:")
+    for w in words:
+        assert w in err, err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_promot_device_cuda_without_a_gpu(env, tmp_path, capsys):
+    assert promot.main(train_args(env, tmp_path / "out", "--device", "cuda")) == 2
+    one_line_error(capsys.readouterr().err, "promot.py: error: --device cuda")
+
+
+def evaluate_args(env, out, *extra):
+    return ["--model", env["model"], "--data-dir", env["data"], "--out", str(out), "--task", "toy_tf",
+            "--eval-tasks", "toy_copy", "--shots", "0", "--num-beams", "1", "--max-new-tokens", "3",
+            "--eval-examples", "2", *extra]
+
+
+def test_evaluate_refuses_bad_inputs_in_one_line_before_writing(env, tmp_path, capsys):
+    nan_prompt = tmp_path / "nan.safetensors"
+    save_file({"prompt.toy_tf": torch.full((5, 32), float("nan"))}, str(nan_prompt))
+    cases = [
+        (["--eval-batch-size", "0"], "--eval-batch-size 0"),
+        (["--num-beams", "0"], "--num-beams 0"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens -1"),
+        (["--max-input-tokens", "0"], "--max-input-tokens 0"),
+        (["--shots", "x"], "--shots"),
+        (["--model", os.path.join(env["model"], "config.json")], "not a checkpoint directory"),
+        (["--out", str(tmp_path)], "--out"),
+        (["--eval-tasks", "", "--task", ""], "nothing to score"),
+        (["--eval-tasks", "../toy_copy"], "not a path"),
+        (["--prompt", str(nan_prompt)], "NaN"),
+    ]
+    for flags, words in cases:
+        out = tmp_path / "r.json"
+        argv = evaluate_args(env, out)
+        for i in range(0, len(flags), 2):
+            if flags[i] in argv:
+                argv[argv.index(flags[i]) + 1] = flags[i + 1]
+            else:
+                argv += flags[i:i + 2]
+        assert evaluate.main(argv) == 2, flags
+        err = capsys.readouterr().err
+        one_line_error(err, "error:")
+        assert words in err, (flags, err)
+        assert not out.exists(), flags
+
+
+def test_a_shard_index_that_points_outside_the_folder_is_refused(env, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    os.makedirs(ckpt)
+    for name in ("config.json", "spiece.model"):
+        (ckpt / name).write_bytes(open(os.path.join(env["model"], name), "rb").read())
+    (tmp_path / "outside.safetensors").write_bytes(open(os.path.join(env["model"], "model.safetensors"), "rb").read())
+    with open(ckpt / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": {"shared.weight": "../outside.safetensors"}}, f)
+    with pytest.raises(model_lib.CheckpointError, match="not a file of this folder"):
+        model_lib.load_pretrained(str(ckpt))
+
+
+# --- the run folder -------------------------------------------------------------------------
+
+def test_a_run_folder_in_use_is_refused_naming_the_process(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename}))
+        assert promot.main(train_args(env, out)) == 2
+        err = capsys.readouterr().err
+        one_line_error(err, "promot.py: error:")
+        assert f"in use by process {holder.pid}" in err
+        assert sorted(os.listdir(out)) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(env, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
+    assert promot.main(train_args(env, out, steps=1)) == 0
+    assert not (out / ".lock").exists()  # released at the end
+
+
+class Payload:
+    """Unpickling this creates a file: what a crafted .metadata or rng_*.pt could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_never_unpickles_what_a_run_folder_holds(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert promot.main(train_args(env, out, "--stop-after-step", "1")) == 0
+    ckpt = run_checkpoints.latest_checkpoint(str(out / "stage1" / "checkpoints"))
+    marker = tmp_path / "pwned"
+    for name in (".metadata", "rng_rank0.pt"):  # the old torch.distributed.checkpoint layout's pickles
+        with open(os.path.join(ckpt, name), "wb") as f:
+            pickle.dump(Payload(str(marker)), f)
+    assert promot.main(train_args(env, out, "--resume")) == 0  # reads only safetensors and JSON
+    assert not marker.exists()
+    out2 = tmp_path / "out2"  # a checkpoint in the old layout: only the pickles
+    assert promot.main(train_args(env, out2, "--stop-after-step", "1")) == 0
+    old = run_checkpoints.latest_checkpoint(str(out2 / "stage1" / "checkpoints"))
+    os.remove(os.path.join(old, "rank0.safetensors"))
+    with open(os.path.join(old, ".metadata"), "wb") as f:
+        pickle.dump(Payload(str(marker)), f)
+    capsys.readouterr()
+    assert promot.main(train_args(env, out2, "--resume")) == 2
+    err = capsys.readouterr().err
+    one_line_error(err, "promot.py: error:")
+    assert "older promot" in err and "not read" in err and not marker.exists()
+
+
+def _flip_a_byte(path):
+    data = bytearray(open(path, "rb").read())
+    data[-1] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_caught_and_the_one_before_is_used(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = train_args(env, out, "--keep-checkpoints", "2", "--stop-after-step", "2", steps=3)
+    assert promot.main(argv) == 0
+    folder = str(out / "stage1" / "checkpoints")
+    newest = run_checkpoints.latest_checkpoint(folder)
+    _flip_a_byte(os.path.join(newest, "rank0.safetensors"))
+    capsys.readouterr()
+    run = promot.train(promot.parse_args(train_args(env, out, "--keep-checkpoints", "2", "--resume", steps=3)))
+    printed = capsys.readouterr().out
+    assert "SHA-256 mismatch" in printed and "falling back" in printed and "resumed from" in printed
+    assert "step_0000001 (step 1)" in printed and run.step == 3
+
+
+def test_a_damaged_only_checkpoint_is_one_clear_error(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert promot.main(train_args(env, out, "--stop-after-step", "1")) == 0
+    _flip_a_byte(os.path.join(run_checkpoints.latest_checkpoint(str(out / "stage1" / "checkpoints")),
+                              "rank0.safetensors"))
+    capsys.readouterr()
+    assert promot.main(train_args(env, out, "--resume")) == 2
+    err = capsys.readouterr().err
+    one_line_error(err, "promot.py: error:")
+    assert "SHA-256 mismatch" in err
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_intact_checkpoint(env, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+    real, calls = safetensors.torch.save_file, []
+
+    def full(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:  # the second checkpoint
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert promot.main(train_args(env, tmp_path / "out", steps=3)) == 2
+    err = capsys.readouterr().err
+    one_line_error(err, "promot.py: error: no space left on the device while writing")
+    assert "step_0000001 is intact" in err
+
+
+def test_weights_that_diverge_are_never_saved_as_a_good_checkpoint(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert promot.main(train_args(env, out, "--lr", "1e300")) == 1  # a finite loss, then inf weights
+    err = capsys.readouterr().err
+    assert "NaN or inf after step 1; not saved" in err and "last good checkpoint is none" in err
+    assert run_checkpoints.latest_checkpoint(str(out / "stage1" / "checkpoints")) is None
