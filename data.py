@@ -22,7 +22,10 @@ training in promot.py.
 from __future__ import annotations
 
 import argparse
+import array
+import bisect
 import dataclasses
+import itertools
 import json
 import random
 import re
@@ -172,11 +175,13 @@ class Task:
     label_words  the closed answer set of classification tasks, else None
     prefix       App. B.2 cut token: a second occurrence in the output starts a
                  new (hallucinated) example and is cut off; None for classification
-    format       output format: the stage-1 prompt (or LoRA) is applied to every
-                 task whose format equals the fine-tuned task's (evaluate.same_format)
+    format       output format, e.g. "true_false" (RTE, WiC), "true_false_neither" (CB,
+                 SNLI); where it decides the stage-1 prompt's (or LoRA's) route is the one
+                 rule of `evaluate.route_prompt` (by default only the fine-tuned task)
     eval_split   split scored in the paper: SuperGLUE dev, the others test (§5.1)
     demo_split   split k-shot demonstrations are drawn from
-    max_input_tokens  default input cut (App. B.4: 1024 for summarization)
+    max_input_tokens  input bound in tokens (App. B.4: 1024 for summarization); None:
+                 data.MAX_INPUT_TOKENS, a memory bound (`fit_input` trims to it)
     paper_sizes  split sizes of the paper's Table 8, for `data.py check`
     load         load(data_dir, split) -> list[Example]; the reader
     """
@@ -238,6 +243,8 @@ def examples_reader(reader: Callable) -> Callable:
     records become Examples as they are asked for (a large file is never held)."""
     def load(data_dir, split):
         records = reader(data_dir, split)
+        if isinstance(records, list):  # a file small enough to be read whole
+            return [Example(*r) for r in records]
         return dataset_files.LazySequence(len(records), lambda i: Example(*records[i]))
     return load
 
@@ -350,9 +357,10 @@ class UnlabeledSplit(DataError):
 
 def load_split(task, data_dir, split: str, limit: int | None = None, seed=0) -> list[Example]:
     """Examples of one split of `task` (a Task or its name) under `data_dir`, as a
-    list-like sequence: JSON Lines and plain-text files are read an example at a
-    time through a byte-offset index cached beside them (support/dataset_files.py,
-    `indexed_lines`), so memory does not grow with the file (WMT14 En-Fr: 40.8M pairs).
+    list-like sequence: JSON Lines and plain-text files of 32 MiB or more are read an
+    example at a time through a byte-offset index cached beside them
+    (support/dataset_files.py, `indexed_lines`), so memory does not grow with the file
+    (WMT14 En-Fr: 40.8M pairs); smaller files and parquet files are read whole.
 
     Raises UnlabeledSplit when no example has a target (hidden test labels), and
     DataError for anything else wrong with the files. `limit` keeps a random sample
@@ -368,7 +376,8 @@ def load_split(task, data_dir, split: str, limit: int | None = None, seed=0) -> 
                              "examples but no labels")
     if not limit or limit >= len(examples):
         return examples
-    chosen = sorted(random.Random(f"{seed}/sample/{task.name}/{split}").sample(range(len(examples)), limit))
+    chosen = array.array("I", sorted(random.Random(f"{seed}/sample/{task.name}/{split}").sample(
+        range(len(examples)), limit)))
     return dataset_files.LazySequence(limit, lambda i: examples[chosen[i]])
 
 
@@ -474,85 +483,138 @@ def choose_demonstrations(query: Example, pool: list[Example], shots: int, seed)
     return [pool[i] for i in chosen]
 
 
+MAX_INPUT_TOKENS = 1024  # every input's bound unless its task has one: promot.py's default cut (App. B.4)
+TRUNCATIONS = ("fair", "end")
+
+
 @dataclass
 class TruncationStats:
-    """Counts of inputs changed to fit max_input_tokens (reported, never silent)."""
+    """How many inputs were longer than max_input_tokens and how many tokens fitting them
+    removed (reported, never silent)."""
     inputs: int = 0
-    dropped_demonstrations: int = 0  # inputs that lost one or more demonstrations
-    cut_queries: int = 0             # inputs whose query text was cut as well
+    trimmed: int = 0         # inputs that were too long
+    tokens_removed: int = 0  # tokens removed from them, in all
+    most_removed: int = 0    # the most removed from one input
+
+    def add(self, removed: int) -> None:
+        self.inputs += 1
+        if removed > 0:
+            self.trimmed, self.tokens_removed = self.trimmed + 1, self.tokens_removed + removed
+            self.most_removed = max(self.most_removed, removed)
 
     def __str__(self):
-        return (f"{self.dropped_demonstrations} of {self.inputs} inputs lost demonstrations and "
-                f"{self.cut_queries} had the query's text cut to fit")
+        mean = self.tokens_removed / max(self.trimmed, 1)
+        return (f"{self.trimmed} of {self.inputs} inputs trimmed to fit, {self.tokens_removed} tokens removed "
+                f"({mean:.0f} per trimmed input, at most {self.most_removed})")
+
+
+def input_budget(task: Task, max_input_tokens: int | None = None) -> int:
+    """Tokens an input of `task` may have, EOS included: the given bound, else the task's
+    (1024 for summarization, App. B.4), else MAX_INPUT_TOKENS."""
+    return max_input_tokens or task.max_input_tokens or MAX_INPUT_TOKENS
+
+
+def cut_ids(ids: list[int], max_tokens: int | None) -> list[int]:
+    """The first max_tokens - 1 ids and EOS: seqio's append_eos_after_trim, T5X's cut."""
+    return ids if max_tokens is None or len(ids) <= max_tokens else ids[:max_tokens - 1] + [EOS_ID]
+
+
+def _word_token_counts(tokenizer: Tokenizer, words: list[str]) -> list[int]:
+    # Words are tokenized one by one (see Tokenizer), so the counts of a text's words add up
+    # to the text's; one SentencePiece call counts them all, a word holding "<" may be special.
+    pieces = tokenizer.sp.encode(words)
+    return [len(tokenizer.encode(w, add_eos=False)) if "<" in w else len(p) for w, p in zip(words, pieces)]
+
+
+def _fair_share(sizes: list[int], budget: int) -> int:
+    """The largest s with sum(min(size, s)) <= budget (water-filling: the longest are cut)."""
+    rest = len(sizes)
+    for size in sorted(sizes):
+        if size * rest > budget:
+            return budget // rest
+        budget, rest = budget - size, rest - 1
+    return max(sizes, default=0)
 
 
 def fit_input(task: Task, query: Example, demonstrations, tokenizer: Tokenizer, max_tokens: int,
-              stats: TruncationStats | None = None) -> str:
-    """make_input, shortened to at most `max_tokens` ids (EOS included): first drop
-    demonstrations, the one farthest from the query first; then cut the end of the
-    query's longest field (the article, for summarization; App. B.4 cuts inputs
-    to 1024 tokens)."""
+              stats: TruncationStats | None = None, truncation: str = "fair") -> str:
+    """make_input, made to fit in `max_tokens` ids (EOS included).
+
+    "fair" (default): all k demonstrations and the query stay, each with its template and
+    (a demonstration) its answer. Only their text fields are shortened, the longest first:
+    every field longer than one common share of the budget keeps its first words within the
+    share, the largest share that fits. A 4-shot XSum input keeps four articles and the
+    query's, cut alike, and one huge demonstration leaves the others whole.
+    "end": the text up to the word holding token max_tokens - 1; the encoder's `cut_ids`
+    then keeps the first max_tokens - 1 ids plus EOS, as T5X/seqio do (a 4-shot XSum input
+    loses its last demonstrations and the query). DataError when even empty text fields
+    leave the input over the budget.
+    """
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, not {truncation!r}")
     stats = stats if stats is not None else TruncationStats()
-    stats.inputs += 1
-    demonstrations = list(demonstrations)
-    text = make_input(task, query, demonstrations)
+    pieces = list(demonstrations) + [query]
+    text = make_input(task, query, pieces[:-1])
     length = len(tokenizer.encode(text))
-    if length > max_tokens and demonstrations:
-        stats.dropped_demonstrations += 1
-        while length > max_tokens and demonstrations:
-            demonstrations.pop(0)
-            text = make_input(task, query, demonstrations)
-            length = len(tokenizer.encode(text))
-    if length <= max_tokens:
+    if length <= max_tokens or truncation == "end":
+        stats.add(length - max_tokens)
+        if length > max_tokens:
+            words = list(_WORD.finditer(text))
+            ends = itertools.accumulate(_word_token_counts(tokenizer, [w.group() for w in words]))
+            text = text[:words[next(i for i, n in enumerate(ends) if n >= max_tokens - 1)].end()]
         return text
-    stats.cut_queries += 1
     names = [f for f in task.fields() if f in query.fields]
-    if not names:
-        raise DataError(f"task {task.name}: max_input_tokens={max_tokens} is too small for the template alone")
-    name = max(names, key=lambda f: len(query.fields[f]))
-    value = query.fields[name]
-    words = list(_WORD.finditer(value))
-    # Words are tokenized one by one (see Tokenizer), so their counts add up: drop
-    # words from the end until the excess is gone, then confirm with a real encode.
-    excess = length - max_tokens
-    keep = len(words)
-    while keep > 0 and excess > 0:
-        keep -= 1
-        excess -= len(tokenizer.encode(words[keep].group(), add_eos=False))
-    while True:
-        cut = Example({**query.fields, name: value[:words[keep - 1].end()] if keep else ""}, query.targets)
-        text = make_input(task, cut, demonstrations)
-        if len(tokenizer.encode(text)) <= max_tokens:
+    empty = [Example({**e.fields, **dict.fromkeys(names, "")}, e.targets) for e in pieces]
+    fixed = len(tokenizer.encode(make_input(task, empty[-1], empty[:-1])))
+    if fixed > max_tokens:
+        raise DataError(f"task {task.name}: max_input_tokens={max_tokens} is too small for the template: with "
+                        f"every text field emptied its {len(pieces) - 1}-shot input still has {fixed} tokens")
+    fields = [(i, f, list(_WORD.finditer(str(e.fields[f])))) for i, e in enumerate(pieces) for f in names]
+    counts = [list(itertools.accumulate(_word_token_counts(tokenizer, [w.group() for w in words])))
+              for _, _, words in fields]
+    share = _fair_share([c[-1] if c else 0 for c in counts], max_tokens - fixed)
+    while True:  # the counts add up unless a template glues a field to other text: then shrink
+        cut = [dict(e.fields) for e in pieces]
+        for (i, name, words), ends in zip(fields, counts):
+            keep = bisect.bisect_right(ends, share)
+            if keep < len(words):
+                cut[i][name] = str(cut[i][name])[:words[keep - 1].end()] if keep else ""
+        cut = [Example(f, e.targets) for f, e in zip(cut, pieces)]
+        text = make_input(task, cut[-1], cut[:-1])
+        fitted = len(tokenizer.encode(text))
+        if fitted <= max_tokens:
+            stats.add(length - fitted)
             return text
-        if keep == 0:
-            raise DataError(f"task {task.name}: max_input_tokens={max_tokens} is too small for the "
-                            "template alone")
-        keep -= 1
+        share -= fitted - max_tokens
 
 
 def kshot_inputs(task: Task, queries, pool, shots: int, seed=0, tokenizer: Tokenizer | None = None,
                  max_input_tokens: int | None = None, stats: TruncationStats | None = None,
-                 warn=None) -> list[tuple[str, list[str]]]:
+                 warn=None, truncation: str = "fair") -> list[tuple[str, list[str]]]:
     """(input text, references) per query, each with `shots` demonstrations from `pool`.
 
-    With a tokenizer, inputs longer than `max_input_tokens` (default: the task's,
-    1024 for summarization) are shortened by `fit_input`, and how many were is
-    printed through `warn` (stderr by default) and added to `stats`.
+    With a tokenizer, every input is fitted to `input_budget(task, max_input_tokens)`
+    tokens by `fit_input` under `truncation`; how many inputs were trimmed and how many
+    tokens that removed is printed through `warn` (stderr by default) and added to `stats`.
     """
     task = get_task(task)
-    max_tokens = max_input_tokens or task.max_input_tokens
+    if shots and len(pool) < shots:
+        raise DataError(f"task {task.name}: {shots}-shot inputs need {shots} demonstrations but the "
+                        f"demonstration pool has {len(pool)} examples (fewer --shots, or more --train-examples)")
+    max_tokens = input_budget(task, max_input_tokens)
     stats = stats if stats is not None else TruncationStats()
-    before = (stats.dropped_demonstrations, stats.cut_queries)
+    before = stats.trimmed
     results = []
     for query in queries:
         demos = choose_demonstrations(query, pool, shots, seed)
-        if tokenizer is not None and max_tokens:
-            text = fit_input(task, query, demos, tokenizer, max_tokens, stats)
+        if tokenizer is not None:
+            text = fit_input(task, query, demos, tokenizer, max_tokens, stats, truncation)
         else:
             text = make_input(task, query, demos)
         results.append((text, list(query.targets)))
-    if (stats.dropped_demonstrations, stats.cut_queries) != before:
-        (warn or _warn)(f"warning: {task.name}, {shots}-shot, max {max_tokens} tokens: {stats}")
+    if stats.trimmed != before:
+        (warn or _warn)(f"warning: {task.name}, {shots}-shot, max {max_tokens} tokens, {truncation} "
+                        f"truncation: {stats}")
     return results
 
 
@@ -602,14 +664,11 @@ def encode_batch(tokenizer: Tokenizer, pairs, max_input_tokens: int | None = Non
     Returns input_ids, attention_mask and labels (LongTensors, labels -100 past
     each target's EOS) and, when given, the task name of each row (to pick each
     row's soft prompt). An id list longer than its max is cut to max - 1 ids plus
-    the final EOS, like seqio's append_eos_after_trim. Tensors go to `device`
-    when given.
+    the final EOS, like seqio's append_eos_after_trim (`cut_ids`). Tensors go to
+    `device` when given.
     """
-    def cut(ids, max_len):
-        return ids if max_len is None or len(ids) <= max_len else ids[:max_len - 1] + [EOS_ID]
-
-    input_ids, attention_mask = pad_batch([cut(tokenizer.encode(x), max_input_tokens) for x, _ in pairs])
-    labels, _ = pad_batch([cut(tokenizer.encode(y), max_target_tokens) for _, y in pairs], pad_id=-100)
+    input_ids, attention_mask = pad_batch([cut_ids(tokenizer.encode(x), max_input_tokens) for x, _ in pairs])
+    labels, _ = pad_batch([cut_ids(tokenizer.encode(y), max_target_tokens) for _, y in pairs], pad_id=-100)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     if device is not None:
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
@@ -659,7 +718,7 @@ class Mixture:
 
     def _order(self, name: str, epoch: int) -> list[int]:
         if self._orders.get(name, (None,))[0] != epoch:
-            order = list(range(len(self.datasets[name])))
+            order = array.array("I", range(len(self.datasets[name])))  # 4 bytes an index, a list's ~36
             random.Random(f"{self.seed}/{name}/{epoch}").shuffle(order)
             self._orders[name] = (epoch, order)
         return self._orders[name][1]
@@ -739,20 +798,24 @@ def cmd_show(args) -> None:
         load_eval_split(task, args.data_dir)
     pool = load_split(task, args.data_dir, task.demo_split) if args.shots else []
     queries = queries[:args.n]
-    inputs = kshot_inputs(task, queries, pool, args.shots, args.seed, tokenizer, args.max_input_tokens)
+    stats, budget = TruncationStats(), input_budget(task, args.max_input_tokens)
+    inputs = kshot_inputs(task, queries, pool, args.shots, args.seed, tokenizer, budget, stats,
+                          lambda message: None, args.truncation)
 
-    def count(text):
-        return f" ({len(tokenizer.encode(text))} tokens)" if tokenizer else ""
+    def count(text, limit=None):  # what the model reads: an "end" cut happens in the encoder
+        return f" ({len(cut_ids(tokenizer.encode(text), limit))} tokens)" if tokenizer else ""
 
     for i, ((text, references), query) in enumerate(zip(inputs, queries)):
         print(f"=== {task.name} {split} #{i}, {args.shots}-shot, metric {task.metric} ===")
-        print(f"input{count(text)}:\n{text}")
+        print(f"input{count(text, budget)}:\n{text}")
         if query.targets:
             target = make_target(task, query)
             print(f"target{count(target)}:\n{target}")
         print(f"references: {json.dumps(references, ensure_ascii=False)}\n")
     if tokenizer is None:
-        print("(token counts: pass --spiece PATH or --model CHECKPOINT_DIR)")
+        print("(token counts and truncation: pass --spiece PATH or --model CHECKPOINT_DIR)")
+    else:
+        print(f"{args.truncation} truncation to {budget} tokens: {stats}")
 
 
 def cmd_check(args) -> int:
@@ -818,7 +881,9 @@ def main(argv=None) -> int:
     show.add_argument("--spiece", default=None, help="spiece.model, for token counts and truncation")
     show.add_argument("--model", default=None, help="checkpoint folder holding spiece.model")
     show.add_argument("--max-input-tokens", type=int, default=None,
-                      help="cut longer inputs (default: the task's, 1024 for summarization)")
+                      help=f"fit longer inputs (default: the task's, 1024 for summarization, else {MAX_INPUT_TOKENS})")
+    show.add_argument("--truncation", choices=TRUNCATIONS, default="fair",
+                      help="fair: trim every text to a fair share, all demonstrations kept; end: T5X's end cut")
     check = commands.add_parser("check", help="print split sizes beside Table 8; exit 1 if a file cannot be read",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     check.add_argument("--data-dir", required=True, help="folder holding one sub-folder per task")

@@ -38,7 +38,7 @@ import torch.distributed as dist
 import data
 import evaluate
 import model as model_lib
-from support import dataset_files, lora, run_checkpoints
+from support import cli, dataset_files, lora, run_checkpoints
 
 
 class DiagnosticsError(ValueError):
@@ -236,6 +236,7 @@ class TrainingDiagnostics:
                 result = evaluate.score_task(
                     t5, self.tokenizer, name, examples, pool=pool, shots=shots,
                     prompt=evaluate.route_prompt(name, prompts), num_beams=self.num_beams, seed=self.seed,
+                    brevity_penalty="t5x", length_penalty=0.6,  # the paper's decoding, as evaluate.py's default
                     format_label_words=self.label_words or None, distributed=distributed)
                 records.append({"kind": "probe", "stage": self.stage, "step": step, "task": name, "shots": shots,
                                 "metric": result["metric"], "score": result["score"],
@@ -428,7 +429,7 @@ def parse_args(argv=None):
     a.add_argument("--seed", type=int, default=0, help="which examples and which label permutation (default: 0)")
     a.add_argument("--out", default=None, help="also write the cosines to this JSON file")
     renamed = {"--batch-size": "--align-batch-size"}  # promot.py's name for the same setting
-    return ap.parse_args(evaluate.renamed_flags(sys.argv[1:] if argv is None else argv, renamed, "diagnostics.py"))
+    return ap.parse_args(cli.renamed_flags(sys.argv[1:] if argv is None else argv, renamed, "diagnostics.py"))
 
 
 def main(argv=None):

@@ -2,8 +2,8 @@
 
 This room holds everything between a trained model and the paper's Tables 3-5:
 
-* decoding -- greedy and beam search over `model.T5` with its KV cache, token for token
-  equal to `transformers`' `generate(..., early_stopping=False, do_sample=False)`;
+* decoding -- greedy and beam search over `model.T5` with its KV cache: T5X's (the paper's) or,
+  token for token, `transformers`' `generate(..., early_stopping=False, do_sample=False)`;
 * post-processing -- App. B.2 of the paper: keep the text between `<extra_id_0>` and
   `<extra_id_1>`, cut where the model starts writing a new example, read the first word
   for classification;
@@ -26,7 +26,6 @@ import re
 import string
 import subprocess
 import sys
-import time
 
 import sacrebleu
 import torch
@@ -34,7 +33,7 @@ from rouge_score import rouge_scorer
 
 import data
 import model as model_lib
-from support import fsdp, lora, run_checkpoints
+from support import cli, fsdp, lora, run_checkpoints
 
 
 # ---------------------------------------------------------------------------------------
@@ -53,11 +52,10 @@ def generate(model, input_ids, attention_mask, prompt=None, num_beams=1, max_new
     like transformers pads them: greedy with pad (0) after EOS, beam search with EOS (its
     fill value is `pad_token_id or eos_token_id`, and T5's pad id 0 is falsy).
 
-    `brevity_penalty` picks what a finished hypothesis' summed log-prob is divided by:
-    "hf" (default, the oracle we test against): length ** length_penalty;
-    "t5x": ((5 + length) / 6) ** length_penalty, the penalty of T5X's beam search that the
-    paper decoded with (T5X's default alpha is 0.6). Only the divisor changes; the search
-    itself stays transformers'.
+    `brevity_penalty` picks the beam search: "hf" (default, the oracle we test against) divides a
+    finished hypothesis' summed log-prob by length ** length_penalty; "t5x" is T5X's, which the
+    paper decoded with: ((5 + length) / 6) ** length_penalty (T5X's alpha: 0.6) and T5X's
+    finishing and stopping rules (`beam_search`; README, Evaluation).
     """
     was_training = model.training
     model.eval()  # dropout off: decoding is deterministic
@@ -94,16 +92,16 @@ def greedy_search(model, encoder_hidden, encoder_mask, max_new_tokens):
 
 def beam_search(model, encoder_hidden, encoder_mask, num_beams, max_new_tokens,
                 length_penalty=1.0, brevity_penalty="hf"):
-    """Beam search with transformers' rules (`generation/utils.py`, `_beam_search`). An example
+    """Beam search with transformers' rules (`generation/utils.py`, `_beam_search`), or with
+    brevity_penalty="t5x" T5X's (`t5x/decoding.py`, `beam_search`; see `generate`). An example
     closed by the stopping rule leaves the batch and the KV cache, so the cost follows the open
     examples (transformers decodes every example until the last one closes; same tokens)."""
     cfg, K = model.config, num_beams
     B, device = encoder_hidden.shape[0], encoder_hidden.device
     NEG = -1.0e9  # transformers' score for "impossible"
-    divisor = brevity_divisor(brevity_penalty, length_penalty)
+    divisor, t5x = brevity_divisor(brevity_penalty, length_penalty), brevity_penalty == "t5x"
     cache = model_lib.KVCache()
-    # Step 1 decodes one row per example: its K beams would hold the same start token and read
-    # the same encoder output. After it, an example's K beams sit in K adjacent rows.
+    # Step 1 decodes one row per example (its K beams share the start token), then K adjacent rows.
     last = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
     # Running beams of the examples still open (`live`: their index in the batch). Only beam 0
     # is live at first, so step 1 does not pick K copies of one token.
@@ -126,12 +124,11 @@ def beam_search(model, encoder_hidden, encoder_mask, num_beams, max_new_tokens,
         # if K of them end in EOS (transformers: beams_to_keep = 2 * num_beams).
         cand_scores, flat = (logp.view(n, K, V) + scores[:, :, None]).view(n, K * V).topk(2 * K)
         beam, token = flat // V, flat % V
-        # A candidate ends with EOS or when it reaches max_new_tokens (the stopping criteria).
-        ends = (token == cfg.eos_token_id) | (step == max_new_tokens)
-        # Only candidates ranked in the top K may finish (top_num_beam_mask); a finished
-        # hypothesis scores sum / length ** length_penalty, the length counting every
-        # generated token, EOS included.
-        finishing = ends & in_top_k
+        # A candidate ends with EOS or, in transformers only, at max_new_tokens. transformers lets
+        # only those ranked in the top K finish (top_num_beam_mask), T5X all 2K; a finished one
+        # scores sum / divisor(length), the length counting every generated token, EOS included.
+        ends = (token == cfg.eos_token_id) | (step == max_new_tokens and not t5x)
+        finishing = ends if t5x else ends & in_top_k
         if finishing.any():  # skipped on most steps: nothing to merge
             cand = torch.cat([seqs.gather(1, beam[:, :, None].expand(-1, -1, step - 1)), token[:, :, None]], 2)
             slots = merge_finished(slots, dict(
@@ -147,14 +144,14 @@ def beam_search(model, encoder_hidden, encoder_mask, num_beams, max_new_tokens,
         # The cache row each running beam continues (step 1's cache has one row per example).
         rows = (parent + K * torch.arange(n, device=device)[:, None]) // (K if step == 1 else 1)
         # early_stopping=False: an example closes for good once all K slots are finished and
-        # the best running beam, scored at its current length, cannot beat the worst slot.
+        # the best running beam cannot beat the worst slot, scored at its current length
+        # (transformers) or at max_new_tokens + 1, the bound of T5X's loop condition.
         # (transformers also stops when every candidate ended; at most K of the 2K can be EOS,
         # so that happens only at max_new_tokens, where the loop ends anyway.)
-        closing = False
-        if some_slots_full:
-            worst = torch.where(slots["real"], slots["score"].min(1, keepdim=True).values, NEG)
-            is_open = (scores[:, :1] / divisor(step) > worst).any(1)
-            closing = not bool(is_open.all())
+        worst = torch.where(slots["real"], slots["score"].min(1, keepdim=True).values, NEG)
+        best = scores[:, :1] / divisor(max_new_tokens + 1 if t5x else step)
+        is_open = (best >= worst if t5x else best > worst).any(1)
+        closing = some_slots_full and not bool(is_open.all())  # a GPU sync only once it can fire
         if closing:  # the best slot is the answer; the example's rows leave the batch
             closed = live[~is_open]
             answer[closed], answer_len[closed] = slots["ids"][~is_open, 0], slots["length"][~is_open, 0]
@@ -166,6 +163,9 @@ def beam_search(model, encoder_hidden, encoder_mask, num_beams, max_new_tokens,
             encoder_hidden, encoder_mask = encoder_hidden[rows.view(-1)], encoder_mask[rows.view(-1)]
         cache.reorder(rows.view(-1), sources=closing or step == 1)
         last = seqs[:, :, -1].reshape(-1, 1)
+    if t5x and live.numel():  # T5X: an example with no finished hypothesis answers with its best running beam
+        none = ~slots["real"][:, 0]
+        slots["ids"][none, 0], slots["length"][none, 0] = seqs[none, 0], max_new_tokens
     answer[live], answer_len[live] = slots["ids"][:, 0], slots["length"][:, 0]  # open until the end
     return answer[:, : int(answer_len.max())]
 
@@ -376,7 +376,7 @@ MAX_NEW_TOKENS = {"accuracy": 16, "exact_match": 32, "bleu": 256, "rouge2": 128}
 def score_task(model, tokenizer, task, examples, pool=None, shots=0, prompt=None, num_beams=4,
                max_new_tokens=None, length_penalty=1.0, brevity_penalty="hf", batch_size=16,
                seed=0, max_input_tokens=None, format_label_words=None, distributed=False,
-               progress=None):
+               progress=None, truncation="fair"):
     """Decode `examples` of `task` with `shots` demonstrations and score them.
 
     Returns a dict: task, shots, metric, score (0-100), num_examples, prompt (whether one
@@ -385,7 +385,8 @@ def score_task(model, tokenizer, task, examples, pool=None, shots=0, prompt=None
     prediction and references, in the order of `examples`.
 
     Demonstrations come from `pool` (default: `examples`; never the query itself). Inputs
-    are batched by length (longest first). With `distributed=True` (under torchrun) each
+    longer than `data.input_budget` are fitted by `data.fit_input` under `truncation` ("fair"
+    or T5X's "end" cut); they are batched by length (longest first). With `distributed=True` (under torchrun) each
     rank decodes every world-th batch and the records are gathered; every rank must hold
     the whole model. `progress(done, total)` is called after each batch (counts of this
     rank's share).
@@ -396,9 +397,10 @@ def score_task(model, tokenizer, task, examples, pool=None, shots=0, prompt=None
     rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
                    if distributed else (0, 1))
     quiet = (lambda message: None) if rank else None  # truncation warnings once, from rank 0
-    pairs = data.kshot_inputs(task, examples, examples if pool is None else pool, shots, seed,
-                              tokenizer=tokenizer, max_input_tokens=max_input_tokens, warn=quiet)
-    encoded = [tokenizer.encode(text) for text, _ in pairs]
+    budget = data.input_budget(task, max_input_tokens)
+    pairs = data.kshot_inputs(task, examples, examples if pool is None else pool, shots, seed, tokenizer=tokenizer,
+                              max_input_tokens=budget, warn=quiet, truncation=truncation)
+    encoded = [data.cut_ids(tokenizer.encode(text), budget) for text, _ in pairs]
     batches = data.eval_batches([len(ids) for ids in encoded], batch_size)
     mine = batches[rank::world]
     device = next(model.parameters()).device
@@ -432,32 +434,42 @@ def score_task(model, tokenizer, task, examples, pool=None, shots=0, prompt=None
     return result
 
 
-def same_format(task, fine_tuned_task):
-    """Whether `task` answers in the output format of `fine_tuned_task` (`data.Task.format`).
-
-    The one rule that decides where ProMoT's stage-1 module goes (paper §4, "Evaluation"):
-    the soft prompt, or the LoRA adapters, and the in-context probes during training."""
-    return data.get_task(task).format == data.get_task(fine_tuned_task).format
+ROUTES = ("fine_tuned_only", "same_format", "same_answers", "always", "never")
 
 
-def route_prompt(task, prompts, use_prompt="auto"):
-    """The soft prompt to prepend for `task`, or None (paper §4, "Evaluation").
+def same_format(task, fine_tuned_task, route="fine_tuned_only"):
+    """Whether the stage-1 module of `fine_tuned_task` goes to `task`, under one reading of the
+    rule (`route_prompt`): the task itself; or an equal `data.Task.format` (same_answers); or
+    that, or one label-word set holding the other (same_format: RTE's True/False in CB's)."""
+    task, tuned = data.get_task(task), data.get_task(fine_tuned_task)
+    if route == "fine_tuned_only" or task.name == tuned.name:
+        return task.name == tuned.name
+    if route == "same_answers" or task.format == tuned.format:
+        return task.format == tuned.format
+    mine, theirs = set(task.label_words or ()), set(tuned.label_words or ())
+    return bool(mine and theirs and (mine <= theirs or theirs <= mine))
 
-    The prompt learned on a fine-tuned task holds that task's format, so it is used only
-    for tasks in the same format (`same_format`); every other task sees the plain
-    fine-tuned model. `prompts` maps fine-tuned task name -> prompt. use_prompt="always"
-    or "never" forces it either way (ablations); "always" still prefers a prompt whose task
-    shares the format, else the first one. LoRA adapters are routed by the same function
-    (`prompts` = {fine-tuned task: True}).
+
+def route_prompt(task, prompts, route="fine_tuned_only"):
+    """The soft prompt ({fine-tuned task: prompt}) for `task`, or None: the one routing rule, also
+    for LoRA adapters (`prompts` = {fine-tuned task: True}) and the probes.
+
+    Paper §4: "we only use this prompt during inference when the inference task has the same
+    format as the fine-tuned target task". Its tables give it to the fine-tuned task alone:
+    every prompt-tuning column equals the pretrained one on all eight unseen tasks (Tables 10,
+    12-14), CB and WiC too, which §5.3 says "share the same format as the RTE fine-tuning task"
+    (SNLI's template is CB's). So the default is "fine_tuned_only"; "same_answers" (RTE -> WiC)
+    and "same_format" (RTE -> WiC, CB, SNLI) are the other readings (`same_format`); "always" or
+    "never" force it (ablations; "always" prefers a prompt of the same format).
     """
-    if use_prompt not in ("auto", "always", "never"):
-        raise EvaluationError(f"use_prompt must be auto, always or never, not {use_prompt!r}")
-    if use_prompt == "never" or not prompts:
+    if route not in ROUTES:
+        raise EvaluationError(f"route must be one of {', '.join(ROUTES)}, not {route!r}")
+    if route == "never" or not prompts:
         return None
     for name, prompt in prompts.items():
-        if same_format(task, name):
+        if same_format(task, name, "same_format" if route == "always" else route):
             return prompt
-    return next(iter(prompts.values())) if use_prompt == "always" else None
+    return next(iter(prompts.values())) if route == "always" else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -529,21 +541,6 @@ def read_results(path):
     return results
 
 
-def progress_printer(label, stream=None):
-    """A `progress(done, total)` callback printing one updating line with examples/s and ETA
-    (to `stream`, default stderr)."""
-    start = time.time()
-
-    def progress(done, total):
-        elapsed = max(time.time() - start, 1e-9)
-        rate = done / elapsed
-        eta = (total - done) / rate if rate > 0 else 0.0
-        end = "\n" if done >= total else ""
-        print(f"\r{label}: {done}/{total} examples, {rate:.1f} examples/s, ETA {eta:.0f}s ",
-              end=end, file=stream or sys.stderr, flush=True)
-    return progress
-
-
 # ---------------------------------------------------------------------------------------
 # The evaluation run (command line)
 # ---------------------------------------------------------------------------------------
@@ -551,7 +548,8 @@ def progress_printer(label, stream=None):
 # Old flag -> new flag: the same setting has the same name in promot.py and evaluate.py.
 RENAMED = {"--fine-tuned-tasks": "--task", "--prompt-tasks": "--task", "--tasks": "--eval-tasks",
            "--limit": "--eval-examples", "--batch-size": "--eval-batch-size",
-           "--demo-pool-limit": "--train-examples", "--max-input-length": "--max-input-tokens"}
+           "--demo-pool-limit": "--train-examples", "--max-input-length": "--max-input-tokens",
+           "--use-prompt": "--route"}
 
 
 def parse_args(argv=None):
@@ -559,9 +557,11 @@ def parse_args(argv=None):
         prog="evaluate.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Score a (ProMoT-)fine-tuned T5/mT5 on the paper's tasks and print its table "
                     "(README: Evaluation). Without --model and --data-dir: the miniature lab.")
-    p.add_argument("--model", default=None, help="checkpoint folder: config.json, weights, spiece.model [lab: lab/tiny-t5]")
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder: config.json, weights, spiece.model [lab: lab/tiny-t5]")
     p.add_argument("--data-dir", default=None, help="folder with one sub-folder per task [lab: lab/data]")
-    p.add_argument("--out", default=None, help="results JSON to write, every example included [lab: runs/lab/eval.json]")
+    p.add_argument("--out", default=None,
+                   help="results JSON to write, every example included [lab: runs/lab/eval.json]")
     p.add_argument("--task", default=None, help="fine-tuned task(s), scored 0-shot in the first rows "
                    "[the prompt file's 'prompt.<task>' keys]")
     p.add_argument("--eval-tasks", default=None, help="unseen tasks, comma-separated: the table's rows "
@@ -569,24 +569,27 @@ def parse_args(argv=None):
     p.add_argument("--shots", default="1,4", help="numbers of demonstrations, comma-separated (columns)")
     p.add_argument("--prompt", default=None, help="soft prompt file: prompt.safetensors from promot.py, or a T5X .npy")
     p.add_argument("--lora", default=None, help="LoRA adapter file from promot.py --stage1-module lora (App. C.7)")
-    p.add_argument("--use-prompt", choices=("auto", "always", "never"), default="auto",
-                   help="auto: prompt (or LoRA) only for tasks in the fine-tuned task's format (paper §4)")
+    p.add_argument("--route", choices=ROUTES, default="fine_tuned_only", help="which tasks get the prompt (or "
+                   "LoRA): the fine-tuned task(s) only, as the paper's tables; other readings of §4 (README)")
     p.add_argument("--baseline", default=None, help="results JSON of another run: Norm. Avg. differences")
     p.add_argument("--eval-examples", type=int, default=None, help="score only the first N examples of each task")
     p.add_argument("--num-beams", type=int, default=4, help="beam width (App. B.4: 4); 1 = greedy")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest answer [per metric: " + ", ".join(f"{k} {v}" for k, v in MAX_NEW_TOKENS.items()) + "]")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="exponent of the length penalty")
-    p.add_argument("--brevity-penalty", choices=("hf", "t5x"), default="hf",
-                   help="hf: score / length**alpha (transformers); t5x: score / ((5+length)/6)**alpha")
+    p.add_argument("--length-penalty", type=float, default=0.6, help="alpha (T5X's 0.6; transformers' is 1.0)")
+    p.add_argument("--brevity-penalty", choices=("t5x", "hf"), default="t5x", help="t5x: T5X's beam search, "
+                   "score / ((5+length)/6)**alpha (the paper's); hf: transformers', score / length**alpha")
     p.add_argument("--eval-batch-size", type=int, default=16, help="examples per rank per decoding batch")
-    p.add_argument("--max-input-tokens", type=int, default=None, help="input tokens kept [the task's: 1024 for summarization]")
+    p.add_argument("--max-input-tokens", type=int, default=None, help="input tokens kept, EOS included [the "
+                   f"task's: 1024 for summarization; else {data.MAX_INPUT_TOKENS}, promot.py's default]")
+    p.add_argument("--truncation", choices=data.TRUNCATIONS, default="fair", help="fair: trim every text to a "
+                   "fair share, all demonstrations kept; end: T5X's cut, the first N-1 tokens and EOS")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing demonstrations")
     p.add_argument("--train-examples", type=int, default=None,
-                   help="draw demonstrations from the first N training examples only [all]")
+                   help="draw demonstrations from a --seed sample of N training examples [all]")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bfloat16 on GPU, float32 on CPU")
-    args = p.parse_args(renamed_flags(sys.argv[1:] if argv is None else argv, RENAMED, "evaluate.py"))
+    args = p.parse_args(cli.renamed_flags(sys.argv[1:] if argv is None else argv, RENAMED, "evaluate.py"))
     if not args.model and not args.data_dir:  # the miniature lab (README): the bundled model and suite
         lab = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab")
         args.model, args.data_dir = os.path.join(lab, "tiny-t5"), os.path.join(lab, "data")
@@ -602,19 +605,6 @@ def parse_args(argv=None):
     if args.eval_tasks is None:
         args.eval_tasks = ",".join(data.EVALUATION_TASKS)
     return args
-
-
-def renamed_flags(argv, renamed, prog):
-    """argv with renamed flags replaced by their new names, each with a one-line note on stderr
-    (promot.py uses it too)."""
-    out = []
-    for arg in argv:
-        old, eq, value = arg.partition("=")
-        if old in renamed:
-            print(f"{prog}: {old} is now {renamed[old]}; the old name will go away", file=sys.stderr)
-            arg = renamed[old] + eq + value
-        out.append(arg)
-    return out
 
 
 def _task_list(text, data_dir):
@@ -635,7 +625,7 @@ def check_args(args):
         if value is not None and value < 1:
             raise EvaluationError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
     if args.lora and not args.task:
-        raise EvaluationError("--lora needs --task (the adapters are applied for its format only)")
+        raise EvaluationError("--lora needs --task (the adapters are routed from it, --route)")
     if not os.path.isdir(args.model):
         raise EvaluationError(f"--model {args.model}: not a checkpoint directory (config.json, weights, spiece.model)")
     if os.path.isdir(args.out) or not os.access(os.path.dirname(os.path.abspath(args.out)) or ".", os.W_OK) \
@@ -643,7 +633,8 @@ def check_args(args):
         raise EvaluationError(f"--out {args.out}: expected a results file in a writable folder")
     tasks = _task_list(args.eval_tasks, args.data_dir)
     if not tasks and not args.task and not args.prompt:
-        raise EvaluationError(f"--eval-tasks {args.eval_tasks!r} names no task and there is no --task: nothing to score")
+        raise EvaluationError(f"--eval-tasks {args.eval_tasks!r} names no task and there is no --task: "
+                              "nothing to score")
     baseline = read_results(args.baseline) if args.baseline else None
     return shots, tasks, baseline
 
@@ -678,7 +669,7 @@ def run(args):
     common = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                   length_penalty=args.length_penalty, brevity_penalty=args.brevity_penalty,
                   batch_size=args.eval_batch_size, seed=args.seed, max_input_tokens=args.max_input_tokens,
-                  distributed=ctx.world > 1)
+                  truncation=args.truncation, distributed=ctx.world > 1)
     say = (lambda m: print(m, file=sys.stderr)) if ctx.main else (lambda m: None)
     runs = []
     plan = [(name, "fine-tuned", [0]) for name in fine_tuned] + [(name, "evaluation", shots) for name in tasks]
@@ -686,17 +677,17 @@ def run(args):
         task = data.get_task(name, args.data_dir)
         split, examples = data.load_eval_split(task, args.data_dir, warn=say)
         examples = examples[: args.eval_examples]
-        pool = (data.load_split(task, args.data_dir, task.demo_split, limit=args.train_examples)
+        pool = (data.load_split(task, args.data_dir, task.demo_split, limit=args.train_examples, seed=args.seed)
                 if any(shot_list) else None)
-        prompt = route_prompt(task, prompts, args.use_prompt)
+        prompt = route_prompt(task, prompts, args.route)
         # LoRA adapters follow the same rule as the prompt: one function decides both
-        use_lora = args.lora is not None and route_prompt(task, dict.fromkeys(fine_tuned, True), args.use_prompt)
+        use_lora = args.lora is not None and route_prompt(task, dict.fromkeys(fine_tuned, True), args.route)
         lora.set_lora_enabled(t5, bool(use_lora))
         for k in shot_list:
             label = f"{task.name} {k}-shot{' +prompt' if prompt is not None else ''}"
             result = score_task(t5, tokenizer, task, examples, pool=pool, shots=k, prompt=prompt,
                                 format_label_words=label_words if role == "evaluation" else None,
-                                progress=progress_printer(label) if ctx.main else None, **common)
+                                progress=cli.progress_printer(label) if ctx.main else None, **common)
             result.update(role=role, split=split, lora=bool(use_lora))
             say(f"{label}: {task.metric} {result['score']:.2f} on {len(examples)} {split} examples")
             runs.append(result)
@@ -729,4 +720,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    fsdp.exit(main())  # under torchrun: without the interpreter's teardown (see support/fsdp.py)

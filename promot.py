@@ -30,7 +30,7 @@ import data
 import diagnostics
 import evaluate
 import model as model_lib
-from support import fsdp, lora, prompt_formats, run_checkpoints
+from support import cli, fsdp, lora, prompt_formats, run_checkpoints
 from support.adafactor import Adafactor  # noqa: F401  (promot.Adafactor: the public name)
 from support.run_checkpoints import atomic_write
 
@@ -162,10 +162,9 @@ def diverged(s, what):
 
 
 def train(cfg):
-    """Run one stage as `cfg` says; returns its Session (the live model and prompts, the best
-    checkpoint). The command line is `main`."""
+    """Run one stage as `cfg` says; returns its Session (live model and prompts, best checkpoint)."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: this machine has no CUDA GPU (torch.cuda.is_available() is False)")
+        raise UsageError("--device cuda: this machine has no CUDA GPU; use --device cpu")
     ctx = fsdp.setup_distributed(cfg.device)
     inputs = check_inputs(cfg, ctx)
     diag = diagnostics.from_flags(cfg, inputs["tasks"], inputs["tokenizer"], STAGES[cfg.stage].folder)
@@ -228,14 +227,15 @@ class Session:
 
 
 def open_run(cfg, ctx, inputs, diag):
-    """The stage's folder, with this stage's settings added to RUN/config.json."""
+    """The stage's folder, after its settings in RUN/config.json (a kill leaves a run --resume knows)."""
     stage_dir = os.path.join(cfg.out, STAGES[cfg.stage].folder)
     if ctx.main:
-        os.makedirs(stage_dir, exist_ok=True)
         path = os.path.join(cfg.out, "config.json")
         saved = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
         saved[STAGES[cfg.stage].folder] = {**asdict(cfg), "world_size": ctx.world}
         run_checkpoints.write_json(path, saved)
+        os.makedirs(stage_dir, exist_ok=True)
+        run_checkpoints.remove_partial_writes(stage_dir)
     return Session(cfg, ctx, inputs, diag, stage_dir, *what_trains(cfg))
 
 
@@ -439,7 +439,7 @@ def score_and_keep_best(s):
                 s.model, inputs["tokenizer"], task, examples[: cfg.eval_examples], pool=pool, shots=cfg.shots,
                 prompt=s.prompts.get(task.name), num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
                 batch_size=cfg.eval_batch_size, seed=cfg.seed, max_input_tokens=cfg.max_input_tokens,
-                distributed=ctx.world > 1)["score"])
+                distributed=ctx.world > 1, brevity_penalty="t5x", length_penalty=0.6)["score"])  # the paper's T5X
     score = sum(scores.values()) / len(scores)
     improved = best["score"] is None or score > best["score"]
     if improved:
@@ -523,7 +523,7 @@ class Config:
     weight_decay: float = flag(None, "Adafactor weight decay, unscaled by lr [stage 1: 1e-5; others: none]", valid=RATE)
     adafactor_step_offset: int = flag(0, "Adafactor step_offset (-1000000 continues a 1M-step checkpoint's decay)",
                                       valid=(lambda v: v <= 0, "<= 0"))
-    train_examples: int = flag(None, "read only the first N training examples of each task [all]", valid=AT_LEAST_1)
+    train_examples: int = flag(None, "train on a --seed sample of N examples of each task [all]", valid=AT_LEAST_1)
     shots: int = flag(0, "demonstrations before each training and validation input (1: '+1-shot')", valid=AT_LEAST_0)
     max_input_tokens: int = flag(1024, "input tokens kept, EOS included (App. B.4)", valid=AT_LEAST_1)
     max_target_tokens: int = flag(256, "target tokens kept, EOS included",
@@ -581,7 +581,7 @@ def parse_args(argv=None):
         else:
             p.add_argument(name, type=f.type, required=f.name == "stage", default=None if f.name == "stage"
                            else f.default, choices=f.metadata.get("choices"), help=help_)
-    args = p.parse_args(evaluate.renamed_flags(sys.argv[1:] if argv is None else argv, RENAMED, "promot.py"))
+    args = p.parse_args(cli.renamed_flags(sys.argv[1:] if argv is None else argv, RENAMED, "promot.py"))
     if not args.model and not args.data_dir:
         # No model and no data: the miniature lab (README), so a newcomer sees ProMoT run.
         for name, value in LAB_DEFAULTS.items():
@@ -648,7 +648,7 @@ def check_model_and_data(cfg):
     if not task_names or len(set(task_names)) != len(task_names):
         raise UsageError(f"--task {cfg.task!r}: expected one task name or distinct comma-separated names")
     tasks = [data.get_task(n, cfg.data_dir) for n in task_names]
-    train_sets = [data.load_split(t, cfg.data_dir, "train", limit=cfg.train_examples) for t in tasks]
+    train_sets = [data.load_split(t, cfg.data_dir, "train", limit=cfg.train_examples, seed=cfg.seed) for t in tasks]
     val_sets = [data.load_split(t, cfg.data_dir, "validation") for t in tasks] if cfg.eval else None
     return dict(config=config, tokenizer=tokenizer, tasks=tasks, train_sets=train_sets, val_sets=val_sets)
 
@@ -736,4 +736,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    fsdp.exit(main())  # under torchrun: without the interpreter's teardown (see support/fsdp.py)

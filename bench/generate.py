@@ -1,12 +1,19 @@
 """Beam search speed of evaluate.generate against transformers' generate, side by side.
 
-Same random checkpoint (t5-small shape by default), same inputs, same settings (beam 4,
-length penalty 1, early_stopping=False), fp32 on CPU, in one process, alternating the two
-so that a busy machine slows both alike. Checks that both return the same tokens, prints
-tokens/s of each and, on the last line, the ratio (ours / transformers; above 1 means we
-are faster).
+Same random checkpoint (bench/shapes.py, t5-small shape by default), same inputs, same
+settings (beam 4, length penalty 1, early_stopping=False), in one process, the two taking
+turns so that a busy machine slows both alike. Two batches:
+  padded  random inputs, half the rows padded to half length; a random model writes no EOS,
+          so every answer runs to --new tokens (the search's cost per step);
+  mixed   half the examples answer in one word, the others write --new tokens, as in an
+          evaluation batch of short answers and long translations. The model's EOS row is
+          set to point from the long examples' decoder states to the short ones' (the short
+          inputs repeat one token), in both models.
+Checks that both return the same tokens, prints tokens/s of each and, last, the ratios
+(transformers time / ours; above 1 means we are faster).
 
-    python bench/generate.py [--shape small|tiny] [--batch 8 --src 64 --new 32] [--beams 4] [--iters 3]
+    python bench/generate.py [--shape t5-small|tiny|t5-base|mt5-large] [--batch 8 --src 64 --new 32]
+                             [--beams 4] [--iters 3] [--threads 1] [--device cuda --dtype bfloat16]
 """
 
 import argparse
@@ -17,39 +24,43 @@ import time
 
 import torch
 
-sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.join(os.path.dirname(__file__), "..", "tests")]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from shapes import SHAPES, make_checkpoint, sync  # noqa: E402
+
 import evaluate  # noqa: E402
 import model  # noqa: E402
-from helpers import load_oracle, make_checkpoint  # noqa: E402
-
-SHAPES = {
-    "small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6,
-                  num_heads=8, dropout_rate=0.0),  # t5-small / t5-v1_1-small shape
-    "tiny": dict(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                 num_heads=4, dropout_rate=0.0),  # per-step overhead dominates
-}
+from helpers import load_oracle  # noqa: E402
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kind", default="t5v1_1", choices=["t5", "t5v1_1", "mt5"])
-    ap.add_argument("--shape", default="small", choices=sorted(SHAPES))
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--src", type=int, default=64, help="input length (half the rows padded to half)")
-    ap.add_argument("--new", type=int, default=32, help="max_new_tokens")
-    ap.add_argument("--beams", type=int, default=4)
-    ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads [torch's default]")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as d:
-        make_checkpoint(d, kind=args.kind, **SHAPES[args.shape])
-        ours, theirs = model.load_pretrained(d).eval(), load_oracle(d)
-    ids = torch.randint(2, ours.config.vocab_size, (args.batch, args.src))
+def padded_batch(vocab, batch, src, device):
+    ids = torch.randint(2, vocab, (batch, src), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    mask[::2, args.src // 2:] = 0
+    mask[::2, src // 2:] = 0
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def make_answers_mixed(ours, theirs, ids, mask, gap=8.0):
+    """Half the batch (even rows, their input one token repeated) answers in one word: the EOS
+    row of both heads points from the other rows' decoder states to theirs, scaled so EOS
+    scores `gap` nats more on average there. Returns the batch."""
+    short = torch.arange(len(ids), device=ids.device) % 2 == 0
+    ids = ids.clone()
+    ids[short] = 7
+    states = []
+    hook = ours.decoder.register_forward_hook(lambda module, args, out: states.append(out[:, -1].float()))
+    evaluate.generate(ours, ids, mask, num_beams=1, max_new_tokens=4)
+    hook.remove()
+    h = torch.stack(states)  # (steps, batch, d_model)
+    direction = h[:, short].flatten(0, 1).mean(0) - h[:, ~short].flatten(0, 1).mean(0)
+    row = direction * gap / ((h[:, short] @ direction).mean() - (h[:, ~short] @ direction).mean())
+    ours.lm_head.weight[ours.config.eos_token_id] = row.to(ours.lm_head.weight.dtype)
+    theirs.lm_head.weight[ours.config.eos_token_id] = row.to(theirs.lm_head.weight.dtype)
+    return ids, mask
+
+
+def race(ours, theirs, ids, mask, args, device):
+    """(same tokens?, answer lengths, {name: seconds per call}) over --iters turns each."""
     settings = dict(num_beams=args.beams, max_new_tokens=args.new, length_penalty=1.0)
 
     def run_ours():
@@ -62,22 +73,53 @@ def main():
 
     a, b = run_ours(), run_theirs()  # warm-up, and the tokens must agree
     same = a.shape == b.shape and torch.equal(a, b)
-    # tokens generated = returned tokens up to and including each row's first EOS
+    # an answer's length: its tokens up to and including its first EOS
     ends = [(row == ours.config.eos_token_id).nonzero() for row in a]
-    tokens = sum(int(e[0]) + 1 if len(e) else a.shape[1] for e in ends)
+    lengths = [int(e[0]) + 1 if len(e) else a.shape[1] for e in ends]
     times = {"promot": 0.0, "transformers": 0.0}
-    for _ in range(args.iters):
-        for name, fn in (("promot", run_ours), ("transformers", run_theirs)):
+    for i in range(args.iters):
+        for name, fn in ((("promot", run_ours), ("transformers", run_theirs))[:: 1 if i % 2 == 0 else -1]):
+            sync(device)
             start = time.perf_counter()
             fn()
-            times[name] += time.perf_counter() - start
-    print(f"{args.shape} {args.kind}: batch {args.batch} x {args.src} input tokens, beam {args.beams}, "
-          f"{args.new} new tokens max, {torch.get_num_threads()} threads; same tokens: {same}")
-    rates = {}
-    for name, total in times.items():
-        rates[name] = tokens * args.iters / total
-        print(f"{name:12s} {total / args.iters * 1e3:9.1f} ms per call   {rates[name]:9.1f} tokens/s")
-    print(f"beam search speed ratio (promot/transformers tokens per second): {rates['promot'] / rates['transformers']:.2f}x")
+            sync(device)
+            times[name] += (time.perf_counter() - start) / args.iters
+    return same, lengths, times
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="t5-small", choices=sorted(SHAPES))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--src", type=int, default=64, help="input length (half the rows padded to half)")
+    ap.add_argument("--new", type=int, default=32, help="max_new_tokens")
+    ap.add_argument("--beams", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads [torch's default]")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--ckpt", default=None, help="checkpoint folder to make or reuse [a temporary one]")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = make_checkpoint(args.shape, args.ckpt or tmp)
+        ours = model.load_pretrained(ckpt, dtype=dtype, device=device).eval()
+        theirs = load_oracle(ckpt).to(device=device, dtype=dtype)
+    on = f"{args.dtype} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+    print(f"{args.shape}: batch {args.batch} x {args.src} input tokens, beam {args.beams}, {args.new} new tokens "
+          f"max, {on}, {torch.get_num_threads()} threads")
+    ratios = []
+    padded = padded_batch(ours.config.vocab_size, args.batch, args.src, device)
+    for case, (ids, mask) in (("padded", padded), ("mixed", make_answers_mixed(ours, theirs, *padded))):
+        same, lengths, times = race(ours, theirs, ids, mask, args, device)
+        tokens = sum(lengths)
+        print(f"  {case}: answer lengths {lengths}; same tokens: {same}")
+        for name, seconds in times.items():
+            print(f"    {name:12s} {seconds * 1e3:9.1f} ms per call   {tokens / seconds:9.1f} tokens/s")
+        ratios.append(f"{case} {times['transformers'] / times['promot']:.2f}x")
+    print(f"beam search speed ratios (transformers time / promot time, {args.shape}, {on}): " + ", ".join(ratios))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ initialisation, written in the public Hugging Face layout), so promot and
 transformers load the same weights from the same files.
 """
 import os
+import shutil
 import sys
 import time
 
@@ -34,7 +35,12 @@ def make_checkpoint(shape, folder):
     from helpers import make_checkpoint as write
     if not os.path.isfile(os.path.join(folder, "config.json")):
         kind, config = SHAPES[shape]
-        write(folder, kind=kind, dropout_rate=0.1, **config)
+        partial = folder.rstrip("/") + ".partial"  # renamed when complete: a killed run leaves no half checkpoint
+        shutil.rmtree(partial, ignore_errors=True)
+        write(partial, kind=kind, dropout_rate=0.1, **config)
+        if os.path.isdir(folder):
+            os.rmdir(folder)  # an empty folder (a temporary directory) gives way
+        os.replace(partial, folder)
     return folder
 
 

@@ -21,8 +21,8 @@ Printed per thread count (CPU) and stage: each side's step time, the speed ratio
 (transformers time / promot time, above 1 favours promot), FLOPs per step
 (torch.utils.flop_counter.FlopCounterMode: the matrix products of forward and
 backward), achieved FLOP/s, and its fraction of the GEMM peak measured in the
-same run (the best of a few large matmuls) and on CUDA of the card's bf16 data-
-sheet peak (MFU). Then Adafactor.step() alone on the stage-2 parameters against
+same run (a large matmul, timed before and after each stage; the best counts) and
+on CUDA of the card's bf16 data-sheet peak (MFU). Then Adafactor.step() alone on the stage-2 parameters against
 transformers' Adafactor. --memory (CUDA) adds promot's stage-2 peak memory with
 and without activation checkpointing against bench/memory_plan.py's prediction.
 The last line holds the ratios.
@@ -129,10 +129,15 @@ def flops_of(step):
     return counter.get_total_flops()
 
 
-def bench_stage(models, stage, args, batch, peak, card_peak):
+def bench_stage(models, stage, args, batch, peaks, card_peak):
+    """Prints both sides' step at `stage`; returns the summary's words. `peaks` collects this
+    thread count's GEMM peak measurements, one more after the steps: the best of them counts."""
     steps = {"promot": promot_step(models["promot"], stage, args, batch)[0],
              "transformers": transformers_step(models["transformers"], stage, args, batch)[0]}
     times = interleaved(steps, args.steps, batch[0].device)
+    peaks.append(gemm_peak(batch[0].device, DTYPES[args.dtype]))
+    peak = max(peaks)
+    print(f"  GEMM peak, the best measured so far: {peak / 1e9:,.1f} GFLOP/s", flush=True)
     tokens = args.batch * (args.src + PROMPT + args.tgt)
     best = {}
     for name, step in steps.items():
@@ -143,9 +148,12 @@ def bench_stage(models, stage, args, batch, peak, card_peak):
               f"{statistics.median(times[name]) * 1e3:8.1f} ms  {tokens / best[name]:9,.0f} tok/s  "
               f"{flops / 1e9:7.1f} GFLOP/step  {rate / 1e9:7.1f} GFLOP/s = {rate / peak:5.1%} of GEMM peak{mfu}",
               flush=True)
+        if name == "promot":
+            mine = f"promot {tokens / best[name]:,.0f} tok/s, {rate / peak:.0%} of GEMM peak" + (
+                f", MFU {rate / card_peak:.0%}" if card_peak else "")
     ratio = best["transformers"] / best["promot"]
     print(f"  stage {stage} speed ratio (transformers / promot step time): {ratio:.2f}x", flush=True)
-    return ratio
+    return f"stage {stage} {ratio:.2f}x ({mine})"
 
 
 def bench_adafactor(models, args):
@@ -227,17 +235,16 @@ def main():
         summary = []
         for threads in (args.threads if device.type == "cpu" else [torch.get_num_threads()]):
             torch.set_num_threads(threads)
-            peak = gemm_peak(device, DTYPES[args.dtype])
-            print(f"{threads} thread(s): GEMM peak {peak / 1e9:,.1f} GFLOP/s", flush=True)
-            ratios = [bench_stage(models, stage, args, batch, peak, card_peak) for stage in (1, 2)]
+            peaks = [gemm_peak(device, DTYPES[args.dtype])]
+            print(f"{threads} thread(s): GEMM peak {peaks[0] / 1e9:,.1f} GFLOP/s", flush=True)
+            stages = [bench_stage(models, stage, args, batch, peaks, card_peak) for stage in (1, 2)]
             ours, theirs = bench_adafactor(models, args)
             print(f"  Adafactor.step() on the stage-2 parameters: promot {ours * 1e3:.1f} ms, transformers "
                   f"{theirs * 1e3:.1f} ms ({theirs / ours:.2f}x)", flush=True)
-            summary.append(f"{threads} thread(s): stage 1 {ratios[0]:.2f}x, stage 2 {ratios[1]:.2f}x, "
-                           f"Adafactor.step() {theirs / ours:.2f}x")
+            summary.append(f"{threads} thread(s): {stages[0]}, {stages[1]}, Adafactor.step() {theirs / ours:.2f}x")
         if args.memory and device.type == "cuda":
             bench_memory(models, args, batch)
-    print(f"ratios transformers/promot time ({args.shape}, {args.dtype}, {card}): " + "; ".join(summary))
+    print(f"speed ratios, transformers time / promot time ({args.shape}, {args.dtype}, {card}): " + "; ".join(summary))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ be copied alone into another codebase:
 
   adafactor.py        T5X's Adafactor rule, also on FSDP2-sharded parameters
   fsdp.py             process group + device mesh, FSDP2 sharding, per-rank loading, gathering
-  run_checkpoints.py  atomic writes and exactly-resumable training checkpoints of a run folder
+  run_checkpoints.py  a run folder: atomic writes, its lock, exactly-resumable checkpoints (no pickle)
   lora.py             LoRA adapters attached to any nn.Linear by forward hooks
   hf_files.py         Hugging Face checkpoint files: find, stream, write (safetensors / .bin / sharded)
   dataset_files.py    readers of each data set's published file layout
   prompt_formats.py   a trained prompt as a PEFT prompt-tuning adapter or T5X's .npy, and back
+  cli.py              command-line plumbing: renamed flags that still work, a progress line
 """

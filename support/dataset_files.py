@@ -278,9 +278,9 @@ def read_split(name: str, data_dir, split: str, convert, stems=None, also=()):
     paths = split_files(folder, split, stems)
     if not paths:
         _missing(folder, split, stems, also)
-    if paths[0].suffix != ".parquet":
+    if paths[0].suffix != ".parquet" and paths[0].stat().st_size >= STREAM_MIN_BYTES:
         examples = indexed_jsonl(paths[0], convert, split)
-    else:
+    else:  # parquet, and files small enough to hold: read whole
         examples = [example for path in paths for where, record in read_records(path)
                     if (example := convert(record, where, split)) is not None]
     if not examples:
@@ -297,6 +297,11 @@ def read_split(name: str, data_dir, split: str, convert, stems=None, also=()):
 # reading the file whole raises) and writes where each kept line starts; a record
 # is then read, parsed and converted only when it is asked for, so memory does not
 # grow with the file. The index is built once and reused until the file changes.
+
+# Files at least this large are indexed and streamed; smaller ones (every validation and test
+# split of the paper, the lab's data) are read whole, as before, and leave no index behind.
+STREAM_MIN_BYTES = 32 << 20
+
 
 class LazySequence(collections.abc.Sequence):
     """A read-only list whose item i is `item(i)`, computed on each access, so that it
@@ -694,8 +699,21 @@ def translation_reader(name: str, source: str, target: str, official_stems: dict
     return load
 
 
+def _all_lines(path):
+    with open(path, "rb") as f:
+        return [decode_line(path, lineno, raw) for lineno, raw in enumerate(f, 1)]
+
+
 def _read_parallel(src: Path, tgt: Path, split: str) -> LazySequence:
-    """Line i of each file is pair i, read on demand (`indexed_lines`)."""
+    """Line i of each file is pair i, read on demand (`indexed_lines`); small files are read whole."""
+    if src.stat().st_size + tgt.stat().st_size < STREAM_MIN_BYTES:
+        sources, targets = _all_lines(src), _all_lines(tgt)
+        if len(sources) != len(targets):
+            raise DataError(f"{src} has {len(sources)} lines but {tgt} has {len(targets)}; "
+                            "the two files must be aligned line by line")
+        if not sources:
+            raise DataError(f"{src}: no examples in split {split!r}")
+        return [({"sentence": s}, [t]) for s, t in zip(sources, targets)]
     def utf8(path):  # every line is kept; building the index checks that it is UTF-8
         return lambda lineno, raw: decode_line(path, lineno, raw) is not None
 

@@ -16,6 +16,7 @@ and full tensors for saving (`full_state_dict`, `full_tensor`).
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,20 @@ def setup_distributed(device="auto"):
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
     return Dist(dist.get_rank(), dist.get_world_size(), dev, mesh)
+
+
+def exit(code):
+    """Leave the program with `code`: sys.exit, but after a run under torchrun flush and os._exit.
+
+    On CPU (gloo) a process whose work is done and whose process group is
+    destroyed can still abort in the interpreter's teardown ("terminate called
+    without an active exception", a thread left joinable), turning a good run
+    into exit -6 now and then; skipping the teardown avoids it. Call it last."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def barrier():

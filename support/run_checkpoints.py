@@ -43,6 +43,20 @@ def atomic_write(path):
             os.remove(tmp)
 
 
+def remove_partial_writes(folder):
+    """Delete what an interrupted write left anywhere under `folder`: atomic_write's
+    NAME.tmp.PID files, checkpoint step_N.tmp folders, and NAME.tmp-XXXX folders of a
+    model export (support/hf_files.py's temporary folder, as large as the model)."""
+    for root, dirs, files in os.walk(folder):
+        for name in [d for d in dirs if d.endswith(".tmp") or ".tmp-" in d]:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            dirs.remove(name)
+        for name in files:
+            if ".tmp." in name:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(root, name))
+
+
 def write_json(path, obj, indent=2):
     """`obj` as JSON at `path`, atomically."""
     with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
@@ -206,8 +220,8 @@ def save_checkpoint(folder, step, state, trainer, device, keep=1):
         shutil.rmtree(tmp, ignore_errors=True)
         last = latest_checkpoint(folder)
         raise CheckpointFileError(f"no space left on the device while writing {file}; "
-                                  + (f"the previous checkpoint {last} is intact" if last else "no checkpoint was saved yet")
-                                  ) from None
+                                  + (f"the previous checkpoint {last} is intact" if last
+                                     else "no checkpoint was saved yet")) from None
     _barrier()
     if rank == 0:
         if os.path.exists(final):
@@ -224,7 +238,8 @@ def checkpoints(folder):
     if not os.path.isdir(folder):
         return []
     return [os.path.join(folder, d) for d in sorted(os.listdir(folder))
-            if d.startswith("step_") and not d.endswith(".tmp") and os.path.isfile(os.path.join(folder, d, "trainer.json"))]
+            if d.startswith("step_") and not d.endswith(".tmp")
+            and os.path.isfile(os.path.join(folder, d, "trainer.json"))]
 
 
 def load_latest(folder, state, device, warn=print):

@@ -26,3 +26,4 @@ if ctx.rank == 0:
     with open(out, "w") as f:
         json.dump(cosines, f)
 dist.destroy_process_group()
+fsdp.exit(0)

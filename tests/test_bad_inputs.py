@@ -256,3 +256,16 @@ def test_weights_that_diverge_are_never_saved_as_a_good_checkpoint(env, tmp_path
     err = capsys.readouterr().err
     assert "NaN or inf after step 1; not saved" in err and "last good checkpoint is none" in err
     assert run_checkpoints.latest_checkpoint(str(out / "stage1" / "checkpoints")) is None
+
+
+def test_leftovers_of_a_killed_write_are_removed_on_the_next_run(env, tmp_path):
+    out = tmp_path / "out"
+    assert promot.main(train_args(env, out, "--stop-after-step", "1")) == 0
+    stage = out / "stage1"
+    leftovers = [stage / "best.tmp-abc123", stage / "checkpoints" / "step_0000002.tmp", stage / "best.json.tmp.999"]
+    leftovers[0].mkdir()
+    (leftovers[0] / "model.safetensors").write_bytes(b"partial")
+    leftovers[1].mkdir()
+    leftovers[2].write_text("{")
+    assert promot.main(train_args(env, out, "--resume")) == 0
+    assert not any(p.exists() for p in leftovers)

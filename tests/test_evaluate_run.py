@@ -114,11 +114,11 @@ def test_run_scores_the_fine_tuned_task_0_shot_and_every_task_at_every_shot(prom
                                      for k in (0, 1))
 
 
-def test_prompt_is_prepended_only_for_tasks_in_the_fine_tuned_format(promot_run):
+def test_prompt_is_prepended_only_for_the_fine_tuned_task_by_default(promot_run):
     _, results, _, _, _ = promot_run
     used = {r["task"]: r["prompt"] for r in results["runs"]}
-    # RTE and WiC answer True/False; CB adds Neither; the generative tasks have other formats.
-    assert used == {"rte": True, "wic": True, "cb": False, "trivia_qa": False, "wmt16_ende": False, "xsum": False}
+    # The paper's tables: the prompt-tuning column equals the pretrained one on every unseen task.
+    assert used == {"rte": True, "wic": False, "cb": False, "trivia_qa": False, "wmt16_ende": False, "xsum": False}
 
 
 def test_every_score_can_be_recomputed_from_the_examples_in_the_json(promot_run):
@@ -170,12 +170,34 @@ def test_progress_line_reports_examples_per_second_and_eta(promot_run):
 def test_baseline_adds_the_norm_avg_difference(setup, promot_run, tmp_path, capsys):
     baseline_out, baseline, _, _, _ = promot_run
     out = tmp_path / "plain.json"
-    assert evaluate.main(common_args(setup, out, "--baseline", str(baseline_out), "--use-prompt", "never")) == 0
+    assert evaluate.main(common_args(setup, out, "--baseline", str(baseline_out), "--route", "never")) == 0
     ours = json.loads(out.read_text())
     assert not any(r["prompt"] for r in ours["runs"])
     norm_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| Norm. Avg."))
     diff = ours["norm_avg"]["1"] - baseline["norm_avg"]["1"]
     assert f"{ours['norm_avg']['1']:.2f} ({diff:+.2f})" in norm_line
+
+
+def test_a_100k_character_input_is_cut_to_the_default_budget_of_1024_tokens(setup, monkeypatch, capsys):
+    model_dir, _, _ = setup
+    tokenizer = data.Tokenizer(model_dir / "spiece.model")
+    t5 = model_lib.load_pretrained(str(model_dir))
+    widths = []
+    monkeypatch.setattr(evaluate, "generate", lambda model, ids, mask, **kw: widths.append(ids.shape[1])
+                        or torch.tensor([tokenizer.encode("<extra_id_0> Paris <extra_id_1>")] * len(ids)))
+    huge = data.Example({"question": sentence(random.Random(1), 20000)}, ["Paris"])
+    assert len(huge.fields["question"]) > 100_000
+    fair = evaluate.score_task(t5, tokenizer, "trivia_qa", [huge])  # no --max-input-tokens: 1024
+    end = evaluate.score_task(t5, tokenizer, "trivia_qa", [huge], truncation="end")
+    assert 1000 < widths[0] <= 1024 and widths[1] == 1024  # T5X's cut: the first 1023 ids and EOS
+    assert fair["examples"][0]["input"].endswith(" A: <extra_id_0>") and fair["score"] == end["score"] == 100.0
+    assert capsys.readouterr().err.count("trivia_qa, 0-shot, max 1024 tokens") == 2
+
+
+def test_the_cli_defaults_are_the_papers_decoding_and_the_fair_cut(tmp_path):
+    args = evaluate.parse_args(["--model", "m", "--data-dir", "d", "--out", str(tmp_path / "r.json")])
+    assert (args.num_beams, args.brevity_penalty, args.length_penalty) == (4, "t5x", 0.6)  # App. B.4, T5X
+    assert (args.truncation, args.max_input_tokens, args.route) == ("fair", None, "fine_tuned_only")
 
 
 def test_score_task_turns_a_fixed_answer_into_the_expected_scores(setup, monkeypatch):
@@ -200,20 +222,22 @@ def test_score_task_turns_a_fixed_answer_into_the_expected_scores(setup, monkeyp
 
 # --- the routing rule --------------------------------------------------------------------
 
-@pytest.mark.parametrize("task, mode, expected", [
-    ("rte", "auto", True), ("wic", "auto", True), ("cb", "auto", False), ("trivia_qa", "auto", False),
+@pytest.mark.parametrize("task, route, expected", [
+    ("rte", "fine_tuned_only", True), ("wic", "fine_tuned_only", False), ("wic", "same_answers", True),
+    ("cb", "same_answers", False), ("cb", "same_format", True), ("trivia_qa", "same_format", False),
     ("trivia_qa", "always", True), ("rte", "never", False)])
-def test_route_prompt_follows_the_fine_tuned_tasks_format(task, mode, expected):
+def test_route_prompt_follows_the_chosen_reading(task, route, expected):
     prompt = torch.zeros(2, 4)
-    assert (evaluate.route_prompt(task, {"rte": prompt}, mode) is prompt) == expected
+    assert (evaluate.route_prompt(task, {"rte": prompt}, route) is prompt) == expected
 
 
 def test_route_prompt_picks_each_tasks_own_prompt_in_multi_task_promot():
     rte, wmt = torch.zeros(2, 4), torch.ones(2, 4)
     prompts = {"rte": rte, "wmt14_enfr": wmt}
-    assert evaluate.route_prompt("wic", prompts) is rte
+    assert evaluate.route_prompt("rte", prompts) is rte and evaluate.route_prompt("wic", prompts) is None
     assert evaluate.route_prompt("wmt14_enfr", prompts) is wmt
-    assert evaluate.route_prompt("wmt16_ende", prompts) is None  # another language pair, another format
+    assert evaluate.route_prompt("wic", prompts, "same_answers") is rte
+    assert evaluate.route_prompt("wmt16_ende", prompts, "same_format") is None  # another language pair
 
 
 # --- prompt files -------------------------------------------------------------------------

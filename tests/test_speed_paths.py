@@ -121,3 +121,53 @@ def test_adafactor_step_allocates_its_scratch_once_on_cpu():
             first = [b.data_ptr() for b in buffers]
     assert [b.data_ptr() for b in buffers] == first
     assert all(b.numel() == max(p.numel() for p in params) for b in buffers)
+
+
+# --- 2. The loss: T5X's cross-entropy, label smoothing and z-loss in one function ------------
+
+def reference_cross_entropy(logits, labels, label_smoothing=0.0, z_loss=0.0):
+    """model.cross_entropy as first written (log_softmax and autograd), plus the z-loss that
+    promot.train_step added apart."""
+    keep = labels != -100
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    nll = -logp.gather(-1, labels.masked_fill(~keep, 0).unsqueeze(-1)).squeeze(-1)
+    loss = nll
+    if label_smoothing > 0:
+        vocab = logits.shape[-1]
+        on, off = 1.0 - label_smoothing, label_smoothing / (vocab - 1)
+        entropy = -(on * math.log(on) + (vocab - 1) * off * math.log(off + 1e-20))
+        loss = on * nll + off * (-logp.sum(-1) - nll) - entropy
+    z = torch.logsumexp(logits.float(), dim=-1).square()
+    return ((loss + z_loss * z) * keep).sum(), keep.sum()
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-4])
+def test_cross_entropy_and_its_gradient_equal_the_autograd_version(label_smoothing, z_loss):
+    from model import cross_entropy
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 1000, generator=g) * 4
+    labels = torch.randint(0, 1000, (3, 5), generator=g)
+    labels[1, 3:] = -100
+    grads, totals = [], []
+    for fn in (cross_entropy, reference_cross_entropy):
+        x = logits.clone().requires_grad_()
+        total, count = fn(x, labels, label_smoothing, z_loss)
+        (total / count * 0.5).backward()  # a gradient other than 1 reaches the loss
+        grads.append(x.grad)
+        totals.append(total.detach())
+        assert count == 13
+    torch.testing.assert_close(totals[0], totals[1], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-8)
+    assert grads[0][1, 3:].abs().max() == 0  # ignored positions get no gradient
+
+
+def test_cross_entropy_of_bfloat16_logits_is_computed_in_float32_and_returns_a_bfloat16_gradient():
+    from model import cross_entropy
+    logits = (torch.randn(2, 4, 300) * 3).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 300, (2, 4))
+    total, count = cross_entropy(logits, labels, 0.1, 1e-4)
+    total.backward()
+    expected, _ = reference_cross_entropy(logits.detach().float(), labels, 0.1, 1e-4)
+    assert total.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(total, expected, rtol=1e-6, atol=1e-5)
