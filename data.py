@@ -761,17 +761,19 @@ def rank_batch(mixture: Mixture, tasks, pools, batch_size: int, rank: int = 0, w
     examples, and the mixture's state_dict is the data position a checkpoint
     stores. `tasks` and `pools` (each task's training set) are parallel lists.
     With shots=1 every input gets one demonstration from its pool, never the
-    example itself (the paper's "+1-shot", §5.3); too-long inputs are cut as
-    `fit_input` cuts them, exactly as evaluation builds its inputs.
+    example itself (the paper's "+1-shot", §5.3), drawn afresh each time the
+    example is seen (seeded by the draw's number, so a resumed run draws the
+    same); too-long inputs are cut as `fit_input` cuts them, as evaluation does.
     """
-    per_rank = batch_size // world
+    per_rank, first = batch_size // world, mixture.draws + rank * batch_size // world
     mine = mixture.take(batch_size)[rank * per_rank:(rank + 1) * per_rank]
     by_name = {t.name: (t, pool) for t, pool in zip(tasks, pools)}
     rows = []
-    for name, example in mine:
+    for draw, (name, example) in enumerate(mine, first):
         task, pool = by_name[name]
-        (text, target), = training_pairs(task, [example], shots=shots, pool=pool, seed=seed, tokenizer=tokenizer,
-                                         max_input_tokens=max_input_tokens, stats=stats, warn=lambda message: None)
+        (text, target), = training_pairs(task, [example], shots=shots, pool=pool, seed=f"{seed}/draw {draw}",
+                                         tokenizer=tokenizer, max_input_tokens=max_input_tokens, stats=stats,
+                                         warn=lambda message: None)
         rows.append((name, text, target))
     return rows
 

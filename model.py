@@ -88,8 +88,17 @@ class T5Config:
         model_type = d.get("model_type", "t5")
         if model_type not in ("t5", "mt5", "umt5"):
             raise CheckpointError(f"{source}: model_type is {model_type!r}; expected 't5', 'mt5' or 'umt5'")
-        known = {f.name for f in fields(cls)}
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        known = {f.name: f.type for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known and v is not None}
+        for key, value in kwargs.items():  # a string "128" or a float layer count would fail deep inside
+            kind = known[key]
+            ok = type(value) is kind if kind is not float else type(value) in (int, float)
+            if not ok or (kind is int and value < 0) or (kind is float and not 0 <= value < float("inf")):
+                expected = {int: "a non-negative integer", float: "a non-negative number", bool: "true or false",
+                            str: "a string"}[kind]
+                raise CheckpointError(f"{source}: {key} is {value!r}; expected {expected}")
         kwargs["feed_forward_proj"] = proj
         kwargs.setdefault("num_decoder_layers", d["num_layers"])
         tied = d.get("tie_word_embeddings", True) is not False

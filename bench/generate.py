@@ -3,8 +3,8 @@
 Same random checkpoint (bench/shapes.py, t5-small shape by default), same inputs, same
 settings (beam 4, length penalty 1, early_stopping=False), in one process, the two taking
 turns so that a busy machine slows both alike. Two batches:
-  padded  random inputs, half the rows padded to half length; a random model writes no EOS,
-          so every answer runs to --new tokens (the search's cost per step);
+  padded  random inputs, half the rows padded to half length; a random model rarely writes
+          EOS, so the answers run to --new tokens (the search's cost per step);
   mixed   half the examples answer in one word, the others write --new tokens, as in an
           evaluation batch of short answers and long translations. The model's EOS row is
           set to point from the long examples' decoder states to the short ones' (the short

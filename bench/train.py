@@ -21,11 +21,18 @@ Printed per thread count (CPU) and stage: each side's step time, the speed ratio
 (transformers time / promot time, above 1 favours promot), FLOPs per step
 (torch.utils.flop_counter.FlopCounterMode: the matrix products of forward and
 backward), achieved FLOP/s, and its fraction of the GEMM peak measured in the
-same run (a large matmul, timed before and after each stage; the best counts) and
-on CUDA of the card's bf16 data-sheet peak (MFU). Then Adafactor.step() alone on the stage-2 parameters against
-transformers' Adafactor. --memory (CUDA) adds promot's stage-2 peak memory with
-and without activation checkpointing against bench/memory_plan.py's prediction.
-The last line holds the ratios.
+same run (a large matmul, timed before and after each stage; the best counts)
+and on CUDA of the card's bf16 data-sheet peak (MFU). Then Adafactor.step()
+alone on copies of the stage-2 parameters against transformers' Adafactor.
+--memory (CUDA) adds promot's stage-2 peak memory with and without activation
+checkpointing against bench/memory_plan.py's prediction. The last line holds
+the ratios. (CPU peak memory is not measured: both sides share one process.)
+
+Threads: on a CPU that other jobs share, OpenMP threads spin-wait for each other at
+every parallel operation, so two threads on two cores with one core taken run both
+sides about twice as slowly as one thread (measured: 4.3 s against 2.3 s a step);
+OMP_WAIT_POLICY=PASSIVE brings that back to the one-thread time. The load average is
+printed with each thread count so a reader can tell a busy run.
 """
 import argparse
 import os
@@ -236,12 +243,14 @@ def main():
         for threads in (args.threads if device.type == "cpu" else [torch.get_num_threads()]):
             torch.set_num_threads(threads)
             peaks = [gemm_peak(device, DTYPES[args.dtype])]
-            print(f"{threads} thread(s): GEMM peak {peaks[0] / 1e9:,.1f} GFLOP/s", flush=True)
+            print(f"{threads} thread(s): GEMM peak {peaks[0] / 1e9:,.1f} GFLOP/s; load average "
+                  f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
             stages = [bench_stage(models, stage, args, batch, peaks, card_peak) for stage in (1, 2)]
             ours, theirs = bench_adafactor(models, args)
             print(f"  Adafactor.step() on the stage-2 parameters: promot {ours * 1e3:.1f} ms, transformers "
                   f"{theirs * 1e3:.1f} ms ({theirs / ours:.2f}x)", flush=True)
-            summary.append(f"{threads} thread(s): {stages[0]}, {stages[1]}, Adafactor.step() {theirs / ours:.2f}x")
+            summary.append(f"{threads} thread(s) (load average {os.getloadavg()[0]:.1f}): {stages[0]}, {stages[1]}, "
+                           f"Adafactor.step() {theirs / ours:.2f}x")
         if args.memory and device.type == "cuda":
             bench_memory(models, args, batch)
     print(f"speed ratios, transformers time / promot time ({args.shape}, {args.dtype}, {card}): " + "; ".join(summary))

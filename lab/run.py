@@ -28,8 +28,9 @@ other eight tasks are scored 1-shot (their Norm. Avg.). The extra row
 "True/False answers" is the paper's Fig. 2 measure: the percent of answers
 whose first word is "True" or "False" on the tasks whose answers are never
 True/False (lab_kind, lab_who, lab_where, lab_zorbish, lab_backwards, lab_news).
-evaluate.py prepends a ProMoT prompt only for tasks in the fine-tuned task's
-format (paper §4): lab_owns itself and lab_both.
+evaluate.py prepends a ProMoT prompt only to the fine-tuned task, lab_owns
+(its default --route fine_tuned_only, the reading of paper §4 that its tables
+show); every other task sees the plain model.
 
 Settings differ from the paper's App. B.4 where a 2M-parameter model and a
 15-minute budget need it (steps, batch, prompt length, greedy decoding); they are

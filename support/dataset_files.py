@@ -33,6 +33,7 @@ import json
 import operator
 import os
 import re
+import string
 import struct
 from pathlib import Path
 
@@ -781,4 +782,15 @@ def read_task_json(path, accepted_keys, metrics) -> dict:
         raise DataError(f"{path}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(accepted_keys)}")
     if spec.get("metric", "exact_match") not in metrics:
         raise DataError(f"{path}: metric {spec['metric']!r} is not one of {', '.join(metrics)}")
+    words = spec.get("label_words")
+    if words is not None and not (isinstance(words, list) and words and all(isinstance(w, str) and w for w in words)):
+        raise DataError(f"{path}: label_words is {json.dumps(words)}; expected a list of answer words, "
+                        'e.g. ["True", "False"]')
+    template = spec.get("template", "{input}")
+    try:  # named fields only: {0} or {} would take an example's fields by position
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except (TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"{path}: template {template!r} is not a format string ({e})") from None
+    if not names or not all(name.isidentifier() for name in names):
+        raise DataError(f"{path}: template {template!r} needs named fields such as {{input}}")
     return spec

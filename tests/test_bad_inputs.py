@@ -269,3 +269,38 @@ def test_leftovers_of_a_killed_write_are_removed_on_the_next_run(env, tmp_path):
     leftovers[2].write_text("{")
     assert promot.main(train_args(env, out, "--resume")) == 0
     assert not any(p.exists() for p in leftovers)
+
+
+@pytest.mark.parametrize("key,value,expected", [("d_model", "128", "a non-negative integer"),
+                                                ("layer_norm_epsilon", "1e-6", "a non-negative number"),
+                                                ("num_layers", 2.5, "a non-negative integer"),
+                                                ("tie_word_embeddings", "false", "true or false")])
+def test_a_config_json_of_the_wrong_types_is_one_clear_error(env, tmp_path, capsys, key, value, expected):
+    bad = tmp_path / "model"
+    os.makedirs(bad)
+    for name in os.listdir(env["model"]):
+        (bad / name).write_bytes(open(os.path.join(env["model"], name), "rb").read())
+    config = json.load(open(bad / "config.json"))
+    config[key] = value
+    json.dump(config, open(bad / "config.json", "w"))
+    argv = train_args(env, tmp_path / "out")
+    argv[argv.index("--model") + 1] = str(bad)
+    assert promot.main(argv) == 2
+    err = capsys.readouterr().err
+    one_line_error(err, "promot.py: error:")
+    assert f"{key} is {value!r}; expected {expected}" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spec,words", [({"template": "{input"}, "not a format string"),
+                                        ({"template": "{0} A:"}, "needs named fields"),
+                                        ({"template": 5}, "not a format string"),
+                                        ({"template": "Q: {input} A:", "label_words": "True"}, "label_words is \"True\""),
+                                        ({"template": "Q: {input} A:", "label_words": []}, "label_words is []")])
+def test_a_bad_task_json_is_one_clear_error(tmp_path, spec, words):
+    import data
+    folder = tmp_path / "mytask"
+    folder.mkdir()
+    (folder / "task.json").write_text(json.dumps(spec))
+    with pytest.raises(data.DataError, match="task.json: ") as raised:
+        data.get_task("mytask", tmp_path)
+    assert words in str(raised.value)

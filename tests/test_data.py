@@ -306,6 +306,30 @@ def test_plus_one_shot_training_pairs_prefix_one_demonstration():
     assert [x for x, _ in data.training_pairs(RTE, examples)] == [data.make_input(RTE, e) for e in examples]
 
 
+def test_plus_one_shot_draws_a_fresh_demonstration_each_time_an_example_is_seen():
+    """Paper §5.3's "+1-shot": over epochs an example meets different demonstrations (not the
+    same one every epoch), never itself, and the same ones again on a rerun or a resume."""
+    examples = rte_examples(12)
+
+    def epochs(mixture, n):
+        rows = [data.rank_batch(mixture, [RTE], [examples], 4, shots=1, seed=0) for _ in range(3 * n)]
+        return [text for batch in rows for _, text, _ in batch]
+    seen = epochs(data.Mixture({"rte": examples}, seed=0), 3)
+    by_query = {}
+    for text in seen:
+        query = next(e for e in examples if text.endswith(data.make_input(RTE, e)))
+        assert text.count(query.fields["premise"]) == 1  # never its own demonstration
+        by_query.setdefault(query.fields["premise"], set()).add(text)
+    assert sum(len(texts) > 1 for texts in by_query.values()) >= 6  # most examples saw another demonstration
+    assert epochs(data.Mixture({"rte": examples}, seed=0), 3) == seen  # seeded
+    resumed = data.Mixture({"rte": examples}, seed=0)
+    first = [text for _ in range(4) for _, text, _ in data.rank_batch(resumed, [RTE], [examples], 4, shots=1, seed=0)]
+    again = data.Mixture({"rte": examples}, seed=0)
+    again.load_state_dict(resumed.state_dict())
+    rest = [text for _ in range(5) for _, text, _ in data.rank_batch(again, [RTE], [examples], 4, shots=1, seed=0)]
+    assert first + rest == seen
+
+
 def test_shuffled_labels_keep_the_multiset_and_the_inputs():
     examples = rte_examples(60)
     shuffled = data.shuffle_labels(examples, seed=0)

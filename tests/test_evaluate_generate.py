@@ -149,3 +149,32 @@ def test_t5x_brevity_penalty_is_five_plus_length_over_six_to_the_alpha():
     # T5X's decoding.brevity_penalty; transformers' is length ** alpha (tests/test_t5x_decoding.py: the search)
     t5x, hf = evaluate.brevity_divisor("t5x", 0.6), evaluate.brevity_divisor("hf", 0.6)
     assert t5x(1) == 1.0 and t5x(7) == pytest.approx(2 ** 0.6) and hf(7) == pytest.approx(7 ** 0.6)
+
+
+def decoded_rows(model_, monkeypatch):
+    """The batch size of every decode call of `model_`, recorded."""
+    rows, decode = [], model_.decode
+    monkeypatch.setattr(model_, "decode", lambda ids, *a, **k: rows.append(ids.shape[0]) or decode(ids, *a, **k))
+    return rows
+
+
+def test_beam_search_drops_closed_examples_and_still_equals_transformers(models, monkeypatch):
+    # Step 1 decodes one row per example (its beams share the start token); then K rows per
+    # open example, fewer as examples close. length_penalty 0 lets short answers close early.
+    ours_model, oracle = models
+    ids, mask = inputs(1)
+    kwargs = dict(num_beams=4, max_new_tokens=20, length_penalty=0.0)
+    rows = decoded_rows(ours_model, monkeypatch)
+    ours = evaluate.generate(ours_model, ids, mask, **kwargs)
+    assert rows[0] == 6 and rows[1] == 6 * 4 and rows[-1] < 6 * 4
+    assert all(a >= b for a, b in zip(rows[1:], rows[2:]))
+    torch.testing.assert_close(ours, oracle_generate(oracle, ids, mask, **kwargs), rtol=0, atol=0)
+
+
+def test_greedy_drops_finished_rows_and_still_equals_transformers(models, monkeypatch):
+    ours_model, oracle = models
+    ids, mask = inputs(2)
+    rows = decoded_rows(ours_model, monkeypatch)
+    ours = evaluate.generate(ours_model, ids, mask, num_beams=1, max_new_tokens=20)
+    assert rows[0] == 6 and rows[-1] < 6
+    torch.testing.assert_close(ours, oracle_generate(oracle, ids, mask, num_beams=1, max_new_tokens=20), rtol=0, atol=0)
