@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lab import tasks as lab_tasks  # noqa: E402
+from support import cli  # noqa: E402
 
 FINE_TUNING_TASK = lab_tasks.FINE_TUNING_TASK
 EVALUATION_TASKS = lab_tasks.EVALUATION_TASKS
@@ -203,13 +204,14 @@ def main(argv=None):
     p.add_argument("--model", default=str(ROOT / "lab" / "tiny-t5"), help="pretrained checkpoint")
     p.add_argument("--quick", action="store_true", help="fewer steps and examples: a couple of minutes")
     p.add_argument("--steps", type=int, default=None, help="override the steps of every training stage")
-    p.add_argument("--eval-examples", "--limit", dest="limit", type=int, default=None,
-                   help="override the examples scored per task (--limit: the old name)")
+    p.add_argument("--eval-examples", dest="limit", type=int, default=None,
+                   help="override the examples scored per task")
     p.add_argument("--lr", type=float, default=None, help="override the model-tuning lr (stage 2, fine-tuning)")
     p.add_argument("--stage1-lr", type=float, default=None, help="override the prompt lr of stage 1")
     p.add_argument("--dropout", type=float, default=None, help="override the dropout of every stage")
     p.add_argument("--quiet", action="store_true", help="print only commands and the table")
-    args = p.parse_args(argv)
+    args = p.parse_args(cli.renamed_flags(sys.argv[1:] if argv is None else argv, {"--limit": "--eval-examples"},
+                                          "lab/run.py"))
 
     s = dict(SETTINGS["quick" if args.quick else "full"])
     if args.steps:

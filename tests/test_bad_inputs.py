@@ -35,6 +35,17 @@ def train_args(env, out, *extra, stage="1", steps=2, save_every=1):
             "--prompt-length", "5", "--log-every", "1", "--no-eval", *extra]
 
 
+def with_flags(argv, flags):
+    """argv with each (flag, value) of `flags` replacing the flag's value, or added."""
+    argv = list(argv)
+    for flag, value in zip(flags[::2], flags[1::2]):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    return argv
+
+
 def one_line_error(err, prefix):
     assert err.startswith(prefix) and err.count("\n") == 1 and "Traceback" not in err, err
 
@@ -71,13 +82,7 @@ PROMOT_BAD = [  # (flags, words the message must hold)
 @pytest.mark.parametrize("flags,words", PROMOT_BAD, ids=[" ".join(f) for f, _ in PROMOT_BAD])
 def test_promot_refuses_bad_flags_in_one_line_before_writing(env, tmp_path, capsys, flags, words):
     out = tmp_path / "out"
-    argv = train_args(env, out)
-    for i in range(0, len(flags), 2):  # replace a flag already in argv, else add it
-        if flags[i] in argv:
-            argv[argv.index(flags[i]) + 1] = flags[i + 1]
-        else:
-            argv += flags[i:i + 2]
-    assert promot.main(argv) == 2
+    assert promot.main(with_flags(train_args(env, out), flags)) == 2
     err = capsys.readouterr().err
     err = "\n".join(line for line in err.splitlines() if " is now " not in line) + "\n"  # rename notes
     one_line_error(err, "promot.py: error:")
@@ -115,13 +120,7 @@ def test_evaluate_refuses_bad_inputs_in_one_line_before_writing(env, tmp_path, c
     ]
     for flags, words in cases:
         out = tmp_path / "r.json"
-        argv = evaluate_args(env, out)
-        for i in range(0, len(flags), 2):
-            if flags[i] in argv:
-                argv[argv.index(flags[i]) + 1] = flags[i + 1]
-            else:
-                argv += flags[i:i + 2]
-        assert evaluate.main(argv) == 2, flags
+        assert evaluate.main(with_flags(evaluate_args(env, out), flags)) == 2, flags
         err = capsys.readouterr().err
         one_line_error(err, "error:")
         assert words in err, (flags, err)
