@@ -25,6 +25,7 @@ import argparse
 import array
 import bisect
 import dataclasses
+import hashlib
 import itertools
 import json
 import random
@@ -278,7 +279,8 @@ def register_jsonl_task(name: str, template: str = "{input}", metric: str = "exa
                 label_words=tuple(label_words) if label_words else None, prefix=prefix,
                 format=format or name, eval_split=eval_split, demo_split=demo_split,
                 max_input_tokens=max_input_tokens, source="generic JSONL (input/target)")
-    return register_task(task, examples_reader(dataset_files.jsonl_task_reader(name)), replace=replace)
+    reader = dataset_files.jsonl_task_reader(name, task.label_words)
+    return register_task(task, examples_reader(reader), replace=replace)
 
 
 _TASK_JSON_KEYS = ("template", "metric", "label_words", "prefix", "format", "eval_split",
@@ -381,6 +383,16 @@ def load_split(task, data_dir, split: str, limit: int | None = None, seed=0) -> 
     return dataset_files.LazySequence(limit, lambda i: examples[chosen[i]])
 
 
+def fingerprint(examples, sample: int = 4096) -> str:
+    """'N examples, sha256 X': a hash of every example's fields and targets, or of `sample` evenly
+    spaced ones in a larger set (a streamed file stays unread). --resume compares it, so a
+    changed, shrunk or reordered data file does not silently continue the run on other examples."""
+    n, digest = len(examples), hashlib.sha256()
+    for i in range(n) if n <= sample else (i * n // sample for i in range(sample)):
+        digest.update(json.dumps([examples[i].fields, examples[i].targets], sort_keys=True).encode() + b"\n")
+    return f"{n} examples, sha256 {digest.hexdigest()[:16]}"
+
+
 def load_eval_split(task, data_dir, split: str | None = None, warn=None) -> tuple[str, list[Example]]:
     """(split name, examples) to score `task` on: `split`, else the task's
     eval_split; a test split without labels (TriviaQA's is hidden) falls back to
@@ -433,6 +445,16 @@ def fill_template(task: Task, example: Example) -> str:
     except KeyError as err:
         raise DataError(f"task {task.name}: example has no field {err.args[0]!r} for template "
                         f"{task.template!r} (fields: {', '.join(example.fields)})") from None
+
+
+def check_template(task: Task, examples, split: str, sample: int = 100_000) -> None:
+    """Fill the template with every example (`sample` evenly spaced ones of a larger, streamed
+    set): a field it names that an example lacks is a DataError before any work, not mid-run."""
+    for i in range(0, len(examples), max(1, len(examples) // sample)):
+        try:
+            fill_template(task, examples[i])
+        except DataError as err:
+            raise DataError(f"{err}: {split} example {i + 1}") from None
 
 
 def make_demonstration(task: Task, example: Example) -> str:
@@ -842,7 +864,9 @@ def check_task(task: Task, root: Path) -> int:
         paper = (task.paper_sizes or {}).get(split)
         note, count = f" (paper {paper})" if paper else "", None
         try:
-            count = len(load_split(task, root, split))
+            examples = load_split(task, root, split)
+            check_template(task, examples, split)
+            count = len(examples)
             cells.append(f"{split} {count}{note}")
         except UnlabeledSplit as err:
             count = int(re.search(r"has (\d+) examples", str(err)).group(1))

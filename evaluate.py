@@ -489,17 +489,19 @@ def norm_avg_by_shots(runs):
 
 
 def results_table(results, baseline=None):
-    """Markdown in the paper's layout (Tables 3-5): the fine-tuned task(s) scored 0-shot,
-    then Norm. Avg. (with its difference from `baseline`'s, as the paper's parentheses),
-    then one row per evaluation task; one column per number of shots."""
+    """Markdown in the paper's layout (Tables 3-5): the fine-tuned task(s) scored 0-shot (and
+    k-shot for a "+1-shot" run, marked where its score chose the checkpoint), then Norm. Avg.
+    (with its difference from `baseline`'s, as the paper's parentheses), then one row per
+    evaluation task; one column per number of shots."""
     runs = results["runs"]
     shots = sorted({r["shots"] for r in runs if r["role"] == "evaluation"})
     head = "| | " + " | ".join(f"{k}-shot" for k in shots) + " |"
     lines = [head, "|---" * (len(shots) + 1) + "|"]
     blank = [""] * max(len(shots) - 1, 0)
-    for run in runs:
+    for run in runs:  # "chose the checkpoint": the shots whose validation score picked best/ (training.json)
         if run["role"] == "fine-tuned":
-            lines.append(f"| Fine-tuning {run['task']} (0-shot, {run['metric']}) | "
+            chose = "; chose the checkpoint" if run.get("chose_checkpoint") else ""
+            lines.append(f"| Fine-tuning {run['task']} ({run['shots']}-shot, {run['metric']}{chose}) | "
                          + " | ".join([f"{run['score']:.2f}"] + blank) + " |")
     cells = []
     for k in shots:
@@ -567,6 +569,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-tasks", default=None, help="unseen tasks, comma-separated: the table's rows "
                    "[the paper's eight; lab: its tasks but lab_owns]")
     p.add_argument("--shots", default="1,4", help="numbers of demonstrations, comma-separated (columns)")
+    p.add_argument("--task-shots", default=None, help="numbers of demonstrations for the fine-tuned task(s) "
+                   "[0, and the training's --shots as training.json beside the checkpoint records: '+1-shot' runs]")
     p.add_argument("--prompt", default=None, help="soft prompt file: prompt.safetensors from promot.py, or a T5X .npy")
     p.add_argument("--lora", default=None, help="LoRA adapter file from promot.py --stage1-module lora (App. C.7)")
     p.add_argument("--route", choices=ROUTES, default="fine_tuned_only", help="which tasks get the prompt (or "
@@ -614,11 +618,7 @@ def _task_list(text, data_dir):
 
 def check_args(args):
     """(shots, evaluation tasks, baseline results): the flags checked before any work."""
-    shots = []
-    for part in args.shots.split(","):
-        if not part.strip().isdigit():
-            raise EvaluationError(f"--shots {args.shots!r}: expected comma-separated numbers like 1,4")
-        shots.append(int(part))
+    shots, task_shots = _numbers(args.shots, "--shots"), _numbers(args.task_shots or "0", "--task-shots")
     for flag in ("eval_examples", "num_beams", "max_new_tokens", "eval_batch_size", "train_examples",
                  "max_input_tokens"):
         value = getattr(args, flag)
@@ -636,7 +636,28 @@ def check_args(args):
         raise EvaluationError(f"--eval-tasks {args.eval_tasks!r} names no task and there is no --task: "
                               "nothing to score")
     baseline = read_results(args.baseline) if args.baseline else None
-    return shots, tasks, baseline
+    return shots, task_shots, tasks, baseline
+
+
+def _numbers(text, flag):
+    if not all(part.strip().isdigit() for part in text.split(",")):
+        raise EvaluationError(f"{flag} {text!r}: expected comma-separated numbers like 1,4")
+    return [int(part) for part in text.split(",")]
+
+
+def training_record(args):
+    """training.json (promot.py's export: stage, task, shots, how best/ was chosen) beside the
+    checkpoint, the prompt or the LoRA file; {} for a checkpoint promot did not write."""
+    for folder in (args.model, os.path.dirname(args.prompt or ""), os.path.dirname(args.lora or "")):
+        path = os.path.join(folder, "training.json")
+        if folder and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    record = json.load(f)
+            except (OSError, ValueError) as err:
+                raise EvaluationError(f"{path}: not readable JSON ({err}); delete it or pass --task-shots") from None
+            return record if isinstance(record, dict) else {}
+    return {}
 
 
 def load(args, device):
@@ -661,7 +682,10 @@ def load(args, device):
 
 def run(args):
     """The whole evaluation; returns the results dict (written and printed on rank 0)."""
-    shots, tasks, baseline = check_args(args)
+    shots, task_shots, tasks, baseline = check_args(args)
+    training = training_record(args)
+    if args.task_shots is None:  # a "+1-shot" run (§5.3) is reported 0-shot and 1-shot
+        task_shots = sorted({0, training.get("shots", 0)})
     ctx = fsdp.setup_distributed("auto")
     t5, tokenizer, prompts, fine_tuned = load(args, ctx.device)
     label_words = sorted({w for name in fine_tuned for w in (data.get_task(name).label_words or ())})
@@ -672,7 +696,7 @@ def run(args):
                   truncation=args.truncation, distributed=ctx.world > 1)
     say = (lambda m: print(m, file=sys.stderr)) if ctx.main else (lambda m: None)
     runs = []
-    plan = [(name, "fine-tuned", [0]) for name in fine_tuned] + [(name, "evaluation", shots) for name in tasks]
+    plan = [(name, "fine-tuned", task_shots) for name in fine_tuned] + [(name, "evaluation", shots) for name in tasks]
     for name, role, shot_list in plan:
         task = data.get_task(name, args.data_dir)
         split, examples = data.load_eval_split(task, args.data_dir, warn=say)
@@ -688,7 +712,8 @@ def run(args):
             result = score_task(t5, tokenizer, task, examples, pool=pool, shots=k, prompt=prompt,
                                 format_label_words=label_words if role == "evaluation" else None,
                                 progress=cli.progress_printer(label) if ctx.main else None, **common)
-            result.update(role=role, split=split, lora=bool(use_lora))
+            result.update(role=role, split=split, lora=bool(use_lora), chose_checkpoint=role == "fine-tuned"
+                          and k == training.get("shots") and "validation" in training.get("chosen_by", ""))
             say(f"{label}: {task.metric} {result['score']:.2f} on {len(examples)} {split} examples")
             runs.append(result)
     results = {"format": RESULTS_FORMAT, "model": args.model, "settings": settings,

@@ -21,7 +21,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -167,11 +167,13 @@ def train(cfg):
         raise UsageError("--device cuda: this machine has no CUDA GPU; use --device cpu")
     ctx = fsdp.setup_distributed(cfg.device)
     inputs = check_inputs(cfg, ctx)
+    apart = cfg.stage == "1" and cfg.stage1_module == "prompt" and len(inputs["tasks"]) > 1  # a run per prompt
     diag = diagnostics.from_flags(cfg, inputs["tasks"], inputs["tokenizer"], STAGES[cfg.stage].folder)
     fsdp.barrier()  # every rank has checked --out before rank 0 writes into it
     lock = run_checkpoints.lock_run_folder(cfg.out)  # one run per folder; rank 0 holds it
     try:
-        return run_stage(open_run(cfg, ctx, inputs, diag))
+        s = open_run(cfg, ctx, inputs, diag)
+        return tune_prompts_apart(s) if apart else run_stage(s)
     finally:
         if lock:
             run_checkpoints.unlock_run_folder(lock)
@@ -195,6 +197,25 @@ def run_stage(s):
     summary = (f"done: {s.stage_dir}/final" + (f"; best checkpoint step {best['step']} ({best['score']:.2f}) in "
                                                 f"{s.stage_dir}/best" if best["step"] is not None else ""))
     s.log({"event": "done", "step": s.step, "best_step": best["step"], "best_score": best["score"]}, summary)
+    return s
+
+
+def tune_prompts_apart(s):
+    """Multi-task stage 1 (§5.4, "a soft prompt for each task"): each task's prompt is tuned on its own
+    data and keeps its own best checkpoint, in a run folder of its own (RUN/stage1/tasks/<task>/); then
+    RUN/stage1/best/ and final/ hold all of them, in the one prompt file stage 2 reads."""
+    runs = {}
+    for task in s.inputs["tasks"]:
+        runs[task.name] = train(replace(s.cfg, task=task.name, out=os.path.join(s.stage_dir, "tasks", task.name)))
+        if runs[task.name].step < s.cfg.steps:
+            return runs[task.name]  # stopped early: the same command with --resume goes on from here
+    for name in ("best", "final"):
+        s.prompts = {t: model_lib.read_prompts(os.path.join(r.stage_dir, name, "prompt.safetensors"))[t]
+                     for t, r in runs.items()}
+        export(os.path.join(s.stage_dir, name), s)
+    s.step, s.best = s.cfg.steps, {t: r.best for t, r in runs.items()}
+    s.log({"event": "done", "best": s.best}, f"done: one prompt per task in {s.stage_dir}/best (each task's best "
+          "checkpoint: " + ", ".join(f"{t} step {b['step']}" for t, b in s.best.items()) + f") and {s.stage_dir}/final")
     return s
 
 
@@ -232,7 +253,7 @@ def open_run(cfg, ctx, inputs, diag):
     if ctx.main:
         path = os.path.join(cfg.out, "config.json")
         saved = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
-        saved[STAGES[cfg.stage].folder] = {**asdict(cfg), "world_size": ctx.world}
+        saved[STAGES[cfg.stage].folder] = {**asdict(cfg), "world_size": ctx.world, "data": inputs["data"]}
         run_checkpoints.write_json(path, saved)
         os.makedirs(stage_dir, exist_ok=True)
         run_checkpoints.remove_partial_writes(stage_dir)
@@ -459,7 +480,7 @@ def export(folder, s):
     trained) with spiece.model, prompt.safetensors (+ peft_<task>/ adapters), lora.safetensors."""
     state = fsdp.full_state_dict(s.model) if s.trains_model else None
     adapters = ({n: fsdp.full_tensor(p).detach().cpu() for n, p in s.model.named_parameters() if ".lora." in n}
-                if lora.lora_info(s.model) is not None else None)  # full tensors (a collective under FSDP)
+                if s.model is not None and lora.lora_info(s.model) else None)  # full tensors (a collective under FSDP)
     if s.ctx.main:
         if s.trains_model:
             model_lib.save_pretrained(s.model, folder, state_dict=state)
@@ -474,6 +495,10 @@ def export(folder, s):
         if adapters is not None:
             with atomic_write(os.path.join(folder, "lora.safetensors")) as tmp:
                 lora.save_lora(s.model, tmp, state_dict=adapters)
+        chosen = f"validation score at {s.cfg.shots}-shot" if os.path.basename(folder) == "best" and s.cfg.eval \
+            else "the last step"  # what evaluate.py's table says of the fine-tuned task's rows
+        run_checkpoints.write_json(os.path.join(folder, "training.json"), {"stage": s.cfg.stage, "task": s.cfg.task,
+                                   "shots": s.cfg.shots, "step": s.step, "chosen_by": chosen})
     fsdp.barrier()
 
 
@@ -481,13 +506,7 @@ def export(folder, s):
 # 3. The command line: settings (defaults = App. B.4), input checks, main
 # ---------------------------------------------------------------------------
 
-def flag(default, help, **kw):
-    return field(default=default, metadata=dict(help=help, **kw))
-
-
-# What a numeric flag accepts; None (where a flag allows it) means the stage's default, or off.
-AT_LEAST_1, AT_LEAST_0 = (lambda v: v >= 1, ">= 1"), (lambda v: 0 <= v < math.inf, "a finite number >= 0")
-RATE = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+flag, AT_LEAST_0, AT_LEAST_1, RATE = cli.flag, cli.AT_LEAST_0, cli.AT_LEAST_1, cli.RATE  # a flag, what it accepts
 
 
 @dataclass
@@ -503,7 +522,8 @@ class Config:
     batch_size: int = flag(64, "global batch size in examples, across all ranks", valid=AT_LEAST_1)
     micro_batch_size: int = flag(None, "examples per rank per forward pass [batch-size / ranks]", valid=AT_LEAST_1)
     seed: int = flag(0, "seed of the data order, prompt initialisation, dropout and demonstrations")
-    resume: bool = flag(False, "continue from the latest checkpoint of RUN/<stage>/ (same settings)")
+    resume: bool = flag(False, "continue from the latest checkpoint of RUN/<stage>/ (same settings and data)")
+    allow_data_change: bool = flag(False, "with --resume: continue although the data files changed")
     lr: float = flag(None, "constant learning rate [stage 1: 0.2 (LoRA: 1e-3); others: 1e-3]", valid=AT_LEAST_0)
     save_every: int = flag(None, "checkpoint and score every N steps [stage 1: 1000; others: 100]", valid=AT_LEAST_1)
     stage1_module: str = flag("prompt", "what stage 1 trains and stage 2 keeps: the soft prompt or LoRA (App. C.7)",
@@ -551,9 +571,9 @@ class Config:
 
 
 # Settings that may change between a run and its --resume.
-RESUMABLE_CHANGES = {"resume", "steps", "log_every", "stop_after_step", "eval_batch_size", "device", "out", "lr",
-                     "keep_checkpoints", "probe_every", "probe_tasks", "probe_shots", "probe_limit", "align_steps",
-                     "align_every", "align_batch_size", "diagnostics_strict"}
+RESUMABLE_CHANGES = {"resume", "allow_data_change", "steps", "log_every", "stop_after_step", "eval_batch_size",
+                     "device", "out", "lr", "keep_checkpoints", "probe_every", "probe_tasks", "probe_shots",
+                     "probe_limit", "align_steps", "align_every", "align_batch_size", "diagnostics_strict"}
 # Old flag -> new flag (the old one still works, with a note).
 RENAMED = {"--max-input-length": "--max-input-tokens", "--max-target-length": "--max-target-tokens"}
 
@@ -574,13 +594,7 @@ def parse_args(argv=None):
         description=("ProMoT training (Wang et al., ICLR 2024), one stage per call; defaults reproduce the "
                      "paper's App. B.4. Runs as one process or under torchrun (FSDP2). Bracketed defaults "
                      "depend on --stage. Without --model and --data-dir: the miniature lab."))
-    for f in fields(Config):
-        name, help_ = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-        else:
-            p.add_argument(name, type=f.type, required=f.name == "stage", default=None if f.name == "stage"
-                           else f.default, choices=f.metadata.get("choices"), help=help_)
+    cli.add_flags(p, Config, required=("stage",))
     args = p.parse_args(cli.renamed_flags(sys.argv[1:] if argv is None else argv, RENAMED, "promot.py"))
     if not args.model and not args.data_dir:
         # No model and no data: the miniature lab (README), so a newcomer sees ProMoT run.
@@ -617,17 +631,19 @@ def prompt_words(cfg, task):
 
 def check_inputs(cfg, ctx):
     """Everything a user can get wrong, checked up front: one clear message, nothing written."""
-    for f in fields(Config):  # ranges: each flag's `valid`
-        value, (ok, expected) = getattr(cfg, f.name), f.metadata.get("valid", (None, None))
-        if ok is not None and value is not None and not (value == value and ok(value)):
-            raise UsageError(f"--{f.name.replace('_', '-')} {value}: expected {expected}")
+    if cli.out_of_range(cfg):  # each flag's `valid` range
+        raise UsageError(cli.out_of_range(cfg))
     per_rank, rest = divmod(cfg.batch_size, ctx.world)
     if rest or per_rank % (cfg.micro_batch_size or per_rank):
         raise UsageError(f"--batch-size {cfg.batch_size} must split evenly over {ctx.world} rank(s) and then into "
                          f"micro-batches of --micro-batch-size {cfg.micro_batch_size or per_rank} examples")
     inputs = check_model_and_data(cfg)
     inputs.update(check_stage_inputs(cfg, inputs["config"], inputs["tasks"]))
-    check_run_folder(cfg, ctx)
+    inputs["data"] = {f"{t.name} {split}": data.fingerprint(x) for split in ("train", "validation")  # for --resume
+                      for t, x in zip(inputs["tasks"], inputs["train_sets" if split == "train" else "val_sets"] or ())}
+    run_checkpoints.check_run_folder(cfg.out, STAGES[cfg.stage].folder, cfg.resume, {**asdict(cfg), "world_size":
+                                     ctx.world}, RESUMABLE_CHANGES, ("model", "data_dir", "prompt", "lora"),
+                                     inputs["data"], cfg.allow_data_change)
     return inputs
 
 
@@ -650,6 +666,9 @@ def check_model_and_data(cfg):
     tasks = [data.get_task(n, cfg.data_dir) for n in task_names]
     train_sets = [data.load_split(t, cfg.data_dir, "train", limit=cfg.train_examples, seed=cfg.seed) for t in tasks]
     val_sets = [data.load_split(t, cfg.data_dir, "validation") for t in tasks] if cfg.eval else None
+    for split, sets in (("train", train_sets), ("validation", val_sets or ())):
+        for t, x in zip(tasks, sets):
+            data.check_template(t, x, split)
     return dict(config=config, tokenizer=tokenizer, tasks=tasks, train_sets=train_sets, val_sets=val_sets)
 
 
@@ -688,33 +707,6 @@ def stage1_file(cfg, given, name, what, flag):
         raise UsageError(f"--stage {cfg.stage} --stage1-module {cfg.stage1_module} needs stage-1 {what}: none at "
                          f"{path}; run --stage 1 with the same --out first, or pass {flag} FILE")
     return path
-
-
-def check_run_folder(cfg, ctx):
-    """--out: new, or a promot run without this stage, or (--resume) one with the same settings."""
-    folder = STAGES[cfg.stage].folder
-    stage_dir, run_config = os.path.join(cfg.out, folder), os.path.join(cfg.out, "config.json")
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise UsageError(f"--out {cfg.out} exists and is not a directory")
-    if os.path.isdir(cfg.out) and set(os.listdir(cfg.out)) - {".lock"} and not os.path.isfile(run_config):
-        raise UsageError(f"--out {cfg.out} is not empty and holds no promot run (no config.json); "
-                         "choose a new folder")
-    if os.path.isdir(stage_dir) and os.listdir(stage_dir) and not cfg.resume:
-        raise UsageError(f"--out {cfg.out} already holds a {folder} run ({stage_dir}); pass "
-                         "--resume to continue it, or choose a new --out (nothing was overwritten)")
-    if not (cfg.resume and os.path.isfile(run_config)):
-        return
-    with open(run_config, encoding="utf-8") as f:
-        saved = json.load(f).get(folder)
-    if saved is None:
-        return
-    diffs = run_checkpoints.settings_changes(saved, asdict(cfg), RESUMABLE_CHANGES,
-                                             paths=("model", "data_dir", "prompt", "lora"))
-    if saved.get("world_size", ctx.world) != ctx.world:
-        # each rank's RNG state (dropout) and data slice are saved per rank
-        diffs.append(f"ranks: saved {saved.get('world_size')}, now {ctx.world}")
-    if diffs:
-        raise UsageError(f"--resume: {run_config} was written by another configuration: " + "; ".join(diffs))
 
 
 def main(argv=None):

@@ -1,11 +1,46 @@
 """Command-line plumbing shared by promot.py, evaluate.py and diagnostics.py.
 
-A leaf of promot (standard library only): renamed flags that keep working with
-a note, and a one-line progress meter.
+A leaf of promot (standard library only): a dataclass of settings as flags with
+their accepted ranges, renamed flags that keep working with a note, and a
+one-line progress meter.
 """
 
+import argparse
+import dataclasses
+import math
 import sys
 import time
+
+
+def flag(default, help, **kw):
+    """A settings-dataclass field that is a flag: its default, its --help text, and optionally
+    `choices` or `valid=(test, "what it accepts")`."""
+    return dataclasses.field(default=default, metadata=dict(help=help, **kw))
+
+
+# What a numeric flag accepts (`valid=`); None, where a flag allows it, means a default or off.
+AT_LEAST_1, AT_LEAST_0 = (lambda v: v >= 1, ">= 1"), (lambda v: 0 <= v < math.inf, "a finite number >= 0")
+RATE = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def add_flags(parser, settings_class, required=()):
+    """One --flag-name per field of the dataclass `settings_class` (booleans get --no-flag-name)."""
+    for f in dataclasses.fields(settings_class):
+        name, help_ = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        else:
+            parser.add_argument(name, type=f.type, required=f.name in required, default=None if f.name in
+                                required else f.default, choices=f.metadata.get("choices"), help=help_)
+
+
+def out_of_range(settings):
+    """"--flag value: expected ..." for the first field outside its `valid` range, else None."""
+    for f in dataclasses.fields(settings):
+        value, (ok, expected) = getattr(settings, f.name), f.metadata.get("valid", (None, None))
+        if ok is not None and value is not None and not (value == value and ok(value)):
+            return f"--{f.name.replace('_', '-')} {value}: expected {expected}"
+    return None
 
 
 def renamed_flags(argv, renamed, prog):

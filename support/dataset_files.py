@@ -88,7 +88,25 @@ def parse_json_line(path, lineno: int, line: str) -> dict | None:
         raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(record, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    check_surrogates(path, lineno, line, record)
     return record
+
+
+# A high half (\\ud800-\\udbff) not followed by a low one, or a low half (\\udc00-\\udfff) not after a high one.
+_LONE_SURROGATE = re.compile(r"\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f])|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f][0-9a-f]{2}", re.I)
+
+
+def check_surrogates(path, lineno, text: str, value) -> None:
+    """JSON may escape half of a UTF-16 pair ("\\ud800") with no other half: no Unicode
+    text, and the tokenizer fails on it much later. Named here, with its line."""
+    match = _LONE_SURROGATE.search(text)  # rare: only then is the parsed value checked
+    if match:
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            lineno = lineno or text.count("\n", 0, match.start()) + 1
+            raise DataError(f"{path}:{lineno}: a lone UTF-16 surrogate ({match[0]}) in a string; "
+                            "the text is not valid Unicode") from None
 
 
 def read_json(path):
@@ -101,9 +119,11 @@ def read_json(path):
         raise DataError(f"{path}:{lineno}: not UTF-8 text "
                         f"(byte {raw[err.start]:#04x})") from None
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+    check_surrogates(path, None, text, value)
+    return value
 
 
 PYARROW_MISSING = ("reading parquet files needs the optional package pyarrow; "
@@ -750,9 +770,10 @@ def wiki_lingua_reader(data_dir, split):
 # The generic JSONL task: any data set written as input/target lines
 # --------------------------------------------------------------------------
 
-def jsonl_task_reader(name: str):
+def jsonl_task_reader(name: str, label_words=None):
     """Generic JSONL task: one {"input": ..., "target": ... | "targets": [...]} per line;
-    every other top-level string field is available to the template too."""
+    every other top-level string field is available to the template too. With
+    `label_words` (a classification task) every target must be one of them."""
     def convert(record, where, split):
         if "targets" in record:
             targets = record["targets"]
@@ -766,6 +787,10 @@ def jsonl_task_reader(name: str):
             raise DataError(f"{where}: missing field 'target' (or 'targets')")
         fields = {k: v for k, v in record.items() if k not in ("target", "targets") and isinstance(v, str)}
         get_text(record, "input", where)
+        wrong = [t for t in targets if label_words and t not in label_words]
+        if wrong:
+            raise DataError(f"{where}: target {json.dumps(wrong[0])} is not one of the task's label_words "
+                            f"({', '.join(map(json.dumps, label_words))}; see its task.json)")
         return fields, list(targets)
 
     return lambda data_dir, split: read_split(name, data_dir, split, convert)

@@ -64,7 +64,53 @@ def write_json(path, obj, indent=2):
 
 
 class CheckpointFileError(RuntimeError):
-    """A run folder's lock, checkpoint or disk that stops the run; the message says what to do."""
+    """A run folder's lock, settings, data, checkpoint or disk that stops the run; the message says what to do."""
+
+
+def check_run_folder(out, stage, resume, settings, may_change=(), paths=(), data=None, allow_data_change=False):
+    """Refuse (CheckpointFileError, one line) an `out` folder the run for `stage` must not use.
+
+    `out` may be new (its nearest existing parent writable), or a run folder (with a
+    config.json) that holds no `stage` yet, or, with `resume`, one whose recorded
+    settings for `stage` equal `settings` except `may_change` (`paths` compare as
+    resolved paths) and whose recorded data fingerprints equal `data` (a dict; a
+    changed file would continue the run on other examples), unless `allow_data_change`."""
+    stage_dir, run_config = os.path.join(out, stage), os.path.join(out, "config.json")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CheckpointFileError(f"--out {out} exists and is not a directory")
+    parent = next(p for p in _ancestors(os.path.abspath(out)) if os.path.exists(p))
+    if not os.path.isdir(parent):
+        raise CheckpointFileError(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointFileError(f"--out {out}: {parent} is not writable; choose a folder you can write to")
+    if os.path.isdir(out) and set(os.listdir(out)) - {".lock"} and not os.path.isfile(run_config):
+        raise CheckpointFileError(f"--out {out} is not empty and holds no promot run (no config.json); "
+                                  "choose a new folder")
+    if os.path.isdir(stage_dir) and os.listdir(stage_dir) and not resume:
+        raise CheckpointFileError(f"--out {out} already holds a {stage} run ({stage_dir}); pass --resume to "
+                                  "continue it, or choose a new --out (nothing was overwritten)")
+    if not (resume and os.path.isfile(run_config)):
+        return
+    with open(run_config, encoding="utf-8") as f:
+        saved = json.load(f).get(stage)
+    if saved is None:
+        return
+    diffs = settings_changes(saved, settings, may_change, paths)
+    if diffs:
+        raise CheckpointFileError(f"--resume: {run_config} was written by another configuration: " + "; ".join(diffs))
+    changed = [f"{key}: {saved['data'].get(key)} then, {now} now" for key, now in (data or {}).items()
+               if "data" in saved and saved["data"].get(key) != now]
+    if changed and not allow_data_change:
+        raise CheckpointFileError(f"--resume: the data changed since {stage} started ({'; '.join(changed)}); "
+                                  "restore it, or pass --allow-data-change to continue on the new data")
+
+
+def _ancestors(path):
+    while True:
+        yield path
+        if os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
 
 
 def lock_run_folder(folder):
@@ -132,8 +178,12 @@ def settings_changes(saved, now, may_change=(), paths=()):
     paths, so a trailing slash or a relative path is the same place."""
     def norm(key, value):
         return os.path.realpath(value) if key in paths and value else value
-    return [f"--{k.replace('_', '-')}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items()
+    return [f"{_setting_name(k)}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items()
             if k not in may_change and norm(k, saved.get(k)) != norm(k, v)]
+
+
+def _setting_name(key):  # the saved world size is how many ranks (processes) ran
+    return "ranks (torchrun --nproc-per-node)" if key == "world_size" else f"--{key.replace('_', '-')}"
 
 
 def _alive(pid):

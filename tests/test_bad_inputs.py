@@ -303,3 +303,121 @@ def test_a_bad_task_json_is_one_clear_error(tmp_path, spec, words):
     with pytest.raises(data.DataError, match="task.json: ") as raised:
         data.get_task("mytask", tmp_path)
     assert words in str(raised.value)
+
+
+def copy_data(env, folder):
+    import shutil
+    shutil.copytree(env["data"], folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("change", ["reordered", "shrunk", "one label edited"])
+def test_changed_training_data_on_resume_is_refused_unless_allowed(env, tmp_path, capsys, change):
+    data_dir, out = copy_data(env, tmp_path / "data"), tmp_path / "out"
+    argv = with_flags(train_args(env, out, steps=3), ["--data-dir", data_dir])
+    assert promot.main(argv + ["--stop-after-step", "1"]) == 0
+    train = tmp_path / "data" / "toy_tf" / "train.jsonl"
+    lines = train.read_text().splitlines(keepends=True)
+    if change == "reordered":
+        lines = lines[1:] + lines[:1]
+    elif change == "shrunk":
+        lines = lines[:-5]
+    else:
+        record = json.loads(lines[7])
+        record["target"] = "False" if record["target"] == "True" else "True"
+        lines[7] = json.dumps(record) + "\n"
+    train.write_text("".join(lines))
+    capsys.readouterr()
+    before = sorted(os.listdir(out / "stage1" / "checkpoints"))
+    assert promot.main(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    one_line_error(err, "promot.py: error: --resume: the data changed")
+    assert "toy_tf train" in err and "--allow-data-change" in err
+    assert sorted(os.listdir(out / "stage1" / "checkpoints")) == before
+    assert promot.main(argv + ["--resume", "--allow-data-change"]) == 0  # the user's call; recorded
+    saved = json.load(open(out / "config.json"))["stage1"]
+    assert saved["data"]["toy_tf train"].startswith(f"{len(lines)} examples")
+
+
+def test_resume_accepts_the_same_data_in_a_copied_or_moved_folder(env, tmp_path, capsys):
+    data_dir, out = copy_data(env, tmp_path / "data"), tmp_path / "out"
+    argv = with_flags(train_args(env, out, steps=2), ["--data-dir", data_dir])
+    assert promot.main(argv + ["--stop-after-step", "1"]) == 0
+    os.rename(tmp_path / "data", tmp_path / "moved")
+    moved = str(tmp_path / "moved") + "/"  # the same files; and a trailing slash is the same place
+    os.rename(out, tmp_path / "out2")
+    argv = with_flags(argv, ["--data-dir", moved, "--out", str(tmp_path / "out2")])
+    assert promot.main(argv + ["--resume"]) == 2  # --data-dir is a setting: named, one line
+    assert "--data-dir" in capsys.readouterr().err
+    os.rename(tmp_path / "moved", tmp_path / "data")
+    argv = with_flags(argv, ["--data-dir", data_dir])
+    assert promot.main(argv + ["--resume"]) == 0  # a moved run folder resumes
+    assert "resumed from" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_out_is_refused_before_any_work(env, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert promot.main(train_args(env, locked / "run")) == 2
+        one_line_error(capsys.readouterr().err, "promot.py: error: --out")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_an_out_below_a_file_is_refused_before_any_work(env, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("")
+    assert promot.main(train_args(env, tmp_path / "notes.txt" / "run")) == 2
+    err = capsys.readouterr().err
+    one_line_error(err, "promot.py: error: --out")
+    assert "notes.txt is a file, not a folder" in err
+
+
+def test_resume_under_another_number_of_ranks_names_the_ranks(env, tmp_path):
+    out = tmp_path / "out"
+    os.makedirs(out / "stage1")
+    (out / "stage1" / "x").write_text("")
+    cfg = promot.parse_args(train_args(env, out, "--resume"))
+    settings = {**promot.asdict(cfg), "world_size": 1}
+    json.dump({"stage1": {**settings, "world_size": 2}}, open(out / "config.json", "w"))
+    with pytest.raises(run_checkpoints.CheckpointFileError, match=r"ranks \(torchrun --nproc-per-node\): saved 2"):
+        run_checkpoints.check_run_folder(str(out), "stage1", True, settings, promot.RESUMABLE_CHANGES)
+
+
+BAD_DATA = [  # (task.json, the third line of train.jsonl, words the message must hold)
+    ({"template": "{input} answer:", "label_words": ["True", "False"], "metric": "accuracy"},
+     '{"input": "a b", "target": "Maybe"}', ['train.jsonl:3: target "Maybe" is not one of the task\'s label_words']),
+    ({"template": "{input} answer:"}, '{"input": "a \\ud800 b", "target": "True"}',
+     ["train.jsonl:3: a lone UTF-16 surrogate (\\ud800)"]),
+    ({"template": "{input} {question} answer:"}, '{"input": "a b", "target": "True"}',
+     ["no field 'question'", "train example 3"]),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_DATA)), ids=["label outside label_words", "lone surrogate",
+                                                             "template field missing"])
+def test_bad_data_is_one_line_from_data_check_and_before_promot_writes(env, tmp_path, capsys, case):
+    import data
+    spec, line, words = BAD_DATA[case]
+    task = f"bad_data_{case}"  # a name of its own: the task registry keeps a name's first task.json
+    folder = tmp_path / "data" / task
+    folder.mkdir(parents=True)
+    (folder / "task.json").write_text(json.dumps(spec))
+    good = json.dumps({"input": "a b", "question": "q", "target": "True"}) + "\n"
+    (folder / "train.jsonl").write_text(good * 2 + line + "\n")
+    (folder / "validation.jsonl").write_text(good)
+    try:
+        assert data.main(["check", "--data-dir", str(tmp_path / "data")]) == 1
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), err
+        out = tmp_path / "out"
+        argv = with_flags(train_args(env, out), ["--data-dir", str(tmp_path / "data"), "--task", task])
+        assert promot.main(argv) == 2
+        err = capsys.readouterr().err
+    finally:
+        data.TASKS.pop(task, None)  # other tests list the registry
+    one_line_error(err, "promot.py: error:")
+    assert all(w in err for w in words), err
+    assert not out.exists()

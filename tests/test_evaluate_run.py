@@ -162,6 +162,36 @@ def test_table_has_the_papers_layout(promot_run):
         "| cb (accuracy)", "| wic (accuracy)", "| trivia_qa (exact_match)", "| wmt16_ende (bleu)", "| xsum (rouge2)"]
 
 
+def test_a_plus_1_shot_run_reports_its_task_0_and_1_shot_and_says_which_chose_the_checkpoint(setup, tmp_path,
+                                                                                                  capsys):
+    """§5.3's "+1-shot" runs select best/ on 1-shot validation scores: training.json (promot's export)
+    says so, and the table shows the fine-tuned task both ways, marking the one that chose."""
+    folder = tmp_path / "best"
+    folder.mkdir()
+    (folder / "prompt.safetensors").write_bytes(setup[2].read_bytes())
+    (folder / "training.json").write_text(json.dumps({"stage": "1", "task": "rte", "shots": 1, "step": 3,
+                                                      "chosen_by": "validation score at 1-shot"}))
+    argv = common_args(setup, tmp_path / "r.json", "--prompt", str(folder / "prompt.safetensors"))
+    assert evaluate.main(with_flag(argv, "--eval-tasks", "cb")) == 0
+    results = json.loads((tmp_path / "r.json").read_text())
+    tuned = [(r["shots"], r["chose_checkpoint"], r["prompt"]) for r in results["runs"] if r["role"] == "fine-tuned"]
+    assert tuned == [(0, False, True), (1, True, True)]
+    table = capsys.readouterr().out
+    assert "| Fine-tuning rte (0-shot, accuracy) |" in table
+    assert "| Fine-tuning rte (1-shot, accuracy; chose the checkpoint) |" in table
+    cb = {r["shots"]: r["score"] for r in results["runs"] if r["task"] == "cb"}
+    assert results["norm_avg"]["1"] == evaluate.normalized_average([cb[1]])  # the fine-tuned rows stay out
+    assert evaluate.main(with_flag(argv, "--eval-tasks", "cb") + ["--task-shots", "0"]) == 0
+    assert [r["shots"] for r in json.loads((tmp_path / "r.json").read_text())["runs"] if r["role"] == "fine-tuned"] \
+        == [0]
+
+
+def with_flag(argv, flag, value):
+    argv = list(argv)
+    argv[argv.index(flag) + 1] = value
+    return argv
+
+
 def test_progress_line_reports_examples_per_second_and_eta(promot_run):
     _, _, _, stderr, _ = promot_run
     assert "cb 1-shot: 5/5 examples," in stderr and "examples/s, ETA" in stderr

@@ -128,15 +128,41 @@ def test_finetune_baseline_has_no_prompt(env):
     assert (out / "finetune" / "best" / "model.safetensors").exists()  # --no-eval: best = last
 
 
-def test_multitask_stage1_learns_one_prompt_per_task(env):
+def test_multitask_stage1_tunes_each_prompt_apart_with_its_own_best_checkpoint(env):
+    """§5.4: "a soft prompt for each task": each prompt is tuned on its own task's data, as if alone,
+    keeps its own best checkpoint, and stage 2 reads them all from one file."""
     out = env["root"] / "run_multi"
-    run = train(args(env, out, "1", "--no-eval", "--shots", "1", task="toy_tf,toy_copy", steps=2, save_every=2))
-    saved = load_file(str(out / "stage1" / "final" / "prompt.safetensors"))
+    flags = ("--shots", "1", "--eval-examples", "4", "--num-beams", "1", "--max-new-tokens", "3")
+    train(args(env, out, "1", *flags, task="toy_tf,toy_copy", steps=4, save_every=2))
+    saved = load_file(str(out / "stage1" / "best" / "prompt.safetensors"))
     assert sorted(saved) == ["prompt.toy_copy", "prompt.toy_tf"]
-    assert not torch.equal(saved["prompt.toy_tf"], saved["prompt.toy_copy"])
+    for name in ("toy_tf", "toy_copy"):
+        alone = train(args(env, env["root"] / f"run_alone_{name}", "1", *flags, task=name, steps=4, save_every=2))
+        each = json.load(open(out / "stage1" / "tasks" / name / "stage1" / "best.json"))
+        assert (each["step"], each["scores"]) == (alone.best["step"], alone.best["scores"])
+        assert torch.equal(saved[f"prompt.{name}"], load_file(
+            str(env["root"] / f"run_alone_{name}" / "stage1" / "best" / "prompt.safetensors"))[f"prompt.{name}"])
+    final = load_file(str(out / "stage1" / "final" / "prompt.safetensors"))
+    assert not torch.equal(final["prompt.toy_tf"], final["prompt.toy_copy"])
+    training = json.load(open(out / "stage1" / "best" / "training.json"))
+    assert (training["shots"], training["chosen_by"]) == (1, "validation score at 1-shot")
     run2 = train(args(env, out, "2", "--no-eval", task="toy_tf,toy_copy", steps=1, save_every=1))
     for name in ("toy_tf", "toy_copy"):
         assert torch.equal(run2.prompts[name].detach(), saved[f"prompt.{name}"])
+
+
+def test_multitask_stage1_stopped_in_its_second_task_resumes_there(env):
+    out, common = env["root"] / "run_multi_cut", ("--no-eval", "--task", "toy_tf,toy_copy")
+    straight = env["root"] / "run_multi_straight"
+    train(args(env, straight, "1", *common, steps=2, save_every=1))
+    assert promot.main(args(env, out, "1", *common, "--stop-after-step", "1", steps=2, save_every=1)) == 0
+    assert promot.main(args(env, out, "1", *common, "--resume", "--stop-after-step", "1", steps=2, save_every=1)) == 0
+    assert (out / "stage1" / "tasks" / "toy_copy" / "stage1" / "checkpoints").is_dir()  # the first one is done
+    assert not (out / "stage1" / "final").exists()
+    assert promot.main(args(env, out, "1", *common, "--resume", steps=2, save_every=1)) == 0
+    a = load_file(str(straight / "stage1" / "final" / "prompt.safetensors"))
+    b = load_file(str(out / "stage1" / "final" / "prompt.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_prompt_init_from_vocabulary_and_text(env):
