@@ -39,7 +39,7 @@ from typing import Callable
 import sentencepiece
 import torch
 
-from support import dataset_files
+from support import cli, dataset_files
 from support.dataset_files import DataError
 
 
@@ -894,10 +894,10 @@ def check_task(task: Task, root: Path) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=cli.HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     show = commands.add_parser("show", help="print the exact inputs/targets the model sees",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               formatter_class=cli.HelpFormatter)
     show.add_argument("--task", required=True, help="task name (see `check`) or a generic task folder")
     show.add_argument("--data-dir", required=True, help="folder holding one sub-folder per task")
     show.add_argument("--split", default=None, help="split to show (default: the task's evaluation split)")
@@ -911,7 +911,7 @@ def main(argv=None) -> int:
     show.add_argument("--truncation", choices=TRUNCATIONS, default="fair",
                       help="fair: trim every text to a fair share, all demonstrations kept; end: T5X's end cut")
     check = commands.add_parser("check", help="print split sizes beside Table 8; exit 1 if a file cannot be read",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     check.add_argument("--data-dir", required=True, help="folder holding one sub-folder per task")
     args = parser.parse_args(argv)
     try:

@@ -556,7 +556,7 @@ RENAMED = {"--fine-tuned-tasks": "--task", "--prompt-tasks": "--task", "--tasks"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="evaluate.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="evaluate.py", formatter_class=cli.HelpFormatter,
         description="Score a (ProMoT-)fine-tuned T5/mT5 on the paper's tasks and print its table "
                     "(README: Evaluation). Without --model and --data-dir: the miniature lab.")
     p.add_argument("--model", default=None,
@@ -648,16 +648,13 @@ def _numbers(text, flag):
 def training_record(args):
     """training.json (promot.py's export: stage, task, shots, how best/ was chosen) beside the
     checkpoint, the prompt or the LoRA file; {} for a checkpoint promot did not write."""
-    for folder in (args.model, os.path.dirname(args.prompt or ""), os.path.dirname(args.lora or "")):
-        path = os.path.join(folder, "training.json")
-        if folder and os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    record = json.load(f)
-            except (OSError, ValueError) as err:
-                raise EvaluationError(f"{path}: not readable JSON ({err}); delete it or pass --task-shots") from None
-            return record if isinstance(record, dict) else {}
-    return {}
+    folders = [f for f in (args.model, os.path.dirname(args.prompt or ""), os.path.dirname(args.lora or "")) if f]
+    path = next((p for p in (os.path.join(f, "training.json") for f in folders) if os.path.isfile(p)), None)
+    try:
+        record = json.load(open(path, encoding="utf-8")) if path else {}
+    except (OSError, ValueError) as err:
+        raise EvaluationError(f"{path}: not readable JSON ({err}); delete it or pass --task-shots") from None
+    return record if isinstance(record, dict) else {}
 
 
 def load(args, device):
@@ -697,12 +694,17 @@ def run(args):
     say = (lambda m: print(m, file=sys.stderr)) if ctx.main else (lambda m: None)
     runs = []
     plan = [(name, "fine-tuned", task_shots) for name in fine_tuned] + [(name, "evaluation", shots) for name in tasks]
+    loaded = []  # every split read and checked before any scoring
     for name, role, shot_list in plan:
         task = data.get_task(name, args.data_dir)
         split, examples = data.load_eval_split(task, args.data_dir, warn=say)
-        examples = examples[: args.eval_examples]
         pool = (data.load_split(task, args.data_dir, task.demo_split, limit=args.train_examples, seed=args.seed)
                 if any(shot_list) else None)
+        if pool is not None and len(pool) < max(shot_list):
+            raise EvaluationError(f"task {task.name}: --shots {max(shot_list)} needs as many demonstrations but "
+                                  f"its {task.demo_split} split has {len(pool)} examples")
+        loaded.append((task, role, shot_list, split, examples[: args.eval_examples], pool))
+    for task, role, shot_list, split, examples, pool in loaded:
         prompt = route_prompt(task, prompts, args.route)
         # LoRA adapters follow the same rule as the prompt: one function decides both
         use_lora = args.lora is not None and route_prompt(task, dict.fromkeys(fine_tuned, True), args.route)

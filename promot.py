@@ -590,7 +590,7 @@ class UsageError(Exception):
 def parse_args(argv=None):
     """Command line -> Config. Every field is a flag; None defaults come from the stage's row of STAGES."""
     p = argparse.ArgumentParser(
-        prog="promot.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="promot.py", formatter_class=cli.HelpFormatter,
         description=("ProMoT training (Wang et al., ICLR 2024), one stage per call; defaults reproduce the "
                      "paper's App. B.4. Runs as one process or under torchrun (FSDP2). Bracketed defaults "
                      "depend on --stage. Without --model and --data-dir: the miniature lab."))

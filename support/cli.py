@@ -12,6 +12,12 @@ import sys
 import time
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except None: the flag's help says what None means."""
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def flag(default, help, **kw):
     """A settings-dataclass field that is a flag: its default, its --help text, and optionally
     `choices` or `valid=(test, "what it accepts")`."""
