@@ -618,7 +618,8 @@ def _task_list(text, data_dir):
 
 def check_args(args):
     """(shots, evaluation tasks, baseline results): the flags checked before any work."""
-    shots, task_shots = _numbers(args.shots, "--shots"), _numbers(args.task_shots or "0", "--task-shots")
+    shots = cli.numbers(args.shots, "--shots", EvaluationError)
+    task_shots = cli.numbers(args.task_shots or "0", "--task-shots", EvaluationError)
     for flag in ("eval_examples", "num_beams", "max_new_tokens", "eval_batch_size", "train_examples",
                  "max_input_tokens"):
         value = getattr(args, flag)
@@ -639,12 +640,6 @@ def check_args(args):
     return shots, task_shots, tasks, baseline
 
 
-def _numbers(text, flag):
-    if not all(part.strip().isdigit() for part in text.split(",")):
-        raise EvaluationError(f"{flag} {text!r}: expected comma-separated numbers like 1,4")
-    return [int(part) for part in text.split(",")]
-
-
 def training_record(args):
     """training.json (promot.py's export: stage, task, shots, how best/ was chosen) beside the
     checkpoint, the prompt or the LoRA file; {} for a checkpoint promot did not write."""
@@ -653,8 +648,11 @@ def training_record(args):
     try:
         record = json.load(open(path, encoding="utf-8")) if path else {}
     except (OSError, ValueError) as err:
-        raise EvaluationError(f"{path}: not readable JSON ({err}); delete it or pass --task-shots") from None
-    return record if isinstance(record, dict) else {}
+        raise EvaluationError(f"{path}: not readable JSON ({err}); delete it to evaluate without it") from None
+    if not isinstance(record, dict) or not isinstance(record.get("shots", 0), int) or record.get("shots", 0) < 0:
+        raise EvaluationError(f"{path}: expected promot.py's training.json, an object with \"shots\" a number >= 0 "
+                              "(delete it to evaluate without it)")
+    return record
 
 
 def load(args, device):

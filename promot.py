@@ -205,6 +205,7 @@ def tune_prompts_apart(s):
     data and keeps its own best checkpoint, in a run folder of its own (RUN/stage1/tasks/<task>/); then
     RUN/stage1/best/ and final/ hold all of them, in the one prompt file stage 2 reads."""
     runs = {}
+    s.log(line=f"stage1: one prompt-tuning run per task (§5.4), each in {s.stage_dir}/tasks/<task>/")
     for task in s.inputs["tasks"]:
         runs[task.name] = train(replace(s.cfg, task=task.name, out=os.path.join(s.stage_dir, "tasks", task.name)))
         if runs[task.name].step < s.cfg.steps:

@@ -40,6 +40,13 @@ def add_flags(parser, settings_class, required=()):
                                 required else f.default, choices=f.metadata.get("choices"), help=help_)
 
 
+def numbers(text, flag, error=ValueError):
+    """The integers >= 0 of a comma-separated flag value ("1,4"); else `error(one line)`."""
+    if not all(part.strip().isdigit() for part in text.split(",")):
+        raise error(f"{flag} {text!r}: expected comma-separated numbers like 1,4")
+    return [int(part) for part in text.split(",")]
+
+
 def out_of_range(settings):
     """"--flag value: expected ..." for the first field outside its `valid` range, else None."""
     for f in dataclasses.fields(settings):

@@ -186,6 +186,19 @@ def test_a_plus_1_shot_run_reports_its_task_0_and_1_shot_and_says_which_chose_th
         == [0]
 
 
+@pytest.mark.parametrize("content", ['{"shots": "1"', '{"shots": "1"}', '{"shots": -1}'])
+def test_a_damaged_training_json_is_one_line_before_any_scoring(setup, tmp_path, capsys, content):
+    folder = tmp_path / "best"
+    folder.mkdir()
+    (folder / "prompt.safetensors").write_bytes(setup[2].read_bytes())
+    (folder / "training.json").write_text(content)
+    argv = common_args(setup, tmp_path / "r.json", "--prompt", str(folder / "prompt.safetensors"))
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {folder / 'training.json'}: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "r.json").exists()
+
+
 def with_flag(argv, flag, value):
     argv = list(argv)
     argv[argv.index(flag) + 1] = value
