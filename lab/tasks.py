@@ -10,9 +10,9 @@ metrics, promot.py's two stages) runs on them unchanged:
   lab_owns       RTE             true_false           accuracy     True / False      (the fine-tuning task)
   lab_both       WiC             true_false           accuracy     True / False      (is a word in a list)
   lab_lives      CB              true_false_neither   accuracy     True / False / Neither
-  lab_kind       OpenbookQA      choice_letter        accuracy     A / B / C / D
-  lab_who        TriviaQA        short_answer         exact_match  a name
-  lab_where      WebQuestions    short_answer         exact_match  a city
+  lab_kind       OpenbookQA      choice_letter        accuracy     A / B / C / D     (the option that is an animal)
+  lab_who        TriviaQA        short_answer         exact_match  a name            (who has the animal, of two facts)
+  lab_where      WebQuestions    short_answer         exact_match  a city            (where X lives, of two facts)
   lab_zorbish    WMT en-de       translation_zorbish  bleu         word-for-word made-up language
   lab_backwards  WMT en-ro       translation_backwards bleu        the words in reverse order
   lab_news       XSum            summary              rouge2       the marked sentence
@@ -139,34 +139,47 @@ def gen_lives(rng):
     return {"premise": f"{person} lives in {home}.", "hypothesis": f"{who} lives in {city}."}, [label]
 
 
-def gen_kind(rng):
-    """OpenbookQA-like: a fact, a question about it, four options of the same kind."""
-    person = rng.choice(NAMES)
-    noun, members = rng.choice((("animal", ANIMALS), ("thing", THINGS), ("color", COLORS)))
-    options = rng.sample(members, 4)
-    asked = rng.randrange(4)
-    return ({"question": f"{person} likes the {options[asked]}. Which {noun} does {person} like?",
-             **{f"option_{l}": o for l, o in zip("abcd", options)}}, ["ABCD"[asked]])
-
-
 def _a(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
+# The multiple choice and the two short answers are read off the input, never
+# memorised, and in one step: the answer is the one word of the input that
+# stands in a fixed relation to a fixed marker (the option that is an animal,
+# the name before "has", the city after "lives in"). The first version of this
+# suite asked the model to match a word of the question against the context and
+# copy that word's neighbour (who has the dog? -> the name before "dog"), a
+# two-step lookup the 1.3M-parameter model had not learned after 39 minutes
+# (chance scores, issue 16); trained alone, the one-step versions below are
+# learned after a plateau of 600-900 steps, and a multiple choice that asks for
+# a varying kind of word (a color, a city ...) was still at chance after 1200.
+
+def gen_kind(rng):
+    """OpenbookQA-like: which of these is an animal? One option is, the three others are colors,
+    cities or things."""
+    options = [rng.choice(ANIMALS)] + rng.sample(COLORS + CITIES + THINGS, 3)
+    order = rng.sample(range(4), 4)
+    return ({"question": "Which of these is an animal?",
+             **{f"option_{l}": options[k] for l, k in zip("abcd", order)}}, ["ABCD"[order.index(0)]])
+
+
 def gen_who(rng):
-    """TriviaQA-like short answer: who has the X? (two facts inside the question)."""
+    """TriviaQA-like short answer: two facts in the question, one with "has"; who has the animal?"""
     people, animals = rng.sample(NAMES, 2), rng.sample(ANIMALS, 2)
-    person, animal = rng.choice(list(zip(people, animals)))
-    context = _sentence_list(f"{p} has {_a(a)}" for p, a in zip(people, animals))
-    return {"question": f"{context} Who has the {animal}?"}, [person]
+    facts = [(people[0], "has", animals[0]), (people[1], rng.choice(("sees", "wants")), animals[1])]
+    rng.shuffle(facts)
+    context = _sentence_list(f"{p} {v} {_a(a)}" for p, v, a in facts)
+    return {"question": f"{context} Who has the {animals[0]}?"}, [people[0]]
 
 
 def gen_where(rng):
-    """WebQuestions-like short answer: where does X live? (two facts inside the question)."""
-    facts = list(zip(rng.sample(NAMES, 2), rng.sample(CITIES, 2)))
-    person, city = rng.choice(facts)
-    context = _sentence_list(f"{p} lives in {c}" for p, c in facts)
-    return {"question": f"{context} Where does {person} live?"}, [city]
+    """WebQuestions-like short answer: one person lives in a city, another works in another; where
+    does the first live?"""
+    people, cities = rng.sample(NAMES, 2), rng.sample(CITIES, 2)
+    facts = [(people[0], "lives", cities[0]), (people[1], "works", cities[1])]
+    rng.shuffle(facts)
+    context = _sentence_list(f"{p} {v} in {c}" for p, v, c in facts)
+    return {"question": f"{context} Where does {people[0]} live?"}, [cities[0]]
 
 
 def _simple_sentence(rng):

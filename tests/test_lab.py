@@ -65,6 +65,23 @@ def test_answers_are_the_label_words_and_true_false_only_where_the_format_says()
             assert not answers & {"True", "False"}, name
 
 
+def test_lookup_answers_are_read_off_the_input():
+    """The multiple choice and the short answers need no memorised fact (issue 16): the answer
+    is the one word of the input in a fixed relation to a fixed marker, and there are distractors."""
+    for ex in lab_tasks.generate("lab_kind", "train", 300):
+        options = [ex.fields[f"option_{l}"] for l in "abcd"]
+        assert [o in lab_tasks.ANIMALS for o in options].count(True) == 1
+        assert options["ABCD".index(ex.targets[0])] in lab_tasks.ANIMALS
+    for name, kind, cue in (("lab_who", lab_tasks.NAMES, " has "), ("lab_where", lab_tasks.CITIES, "lives in ")):
+        for ex in lab_tasks.generate(name, "train", 300):
+            question = ex.fields["question"]
+            words = question.replace(".", " ").replace("?", " ").split()
+            candidates = [w for w in words[:-4] if w in kind]  # the two facts, not the question
+            assert len(candidates) == 2 and ex.targets[0] in candidates, question
+            sentence = next(s for s in question.split(". ") if ex.targets[0] in s)
+            assert cue in sentence, question
+
+
 def test_registered_task_and_written_jsonl_task_give_the_same_model_inputs(tmp_path):
     """promot.py / evaluate.py read the written files; tests and make_tiny_t5 use the registry."""
     lab_tasks.write_suite(tmp_path, sizes={"train": 40, "validation": 10, "test": 10})
@@ -102,17 +119,13 @@ def bundled():
 
 
 # Scores (0-100) the bundled model must reach on 64 test examples, greedy, from the
-# template alone (0-shot) and with one demonstration, far above lab_tasks.CHANCE (50 for
-# True/False, 33 for True/False/Neither, 0 for the open formats). Measured with the
-# committed checkpoint (0-shot / 1-shot): lab_owns 84.4 / 67.2, lab_both 79.7 / 64.1,
-# lab_lives 85.9 / 85.9, the three generation tasks 100 / 100.
-REQUIRED_0_SHOT = {"lab_owns": 70, "lab_both": 70, "lab_lives": 65,
-                   "lab_zorbish": 80, "lab_backwards": 80, "lab_news": 80}
-REQUIRED_1_SHOT = {"lab_lives": 65, "lab_zorbish": 80, "lab_backwards": 80, "lab_news": 80}
-# Not learned by the 39-minute pretraining (lab/tiny-t5/pretraining.json): the multiple
-# choice (it answers "B" to everything: 18.8) and the two short-answer lookups (it answers a
-# name, a city, from the question, but the wrong one half of the time: 53.1, 53.1, chance 50).
-NOT_YET_LEARNED = ("lab_kind", "lab_who", "lab_where")
+# template alone (0-shot) and with one demonstration: at least lab_tasks.CHANCE + 30 for
+# the classification and short-answer tasks (issue 16), 90 for the generation tasks.
+# Measured with the committed checkpoint (0-shot / 1-shot): lab_owns 90.6 / 95.3,
+# lab_both 90.6 / 92.2, lab_lives 85.9 / 89.1, the three lookups and the three generation
+# tasks 100 / 100.
+REQUIRED = {"lab_owns": 85, "lab_both": 85, "lab_lives": 75, "lab_kind": 90, "lab_who": 90,
+            "lab_where": 90, "lab_zorbish": 90, "lab_backwards": 90, "lab_news": 90}
 
 
 def score_bundled(bundled, name, shots=1, n=64):
@@ -122,13 +135,13 @@ def score_bundled(bundled, name, shots=1, n=64):
                                max_new_tokens=32, batch_size=32)
 
 
-@pytest.mark.parametrize("shots,name", [(0, n) for n in sorted(REQUIRED_0_SHOT)] +
-                         [(1, n) for n in sorted(REQUIRED_1_SHOT)])
-def test_bundled_model_does_the_learned_tasks_from_template_and_demonstration(bundled, shots, name):
-    required = (REQUIRED_0_SHOT if shots == 0 else REQUIRED_1_SHOT)[name]
+@pytest.mark.parametrize("shots", (0, 1))
+@pytest.mark.parametrize("name", lab_tasks.TASK_NAMES)
+def test_bundled_model_does_every_task_from_template_and_demonstration(bundled, shots, name):
+    required = REQUIRED[name]
+    assert required >= lab_tasks.CHANCE[name] + 30
     result = score_bundled(bundled, name, shots=shots)
-    assert result["score"] >= required >= lab_tasks.CHANCE[name] + 20, \
-        [(r["input"][-80:], r["raw_output"]) for r in result["examples"][:3]]
+    assert result["score"] >= required, [(r["input"][-80:], r["raw_output"]) for r in result["examples"][:3]]
 
 
 @pytest.mark.parametrize("name", [n for n in lab_tasks.TASK_NAMES if data.get_task(n).label_words])
@@ -140,14 +153,6 @@ def test_bundled_model_answers_classification_tasks_with_their_label_words(bundl
         [r["raw_output"] for r in result["examples"][:5]]
 
 
-@pytest.mark.xfail(reason="multiple choice and short-answer lookups not learned by the bundled checkpoint's "
-                          "39-minute pretraining", strict=False)
-@pytest.mark.parametrize("name", NOT_YET_LEARNED)
-def test_bundled_model_scores_far_above_chance_on_the_remaining_lookup_tasks(bundled, name):
-    result = score_bundled(bundled, name, shots=0)
-    assert result["score"] >= lab_tasks.CHANCE[name] + 25
-
-
 # --------------------------------------------------------------------------
 # The pretraining script
 # --------------------------------------------------------------------------
@@ -155,8 +160,10 @@ def test_bundled_model_scores_far_above_chance_on_the_remaining_lookup_tasks(bun
 def test_pretraining_batches_mix_tasks_and_give_demonstrations_only_when_asked(monkeypatch):
     from lab import make_tiny_t5 as make
     assert make.SEQUENCE_TASKS == {"lab_zorbish", "lab_backwards", "lab_news"}
+    assert make.LOOKUP_TASKS == {"lab_kind", "lab_who", "lab_where"}
     pools = {n: lab_tasks.generate(n, "train", 50) for n in lab_tasks.TASK_NAMES}
-    mixture = data.Mixture(pools, rates={n: 0.5 if n in make.SEQUENCE_TASKS else 1.0 for n in pools})
+    mixture = data.Mixture(pools, rates={n: 0.5 if n in make.SEQUENCE_TASKS else 2.0 if n in make.LOOKUP_TASKS
+                                         else 1.0 for n in pools})
     asked = []  # (task of the example, number of demonstrations it gets)
     choose = data.choose_demonstrations
 
@@ -174,7 +181,12 @@ def test_pretraining_batches_mix_tasks_and_give_demonstrations_only_when_asked(m
         targets = {data.make_target(data.get_task(name), e) for e in pools[name]}
         assert all(y in targets and x.endswith("<extra_id_0>") for x, y in rows), name
     counts = {n: sum(1 for m, _ in asked if m == n) for n in pools}
-    assert all(counts[n] < counts["lab_owns"] for n in make.SEQUENCE_TASKS)  # drawn at half rate
+    plain = sum(counts[n] for n in ("lab_owns", "lab_both", "lab_lives"))  # rate 1
+    assert sum(counts[n] for n in make.SEQUENCE_TASKS) < 0.75 * plain  # drawn at half rate (expected 0.5)
+    assert sum(counts[n] for n in make.LOOKUP_TASKS) > 1.5 * plain  # and at twice the rate (expected 2)
+    # --fine-tuning-task-rate 0 (the bundled checkpoint's second run) leaves lab_owns out
+    no_owns = data.Mixture(pools, rates={n: 0.0 if n == lab_tasks.FINE_TUNING_TASK else 1.0 for n in pools})
+    assert lab_tasks.FINE_TUNING_TASK not in make.batch_groups(no_owns, pools, rng, 256, max_shots=0)
     asked.clear()
     make.batch_groups(mixture, pools, rng, 256, max_shots=4)
     assert {k for _, k in asked} == {0, 1, 2, 3, 4}
@@ -228,3 +240,14 @@ def test_lab_run_quick_goes_through_stage_1_stage_2_finetune_and_evaluate_and_wr
     # they score exactly as the pretrained model does (paper §4, prompt routing).
     for name in lab_run.OTHER_FORMAT_TASKS:
         assert table["prompt_tuning"][name] == table["pretrained"][name]
+
+
+def test_lab_table_shows_the_fine_tuned_task_0_shot_when_a_plus_1_shot_run_also_scored_it_1_shot():
+    """evaluate.py scores a +1-shot run's task 0- and 1-shot (training.json); the lab's row is 0-shot."""
+    from lab import run as lab_run
+    runs = [{"task": "lab_owns", "role": "fine-tuned", "shots": 0, "score": 70.0},
+            {"task": "lab_owns", "role": "fine-tuned", "shots": 1, "score": 90.0}]
+    runs += [{"task": t, "role": "evaluation", "shots": 1, "score": 50.0, "format_ratio": 0.0}
+             for t in lab_run.EVALUATION_TASKS]
+    table = lab_run.summarize({"promot_1shot": {"runs": runs, "norm_avg": {"1": 50.0}}})
+    assert table["promot_1shot"]["lab_owns"] == 70.0
