@@ -610,6 +610,13 @@ def fit_input(task: Task, query: Example, demonstrations, tokenizer: Tokenizer, 
         share -= fitted - max_tokens
 
 
+def check_pool(task: Task, pool, shots: int) -> None:
+    """A DataError unless `pool` holds the `shots` demonstrations a k-shot input needs."""
+    if shots and len(pool) < shots:
+        raise DataError(f"task {task.name}: {shots}-shot inputs need {shots} demonstrations but the "
+                        f"demonstration pool has {len(pool)} examples (fewer --shots, or more --train-examples)")
+
+
 def kshot_inputs(task: Task, queries, pool, shots: int, seed=0, tokenizer: Tokenizer | None = None,
                  max_input_tokens: int | None = None, stats: TruncationStats | None = None,
                  warn=None, truncation: str = "fair") -> list[tuple[str, list[str]]]:
@@ -620,9 +627,7 @@ def kshot_inputs(task: Task, queries, pool, shots: int, seed=0, tokenizer: Token
     tokens that removed is printed through `warn` (stderr by default) and added to `stats`.
     """
     task = get_task(task)
-    if shots and len(pool) < shots:
-        raise DataError(f"task {task.name}: {shots}-shot inputs need {shots} demonstrations but the "
-                        f"demonstration pool has {len(pool)} examples (fewer --shots, or more --train-examples)")
+    check_pool(task, pool, shots)
     max_tokens = input_budget(task, max_input_tokens)
     stats = stats if stats is not None else TruncationStats()
     before = stats.trimmed

@@ -33,7 +33,7 @@ from rouge_score import rouge_scorer
 
 import data
 import model as model_lib
-from support import cli, fsdp, lora, run_checkpoints
+from support import cli, dataset_files, fsdp, lora, run_checkpoints
 
 
 # ---------------------------------------------------------------------------------------
@@ -645,10 +645,7 @@ def training_record(args):
     checkpoint, the prompt or the LoRA file; {} for a checkpoint promot did not write."""
     folders = [f for f in (args.model, os.path.dirname(args.prompt or ""), os.path.dirname(args.lora or "")) if f]
     path = next((p for p in (os.path.join(f, "training.json") for f in folders) if os.path.isfile(p)), None)
-    try:
-        record = json.load(open(path, encoding="utf-8")) if path else {}
-    except (OSError, ValueError) as err:
-        raise EvaluationError(f"{path}: not readable JSON ({err}); delete it to evaluate without it") from None
+    record = dataset_files.read_json(path) if path else {}  # bad JSON: a DataError naming the line
     if not isinstance(record, dict) or not isinstance(record.get("shots", 0), int) or record.get("shots", 0) < 0:
         raise EvaluationError(f"{path}: expected promot.py's training.json, an object with \"shots\" a number >= 0 "
                               "(delete it to evaluate without it)")
@@ -698,9 +695,7 @@ def run(args):
         split, examples = data.load_eval_split(task, args.data_dir, warn=say)
         pool = (data.load_split(task, args.data_dir, task.demo_split, limit=args.train_examples, seed=args.seed)
                 if any(shot_list) else None)
-        if pool is not None and len(pool) < max(shot_list):
-            raise EvaluationError(f"task {task.name}: --shots {max(shot_list)} needs as many demonstrations but "
-                                  f"its {task.demo_split} split has {len(pool)} examples")
+        data.check_pool(task, pool, max(shot_list) if pool is not None else 0)
         loaded.append((task, role, shot_list, split, examples[: args.eval_examples], pool))
     for task, role, shot_list, split, examples, pool in loaded:
         prompt = route_prompt(task, prompts, args.route)

@@ -632,8 +632,8 @@ def prompt_words(cfg, task):
 
 def check_inputs(cfg, ctx):
     """Everything a user can get wrong, checked up front: one clear message, nothing written."""
-    if cli.out_of_range(cfg):  # each flag's `valid` range
-        raise UsageError(cli.out_of_range(cfg))
+    if problem := cli.out_of_range(cfg):  # each flag's `valid` range
+        raise UsageError(problem)
     per_rank, rest = divmod(cfg.batch_size, ctx.world)
     if rest or per_rank % (cfg.micro_batch_size or per_rank):
         raise UsageError(f"--batch-size {cfg.batch_size} must split evenly over {ctx.world} rank(s) and then into "

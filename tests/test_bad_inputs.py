@@ -117,7 +117,7 @@ def test_evaluate_refuses_bad_inputs_in_one_line_before_writing(env, tmp_path, c
         (["--eval-tasks", "", "--task", ""], "nothing to score"),
         (["--eval-tasks", "../toy_copy"], "not a path"),
         (["--prompt", str(nan_prompt)], "NaN"),
-        (["--shots", "1000"], "--shots 1000 needs as many demonstrations"),  # before toy_tf is scored
+        (["--shots", "1000"], "1000-shot inputs need 1000 demonstrations"),  # before toy_tf is scored
     ]
     for flags, words in cases:
         out = tmp_path / "r.json"
