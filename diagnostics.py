@@ -14,16 +14,17 @@ Why fine-tuning forgets, measured three ways:
 
 This file is separate from promot.py (which trains) and evaluate.py (which
 scores) because it is read on its own: it is the paper's §3 in code. The
-trainer calls `TrainingDiagnostics` (built from its flags by `from_flags`);
-`python diagnostics.py plot RUN_DIR` draws the figures; `python diagnostics.py
-align` measures the gradient alignment of any checkpoint.
+trainer adds the `TrainingFlags` to its command line and calls the hook that
+`training_hook` returns after every step; `python diagnostics.py plot RUN_DIR`
+draws the figures; `python diagnostics.py align` measures the gradient
+alignment of any checkpoint.
 
 Records go to RUN_DIR/diagnostics.jsonl, one JSON object per line:
-  {"kind": "probe", "stage", "step", "task", "shots", "score", "metric", "format_ratio", "num_examples"}
+  {"kind": "probe", "stage", "step", "task", "shots", "score", "metric", "format_ratio",
+   "num_examples"}
   {"kind": "alignment", "stage", "step", "task", "layer", "cosines": {group: cos}}
 """
 
-import argparse
 import contextlib
 import csv
 import json
@@ -31,19 +32,17 @@ import math
 import os
 import sys
 import traceback
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+import checks
 import data
 import evaluate
 import model as model_lib
-from support import cli, dataset_files, lora, run_checkpoints
-
-
-class DiagnosticsError(ValueError):
-    """A probe task, run folder or flag the user can fix; the message says which."""
-
+from support import cli, dataset_files, lora, prompt_formats, run_checkpoints, t5x_loss
+from support.errors import BadInput, DamagedFile
 
 # ----------------------------------------------------------------------------
 # Gradient alignment (paper §3.3, Fig. 3 and Fig. 7)
@@ -73,9 +72,10 @@ def batch_gradients(t5, batch, prompt=None, label_smoothing=0.0):
     world = dist.get_world_size() if dist.is_initialized() else 1
     t5.zero_grad(set_to_none=True)
     labels = batch["labels"]
-    logits = t5(batch["input_ids"], batch["attention_mask"], model_lib.shift_right(labels),
-                prompt=None if prompt is None else prompt.detach())
-    loss_sum, count = model_lib.cross_entropy(logits, labels, label_smoothing)
+    prompt = None if prompt is None else prompt.detach()
+    decoder_input = model_lib.shift_right(labels)
+    logits = t5(batch["input_ids"], batch["attention_mask"], decoder_input, prompt=prompt)
+    loss_sum, count = t5x_loss.cross_entropy(logits, labels, label_smoothing)
     total = count.double()
     if world > 1:
         dist.all_reduce(total)
@@ -106,28 +106,42 @@ def cosine_similarities(g, h, groups):
     sums = torch.stack(sums)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sums)
-    return {group: (float(d / math.sqrt(a * b)) if a > 0 and b > 0 else float("nan"))
-            for group, (d, a, b) in zip(groups, sums.tolist())}
+    return {
+        group: (float(d / math.sqrt(a * b)) if a > 0 and b > 0 else float("nan"))
+        for group, (d, a, b) in zip(groups, sums.tolist())
+    }
 
 
 def alignment_batches(task, examples, tokenizer, batch_size, seed, device="cpu"):
     """This rank's slice of (a batch of the task, the same inputs with labels shuffled)."""
     task = data.get_task(task)
     if task.label_words is None:
-        raise DiagnosticsError(f"task {task.name}: label shuffling needs a classification task "
-                               "(one with label words, e.g. rte, cb, wic, snli)")
+        raise BadInput(
+            f"task {task.name}: label shuffling needs a classification task "
+            "(one with label words, e.g. rte, cb, wic, snli)"
+        )
     if len(examples) < batch_size:
-        raise DiagnosticsError(f"task {task.name}: {len(examples)} examples, fewer than --align-batch-size {batch_size}")
-    generator = torch.Generator().manual_seed(seed)
-    chosen = [examples[i] for i in torch.randperm(len(examples), generator=generator)[:batch_size].tolist()]
+        raise BadInput(
+            f"task {task.name}: {len(examples)} examples, "
+            f"fewer than --align-batch-size {batch_size}"
+        )
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
+    chosen = [examples[i] for i in order[:batch_size].tolist()]
     shuffled = data.shuffle_labels(chosen, seed)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if batch_size % world:
-        raise DiagnosticsError(f"--align-batch-size {batch_size} must be divisible by the {world} ranks")
+        raise BadInput(f"--align-batch-size {batch_size} must be divisible by the {world} ranks")
     part = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
-    return [data.encode_batch(tokenizer, data.training_pairs(task, xs)[part], max_input_tokens=1024,
-                              max_target_tokens=256, device=device)
-            for xs in (chosen, shuffled)]
+    return [
+        data.encode_batch(
+            tokenizer,
+            data.training_pairs(task, xs)[part],
+            max_input_tokens=1024,
+            max_target_tokens=256,
+            device=device,
+        )
+        for xs in (chosen, shuffled)
+    ]
 
 
 def gradient_alignment(t5, batch, shuffled_batch, prompt=None, layer=-1, label_smoothing=0.0):
@@ -141,13 +155,48 @@ def gradient_alignment(t5, batch, shuffled_batch, prompt=None, layer=-1, label_s
     finally:
         t5.train(was_training)
     if not g:
-        raise DiagnosticsError("gradient alignment needs trainable model weights (stage 2 or fine-tuning, "
-                               "not prompt tuning)")
+        raise BadInput(
+            "gradient alignment needs trainable model weights (stage 2 or fine-tuning, "
+            "not prompt tuning)"
+        )
     return cosine_similarities(g, h, alignment_groups(t5, layer))
 
 
 # ----------------------------------------------------------------------------
 # During training: probes and alignment at chosen steps
+
+flag, AT_LEAST_0, AT_LEAST_1 = cli.flag, cli.AT_LEAST_0, cli.AT_LEAST_1
+
+
+@dataclass
+class TrainingFlags:
+    """promot.py's diagnostics flags (docs/diagnostics.md); all off by default."""
+
+    probe_every: int = flag(0, "probe at step 0 and every N steps (0: off)", valid=AT_LEAST_0)
+    probe_tasks: str = flag("", "comma-separated unseen tasks the probes score")
+    probe_shots: str = flag("1", "comma-separated demonstration counts of the probes")
+    probe_limit: int = flag(100, "examples scored per probe task", valid=AT_LEAST_1)
+    align_steps: str = flag("", "comma-separated steps at which to record the gradient alignment")
+    align_every: int = flag(0, "record the alignment every N steps (0: off)", valid=AT_LEAST_0)
+    align_batch_size: int = flag(32, "examples in the gradient-alignment batch", valid=AT_LEAST_1)
+    diagnostics_strict: bool = flag(False, "stop the run when a probe fails instead of logging it")
+
+
+def training_hook(flags, cfg, tasks, tokenizer, stage):
+    """`on_step(step, model, prompts, unshard)` measuring what the TrainingFlags ask for, or None
+    when they ask for nothing. promot calls it at step 0 before training and after every
+    optimizer step; it decides itself what is due. `cfg` gives the run's out, data_dir, seed,
+    num_beams and stage; `stage` names the records' stage (the stage's folder)."""
+    checks.check_training_flags(flags, cfg.stage, len(tasks))
+    probes = flags.probe_every and comma_separated(flags.probe_tasks)
+    if not (probes or comma_separated(flags.align_steps) or flags.align_every):
+        return None
+    args = (cfg.out, stage, tokenizer, cfg.data_dir, tasks[0], cfg.seed, cfg.num_beams)
+    return TrainingDiagnostics(flags, *args).run
+
+
+def comma_separated(text):
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 class TrainingDiagnostics:
@@ -156,47 +205,39 @@ class TrainingDiagnostics:
     Probes and alignment run with the RNG state saved and restored, dropout
     off, and gradients cleared afterwards, so a run with diagnostics ends with
     the same weights as one without. A failing probe is logged and training
-    goes on, unless `strict`.
+    goes on, unless --diagnostics-strict.
     """
 
-    def __init__(self, out_dir, stage, tokenizer, data_dir, finetune_task, probe_tasks=(), probe_every=0,
-                 probe_shots=(1,), probe_limit=100, align_steps=(), align_every=0, align_batch_size=32,
-                 align_layer=-1, seed=0, num_beams=1, strict=False):
+    align_layer = -1  # the decoder layer of the per-kind groups: the last, as in the paper
+
+    def __init__(
+        self, flags, out_dir, stage, tokenizer, data_dir, finetune_task, seed=0, num_beams=1
+    ):
         self.path = os.path.join(out_dir, "diagnostics.jsonl")
-        self.stage, self.tokenizer, self.strict = stage, tokenizer, strict
+        self.stage, self.tokenizer, self.strict = stage, tokenizer, flags.diagnostics_strict
         self.finetune_task = data.get_task(finetune_task, data_dir)
-        self.probe_every, self.probe_shots, self.num_beams = probe_every, tuple(probe_shots), num_beams
-        self.align_steps, self.align_every, self.align_layer = set(align_steps), align_every, align_layer
-        self.seed = seed
         self.label_words = self.finetune_task.label_words or ()
-        self.probe_sets = {}
-        for name in probe_tasks:
-            try:
-                task = data.get_task(name, data_dir)
-                _, examples = data.load_eval_split(task, data_dir)
-                pool = data.load_split(task, data_dir, task.demo_split) if max(self.probe_shots) else examples
-            except data.DataError as e:
-                raise DiagnosticsError(f"--probe-tasks {name}: not available in {data_dir} ({e})") from None
-            self.probe_sets[task.name] = (examples[:probe_limit], pool)
+        self.probe_every, self.align_every = flags.probe_every, flags.align_every
+        self.probe_shots = tuple(int(shots) for shots in comma_separated(flags.probe_shots))
+        self.align_steps = {int(step) for step in comma_separated(flags.align_steps)}
+        self.seed, self.num_beams = seed, num_beams
+        self.probe_sets = dict(
+            probe_set(name, data_dir, self.probe_shots, flags.probe_limit)
+            for name in comma_separated(flags.probe_tasks)
+        )
         self.align_data = None
         if self.align_steps or self.align_every:
-            try:
-                train = data.load_split(self.finetune_task, data_dir, "train")
-            except data.DataError as e:
-                raise DiagnosticsError(f"gradient alignment: {e}") from None
-            if self.finetune_task.label_words is None:
-                raise DiagnosticsError(f"--align-steps: {self.finetune_task.name} is not a classification "
-                                       "task; label shuffling needs label words")
-            self.align_data = (train, align_batch_size)
+            train = alignment_examples(self.finetune_task, data_dir)
+            self.align_data = (train, flags.align_batch_size)
 
     def due(self, step):
         probe = bool(self.probe_sets) and self.probe_every > 0 and step % self.probe_every == 0
-        align = self.align_data is not None and (step in self.align_steps
-                                                 or (self.align_every > 0 and step % self.align_every == 0))
+        every = self.align_every > 0 and step % self.align_every == 0
+        align = self.align_data is not None and (step in self.align_steps or every)
         return probe, align
 
-    def run(self, step, t5, prompts=None, gathered=contextlib.nullcontext):
-        """Measure at `step` if due. `gathered` is the trainer's context that holds full
+    def run(self, step, t5, prompts=None, unshard=contextlib.nullcontext):
+        """Measure at `step` if due. `unshard` is the trainer's context that holds full
         weights on every rank (decoding lengths differ across ranks under FSDP)."""
         probe, align = self.due(step)
         if not (probe or align):
@@ -206,7 +247,7 @@ class TrainingDiagnostics:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             try:
                 if probe:
-                    with gathered(t5):
+                    with unshard(t5):
                         records += self.probe(step, t5, prompts or {})
                 if align:
                     records.append(self.align(step, t5, prompts or {}, device))
@@ -214,97 +255,121 @@ class TrainingDiagnostics:
                 if self.strict:
                     raise
                 message = f"diagnostics at step {step} failed: {type(e).__name__}: {e}"
-                records.append({"kind": "error", "stage": self.stage, "step": step, "error": message})
-                print(message + " (training continues; --diagnostics-strict to stop instead)", flush=True)
+                records.append(
+                    {"kind": "error", "stage": self.stage, "step": step, "error": message}
+                )
+                print(
+                    message + " (training continues; --diagnostics-strict to stop instead)",
+                    flush=True,
+                )
                 traceback.print_exc(limit=3)
         self.write(records)
         return records
 
     def probe(self, step, t5, prompts):
         try:
-            return self._probe(step, t5, prompts)
+            return [
+                record
+                for name in self.probe_sets
+                for record in self._probe(step, t5, prompts, name)
+            ]
         finally:
             lora.set_lora_enabled(t5, True)  # training goes on with its adapters, whatever happened
 
-    def _probe(self, step, t5, prompts):
-        records = []
+    def _probe(self, step, t5, prompts, name):
+        """One probe task at each of the probe shot counts."""
+        examples, pool = self.probe_sets[name]
         distributed = dist.is_initialized() and dist.get_world_size() > 1
-        for name, (examples, pool) in self.probe_sets.items():
-            # LoRA adapters, like the prompt, only for the fine-tuned task's format (paper §4)
-            lora.set_lora_enabled(t5, evaluate.same_format(name, self.finetune_task))
-            for shots in self.probe_shots:
-                result = evaluate.score_task(
-                    t5, self.tokenizer, name, examples, pool=pool, shots=shots,
-                    prompt=evaluate.route_prompt(name, prompts), num_beams=self.num_beams, seed=self.seed,
-                    brevity_penalty="t5x", length_penalty=0.6,  # the paper's decoding, as evaluate.py's default
-                    format_label_words=self.label_words or None, distributed=distributed)
-                records.append({"kind": "probe", "stage": self.stage, "step": step, "task": name, "shots": shots,
-                                "metric": result["metric"], "score": result["score"],
-                                "format_ratio": result.get("format_ratio"), "num_examples": result["num_examples"]})
-                print(f"probe step {step}: {name} {shots}-shot {result['metric']} {result['score']:.2f}"
-                      + (f", {'/'.join(self.label_words)} ratio {result['format_ratio']:.1f}%"
-                         if self.label_words else ""), flush=True)
+        # LoRA adapters, like the prompt, only for the fine-tuned task's format (paper §4)
+        lora.set_lora_enabled(t5, evaluate.same_format(name, self.finetune_task))
+        records = []
+        for shots in self.probe_shots:
+            result = evaluate.score_task(
+                t5,
+                self.tokenizer,
+                name,
+                examples,
+                pool=pool,
+                shots=shots,
+                prompt=evaluate.route_prompt(name, prompts),
+                num_beams=self.num_beams,  # the paper's length rule: evaluate.generate's default
+                seed=self.seed,
+                format_label_words=self.label_words or None,
+                distributed=distributed,
+            )
+            record = dict(kind="probe", stage=self.stage, step=step, task=name, shots=shots)
+            record.update(
+                {k: result.get(k) for k in ("metric", "score", "format_ratio", "num_examples")}
+            )
+            records.append(record)
+            line = (
+                f"probe step {step}: {name} {shots}-shot {result['metric']} {result['score']:.2f}"
+            )
+            if self.label_words:
+                line += f", {'/'.join(self.label_words)} ratio {result['format_ratio']:.1f}%"
+            print(line, flush=True)
         return records
 
     def align(self, step, t5, prompts, device):
         train, batch_size = self.align_data
-        batch, shuffled = alignment_batches(self.finetune_task, train, self.tokenizer, batch_size,
-                                            self.seed, device=device)
+        batch, shuffled = alignment_batches(
+            self.finetune_task, train, self.tokenizer, batch_size, self.seed, device=device
+        )
         prompt = evaluate.route_prompt(self.finetune_task.name, prompts)
         cosines = gradient_alignment(t5, batch, shuffled, prompt, self.align_layer)
-        print(f"gradient alignment step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in cosines.items()), flush=True)
-        return {"kind": "alignment", "stage": self.stage, "step": step, "task": self.finetune_task.name,
-                "layer": self.align_layer, "cosines": cosines}
+        line = ", ".join(f"{k} {v:.3f}" for k, v in cosines.items())
+        print(f"gradient alignment step {step}: {line}", flush=True)
+        task, layer = self.finetune_task.name, self.align_layer
+        return dict(
+            kind="alignment", stage=self.stage, step=step, task=task, layer=layer, cosines=cosines
+        )
 
     def write(self, records):
         if records and (not dist.is_initialized() or dist.get_rank() == 0):
             with open(self.path, "a", encoding="utf-8") as f:
-                for r in records:
-                    f.write(json.dumps(r) + "\n")
+                f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-def from_flags(cfg, tasks, tokenizer, stage):
-    """TrainingDiagnostics for promot.py's --probe-* / --align-* flags (on `cfg`), or None."""
-    def numbers(text, flag):
-        try:
-            return [int(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise DiagnosticsError(f"--{flag} {text!r}: expected comma-separated integers") from None
-    probe_tasks = [t.strip() for t in cfg.probe_tasks.split(",") if t.strip()]
-    align_steps = numbers(cfg.align_steps, "align-steps")
-    if not ((cfg.probe_every and probe_tasks) or align_steps or cfg.align_every):
-        if cfg.probe_every and not probe_tasks:
-            raise DiagnosticsError("--probe-every needs --probe-tasks (comma-separated unseen tasks)")
-        return None
-    if (align_steps or cfg.align_every) and cfg.stage == "1":
-        raise DiagnosticsError("--align-steps/--align-every measure the model's gradient; stage 1 trains only the prompt")
-    if (align_steps or cfg.align_every) and len(tasks) > 1:
-        raise DiagnosticsError("--align-steps/--align-every need a single --task (its labels are shuffled)")
-    return TrainingDiagnostics(
-        cfg.out, stage, tokenizer, cfg.data_dir, tasks[0].name, probe_tasks=probe_tasks,
-        probe_every=cfg.probe_every, probe_shots=numbers(cfg.probe_shots, "probe-shots"),
-        probe_limit=cfg.probe_limit, align_steps=align_steps, align_every=cfg.align_every,
-        align_batch_size=cfg.align_batch_size, seed=cfg.seed, num_beams=cfg.num_beams,
-        strict=cfg.diagnostics_strict)
+def probe_set(name, data_dir, shots, limit):
+    """(task name, (its first `limit` evaluation examples, its demonstration pool))."""
+    try:
+        task = data.register_tasks([name], data_dir)[0]  # scored and routed by name
+        _, examples = data.load_eval_split(task, data_dir)
+        pool = data.load_split(task, data_dir, task.demo_split) if max(shots) else examples
+    except (BadInput, DamagedFile) as e:
+        raise type(e)(f"--probe-tasks {name}: not available in {data_dir} ({e})") from None
+    return task.name, (examples[:limit], pool)
+
+
+def alignment_examples(task, data_dir):
+    """The fine-tuned task's training examples, whose labels the alignment shuffles."""
+    try:
+        train = data.load_split(task, data_dir, "train")
+    except (BadInput, DamagedFile) as e:
+        raise type(e)(f"gradient alignment: {e}") from None
+    if task.label_words is None:
+        raise BadInput(
+            f"--align-steps: {task.name} is not a classification task; "
+            "label shuffling needs label words"
+        )
+    return train
 
 
 # ----------------------------------------------------------------------------
 # Figures
 
 
-def read_jsonl(path):
-    return [record for _, record in dataset_files.read_jsonl(path)]
-
-
 def run_records(run_dir):
     """(diagnostics records, checkpoint evaluations from log.jsonl) of one run folder."""
-    path = os.path.join(run_dir, "diagnostics.jsonl")
+    path, log = os.path.join(run_dir, "diagnostics.jsonl"), os.path.join(run_dir, "log.jsonl")
     if not os.path.isfile(path):
-        raise DiagnosticsError(f"{run_dir}: no diagnostics.jsonl; train with --probe-every N --probe-tasks ... "
-                               "or --align-steps ... to record diagnostics")
-    log = os.path.join(run_dir, "log.jsonl")
-    evals = [r for r in read_jsonl(log) if r.get("event") == "eval"] if os.path.isfile(log) else []
-    return read_jsonl(path), evals
+        raise BadInput(
+            f"{run_dir}: no diagnostics.jsonl; train with --probe-every N --probe-tasks ... "
+            "or --align-steps ... to record diagnostics"
+        )
+    evals = [r for _, r in dataset_files.read_jsonl(log)] if os.path.isfile(log) else []
+    records = [r for _, r in dataset_files.read_jsonl(path)]
+    return records, [e for e in evals if e.get("event") == "eval"]
 
 
 def tables(run_dirs):
@@ -315,151 +380,216 @@ def tables(run_dirs):
         records, evals = run_records(run_dir)
         probes = [r for r in records if r["kind"] == "probe"]
         for r in probes:
-            curves.append({"run": run, "stage": r["stage"], "step": r["step"], "task": r["task"],
-                           "shots": r["shots"], "score": r["score"], "format_ratio": r.get("format_ratio")})
+            keys = ("stage", "step", "task", "shots", "score")
+            curves.append(
+                {"run": run, **{k: r[k] for k in keys}, "format_ratio": r.get("format_ratio")}
+            )
         for r in records:
             if r["kind"] == "alignment":
-                for group, cos in r["cosines"].items():
-                    alignment.append({"run": run, "stage": r["stage"], "step": r["step"], "group": group,
-                                      "cosine": cos})
+                at = dict(run=run, stage=r["stage"], step=r["step"])
+                alignment += [dict(at, group=g, cosine=cos) for g, cos in r["cosines"].items()]
         for e in evals:  # one point per scored checkpoint that also has probes at its step
-            unseen = [p["score"] for p in probes if p["step"] == e["step"] and p["stage"] == e["stage"]]
+            at = (e["step"], e["stage"])
+            unseen = [p["score"] for p in probes if (p["step"], p["stage"]) == at]
             if unseen:
-                tradeoff.append({"run": run, "stage": e["stage"], "step": e["step"], "finetuned_score": e["score"],
-                                 "unseen_average": sum(unseen) / len(unseen)})
+                point = dict(run=run, stage=e["stage"], step=e["step"], finetuned_score=e["score"])
+                tradeoff.append({**point, "unseen_average": sum(unseen) / len(unseen)})
     return {"in_context": curves, "alignment": alignment, "tradeoff": tradeoff}
 
 
 def write_csv(rows, path):
-    with run_checkpoints.atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+    with (
+        run_checkpoints.atomic_write(path) as tmp,
+        open(tmp, "w", newline="", encoding="utf-8") as f,
+    ):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    return path
 
 
 def plot(run_dirs, out_dir):
-    """Writes the CSV tables (always) and the PNG figures (with matplotlib) into out_dir."""
+    """Writes the CSV tables (always) and the PNG figures (with matplotlib) into out_dir;
+    returns the paths written."""
     rows = tables(run_dirs)
     if not any(rows.values()):
-        raise DiagnosticsError(f"{', '.join(run_dirs)}: the diagnostics hold no probe or alignment records")
+        raise BadInput(f"{', '.join(run_dirs)}: the diagnostics hold no probe or alignment records")
     os.makedirs(out_dir, exist_ok=True)
-    written = []
-    for name, table in rows.items():
-        if table:
-            write_csv(table, os.path.join(out_dir, f"{name}.csv"))
-            written.append(os.path.join(out_dir, f"{name}.csv"))
+    written = [write_csv(t, os.path.join(out_dir, f"{n}.csv")) for n, t in rows.items() if t]
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: wrote the CSV tables only (pip install matplotlib for the figures)")
+        print("matplotlib is not installed: wrote the CSV tables only (pip install matplotlib)")
         return written
-
-    def save(fig, name):
-        path = os.path.join(out_dir, name)
+    figures = {
+        **in_context_figures(plt, rows["in_context"]),
+        **alignment_figure(plt, rows["alignment"]),
+        **tradeoff_figure(plt, rows["tradeoff"]),
+    }
+    for name, fig in figures.items():
+        written.append(os.path.join(out_dir, name))
         fig.tight_layout()
-        with run_checkpoints.atomic_write(path) as tmp:
+        with run_checkpoints.atomic_write(written[-1]) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
-        written.append(path)
-
-    curves = rows["in_context"]
-    if curves:
-        keys = sorted({(r["task"], r["shots"]) for r in curves})
-        for value, label, name in (("score", "score", "in_context.png"),
-                                   ("format_ratio", "format ratio (%)", "format_ratio.png")):
-            if value == "format_ratio" and all(r["format_ratio"] is None for r in curves):
-                continue
-            fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-            for ax, (task, shots) in zip(axes[0], keys):
-                for run in sorted({(r["run"], r["stage"]) for r in curves}):
-                    pts = sorted((r["step"], r[value]) for r in curves
-                                 if (r["run"], r["stage"]) == run and (r["task"], r["shots"]) == (task, shots))
-                    if pts:
-                        ax.plot(*zip(*pts), marker="o", label=f"{run[0]} ({run[1]})")
-                ax.set_title(f"{task}, {shots}-shot")
-                ax.set_xlabel("fine-tuning step")
-                ax.set_ylabel(label)
-            axes[0][0].legend(fontsize=7)
-            save(fig, name)
-    if rows["alignment"]:
-        groups = list(dict.fromkeys(r["group"] for r in rows["alignment"]))
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        series = sorted({(r["run"], r["stage"], r["step"]) for r in rows["alignment"]})
-        width = 0.8 / len(series)
-        for i, key in enumerate(series):
-            cos = {r["group"]: r["cosine"] for r in rows["alignment"] if (r["run"], r["stage"], r["step"]) == key}
-            ax.bar([j + i * width for j in range(len(groups))], [cos.get(g, float("nan")) for g in groups],
-                   width, label=f"{key[0]} ({key[1]}) step {key[2]}")
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, rotation=30, fontsize=8)
-        ax.set_ylabel("cos(g, g_format)")
-        ax.legend(fontsize=7)
-        save(fig, "alignment.png")
-    if rows["tradeoff"]:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for run in sorted({(r["run"], r["stage"]) for r in rows["tradeoff"]}):
-            pts = sorted((r["finetuned_score"], r["unseen_average"], r["step"]) for r in rows["tradeoff"]
-                         if (r["run"], r["stage"]) == run)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="", label=f"{run[0]} ({run[1]})")
-        ax.set_xlabel("fine-tuned task score (validation)")
-        ax.set_ylabel("average unseen-task score")
-        ax.legend(fontsize=7)
-        save(fig, "tradeoff.png")
     return written
+
+
+def in_context_figures(plt, curves):
+    """Fig. 1 and 2: the probes' score and format ratio against the fine-tuning step, one panel
+    per (task, shots), one line per run."""
+    figures = {}
+    keys = sorted({(r["task"], r["shots"]) for r in curves})
+    runs = sorted({(r["run"], r["stage"]) for r in curves})
+    for value, label, name in (
+        ("score", "score", "in_context.png"),
+        ("format_ratio", "format ratio (%)", "format_ratio.png"),
+    ):
+        if not curves or all(r[value] is None for r in curves):
+            continue
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            for run in runs:
+                mine = [r for r in curves if (r["run"], r["stage"]) == run]
+                points = [(r["step"], r[value]) for r in mine if (r["task"], r["shots"]) == key]
+                if points:
+                    ax.plot(*zip(*sorted(points)), marker="o", label=f"{run[0]} ({run[1]})")
+            ax.set(title=f"{key[0]}, {key[1]}-shot", xlabel="fine-tuning step", ylabel=label)
+        axes[0][0].legend(fontsize=7)
+        figures[name] = fig
+    return figures
+
+
+def alignment_figure(plt, rows):
+    """Fig. 3 and 7: cos(g, g_format) per parameter group, one bar per (run, stage, step)."""
+    if not rows:
+        return {}
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    series = sorted({(r["run"], r["stage"], r["step"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(series)
+    for i, key in enumerate(series):
+        cos = {r["group"]: r["cosine"] for r in rows if (r["run"], r["stage"], r["step"]) == key}
+        x = [j + i * width for j in range(len(groups))]
+        label = f"{key[0]} ({key[1]}) step {key[2]}"
+        ax.bar(x, [cos.get(g, float("nan")) for g in groups], width, label=label)
+    ax.set_xticks(
+        [j + 0.4 - width / 2 for j in range(len(groups))], groups, rotation=30, fontsize=8
+    )
+    ax.set_ylabel("cos(g, g_format)")
+    ax.legend(fontsize=7)
+    return {"alignment.png": fig}
+
+
+def tradeoff_figure(plt, rows):
+    """Fig. 5 and 6: fine-tuned task score against the average unseen-task score."""
+    if not rows:
+        return {}
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for run in sorted({(r["run"], r["stage"]) for r in rows}):
+        mine = [r for r in rows if (r["run"], r["stage"]) == run]
+        x, y = zip(*sorted((r["finetuned_score"], r["unseen_average"]) for r in mine))
+        ax.plot(x, y, marker="o", linestyle="", label=f"{run[0]} ({run[1]})")
+    ax.set(xlabel="fine-tuned task score (validation)", ylabel="average unseen-task score")
+    ax.legend(fontsize=7)
+    return {"tradeoff.png": fig}
 
 
 # ----------------------------------------------------------------------------
 # Command line
 
 
+@dataclass
+class AlignSettings:
+    """`diagnostics.py align`: gradient alignment of one checkpoint."""
+
+    model: str = flag("", "checkpoint folder (Hugging Face layout, with spiece.model)")
+    task: str = flag("", "classification task whose labels are shuffled, e.g. rte")
+    data_dir: str = flag("", "folder with one sub-folder per task")
+    prompt: str = flag("", "prompt.safetensors to prepend (stage-2 models)")
+    align_batch_size: int = flag(32, "examples in the gradient-alignment batch", valid=AT_LEAST_1)
+    layer: int = flag(
+        -1, "decoder layer of the per-kind groups, counted from 0 (negative: from the end)"
+    )
+    seed: int = flag(0, "seed of the chosen examples and the label permutation")
+    device: str = flag(
+        "auto",
+        "where to compute; auto: cuda when available, else cpu",
+        choices=("auto", "cpu", "cuda"),
+    )
+    dtype: str = flag("float32", "compute dtype", choices=("float32", "bfloat16"))
+    out: str = flag("", "also write the cosines to this JSON file")
+
+
+@dataclass
+class PlotSettings:
+    """`diagnostics.py plot`: figures and tables of recorded runs."""
+
+    out: str = flag(
+        "", "folder for the figures and tables [RUN_DIR/figures; several runs: ./figures]"
+    )
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="The paper's format-specialization diagnostics.")
+    """Command line -> argparse namespace with `command` ("plot" or "align") and its settings."""
+    ap = cli.Parser(prog="diagnostics.py", description="The paper's §3 diagnostics.")
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("plot", help="draw the figures (PNG) and tables (CSV) of recorded runs")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding diagnostics.jsonl")
-    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/figures, or ./figures for several runs)")
-    a = sub.add_parser("align", help="gradient alignment cos(g, g_format) of one checkpoint (Fig. 3)")
-    a.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, spiece.model)")
-    a.add_argument("--task", required=True, help="classification task whose labels are shuffled, e.g. rte")
-    a.add_argument("--data-dir", required=True, help="folder with the task's files (see README, Data sets)")
-    a.add_argument("--prompt", default=None, help="prompt.safetensors to prepend (stage-2 models)")
-    a.add_argument("--align-batch-size", type=int, default=32, help="examples in the batch (default: 32)")
-    a.add_argument("--layer", type=int, default=-1, help="decoder layer of the per-kind groups (default: -1, the last)")
-    a.add_argument("--seed", type=int, default=0, help="which examples and which label permutation (default: 0)")
-    a.add_argument("--out", default=None, help="also write the cosines to this JSON file")
-    renamed = {"--batch-size": "--align-batch-size"}  # promot.py's name for the same setting
-    return ap.parse_args(cli.renamed_flags(sys.argv[1:] if argv is None else argv, renamed, "diagnostics.py"))
+    kw = dict(formatter_class=cli.HelpFormatter)
+    p = sub.add_parser("plot", help="draw the figures and tables of recorded runs", **kw)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders with diagnostics.jsonl")
+    cli.add_flags(p, PlotSettings)
+    a = sub.add_parser("align", help="gradient alignment cos(g, g_format) of one checkpoint", **kw)
+    cli.add_flags(a, AlignSettings, required=("model", "task", "data_dir"))
+    return ap.parse_args(argv)
+
+
+def align_command(args):
+    """Prints (and with --out saves) cos(g, g_format) of one checkpoint (Fig. 3)."""
+    args = AlignSettings(**{k: v for k, v in vars(args).items() if k != "command"})
+    if problem := cli.out_of_range(args):
+        raise BadInput(problem)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda: this machine has no CUDA GPU; use --device cpu")
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    t5 = model_lib.load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=device)
+    tokenizer = data.Tokenizer(os.path.join(args.model, "spiece.model"))
+    task = data.register_tasks([args.task], args.data_dir)[0]
+    train = data.load_split(task, args.data_dir, "train")
+    size = args.align_batch_size
+    batch, shuffled = alignment_batches(task, train, tokenizer, size, args.seed, device)
+    prompt = None
+    if args.prompt:
+        prompts = prompt_formats.read_prompts(args.prompt, t5.config.d_model, [args.task])
+        prompt = evaluate.route_prompt(args.task, prompts, "always").to(device)
+    cosines = gradient_alignment(t5, batch, shuffled, prompt, args.layer)
+    print(f"cos(g, g_format) on {size} {args.task} examples, decoder layer {args.layer}:")
+    for group, cos in cosines.items():
+        print(f"  {group:14s} {cos:+.4f}")
+    if args.out:
+        saved = dict(model=args.model, task=args.task, layer=args.layer, batch_size=size)
+        run_checkpoints.write_json(
+            args.out, {**saved, "seed": args.seed, "cosines": cosines}, indent=1
+        )
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        if args.command == "plot":
-            out = args.out or (os.path.join(args.runs[0], "figures") if len(args.runs) == 1 else "figures")
+        args = parse_args(argv)
+        if args.command == "align":
+            align_command(args)
+        else:
+            several = len(args.runs) > 1
+            out = args.out or ("figures" if several else os.path.join(args.runs[0], "figures"))
             for path in plot(args.runs, out):
                 print(f"wrote {path}")
-            return 0
-        t5 = model_lib.load_pretrained(args.model)
-        tokenizer = data.Tokenizer(os.path.join(args.model, "spiece.model"))
-        train = data.load_split(data.get_task(args.task, args.data_dir), args.data_dir, "train")
-        batch, shuffled = alignment_batches(args.task, train, tokenizer, args.align_batch_size, args.seed)
-        prompt = None
-        if args.prompt:
-            prompts = model_lib.read_prompts(args.prompt, t5.config.d_model, [args.task])
-            prompt = evaluate.route_prompt(args.task, prompts, "always")
-        cosines = gradient_alignment(t5, batch, shuffled, prompt, args.layer)
-        print(f"cos(g, g_format) on {args.align_batch_size} {args.task} examples, decoder layer {args.layer}:")
-        for group, cos in cosines.items():
-            print(f"  {group:14s} {cos:+.4f}")
-        if args.out:
-            run_checkpoints.write_json(args.out, {"model": args.model, "task": args.task, "layer": args.layer,
-                                                  "batch_size": args.align_batch_size, "seed": args.seed,
-                                                  "cosines": cosines}, indent=1)
-        return 0
-    except (DiagnosticsError, data.DataError, model_lib.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (BadInput, DamagedFile) as e:
+        print(f"diagnostics.py: {e}", file=sys.stderr)
         return 2
+    return 0
 
 
 if __name__ == "__main__":

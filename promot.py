@@ -7,31 +7,32 @@ Run it:
 
 Read it top to bottom: 1. the method (`STAGES`, `init_prompt`, `train_step`);
 2. `train`, one stage from named steps; 3. the command line (`Config`: the
-paper's App. B.4 defaults, the input checks, `main`). The network is in
-model.py, tasks in data.py, decoding and metrics in evaluate.py; Adafactor,
-FSDP2, run-folder checkpoints and LoRA are plumbing in support/.
+paper's App. B.4 defaults, `main`). The network is in model.py, tasks in data.py,
+decoding and metrics in evaluate.py, the paper's §3 measurements in diagnostics.py
+(one hook called after each step), the input checks in checks.py; Adafactor, FSDP2,
+run-folder checkpoints and LoRA are plumbing in support/.
 """
 
-import argparse
 import datetime
 import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.distributed as dist
 
+import checks
 import data
 import diagnostics
 import evaluate
 import model as model_lib
-from support import cli, fsdp, lora, prompt_formats, run_checkpoints
-from support.adafactor import Adafactor  # noqa: F401  (promot.Adafactor: the public name)
+from support import cli, fsdp, lora, prompt_formats, run_checkpoints, t5x_loss
+from support.adafactor import Adafactor
+from support.errors import BadInput, DamagedFile
 from support.run_checkpoints import atomic_write
 
 # ---------------------------------------------------------------------------
@@ -42,17 +43,19 @@ from support.run_checkpoints import atomic_write
 @dataclass(frozen=True)
 class Stage:
     """One way to train: what learns, where the soft prompt comes from, the paper's defaults."""
-    folder: str            # RUN/<folder>/ holds its checkpoints, best/ and final/
-    prompt: str            # "new": initialised by --prompt-init; "stage1": stage 1's best, read; "": none
+
+    folder: str  # RUN/<folder>/ holds its checkpoints, best/ and final/
+    prompt: str  # "new": made by --prompt-init; "stage1": stage 1's best, read; "": none
     trains_prompt: bool
     trains_model: bool
-    lr: float              # App. B.4: 0.2 for a prompt alone (prompt tuning's rate), 1e-3 for the model
+    lr: float  # App. B.4: 0.2 for a prompt alone (prompt tuning's rate), 1e-3 for the model
     label_smoothing: float
-    weight_decay: float    # None = none; stage 1 follows T5X's prompt-tuning config
+    weight_decay: float  # None = none; stage 1 follows T5X's prompt-tuning config
     steps: int
     save_every: int
 
 
+# fmt: off
 STAGES = {  # folder          prompt    trains: prompt  model   lr    smooth  decay  steps  save
     "1":             Stage("stage1",        "new",    True,  False, 0.2,  0.0,  1e-5, 5000, 1000),
     "2":             Stage("stage2",        "stage1", False, True,  1e-3, 0.1,  None, 1000, 100),
@@ -60,18 +63,26 @@ STAGES = {  # folder          prompt    trains: prompt  model   lr    smooth  de
     "joint":         Stage("joint",         "new",    True,  True,  1e-3, 0.1,  None, 1000, 100),
     "random-prompt": Stage("random-prompt", "new",    False, True,  1e-3, 0.1,  None, 1000, 100),
 }
+# fmt: on
 # 1 = ProMoT stage 1 and the "prompt tuning" baseline; 2 = ProMoT stage 2; finetune = standard
 # fine-tuning; joint and random-prompt are Table 6's ablations. The other variants are flags on
 # these rows: "+1-shot" (§5.3) is --shots 1, multi-task (Table 5) is --task a,b (one prompt per
 # task), and --stage1-module lora (App. C.7) puts LoRA adapters where the prompt would be.
 
 
-def what_trains(cfg):
-    """(prompt source, trains prompt, trains model, trains adapters) for this run."""
+def what_trains(cfg, adapters=(None, None)):
+    """(prompt source, trains prompt, trains model, the LoRA adapters) of this run.
+
+    With --stage1-module lora the adapters take the prompt's place: there is no prompt, and
+    the adapters train where the table says the prompt does (stage 1 trains fresh ones,
+    stage 2 keeps stage 1's frozen and applied). `adapters`: (tensors or None, settings)."""
     stage = STAGES[cfg.stage]
-    if cfg.stage1_module == "lora":  # stage 1 trains the adapters, stage 2 keeps them frozen and applied
-        return "", False, stage.trains_model, stage.trains_prompt
-    return stage.prompt, stage.trains_prompt, stage.trains_model, False
+    if cfg.stage1_module == "prompt":
+        return stage.prompt, stage.trains_prompt, stage.trains_model, lora.Adapters()
+    tensors, lora_settings = adapters
+    source = cfg.lora or "the stage-1 adapters"
+    module = lora.Adapters(lora_settings, tensors, stage.trains_prompt, cfg.seed, source)
+    return "", False, stage.trains_model, module
 
 
 def init_prompt(cfg, d_model, tokenizer, task, generator):
@@ -82,13 +93,13 @@ def init_prompt(cfg, d_model, tokenizer, task, generator):
     5000 most frequent pieces (SentencePiece ids are frequency-ordered); text:
     one row per word of the text (the mean of its pieces' embeddings, like
     prompt-tuning's `from_class_labels`), the rest sampled from the vocabulary;
-    file: the prompt in --prompt.
+    file: the prompt in --prompt-init-file.
     """
     p = cfg.prompt_length
     if cfg.prompt_init == "uniform":
         return torch.rand(p, d_model, generator=generator) * 0.5
     if cfg.prompt_init == "file":
-        return model_lib.read_prompts(cfg.prompt, d_model, [task.name], p)[task.name]
+        return prompt_formats.read_prompts(cfg.prompt_init_file, d_model, [task.name], p)[task.name]
     table = model_lib.read_embedding(cfg.model).float()
     rows = table[torch.randint(0, min(5000, table.shape[0]), (p,), generator=generator)]
     if cfg.prompt_init == "text":
@@ -98,8 +109,14 @@ def init_prompt(cfg, d_model, tokenizer, task, generator):
     return rows.clone()
 
 
+def prompt_words(cfg, task):
+    """The words of --prompt-init text: --prompt-init-text, else the task's label words."""
+    return names(cfg.prompt_init_text) or list(task.label_words or ())
+
+
 def train_step(t5, batches, prompts, optimizer, cfg, ctx):
-    """One optimizer step on this rank's micro-batches; returns (mean loss, tokens) of the global batch.
+    """One optimizer step on this rank's micro-batches; returns (mean loss, tokens) of the
+    global batch.
 
     `prompts` maps task -> (p, d) prompt, prepended to each row of its task
     (empty: no prompt). The loss is the token cross-entropy (plus T5X's z-loss)
@@ -109,26 +126,30 @@ def train_step(t5, batches, prompts, optimizer, cfg, ctx):
     """
     targets = [int((b["labels"] != -100).sum()) for b in batches]
     prompt_tokens = cfg.prompt_length if prompts else 0
-    counts = torch.tensor([sum(targets), sum(int(b["attention_mask"].sum()) + len(b["tasks"]) * prompt_tokens
-                                             for b in batches) + sum(targets)],
-                          dtype=torch.float64, device=ctx.device)  # NCCL reduces device tensors only
+    inputs = sum(int(b["attention_mask"].sum()) + len(b["tasks"]) * prompt_tokens for b in batches)
+    # NCCL reduces device tensors only
+    counts = torch.tensor(
+        [sum(targets), inputs + sum(targets)], dtype=torch.float64, device=ctx.device
+    )
     if ctx.world > 1:
         dist.all_reduce(counts)
     global_targets, global_tokens = counts.tolist()
     model_trains = any(p.requires_grad for p in t5.parameters())
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     for i, b in enumerate(batches):
-        if ctx.world > 1 and model_trains:
-            t5.set_requires_gradient_sync(i == len(batches) - 1)  # reduce-scatter once, after the last
+        if ctx.world > 1 and model_trains:  # reduce-scatter once, after the last micro-batch
+            t5.set_requires_gradient_sync(i == len(batches) - 1)
         prompt = None
-        if prompts:  # one (p, d) prompt, or each row its own task's prompt (multi-task)
-            prompt = (next(iter(prompts.values())) if len(prompts) == 1
-                      else torch.stack([prompts[name] for name in b["tasks"]]))
+        if len(prompts) == 1:
+            prompt = next(iter(prompts.values()))
+        elif prompts:  # multi-task: each row its own task's prompt
+            prompt = torch.stack([prompts[name] for name in b["tasks"]])
         # one process: autocast; under FSDP the MixedPrecisionPolicy casts instead
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16,
-                            enabled=cfg.dtype == "bfloat16" and ctx.world == 1):
-            logits = t5(b["input_ids"], b["attention_mask"], model_lib.shift_right(b["labels"]), prompt=prompt)
-        loss, _ = model_lib.cross_entropy(logits, b["labels"], cfg.label_smoothing, cfg.z_loss)
+        bf16 = cfg.dtype == "bfloat16" and ctx.world == 1
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
+            decoder_ids = model_lib.shift_right(b["labels"])
+            logits = t5(b["input_ids"], b["attention_mask"], decoder_ids, prompt=prompt)
+        loss, _ = t5x_loss.cross_entropy(logits, b["labels"], cfg.label_smoothing, cfg.z_loss)
         # Divided by the global token count; times the world size because FSDP
         # averages gradients over ranks, and the true gradient is their sum.
         (loss * (ctx.world / global_targets)).backward()
@@ -150,119 +171,126 @@ def train_step(t5, batches, prompts, optimizer, cfg, ctx):
 # 2. One stage, from named steps
 # ---------------------------------------------------------------------------
 
+
 class Diverged(RuntimeError):
-    pass
-
-
-def diverged(s, what):
-    """Diverged, naming the last good checkpoint and what to try."""
-    last = run_checkpoints.latest_checkpoint(os.path.join(s.stage_dir, "checkpoints"))
-    return Diverged(f"{what}. The last good checkpoint is {last or 'none (no checkpoint saved yet)'}; try a lower "
-                    "--lr or --dtype float32, then continue with --resume (--lr may change)")
+    """The loss or the weights went non-finite; not a user error (exit 1)."""
 
 
 def train(cfg):
-    """Run one stage as `cfg` says; returns its Session (live model and prompts, best checkpoint)."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: this machine has no CUDA GPU; use --device cpu")
+    """Run one stage as `cfg` says; returns its Run (live model and prompts, step, best)."""
+    checks.check_training_settings(cfg, what_trains(cfg)[0])
     ctx = fsdp.setup_distributed(cfg.device)
-    inputs = check_inputs(cfg, ctx)
-    apart = cfg.stage == "1" and cfg.stage1_module == "prompt" and len(inputs["tasks"]) > 1  # a run per prompt
-    diag = diagnostics.from_flags(cfg, inputs["tasks"], inputs["tokenizer"], STAGES[cfg.stage].folder)
+    inputs = read_inputs(cfg, ctx)
+    stage = STAGES[cfg.stage].folder
+    on_step = diagnostics.training_hook(
+        cfg.diagnostics, cfg, inputs["tasks"], inputs["tokenizer"], stage
+    )
+    # multi-task stage 1: one prompt-tuning run per task
+    apart = cfg.stage == "1" and cfg.stage1_module == "prompt" and len(inputs["tasks"]) > 1
     fsdp.barrier()  # every rank has checked --out before rank 0 writes into it
     lock = run_checkpoints.lock_run_folder(cfg.out)  # one run per folder; rank 0 holds it
     try:
-        s = open_run(cfg, ctx, inputs, diag)
-        return tune_prompts_apart(s) if apart else run_stage(s)
+        run = open_run(cfg, ctx, inputs, on_step or (lambda *args: None))
+        return tune_prompts_apart(run) if apart else run_stage(run)
     finally:
         if lock:
             run_checkpoints.unlock_run_folder(lock)
 
 
-def run_stage(s):
+def run_stage(run):
     """Load, build, resume, train, export: the stage's steps in order."""
-    cfg, ctx, diag = s.cfg, s.ctx, s.diag
+    cfg, ctx, inputs = run.cfg, run.ctx, run.inputs
     torch.manual_seed(cfg.seed + ctx.rank)  # dropout masks differ across ranks
-    s.model = load_model(cfg, ctx, s.inputs)
-    s.prompts = make_prompts(s)
-    build_optimizer(s)
-    resume(s)
-    if diag is not None and s.step == 0:
-        diag.run(0, s.model, s.prompts, fsdp.unsharded)
-    if not loop(s):
-        return s  # stopped early (SIGTERM, --stop-after-step)
-    for name in ("final",) if cfg.eval else ("final", "best"):  # no scores to choose by: best/ is the last
-        export(os.path.join(s.stage_dir, name), s)
-    best = s.best
-    summary = (f"done: {s.stage_dir}/final" + (f"; best checkpoint step {best['step']} ({best['score']:.2f}) in "
-                                                f"{s.stage_dir}/best" if best["step"] is not None else ""))
-    s.log({"event": "done", "step": s.step, "best_step": best["step"], "best_score": best["score"]}, summary)
-    return s
+    run.model = load_model(cfg, ctx, run.adapters)
+    run.prompts = make_prompts(cfg, ctx, inputs, run.prompt_source, run.trains_prompt)
+    run.optimizer = build_optimizer(cfg, run)
+    pools = {t.name: x for t, x in zip(inputs["tasks"], inputs["train_sets"])}
+    run.mixture = data.Mixture(pools, seed=cfg.seed)
+    if cfg.resume:
+        resume(run)
+    if run.step == 0:
+        run.on_step(0, run.model, run.prompts, fsdp.unsharded)
+    if not loop(run):
+        return run  # stopped early (SIGTERM, --stop-after-step)
+    for name in ("final",) if cfg.eval else ("final", "best"):  # no scores: best/ is the last
+        export(os.path.join(run.stage_dir, name), run)
+    best, done = run.best, f"done: {run.stage_dir}/final"
+    if best["step"] is not None:
+        done += f"; best checkpoint step {best['step']} ({best['score']:.2f}) in "
+        done += f"{run.stage_dir}/best"
+    record = {"event": "done", "step": run.step, "best_step": best["step"]}
+    run.log({**record, "best_score": best["score"]}, done)
+    return run
 
 
-def tune_prompts_apart(s):
-    """Multi-task stage 1 (§5.4, "a soft prompt for each task"): each task's prompt is tuned on its own
-    data and keeps its own best checkpoint, in a run folder of its own (RUN/stage1/tasks/<task>/); then
-    RUN/stage1/best/ and final/ hold all of them, in the one prompt file stage 2 reads."""
-    runs = {}
-    s.log(line=f"stage1: one prompt-tuning run per task (§5.4), each in {s.stage_dir}/tasks/<task>/")
-    for task in s.inputs["tasks"]:
-        runs[task.name] = train(replace(s.cfg, task=task.name, out=os.path.join(s.stage_dir, "tasks", task.name)))
-        if runs[task.name].step < s.cfg.steps:
-            return runs[task.name]  # stopped early: the same command with --resume goes on from here
+def tune_prompts_apart(run):
+    """Multi-task stage 1 (§5.4, "a soft prompt for each task"): each task's prompt is tuned on
+    its own data and keeps its own best checkpoint, in a run folder of its own
+    (RUN/stage1/tasks/<task>/); then RUN/stage1/best/ and final/ hold all of them, in the one
+    prompt file stage 2 reads."""
+    runs, cfg, folder = {}, run.cfg, run.stage_dir
+    run.log(line=f"stage1: one prompt-tuning run per task (§5.4), each in {folder}/tasks/<task>/")
+    for task in run.inputs["tasks"]:
+        out = os.path.join(folder, "tasks", task.name)
+        runs[task.name] = train(replace(cfg, task=task.name, out=out))
+        if runs[task.name].step < cfg.steps:
+            return runs[task.name]  # stopped early: the same command with --resume goes on
     for name in ("best", "final"):
-        s.prompts = {t: model_lib.read_prompts(os.path.join(r.stage_dir, name, "prompt.safetensors"))[t]
-                     for t, r in runs.items()}
-        export(os.path.join(s.stage_dir, name), s)
-    s.step, s.best = s.cfg.steps, {t: r.best for t, r in runs.items()}
-    s.log({"event": "done", "best": s.best}, f"done: one prompt per task in {s.stage_dir}/best (each task's best "
-          "checkpoint: " + ", ".join(f"{t} step {b['step']}" for t, b in s.best.items()) + f") and {s.stage_dir}/final")
-    return s
+        files = {t: os.path.join(r.stage_dir, name, "prompt.safetensors") for t, r in runs.items()}
+        run.prompts = {t: prompt_formats.read_prompts(path)[t] for t, path in files.items()}
+        export(os.path.join(folder, name), run)
+    run.step, run.best = cfg.steps, {t: r.best for t, r in runs.items()}
+    each = ", ".join(f"{t} step {b['step']}" for t, b in run.best.items())
+    done = f"done: one prompt per task in {folder}/best (each task's best checkpoint: {each})"
+    run.log({"event": "done", "best": run.best}, f"{done} and {folder}/final")
+    return run
 
 
 @dataclass
-class Session:
-    """Everything the steps of one stage share; `train` returns it."""
+class Run:
+    """One stage: settings, inputs, folder, what trains, and what the steps make.
+    `train` returns it."""
+
     cfg: object
     ctx: fsdp.Dist
     inputs: dict
-    diag: object
     stage_dir: str
+    on_step: object  # diagnostics.training_hook's on_step, or a no-op
     prompt_source: str
     trains_prompt: bool
     trains_model: bool
-    trains_adapters: bool
-    model: object = None
+    adapters: lora.Adapters  # LoRA as the stage-1 module; without it, one that does nothing
+    model: torch.nn.Module = None
     prompts: dict = None
-    optimizer: object = None
-    mixture: object = None
+    optimizer: Adafactor = None
+    mixture: data.Mixture = None
     step: int = 0
-    best: dict = field(default_factory=lambda: {"step": None, "score": None, "scores": None, "evaluated": []})
+    best: dict = field(
+        default_factory=lambda: {"step": None, "score": None, "scores": None, "evaluated": []}
+    )
 
     def log(self, record=None, line=None):
         """A record in RUN/log.jsonl and/or a progress line (rank 0 only)."""
-        if self.ctx.main and record:
-            with open(os.path.join(self.cfg.out, "log.jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps({"stage": STAGES[self.cfg.stage].folder, **record}) + "\n")
-        if self.ctx.main and line:
-            print(line, flush=True)
+        if self.ctx.main:
+            stage = STAGES[self.cfg.stage].folder
+            run_checkpoints.log(self.cfg.out, record and {"stage": stage, **record}, line)
 
 
-def open_run(cfg, ctx, inputs, diag):
-    """The stage's folder, after its settings in RUN/config.json (a kill leaves a run --resume knows)."""
+def open_run(cfg, ctx, inputs, on_step):
+    """The stage's folder, after its settings in RUN/config.json (a kill leaves a run --resume
+    knows)."""
     stage_dir = os.path.join(cfg.out, STAGES[cfg.stage].folder)
     if ctx.main:
-        path = os.path.join(cfg.out, "config.json")
-        saved = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
-        saved[STAGES[cfg.stage].folder] = {**asdict(cfg), "world_size": ctx.world, "data": inputs["data"]}
-        run_checkpoints.write_json(path, saved)
+        record = {**settings(cfg, ctx.world), "data": inputs["data"]}
+        run_checkpoints.record_settings(cfg.out, STAGES[cfg.stage].folder, record)
         os.makedirs(stage_dir, exist_ok=True)
         run_checkpoints.remove_partial_writes(stage_dir)
-    return Session(cfg, ctx, inputs, diag, stage_dir, *what_trains(cfg))
+    return Run(cfg, ctx, inputs, stage_dir, on_step, *what_trains(cfg, inputs["adapters"]))
 
 
-def load_model(cfg, ctx, inputs):
-    """The pretrained model on this device (sharded under torchrun), adapters attached, the run's dropout.
+def load_model(cfg, ctx, adapters):
+    """The pretrained model on this device (sharded under torchrun), LoRA adapters attached,
+    the run's dropout.
 
     One process loads the checkpoint directly. Under torchrun the model is
     built on the meta device, sharded, and each rank copies only its slice of
@@ -271,343 +299,391 @@ def load_model(cfg, ctx, inputs):
         t5 = model_lib.load_pretrained(cfg.model, dtype=torch.float32, device=ctx.device)
     else:
         t5 = model_lib.build(model_lib.read_config(cfg.model), "meta")
-    adapters = attach_adapters(t5, cfg, inputs["adapters"])  # before sharding: FSDP shards them with their block
+    tensors = adapters.attach(t5)  # before sharding: FSDP shards them with their block
     blocks = list(t5.encoder.blocks) + list(t5.decoder.blocks)
-    copy = (lambda name, tensor: fsdp.copy_into_shard(t5.get_parameter(name), tensor))
+
+    def copy(name, tensor):
+        fsdp.copy_into_shard(t5.get_parameter(name), tensor)
+
     if ctx.world > 1:
-        fsdp.shard_model(t5, ctx.mesh, blocks, bf16=cfg.dtype == "bfloat16",
-                         activation_checkpointing=cfg.activation_checkpointing)
+        bf16, recompute = cfg.dtype == "bfloat16", cfg.activation_checkpointing
+        fsdp.shard_model(t5, ctx.mesh, blocks, bf16=bf16, activation_checkpointing=recompute)
         t5.to_empty(device=ctx.device)
         model_lib.load_weights(t5, cfg.model, copy=copy)
     elif cfg.activation_checkpointing:
         for block in blocks:
             fsdp.checkpoint_block(block)
-    for name, tensor in (adapters or {}).items():
+    for name, tensor in tensors.items():
         copy(name, tensor)
     model_lib.set_dropout(t5, cfg.dropout)
     return t5
 
 
-def attach_adapters(t5, cfg, adapters):
-    """LoRA for --stage1-module lora: fresh ones in stage 1 (seeded, the same on every rank),
-    stage 1's in stage 2. Returns the adapter tensors to copy in, or None."""
-    if cfg.stage1_module != "lora":
-        return None
-    tensors, info = adapters
-    lora.add_lora(t5, info["rank"], info["alpha"], info["targets"])
-    if tensors is None:
-        tensors = lora.init_lora_tensors(t5, torch.Generator().manual_seed(cfg.seed))
-    lora.check_lora_tensors(t5, tensors, cfg.lora or "the stage-1 adapters")
-    return tensors
-
-
-def make_prompts(s):
-    """{task: prompt}: none, stage 1's (frozen), or new ones (one per task, replicated on every rank)."""
-    cfg, tasks, d_model = s.cfg, s.inputs["tasks"], s.inputs["config"].d_model
-    if s.prompt_source == "":
+def make_prompts(cfg, ctx, inputs, source, trains):
+    """{task: prompt}: none, stage 1's (frozen), or new ones (one per task, the same on every
+    rank)."""
+    tasks, d_model = inputs["tasks"], inputs["config"].d_model
+    if source == "":
         prompts = {}
-    elif s.prompt_source == "stage1":
-        prompts = model_lib.read_prompts(s.inputs["prompt_file"], d_model, [t.name for t in tasks], cfg.prompt_length)
+    elif source == "stage1":
+        prompts = inputs["prompts"]  # read and checked by read_inputs
     else:
         g = torch.Generator().manual_seed(cfg.seed)  # the same on every rank
-        prompts = {t.name: init_prompt(cfg, d_model, s.inputs["tokenizer"], t, g) for t in tasks}
-    return {n: torch.nn.Parameter(p.to(s.ctx.device), requires_grad=s.trains_prompt) for n, p in prompts.items()}
+        prompts = {t.name: init_prompt(cfg, d_model, inputs["tokenizer"], t, g) for t in tasks}
+    return {
+        n: torch.nn.Parameter(p.to(ctx.device), requires_grad=trains) for n, p in prompts.items()
+    }
 
 
-def build_optimizer(s):
-    """Freeze what this stage keeps fixed; Adafactor (T5X's rule) on the rest."""
-    for name, p in s.model.named_parameters():
-        p.requires_grad_(s.trains_adapters if ".lora." in name else s.trains_model)  # stage-2 adapters stay frozen
-    s.model.train()
-    groups = []
-    if s.trains_adapters:  # like the prompt: B starts at 0, so a parameter-scaled step would be ~0
-        groups.append(dict(params=[p for p in s.model.parameters() if p.requires_grad],
-                           multiply_by_parameter_scale=False))
-    if s.trains_prompt:  # prompt-tuning's config: no parameter-scale multiplier on the prompt
-        groups.append(dict(params=list(s.prompts.values()), multiply_by_parameter_scale=False))
-    if s.trains_model:
-        groups.append(dict(params=[p for p in s.model.parameters() if p.requires_grad],
-                           multiply_by_parameter_scale=True))
-    s.optimizer = Adafactor(groups, lr=s.cfg.lr, weight_decay_rate=s.cfg.weight_decay or None,
-                            step_offset=s.cfg.adafactor_step_offset)
-    s.optimizer.init_state()
+def build_optimizer(cfg, run):
+    """Freeze what this stage keeps fixed; Adafactor (T5X's rule) on the rest.
+
+    The prompt and LoRA adapters step without the parameter-scale multiplier:
+    prompt-tuning's config, and LoRA's B starts at 0, where a scaled step would be ~0."""
+    for p in run.model.parameters():
+        p.requires_grad_(run.trains_model)
+    adapters = run.adapters.trainable(run.model)  # stage 2 keeps them frozen
+    prompts = list(run.prompts.values()) if run.trains_prompt else []
+    weights = [p for p in run.model.parameters() if p.requires_grad] if run.trains_model else []
+    groups = [(adapters, False), (prompts, False), (weights, True)]
+    optimizer = Adafactor(
+        [dict(params=ps, multiply_by_parameter_scale=scaled) for ps, scaled in groups if ps],
+        lr=cfg.lr,
+        weight_decay_rate=cfg.weight_decay or None,
+        step_offset=cfg.adafactor_step_offset,
+    )
+    optimizer.init_state()
+    run.model.train()
+    return optimizer
 
 
-def training_state(s):
+def training_state(run):
     """What a checkpoint holds; tensors are the live ones, so loading fills them in place."""
-    state = {"prompts": {n: p.detach() for n, p in s.prompts.items()}, "optimizer": s.optimizer.state_dict()}
-    if s.trains_model:
-        state["model"] = s.model.state_dict()
-    elif s.trains_adapters:
-        state["model"] = {n: t for n, t in s.model.state_dict().items() if ".lora." in n}
+    prompts = {n: p.detach() for n, p in run.prompts.items()}
+    state = {"prompts": prompts, "optimizer": run.optimizer.state_dict()}
+    weights = run.model.state_dict() if run.trains_model else run.adapters.state(run.model)
+    if weights:
+        state["model"] = weights
     return state
 
 
-def resume(s):
-    """The data stream, and with --resume the latest checkpoint's weights, optimizer, RNG and position."""
-    tasks, train_sets = s.inputs["tasks"], s.inputs["train_sets"]
-    s.mixture = data.Mixture({t.name: x for t, x in zip(tasks, train_sets)}, seed=s.cfg.seed)
-    if not s.cfg.resume:
-        return
-    state, folder = training_state(s), os.path.join(s.stage_dir, "checkpoints")
-    ckpt, trainer = run_checkpoints.load_latest(folder, state, s.ctx.device, lambda m: s.log(line=m))
+def resume(run):
+    """The latest checkpoint's weights, optimizer, RNG and data position (--resume)."""
+    state, folder = training_state(run), os.path.join(run.stage_dir, "checkpoints")
+    ckpt, trainer = run_checkpoints.load_latest(
+        folder, state, run.ctx.device, lambda m: run.log(line=m)
+    )
     if ckpt is None:
-        return s.log(line=f"--resume: no checkpoint in {folder} yet; starting from step 0")
-    s.optimizer.load_state_dict(state["optimizer"])
-    for group in s.optimizer.param_groups:
-        group["lr"] = s.cfg.lr  # --lr may change on --resume (after a NaN, say); config.json records it
-    s.step = trainer["step"]
-    s.mixture.load_state_dict(trainer["data_position"])
-    best_path = os.path.join(s.stage_dir, "best.json")
+        return run.log(line=f"--resume: no checkpoint in {folder} yet; starting from step 0")
+    run.optimizer.load_state_dict(state["optimizer"])
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.cfg.lr  # --lr may change on --resume (after a NaN, say)
+    run.step = trainer["step"]
+    run.mixture.load_state_dict(trainer["data_position"])
+    best_path = os.path.join(run.stage_dir, "best.json")
     if os.path.isfile(best_path):
-        s.best = json.load(open(best_path, encoding="utf-8"))
-    s.log({"event": "resume", "step": s.step, "checkpoint": ckpt}, f"resumed from {ckpt} (step {s.step})")
-    if s.step % s.cfg.save_every == 0:
-        score_and_keep_best(s)  # in case the run stopped between saving and scoring
+        run.best = json.load(open(best_path, encoding="utf-8"))
+    record = {"event": "resume", "step": run.step, "checkpoint": ckpt}
+    run.log(record, f"resumed from {ckpt} (step {run.step})")
+    if run.step % run.cfg.save_every == 0:
+        score_and_keep_best(run)  # in case the run stopped between saving and scoring
 
 
-_STOP = {"requested": False}
-
-
-def _on_sigterm(signum, frame):
-    _STOP["requested"] = True  # acted on at the end of the current step
-
-
-def loop(s):
-    """Train until --steps; checkpoint and score every --save-every steps. False when stopped early."""
-    cfg, ctx = s.cfg, s.ctx
-    truncation, start = data.TruncationStats(), s.step
-    per_rank = cfg.batch_size // ctx.world
-    micro = cfg.micro_batch_size or per_rank
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    window_time, window_tokens, run_start, train_time = 0.0, 0, time.time(), 0.0
-    trainable = sum(p.numel() for g in s.optimizer.param_groups for p in g["params"])
-    if ctx.main:
-        print(f"{STAGES[cfg.stage].folder}: {cfg.steps} steps of {cfg.batch_size} examples on {ctx.world} "
-              f"rank(s) ({ctx.device.type}), {trainable:,} trainable parameters, lr {cfg.lr}", flush=True)
-    try:
-        while s.step < cfg.steps:
+def loop(run):
+    """Train until --steps; checkpoint and score every --save-every steps. False when stopped
+    early (SIGTERM, --stop-after-step)."""
+    cfg, ctx, folder = run.cfg, run.ctx, STAGES[run.cfg.stage].folder
+    trainable = sum(p.numel() for g in run.optimizer.param_groups for p in g["params"])
+    run.log(
+        line=f"{folder}: {cfg.steps} steps of {cfg.batch_size} examples on {ctx.world} "
+        f"rank(s) ({ctx.device.type}), {trainable:,} trainable parameters, lr {cfg.lr}"
+    )
+    meter, truncation = cli.StepMeter(run.step, cfg.steps), data.TruncationStats()
+    with run_checkpoints.StopRequest() as stop:
+        while run.step < cfg.steps:
             step_start = time.time()
-            rows = data.rank_batch(s.mixture, s.inputs["tasks"], s.inputs["train_sets"], cfg.batch_size, ctx.rank,
-                                   ctx.world, cfg.shots, cfg.seed, s.inputs["tokenizer"], cfg.max_input_tokens,
-                                   truncation)
-            batches = [data.encode_batch(s.inputs["tokenizer"], [(x, y) for _, x, y in rows[i:i + micro]],
-                                         cfg.max_input_tokens, cfg.max_target_tokens,
-                                         tasks=[t for t, _, _ in rows[i:i + micro]], device=ctx.device)
-                       for i in range(0, per_rank, micro)]
-            loss, global_tokens = train_step(s.model, batches, s.prompts, s.optimizer, cfg, ctx)
+            batches = micro_batches(run, truncation)
+            loss, tokens = train_step(run.model, batches, run.prompts, run.optimizer, cfg, ctx)
             if not math.isfinite(loss):
-                raise diverged(s, f"loss is {loss} at step {s.step + 1}; stopped without updating")
-            s.step += 1
-            if s.diag is not None:
-                s.diag.run(s.step, s.model, s.prompts, fsdp.unsharded)
-            elapsed = time.time() - step_start
-            window_tokens, window_time, train_time = window_tokens + global_tokens, window_time + elapsed, \
-                train_time + elapsed
-            if s.step % cfg.log_every == 0 or s.step == cfg.steps:
-                tps = window_tokens / max(window_time, 1e-9)
-                eta = train_time / (s.step - start) * (cfg.steps - s.step)  # training time only
-                s.log({"step": s.step, "loss": loss, "lr": cfg.lr, "tokens_per_s": tps,
-                       "elapsed_s": time.time() - run_start},
-                      f"{STAGES[cfg.stage].folder} step {s.step}/{cfg.steps} | loss {loss:.4f} | lr {cfg.lr:.2e} | "
-                      f"{tps:,.0f} tok/s | ETA {datetime.timedelta(seconds=round(eta))}")
-                window_time, window_tokens = 0.0, 0
-            if not checkpoint_if_due(s):
+                what = f"loss is {loss} at step {run.step + 1}; stopped without updating"
+                raise diverged(run, what)
+            run.step += 1
+            run.on_step(run.step, run.model, run.prompts, fsdp.unsharded)
+            meter.step(tokens, time.time() - step_start)
+            if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+                tps, eta, elapsed = meter.report(run.step)
+                record = {"step": run.step, "loss": loss, "lr": cfg.lr, "tokens_per_s": tps}
+                run.log(
+                    {**record, "elapsed_s": elapsed},
+                    f"{folder} step {run.step}/{cfg.steps} | loss {loss:.4f} | lr {cfg.lr:.2e} "
+                    f"| {tps:,.0f} tok/s | ETA {datetime.timedelta(seconds=round(eta))}",
+                )
+            if not checkpoint_if_due(run, stop.agreed(ctx.device)):
                 return False
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return True
 
 
-def checkpoint_if_due(s):
+def micro_batches(run, truncation):
+    """This rank's share of the next global batch (data.Mixture's order), as micro-batches."""
+    cfg, ctx, inputs = run.cfg, run.ctx, run.inputs
+    tokenizer, per_rank = inputs["tokenizer"], cfg.batch_size // ctx.world
+    micro = cfg.micro_batch_size or per_rank
+    rows = data.rank_batch(
+        run.mixture,
+        inputs["tasks"],
+        inputs["train_sets"],
+        cfg.batch_size,
+        ctx.rank,
+        ctx.world,
+        cfg.shots[0],
+        cfg.seed,
+        tokenizer,
+        cfg.max_input_tokens,
+        truncation,
+    )
+    lengths = cfg.max_input_tokens, cfg.max_target_tokens
+    return [
+        data.encode_batch(
+            tokenizer,
+            [(x, y) for _, x, y in rows[i : i + micro]],
+            *lengths,
+            tasks=[t for t, _, _ in rows[i : i + micro]],
+            device=ctx.device,
+        )
+        for i in range(0, per_rank, micro)
+    ]
+
+
+def diverged(run, what):
+    """Diverged, naming the last good checkpoint and what to try."""
+    last = run_checkpoints.latest_checkpoint(os.path.join(run.stage_dir, "checkpoints"))
+    return Diverged(
+        f"{what}. The last good checkpoint is {last or 'none (no checkpoint saved yet)'}; try "
+        "a lower --lr or --dtype float32, then continue with --resume (--lr may change)"
+    )
+
+
+def checkpoint_if_due(run, signalled):
     """Save (and score) at --save-every, at the end, and when asked to stop; False = stop now."""
-    cfg, ctx = s.cfg, s.ctx
-    stop = torch.tensor([1.0 if _STOP["requested"] else 0.0], device=ctx.device)
-    if ctx.world > 1:
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-    stop = bool(stop.item()) or s.step == cfg.stop_after_step
-    scheduled = s.step % cfg.save_every == 0 or s.step == cfg.steps
-    if (scheduled or stop) and not fsdp.all_finite([p for g in s.optimizer.param_groups for p in g["params"]]):
-        raise diverged(s, f"the weights hold NaN or inf after step {s.step}; not saved")
-    if scheduled or stop:
-        trainer = {"step": s.step, "examples_seen": s.step * cfg.batch_size, "world_size": ctx.world,
-                   "data_position": s.mixture.state_dict()}
-        path = run_checkpoints.save_checkpoint(os.path.join(s.stage_dir, "checkpoints"), s.step,
-                                               training_state(s), trainer, ctx.device, keep=cfg.keep_checkpoints)
-        s.log({"event": "checkpoint", "step": s.step, "path": path})
-        if scheduled:
-            score_and_keep_best(s)
-    if stop and s.step < cfg.steps:
-        why = "SIGTERM" if _STOP["requested"] else f"--stop-after-step {cfg.stop_after_step}"
-        s.log({"event": "stopped", "step": s.step, "reason": why},
-              f"stopped at step {s.step} ({why}); checkpoint saved. Continue with the same command plus --resume")
+    cfg, ctx = run.cfg, run.ctx
+    stop = signalled or run.step == cfg.stop_after_step
+    scheduled = run.step % cfg.save_every == 0 or run.step == cfg.steps
+    if not (scheduled or stop):
+        return True
+    if not fsdp.all_finite([p for g in run.optimizer.param_groups for p in g["params"]]):
+        raise diverged(run, f"the weights hold NaN or inf after step {run.step}; not saved")
+    trainer = dict(step=run.step, examples_seen=run.step * cfg.batch_size, world_size=ctx.world)
+    trainer["data_position"] = run.mixture.state_dict()
+    folder = os.path.join(run.stage_dir, "checkpoints")
+    path = run_checkpoints.save_checkpoint(
+        folder, run.step, training_state(run), trainer, ctx.device, keep=cfg.keep_checkpoints
+    )
+    run.log({"event": "checkpoint", "step": run.step, "path": path})
+    if scheduled:
+        score_and_keep_best(run)
+    if stop and run.step < cfg.steps:
+        why = "SIGTERM" if signalled else f"--stop-after-step {cfg.stop_after_step}"
+        run.log(
+            {"event": "stopped", "step": run.step, "reason": why},
+            f"stopped at step {run.step} ({why}); checkpoint saved. Continue with the same "
+            "command plus --resume",
+        )
         return False
     return True
 
 
 @torch.no_grad()
-def score_and_keep_best(s):
-    """Score this checkpoint on the validation split with evaluate.score_task (the paper's decoding,
-    App. B.2 post-processing, metric); export it to best/ when it is the best so far (App. B.4).
-    Under FSDP the weights are gathered for the duration and each rank decodes a share of the batches."""
-    cfg, ctx, inputs, best, scores = s.cfg, s.ctx, s.inputs, s.best, {}
-    if not cfg.eval or s.step in best["evaluated"]:
+def score_and_keep_best(run):
+    """Score this checkpoint on the validation split with evaluate.score_task (the paper's
+    decoding, App. B.2 post-processing, metric); export it to best/ when it is the best so
+    far (App. B.4). Under FSDP the weights are gathered for the duration and each rank
+    decodes a share of the batches."""
+    cfg, ctx, inputs, best, scores = run.cfg, run.ctx, run.inputs, run.best, {}
+    if not cfg.eval or run.step in best["evaluated"]:
         return
-    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and ctx.world == 1)
-    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []), \
-            fsdp.unsharded(s.model), autocast:
+    bf16 = cfg.dtype == "bfloat16" and ctx.world == 1
+    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16)
+    rng = torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else [])
+    with rng, fsdp.unsharded(run.model), autocast:
         for task, examples, pool in zip(inputs["tasks"], inputs["val_sets"], inputs["train_sets"]):
-            scores[task.name] = float(evaluate.score_task(
-                s.model, inputs["tokenizer"], task, examples[: cfg.eval_examples], pool=pool, shots=cfg.shots,
-                prompt=s.prompts.get(task.name), num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
-                batch_size=cfg.eval_batch_size, seed=cfg.seed, max_input_tokens=cfg.max_input_tokens,
-                distributed=ctx.world > 1, brevity_penalty="t5x", length_penalty=0.6)["score"])  # the paper's T5X
+            result = evaluate.score_task(
+                run.model,
+                inputs["tokenizer"],
+                task,
+                examples[: cfg.eval_examples],
+                pool=pool,
+                shots=cfg.shots[0],
+                prompt=run.prompts.get(task.name),
+                num_beams=cfg.num_beams,
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.eval_batch_size,
+                seed=cfg.seed,
+                max_input_tokens=cfg.max_input_tokens,
+                distributed=ctx.world > 1,
+            )  # and generate's default: the paper's decoding (T5X's length rule, alpha 0.6)
+            scores[task.name] = float(result["score"])
     score = sum(scores.values()) / len(scores)
     improved = best["score"] is None or score > best["score"]
     if improved:
-        export(os.path.join(s.stage_dir, "best"), s)
-        best.update(step=s.step, score=score, scores=scores)
-    best["evaluated"].append(s.step)
+        export(os.path.join(run.stage_dir, "best"), run)
+        best.update(step=run.step, score=score, scores=scores)
+    best["evaluated"].append(run.step)
     if ctx.main:
-        run_checkpoints.write_json(os.path.join(s.stage_dir, "best.json"), best)
-    s.log({"event": "eval", "step": s.step, "split": "validation", "scores": scores, "score": score,
-           "best_step": best["step"]},
-          f"eval step {s.step}: validation " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
-          + (" (best so far)" if improved else f" (best: step {best['step']}, {best['score']:.2f})"))
+        run_checkpoints.write_json(os.path.join(run.stage_dir, "best.json"), best)
+    line = f"eval step {run.step}: validation " + ", ".join(
+        f"{k} {v:.2f}" for k, v in scores.items()
+    )
+    line += " (best so far)" if improved else f" (best: step {best['step']}, {best['score']:.2f})"
+    record = dict(event="eval", step=run.step, split="validation", scores=scores, score=score)
+    run.log({**record, "best_step": best["step"]}, line)
 
 
-def export(folder, s):
-    """A directory evaluate.py, transformers and PEFT read: the model in the public layout (when it
-    trained) with spiece.model, prompt.safetensors (+ peft_<task>/ adapters), lora.safetensors."""
-    state = fsdp.full_state_dict(s.model) if s.trains_model else None
-    adapters = ({n: fsdp.full_tensor(p).detach().cpu() for n, p in s.model.named_parameters() if ".lora." in n}
-                if s.model is not None and lora.lora_info(s.model) else None)  # full tensors (a collective under FSDP)
-    if s.ctx.main:
-        if s.trains_model:
-            model_lib.save_pretrained(s.model, folder, state_dict=state)
-            shutil.copy2(os.path.join(s.cfg.model, "spiece.model"), os.path.join(folder, "spiece.model"))
+def export(folder, run):
+    """A directory evaluate.py, transformers and PEFT read: the model in the public layout
+    (when it trained) with spiece.model, prompt.safetensors (+ peft_<task>/ adapters),
+    lora.safetensors."""
+    cfg, model = run.cfg, run.model
+    state = fsdp.full_state_dict(model) if run.trains_model else None
+    # full tensors (a collective under FSDP)
+    adapters = {
+        n: fsdp.full_tensor(p).detach().cpu() for n, p in run.adapters.tensors(model).items()
+    }
+    if run.ctx.main:
+        if run.trains_model:
+            model_lib.save_pretrained(model, folder, state_dict=state)
+            shutil.copy2(
+                os.path.join(cfg.model, "spiece.model"), os.path.join(folder, "spiece.model")
+            )
         os.makedirs(folder, exist_ok=True)
-        if s.prompts:
+        if run.prompts:
             with atomic_write(os.path.join(folder, "prompt.safetensors")) as tmp:
-                model_lib.save_prompts(s.prompts, tmp)
-        for task, p in s.prompts.items():  # the same prompt as a PEFT prompt-tuning adapter
-            prompt_formats.write_peft_adapter(os.path.join(folder, f"peft_{task}"), p.detach(),
-                                              folder if s.trains_model else s.cfg.model)
-        if adapters is not None:
+                prompt_formats.save_prompts(run.prompts, tmp)
+        for task, p in run.prompts.items():  # the same prompt as a PEFT prompt-tuning adapter
+            base = folder if run.trains_model else cfg.model
+            prompt_formats.write_peft_adapter(
+                os.path.join(folder, f"peft_{task}"), p.detach(), base
+            )
+        if adapters:
             with atomic_write(os.path.join(folder, "lora.safetensors")) as tmp:
-                lora.save_lora(s.model, tmp, state_dict=adapters)
-        chosen = f"validation score at {s.cfg.shots}-shot" if os.path.basename(folder) == "best" and s.cfg.eval \
-            else "the last step"  # what evaluate.py's table says of the fine-tuned task's rows
-        run_checkpoints.write_json(os.path.join(folder, "training.json"), {"stage": s.cfg.stage, "task": s.cfg.task,
-                                   "shots": s.cfg.shots, "step": s.step, "chosen_by": chosen})
+                lora.save_lora(model, tmp, state_dict=adapters)
+        # what evaluate.py's table says of the fine-tuned task's rows
+        best = os.path.basename(folder) == "best" and cfg.eval
+        chosen = f"validation score at {cfg.shots[0]}-shot" if best else "the last step"
+        training = {"stage": cfg.stage, "task": cfg.task, "shots": cfg.shots[0], "step": run.step}
+        path = os.path.join(folder, "training.json")
+        run_checkpoints.write_json(path, {**training, "chosen_by": chosen})
     fsdp.barrier()
 
 
 # ---------------------------------------------------------------------------
-# 3. The command line: settings (defaults = App. B.4), input checks, main
+# 3. The command line: settings (defaults = App. B.4), inputs, main
 # ---------------------------------------------------------------------------
 
-flag, AT_LEAST_0, AT_LEAST_1, RATE = cli.flag, cli.AT_LEAST_0, cli.AT_LEAST_1, cli.RATE  # a flag, what it accepts
+flag, AT_LEAST_0, AT_LEAST_1, RATE = cli.flag, cli.AT_LEAST_0, cli.AT_LEAST_1, cli.RATE
+STAGE_NAMES, PROMPT_INITS = tuple(STAGES), ("uniform", "vocab", "text", "file")
+AT_MOST_0 = (lambda v: v <= 0, "<= 0")
+TARGET_ROOM = (lambda v: v >= 4, ">= 4 (two sentinels, an answer, EOS)")
 
 
 @dataclass
 class Config:
-    """Every setting; the README's "Training" section explains each one. None = the stage's default."""
-    stage: str = flag("1", "1: ProMoT stage 1 (prompt tuning); 2: stage 2 (model tuning); or a baseline (STAGES)",
-                      choices=tuple(STAGES))
-    model: str = flag("", "pretrained checkpoint folder (Hugging Face layout, with spiece.model) [lab: lab/tiny-t5]")
+    """Every setting (docs/training.md explains each). None: the stage's default [in brackets]."""
+
+    stage: str = flag("1", "ProMoT stage 1 or 2, or a baseline (STAGES)", choices=STAGE_NAMES)
+    model: str = flag("", "pretrained checkpoint folder [lab: lab/tiny-t5]")
     data_dir: str = flag("", "folder with one sub-folder per task [lab: lab/data]")
-    task: str = flag("", "fine-tuned task, or several comma-separated (multi-task) [lab: lab_owns]")
+    task: str = flag("", "fine-tuned task, or several comma-separated [lab: lab_owns]")
     out: str = flag("", "run folder; each stage writes RUN/<stage>/ [lab: runs/lab]")
-    steps: int = flag(None, "training steps [stage 1: 5000; others: 1000]", valid=AT_LEAST_1)
-    batch_size: int = flag(64, "global batch size in examples, across all ranks", valid=AT_LEAST_1)
-    micro_batch_size: int = flag(None, "examples per rank per forward pass [batch-size / ranks]", valid=AT_LEAST_1)
-    seed: int = flag(0, "seed of the data order, prompt initialisation, dropout and demonstrations")
-    resume: bool = flag(False, "continue from the latest checkpoint of RUN/<stage>/ (same settings and data)")
-    allow_data_change: bool = flag(False, "with --resume: continue although the data files changed")
-    lr: float = flag(None, "constant learning rate [stage 1: 0.2 (LoRA: 1e-3); others: 1e-3]", valid=AT_LEAST_0)
-    save_every: int = flag(None, "checkpoint and score every N steps [stage 1: 1000; others: 100]", valid=AT_LEAST_1)
-    stage1_module: str = flag("prompt", "what stage 1 trains and stage 2 keeps: the soft prompt or LoRA (App. C.7)",
-                              choices=("prompt", "lora"))
-    lora_rank: int = flag(4, "LoRA rank r (Table 15: 2 and 4)")
-    lora_alpha: float = flag(None, "LoRA scale numerator: the update is (alpha/r) B A [r]")
-    lora_targets: str = flag("q,v", "attention projections that get adapters (q,k,v,o)")
-    lora: str = flag("", "stage 2 with LoRA: the frozen adapter file [RUN/stage1/best/lora.safetensors]")
-    prompt_length: int = flag(100, "soft prompt length p", valid=AT_LEAST_1)
-    prompt_init: str = flag("uniform", "prompt initialisation: U[0, 0.5), vocabulary rows, label words, or --prompt",
-                            choices=("uniform", "vocab", "text", "file"))
-    prompt_init_text: str = flag("", "words for --prompt-init text, comma-separated [the task's label words]")
-    prompt: str = flag("", "stage 2's frozen prompt file [RUN/stage1/best/prompt.safetensors], or --prompt-init file's")
-    dropout: float = flag(0.1, "dropout rate (App. B.4)", valid=RATE)
-    label_smoothing: float = flag(None, "label smoothing [stage 1: 0; others: 0.1]", valid=RATE)
-    z_loss: float = flag(1e-4, "T5X's z-loss: z_loss * logsumexp(logits)^2 per target token; 0: off", valid=AT_LEAST_0)
-    weight_decay: float = flag(None, "Adafactor weight decay, unscaled by lr [stage 1: 1e-5; others: none]", valid=RATE)
-    adafactor_step_offset: int = flag(0, "Adafactor step_offset (-1000000 continues a 1M-step checkpoint's decay)",
-                                      valid=(lambda v: v <= 0, "<= 0"))
-    train_examples: int = flag(None, "train on a --seed sample of N examples of each task [all]", valid=AT_LEAST_1)
-    shots: int = flag(0, "demonstrations before each training and validation input (1: '+1-shot')", valid=AT_LEAST_0)
-    max_input_tokens: int = flag(1024, "input tokens kept, EOS included (App. B.4)", valid=AT_LEAST_1)
-    max_target_tokens: int = flag(256, "target tokens kept, EOS included",
-                                  valid=(lambda v: v >= 4, ">= 4 (two sentinels, an answer, EOS)"))
-    dtype: str = flag("float32", "compute dtype; bfloat16 keeps fp32 master weights", choices=("float32", "bfloat16"))
-    activation_checkpointing: bool = flag(False, "recompute each block in backward to save memory")
-    eval: bool = flag(True, "score every checkpoint on the validation split and keep the best (--no-eval: the last)")
-    eval_examples: int = flag(None, "score only the first N examples of each task [all]", valid=AT_LEAST_1)
+    seed: int = flag(0, "seed of data order, prompt init, dropout and demonstrations")
+    steps: int = flag(None, "training steps [1: 5000; else 1000]", valid=AT_LEAST_1)
+    batch_size: int = flag(64, "global batch size in examples", valid=AT_LEAST_1)
+    micro_batch_size: int = flag(None, "examples per rank per forward pass", valid=AT_LEAST_1)
+    lr: float = flag(None, "learning rate [1: 0.2, LoRA 1e-3; else 1e-3]", valid=AT_LEAST_0)
+    label_smoothing: float = flag(None, "label smoothing [1: 0; else 0.1]", valid=RATE)
+    weight_decay: float = flag(None, "Adafactor weight decay [1: 1e-5; else 0]", valid=RATE)
+    z_loss: float = flag(1e-4, "T5X's z-loss coefficient (0: off)", valid=AT_LEAST_0)
+    dropout: float = flag(0.1, "dropout rate", valid=RATE)
+    adafactor_step_offset: int = flag(0, "Adafactor's step_offset", valid=AT_MOST_0)
+    save_every: int = flag(None, "save, score every N steps [1: 1000; else 100]", valid=AT_LEAST_1)
+    keep_checkpoints: int = flag(1, "training checkpoints kept", valid=AT_LEAST_1)
+    resume: bool = flag(False, "continue from the latest checkpoint of RUN/<stage>/")
+    allow_data_change: bool = flag(False, "with --resume: continue although the data changed")
+    stop_after_step: int = flag(None, "save and stop after this step", valid=AT_LEAST_1)
+    prompt_length: int = flag(100, "soft prompt length", valid=AT_LEAST_1)
+    prompt_init: str = flag("uniform", "how to initialise a new prompt", choices=PROMPT_INITS)
+    prompt_init_text: str = flag("", "words for --prompt-init text [the label words]")
+    prompt_init_file: str = flag("", "prompt file for --prompt-init file")
+    prompt: str = flag("", "stage 2's frozen prompt [RUN/stage1/best/prompt.safetensors]")
+    stage1_module: str = flag("prompt", "what stage 1 trains", choices=("prompt", "lora"))
+    lora_rank: int = flag(4, "LoRA rank")
+    lora_alpha: float = flag(None, "LoRA alpha [the rank]")
+    lora_targets: str = flag("q,v", "attention projections that get LoRA adapters")
+    lora: str = flag("", "stage 2's frozen LoRA adapters [RUN/stage1/best/lora.safetensors]")
+    train_examples: int = flag(None, "train on a seeded sample of N examples", valid=AT_LEAST_1)
+    shots: list = flag("0", "demonstrations before each training and validation input")
+    max_input_tokens: int = flag(1024, "input tokens kept, EOS included", valid=AT_LEAST_1)
+    max_target_tokens: int = flag(256, "target tokens kept, EOS included", valid=TARGET_ROOM)
+    dtype: str = flag("float32", "compute dtype", choices=("float32", "bfloat16"))
+    device: str = flag("auto", "device to train on", choices=("auto", "cpu", "cuda"))
+    activation_checkpointing: bool = flag(False, "recompute each block in backward")
+    eval: bool = flag(True, "do not score checkpoints; best/ is the last")
+    eval_examples: int = flag(None, "score the first N examples of each task", valid=AT_LEAST_1)
     eval_batch_size: int = flag(16, "examples per rank per decoding batch", valid=AT_LEAST_1)
-    num_beams: int = flag(4, "beam width when scoring (App. B.4: 4)", valid=AT_LEAST_1)
-    max_new_tokens: int = flag(None, "longest decoded answer [per metric, see evaluate.py]", valid=AT_LEAST_1)
-    probe_every: int = flag(0, "score --probe-tasks every N steps and at step 0 (Fig. 1, 2) [0: off]", valid=AT_LEAST_0)
-    probe_tasks: str = flag("", "comma-separated unseen tasks to probe, e.g. trivia_qa,wmt16_ende")
-    probe_shots: str = flag("1", "comma-separated shot counts of the probes")
-    probe_limit: int = flag(100, "examples per probe task", valid=AT_LEAST_1)
-    align_steps: str = flag("", "steps at which to record the gradient alignment cos(g, g_format) (Fig. 3, 7)")
-    align_every: int = flag(0, "also record the gradient alignment every N steps [0: off]", valid=AT_LEAST_0)
-    align_batch_size: int = flag(32, "examples in the gradient-alignment batch", valid=AT_LEAST_1)
-    diagnostics_strict: bool = flag(False, "stop the run when a probe fails (default: log it and go on)")
+    num_beams: int = flag(4, "beam width when scoring", valid=AT_LEAST_1)
+    max_new_tokens: int = flag(None, "longest decoded answer [per metric]", valid=AT_LEAST_1)
     log_every: int = flag(10, "print a progress line every N steps", valid=AT_LEAST_1)
-    keep_checkpoints: int = flag(1, "training checkpoints kept (2+: a damaged one falls back to the one before)",
-                                 valid=AT_LEAST_1)
-    stop_after_step: int = flag(None, "save and stop after this step, as if preempted", valid=AT_LEAST_1)
-    device: str = flag("auto", "cpu, cuda or auto")
+    # diagnostics.py's flags (--probe-*, --align-*), parsed with these; not a flag itself
+    diagnostics: "diagnostics.TrainingFlags" = field(default_factory=diagnostics.TrainingFlags)
 
 
-# Settings that may change between a run and its --resume.
-RESUMABLE_CHANGES = {"resume", "allow_data_change", "steps", "log_every", "stop_after_step", "eval_batch_size",
-                     "device", "out", "lr", "keep_checkpoints", "probe_every", "probe_tasks", "probe_shots",
-                     "probe_limit", "align_steps", "align_every", "align_batch_size", "diagnostics_strict"}
-# Old flag -> new flag (the old one still works, with a note).
-RENAMED = {"--max-input-length": "--max-input-tokens", "--max-target-length": "--max-target-tokens"}
+# Settings that may change between a run and its --resume (diagnostics never change a run).
+RESUMABLE_CHANGES = set(
+    "resume allow_data_change steps log_every stop_after_step eval_batch_size device out lr "
+    "keep_checkpoints".split()
+) | {f.name for f in fields(diagnostics.TrainingFlags)}
+PATHS = ("model", "data_dir", "prompt", "prompt_init_file", "lora")  # compared as resolved paths
 
 # The bundled tiny T5 and its synthetic suite (lab/): what runs when no model and data are given.
 _LAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab")
-LAB_DEFAULTS = {"model": os.path.join(_LAB, "tiny-t5"), "data_dir": os.path.join(_LAB, "data"),
-                "task": "lab_owns", "out": os.path.join("runs", "lab")}
-
-
-class UsageError(Exception):
-    """A setting or input the user can fix; printed as one line, nothing is overwritten."""
+LAB_DEFAULTS = {
+    "model": os.path.join(_LAB, "tiny-t5"),
+    "data_dir": os.path.join(_LAB, "data"),
+    "task": "lab_owns",
+    "out": os.path.join("runs", "lab"),
+}
 
 
 def parse_args(argv=None):
-    """Command line -> Config. Every field is a flag; None defaults come from the stage's row of STAGES."""
-    p = argparse.ArgumentParser(
-        prog="promot.py", formatter_class=cli.HelpFormatter,
-        description=("ProMoT training (Wang et al., ICLR 2024), one stage per call; defaults reproduce the "
-                     "paper's App. B.4. Runs as one process or under torchrun (FSDP2). Bracketed defaults "
-                     "depend on --stage. Without --model and --data-dir: the miniature lab."))
+    """Command line -> Config, diagnostics' flags in its `diagnostics` field. None defaults come
+    from the stage's row of STAGES."""
+    p = cli.Parser(
+        prog="promot.py",
+        formatter_class=cli.HelpFormatter,
+        description="ProMoT training (Wang et al., ICLR 2024), one stage per call; defaults "
+        "reproduce the paper's App. B.4, and [1: X; else Y] is --stage 1's default and the "
+        "other stages'. Without --model and --data-dir: the miniature lab.",
+    )
     cli.add_flags(p, Config, required=("stage",))
-    args = p.parse_args(cli.renamed_flags(sys.argv[1:] if argv is None else argv, RENAMED, "promot.py"))
-    if not args.model and not args.data_dir:
+    cli.add_flags(p, diagnostics.TrainingFlags)
+    args = vars(p.parse_args(argv))
+    probes = {f.name: args.pop(f.name) for f in fields(diagnostics.TrainingFlags)}
+    if not args["model"] and not args["data_dir"]:
         # No model and no data: the miniature lab (README), so a newcomer sees ProMoT run.
-        for name, value in LAB_DEFAULTS.items():
-            setattr(args, name, getattr(args, name) or value)
-        print(f"promot.py: no --model/--data-dir: the miniature lab ({args.model}, {args.data_dir}, "
-              f"--task {args.task}, --out {args.out})", flush=True)
-    missing = [f"--{n.replace('_', '-')}" for n in ("model", "data_dir", "task", "out") if not getattr(args, n)]
+        args.update({k: args[k] or v for k, v in LAB_DEFAULTS.items()})
+        print(
+            f"promot.py: no --model/--data-dir: the miniature lab ({args['model']}, "
+            f"{args['data_dir']}, --task {args['task']}, --out {args['out']})",
+            flush=True,
+        )
+    missing = [
+        f"--{n.replace('_', '-')}" for n in ("model", "data_dir", "task", "out") if not args[n]
+    ]
     if missing:
-        p.error(f"the following arguments are required: {', '.join(missing)} "
-                "(omit both --model and --data-dir to run the miniature lab)")
-    cfg = Config(**vars(args))
+        p.error(
+            f"the following arguments are required: {', '.join(missing)} "
+            "(omit both --model and --data-dir to run the miniature lab)"
+        )
+    cfg = Config(**args, diagnostics=diagnostics.TrainingFlags(**probes))
     if cfg.stage == "1" and cfg.stage1_module == "lora" and cfg.lr is None:
         cfg.lr = 1e-3  # App. C.7 gives no LoRA rate; the prompt's 0.2 would swamp a rank-4 update
     for k in ("steps", "save_every", "lr", "label_smoothing", "weight_decay"):
@@ -620,108 +696,79 @@ def names(text):
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
-def prompt_words(cfg, task):
-    """The words of --prompt-init text: --prompt-init-text, else the task's label words."""
-    words = names(cfg.prompt_init_text) or list(task.label_words or ())
-    if not words:
-        raise UsageError(f"--prompt-init text: task {task.name!r} has no label words; pass --prompt-init-text")
-    if len(words) > cfg.prompt_length:
-        raise UsageError(f"--prompt-init-text has {len(words)} words, more than --prompt-length {cfg.prompt_length}")
-    return words
+def settings(cfg, world):
+    """cfg as RUN/config.json records it: one flat dict, the diagnostics flags included."""
+    saved = asdict(cfg)
+    return {**saved, **saved.pop("diagnostics"), "world_size": world}
 
 
-def check_inputs(cfg, ctx):
-    """Everything a user can get wrong, checked up front: one clear message, nothing written."""
-    if problem := cli.out_of_range(cfg):  # each flag's `valid` range
-        raise UsageError(problem)
-    per_rank, rest = divmod(cfg.batch_size, ctx.world)
-    if rest or per_rank % (cfg.micro_batch_size or per_rank):
-        raise UsageError(f"--batch-size {cfg.batch_size} must split evenly over {ctx.world} rank(s) and then into "
-                         f"micro-batches of --micro-batch-size {cfg.micro_batch_size or per_rank} examples")
-    inputs = check_model_and_data(cfg)
-    inputs.update(check_stage_inputs(cfg, inputs["config"], inputs["tasks"]))
-    inputs["data"] = {f"{t.name} {split}": data.fingerprint(x) for split in ("train", "validation")  # for --resume
-                      for t, x in zip(inputs["tasks"], inputs["train_sets" if split == "train" else "val_sets"] or ())}
-    run_checkpoints.check_run_folder(cfg.out, STAGES[cfg.stage].folder, cfg.resume, {**asdict(cfg), "world_size":
-                                     ctx.world}, RESUMABLE_CHANGES, ("model", "data_dir", "prompt", "lora"),
-                                     inputs["data"], cfg.allow_data_change)
-    return inputs
-
-
-def check_model_and_data(cfg):
-    """The checkpoint folder, its tokenizer and config, the tasks and their splits."""
-    if not os.path.isdir(cfg.model):
-        raise UsageError(f"--model {cfg.model}: no such checkpoint directory")
-    for name in ("config.json", "spiece.model"):
-        if not os.path.isfile(os.path.join(cfg.model, name)):
-            raise UsageError(f"--model {cfg.model}: no {name}; expected a Hugging Face T5/mT5 checkpoint "
-                             "directory with its SentencePiece vocabulary (spiece.model)")
-    if not os.path.isdir(cfg.data_dir):
-        raise UsageError(f"--data-dir {cfg.data_dir}: no such directory")
+def read_inputs(cfg, ctx):
+    """What the stage reads, checked before anything is written (checks.py): the checkpoint's
+    config and tokenizer, the tasks and their splits, stage 1's prompt or adapters, and that
+    --out may hold this run."""
+    checks.check_batch_split(cfg.batch_size, cfg.micro_batch_size, ctx.world)
+    checks.check_model_and_data_dir(cfg.model, cfg.data_dir)
     config = model_lib.read_config(cfg.model)
     tokenizer = data.Tokenizer(os.path.join(cfg.model, "spiece.model"))
-    tokenizer.check_fits(config.vocab_size)
-    task_names = names(cfg.task)
-    if not task_names or len(set(task_names)) != len(task_names):
-        raise UsageError(f"--task {cfg.task!r}: expected one task name or distinct comma-separated names")
-    tasks = [data.get_task(n, cfg.data_dir) for n in task_names]
-    train_sets = [data.load_split(t, cfg.data_dir, "train", limit=cfg.train_examples, seed=cfg.seed) for t in tasks]
-    val_sets = [data.load_split(t, cfg.data_dir, "validation") for t in tasks] if cfg.eval else None
-    for split, sets in (("train", train_sets), ("validation", val_sets or ())):
+    checks.check_tokenizer_fits(tokenizer, config.vocab_size)
+    tasks = data.register_tasks(names(cfg.task), cfg.data_dir)
+    splits = {"train": [], "validation": []}
+    for t in tasks:
+        sample = dict(limit=cfg.train_examples, seed=cfg.seed)
+        splits["train"].append(data.load_split(t, cfg.data_dir, "train", **sample))
+        if cfg.eval:
+            splits["validation"].append(data.load_split(t, cfg.data_dir, "validation"))
+    for split, sets in splits.items():
         for t, x in zip(tasks, sets):
-            data.check_template(t, x, split)
-    return dict(config=config, tokenizer=tokenizer, tasks=tasks, train_sets=train_sets, val_sets=val_sets)
-
-
-def check_stage_inputs(cfg, config, tasks):
-    """What the stage reads besides the model: stage 1's prompt or adapters, an initial prompt."""
-    adapters = None
-    if cfg.stage1_module == "lora":
-        if cfg.stage not in ("1", "2"):
-            raise UsageError(f"--stage1-module lora belongs to ProMoT's two stages (--stage 1 or 2), "
-                             f"not --stage {cfg.stage}")
-        if cfg.stage == "1":
-            lora.check_settings(cfg.lora_rank, names(cfg.lora_targets), "--lora-rank", "--lora-targets")
-            adapters = (None, {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": names(cfg.lora_targets)})
-        else:
-            path = stage1_file(cfg, cfg.lora, "lora.safetensors", "adapters", "--lora")
-            adapters = lora.read_lora(path, config.d_model)
-    source, prompt_file = what_trains(cfg)[0], None
-    if source == "stage1":
-        prompt_file = stage1_file(cfg, cfg.prompt, "prompt.safetensors", "prompt", "--prompt")
-    elif source == "new" and cfg.prompt_init == "file":
-        if not cfg.prompt:
-            raise UsageError("--prompt-init file needs --prompt FILE")
-        prompt_file = cfg.prompt
-    elif source == "new" and cfg.prompt_init == "text":
+            checks.check_template(t, x, split)
+    source = what_trains(cfg)[0]
+    path = checks.stage1_file(cfg, source)  # stage 1's prompt or adapters, or --prompt-init's
+    adapters = None, dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=names(cfg.lora_targets))
+    prompts, task_names = None, [t.name for t in tasks]
+    if path and cfg.stage1_module == "lora":
+        adapters = lora.read_lora(path, config.d_model)
+    elif path:  # its width, length and tasks are checked
+        prompts = prompt_formats.read_prompts(path, config.d_model, task_names, cfg.prompt_length)
+    if source == "new" and cfg.prompt_init == "text":
         for t in tasks:
-            prompt_words(cfg, t)
-    if prompt_file:  # its width, length and tasks
-        model_lib.read_prompts(prompt_file, config.d_model, [t.name for t in tasks], cfg.prompt_length)
-    return dict(adapters=adapters, prompt_file=prompt_file)
-
-
-def stage1_file(cfg, given, name, what, flag):
-    """The stage-1 file stage 2 reads: `given`, else RUN/stage1/best/<name>."""
-    path = given or os.path.join(cfg.out, "stage1", "best", name)
-    if not os.path.isfile(path):
-        raise UsageError(f"--stage {cfg.stage} --stage1-module {cfg.stage1_module} needs stage-1 {what}: none at "
-                         f"{path}; run --stage 1 with the same --out first, or pass {flag} FILE")
-    return path
+            checks.check_prompt_words(prompt_words(cfg, t), t.name, cfg.prompt_length)
+    fingerprints = {
+        f"{t.name} {split}": data.fingerprint(x)  # for --resume
+        for split, sets in splits.items()
+        for t, x in zip(tasks, sets)
+    }
+    run_checkpoints.check_run_folder(
+        cfg.out,
+        STAGES[cfg.stage].folder,
+        cfg.resume,
+        settings(cfg, ctx.world),
+        RESUMABLE_CHANGES,
+        PATHS,
+        fingerprints,
+        cfg.allow_data_change,
+    )
+    return dict(
+        config=config,
+        tokenizer=tokenizer,
+        tasks=tasks,
+        train_sets=splits["train"],
+        val_sets=splits["validation"] if cfg.eval else None,
+        adapters=adapters,
+        prompts=prompts,
+        data=fingerprints,
+    )
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
     code, message = 0, ""
     try:
-        train(cfg)
-    except (UsageError, model_lib.CheckpointError, data.DataError, lora.LoRAError, diagnostics.DiagnosticsError,
-            run_checkpoints.CheckpointFileError, prompt_formats.PromptFormatError) as e:
+        train(parse_args(argv))
+    except (BadInput, DamagedFile) as e:
         code, message = 2, f"promot.py: error: {e}"
     except Diverged as e:
         code, message = 1, f"promot.py: {e}"
     finally:  # on every exit, errors included, so no rank leaves the group behind
-        if message and (not dist.is_initialized() or dist.get_rank() == 0):  # every rank found the same problem
+        if message and (not dist.is_initialized() or dist.get_rank() == 0):  # all ranks agree
             print(message, file=sys.stderr)
         if dist.is_initialized():
             dist.destroy_process_group()

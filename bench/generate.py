@@ -1,7 +1,8 @@
 """Beam search speed of evaluate.generate against transformers' generate, side by side.
 
 Same random checkpoint (bench/shapes.py, t5-small shape by default), same inputs, same
-settings (beam 4, length penalty 1, early_stopping=False), in one process, the two taking
+settings (beam 4, length penalty 1, early_stopping=False; ours asked for transformers' length
+rule by name, length_rule="transformers"), in one process, the two taking
 turns so that a busy machine slows both alike. Two batches:
   padded  random inputs, half the rows padded to half length; a random model rarely writes
           EOS, so the answers run to --new tokens (the search's cost per step);
@@ -35,7 +36,7 @@ from helpers import load_oracle  # noqa: E402
 def padded_batch(vocab, batch, src, device):
     ids = torch.randint(2, vocab, (batch, src), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    mask[::2, src // 2:] = 0
+    mask[::2, src // 2 :] = 0
     return ids.to(device), mask.to(device)
 
 
@@ -48,7 +49,9 @@ def make_answers_mixed(ours, theirs, ids, mask, gap=8.0):
     ids = ids.clone()
     ids[short] = 7
     states = []
-    hook = ours.decoder.register_forward_hook(lambda module, args, out: states.append(out[:, -1].float()))
+    hook = ours.decoder.register_forward_hook(
+        lambda module, args, out: states.append(out[:, -1].float())
+    )
     evaluate.generate(ours, ids, mask, num_beams=1, max_new_tokens=4)
     hook.remove()
     h = torch.stack(states)  # (steps, batch, d_model)
@@ -64,12 +67,17 @@ def race(ours, theirs, ids, mask, args, device):
     settings = dict(num_beams=args.beams, max_new_tokens=args.new, length_penalty=1.0)
 
     def run_ours():
-        return evaluate.generate(ours, ids, mask, **settings)
+        return evaluate.generate(ours, ids, mask, length_rule="transformers", **settings)
 
     def run_theirs():
         with torch.no_grad():
-            return theirs.generate(input_ids=ids, attention_mask=mask, do_sample=False, early_stopping=False,
-                                   **settings)[:, 1:]
+            return theirs.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                early_stopping=False,
+                **settings,
+            )[:, 1:]
 
     a, b = run_ours(), run_theirs()  # warm-up, and the tokens must agree
     same = a.shape == b.shape and torch.equal(a, b)
@@ -78,7 +86,9 @@ def race(ours, theirs, ids, mask, args, device):
     lengths = [int(e[0]) + 1 if len(e) else a.shape[1] for e in ends]
     times = {"promot": 0.0, "transformers": 0.0}
     for i in range(args.iters):
-        for name, fn in ((("promot", run_ours), ("transformers", run_theirs))[:: 1 if i % 2 == 0 else -1]):
+        for name, fn in (("promot", run_ours), ("transformers", run_theirs))[
+            :: 1 if i % 2 == 0 else -1
+        ]:
             sync(device)
             start = time.perf_counter()
             fn()
@@ -88,17 +98,23 @@ def race(ours, theirs, ids, mask, args, device):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--shape", default="t5-small", choices=sorted(SHAPES))
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--src", type=int, default=64, help="input length (half the rows padded to half)")
+    ap.add_argument(
+        "--src", type=int, default=64, help="input length (half the rows padded to half)"
+    )
     ap.add_argument("--new", type=int, default=32, help="max_new_tokens")
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads [torch's default]")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--ckpt", default=None, help="checkpoint folder to make or reuse [a temporary one]")
+    ap.add_argument(
+        "--ckpt", default=None, help="checkpoint folder to make or reuse [a temporary one]"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,18 +124,28 @@ def main():
         ours = model.load_pretrained(ckpt, dtype=dtype, device=device).eval()
         theirs = load_oracle(ckpt).to(device=device, dtype=dtype)
     on = f"{args.dtype} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
-    print(f"{args.shape}: batch {args.batch} x {args.src} input tokens, beam {args.beams}, {args.new} new tokens "
-          f"max, {on}, {torch.get_num_threads()} threads")
+    print(
+        f"{args.shape}: batch {args.batch} x {args.src} input tokens, beam {args.beams}, "
+        f"{args.new} new tokens "
+        f"max, {on}, {torch.get_num_threads()} threads"
+    )
     ratios = []
     padded = padded_batch(ours.config.vocab_size, args.batch, args.src, device)
-    for case, (ids, mask) in (("padded", padded), ("mixed", make_answers_mixed(ours, theirs, *padded))):
+    for case, (ids, mask) in (
+        ("padded", padded),
+        ("mixed", make_answers_mixed(ours, theirs, *padded)),
+    ):
         same, lengths, times = race(ours, theirs, ids, mask, args, device)
         tokens = sum(lengths)
         print(f"  {case}: answer lengths {lengths}; same tokens: {same}")
         for name, seconds in times.items():
-            print(f"    {name:12s} {seconds * 1e3:9.1f} ms per call   {tokens / seconds:9.1f} tokens/s")
+            rate = f"{tokens / seconds:9.1f} tokens/s"
+            print(f"    {name:12s} {seconds * 1e3:9.1f} ms per call   {rate}")
         ratios.append(f"{case} {times['transformers'] / times['promot']:.2f}x")
-    print(f"beam search speed ratios (transformers time / promot time, {args.shape}, {on}): " + ", ".join(ratios))
+    print(
+        f"beam search speed ratios (transformers time / promot time, {args.shape}, {on}): "
+        + ", ".join(ratios)
+    )
 
 
 if __name__ == "__main__":

@@ -15,12 +15,26 @@ import time
 
 import torch
 
-sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.join(os.path.dirname(__file__), "..", "tests")]
+sys.path[:0] = [
+    os.path.join(os.path.dirname(__file__), ".."),
+    os.path.join(os.path.dirname(__file__), "..", "tests"),
+]
 import model  # noqa: E402
+from support import t5x_loss  # noqa: E402
 from helpers import load_oracle, make_checkpoint  # noqa: E402
 
-SHAPES = {"small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6,
-                        num_heads=8, dropout_rate=0.0)}
+SHAPES = {
+    "small": dict(
+        vocab_size=32128,
+        d_model=512,
+        d_kv=64,
+        d_ff=2048,
+        num_layers=6,
+        num_decoder_layers=6,
+        num_heads=8,
+        dropout_rate=0.0,
+    )
+}
 
 
 def timed(fn, iters):
@@ -32,7 +46,9 @@ def timed(fn, iters):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--kind", default="t5v1_1", choices=["t5", "t5v1_1", "mt5"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--src", type=int, default=256)
@@ -46,7 +62,7 @@ def main():
     vocab = ours.config.vocab_size
     ids = torch.randint(2, vocab, (args.batch, args.src))
     mask = torch.ones_like(ids)
-    mask[::2, args.src // 2:] = 0  # half the rows padded to half length
+    mask[::2, args.src // 2 :] = 0  # half the rows padded to half length
     labels = torch.randint(2, vocab, (args.batch, args.tgt))
     dec = model.shift_right(labels)
 
@@ -59,7 +75,7 @@ def main():
             theirs(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
 
     def ours_step():
-        total, count = model.cross_entropy(ours(ids, mask, dec), labels)
+        total, count = t5x_loss.cross_entropy(ours(ids, mask, dec), labels)
         (total / count).backward()
         ours.zero_grad(set_to_none=True)
 
@@ -69,11 +85,16 @@ def main():
 
     ours.train(), theirs.train()  # dropout is 0: train mode only turns on autograd bookkeeping
     results = {}
-    for name, a, b in (("forward", ours_forward, theirs_forward), ("train step", ours_step, theirs_step)):
+    for name, a, b in (
+        ("forward", ours_forward, theirs_forward),
+        ("train step", ours_step, theirs_step),
+    ):
         t_ours, t_theirs = timed(a, args.iters), timed(b, args.iters)
         results[name] = t_theirs / t_ours
-        print(f"{name:10s}  promot {t_ours * 1e3:8.1f} ms   transformers {t_theirs * 1e3:8.1f} ms   "
-              f"({args.batch}x{args.src} -> {args.tgt} tokens, {torch.get_num_threads()} threads)")
+        print(
+            f"{name:10s}  promot {t_ours * 1e3:8.1f} ms   transformers {t_theirs * 1e3:8.1f} ms   "
+            f"({args.batch}x{args.src} -> {args.tgt} tokens, {torch.get_num_threads()} threads)"
+        )
     print(" ".join(f"{k} speed ratio (transformers/promot): {v:.2f}x" for k, v in results.items()))
 
 

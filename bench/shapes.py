@@ -4,6 +4,7 @@ A checkpoint is made by tests/helpers.make_checkpoint (transformers' own
 initialisation, written in the public Hugging Face layout), so promot and
 transformers load the same weights from the same files.
 """
+
 import os
 import shutil
 import sys
@@ -17,14 +18,54 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 # name -> (checkpoint kind, config). "t5-small" is a T5.1.1 (gated GELU, separate head) at
 # t5-small's depth and width with t5-v1_1-small's d_ff; the others are the public configs.
 SHAPES = {
-    "tiny": ("t5v1_1", dict(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                            num_heads=4)),
-    "t5-small": ("t5v1_1", dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=6,
-                                num_decoder_layers=6, num_heads=8)),
-    "t5-base": ("t5v1_1", dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12,
-                               num_decoder_layers=12, num_heads=12)),
-    "mt5-large": ("mt5", dict(vocab_size=250112, d_model=1024, d_kv=64, d_ff=2816, num_layers=24,
-                              num_decoder_layers=24, num_heads=16)),
+    "tiny": (
+        "t5v1_1",
+        dict(
+            vocab_size=512,
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+        ),
+    ),
+    "t5-small": (
+        "t5v1_1",
+        dict(
+            vocab_size=32128,
+            d_model=512,
+            d_kv=64,
+            d_ff=1024,
+            num_layers=6,
+            num_decoder_layers=6,
+            num_heads=8,
+        ),
+    ),
+    "t5-base": (
+        "t5v1_1",
+        dict(
+            vocab_size=32128,
+            d_model=768,
+            d_kv=64,
+            d_ff=2048,
+            num_layers=12,
+            num_decoder_layers=12,
+            num_heads=12,
+        ),
+    ),
+    "mt5-large": (
+        "mt5",
+        dict(
+            vocab_size=250112,
+            d_model=1024,
+            d_kv=64,
+            d_ff=2816,
+            num_layers=24,
+            num_decoder_layers=24,
+            num_heads=16,
+        ),
+    ),
 }
 
 
@@ -33,9 +74,12 @@ def make_checkpoint(shape, folder):
     script hands the same folder to every bench). Its dropout rate is T5's 0.1, which
     transformers reads for training, attention probabilities included."""
     from helpers import make_checkpoint as write
+
     if not os.path.isfile(os.path.join(folder, "config.json")):
         kind, config = SHAPES[shape]
-        partial = folder.rstrip("/") + ".partial"  # renamed when complete: a killed run leaves no half checkpoint
+        partial = (
+            folder.rstrip("/") + ".partial"
+        )  # renamed when complete: a killed run leaves no half checkpoint
         shutil.rmtree(partial, ignore_errors=True)
         write(partial, kind=kind, dropout_rate=0.1, **config)
         if os.path.isdir(folder):
@@ -53,7 +97,10 @@ def gemm_peak(device, dtype, n=None, repeats=5):
     """FLOP/s of the best of `repeats` (n x n) @ (n x n) products: what this machine's matrix
     multiply reaches now, the yardstick of the achieved fraction."""
     n = n or (8192 if device.type == "cuda" else 2048)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (
+        torch.randn(n, n, device=device, dtype=dtype),
+        torch.randn(n, n, device=device, dtype=dtype),
+    )
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -62,12 +109,21 @@ def gemm_peak(device, dtype, n=None, repeats=5):
         a @ b
         sync(device)
         best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, for MFU.
-BF16_PEAK_TFLOPS = {"H200": 989, "H100 SXM": 989, "H100 NVL": 835, "H100 PCIe": 756, "H100": 989, "A100": 312,
-                    "L40S": 362, "A10G": 70, "L4": 121}
+BF16_PEAK_TFLOPS = {
+    "H200": 989,
+    "H100 SXM": 989,
+    "H100 NVL": 835,
+    "H100 PCIe": 756,
+    "H100": 989,
+    "A100": 312,
+    "L40S": 362,
+    "A10G": 70,
+    "L4": 121,
+}
 
 
 def bf16_peak(device):

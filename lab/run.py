@@ -1,21 +1,21 @@
 """lab/run.py: the whole ProMoT comparison, in miniature, on a CPU.
 
-    python lab/run.py                 # under 10 minutes on 2 CPU cores -> runs/lab_comparison/table.md
-    python lab/run.py --quick         # a couple of minutes: fewer steps and examples (CI)
+    python lab/run.py          # under 10 minutes on 2 CPU cores -> runs/lab_comparison/table.md
+    python lab/run.py --quick  # a couple of minutes: fewer steps and examples (CI)
 
 It does what the paper's Table 3 does, with the bundled tiny T5 (lab/tiny-t5/)
 and the synthetic suite (lab/tasks.py) in place of mT5 XXL and the ten data sets,
 by calling the two programs a user calls, promot.py and evaluate.py, as
 subprocesses (every command is printed, so each step can be rerun by hand):
 
-  1. write the suite as JSONL tasks:        python -m lab.tasks --out RUN/data
-  2. Pretrained:                            evaluate.py on lab/tiny-t5
-  3. Prompt tuning:                         promot.py --stage 1, evaluate.py with its prompt
-  4. ProMoT:                                promot.py --stage 2 (same run folder), evaluate.py
-  5. Standard fine-tuning:                  promot.py --stage finetune, evaluate.py
-  6. ProMoT + 1-shot:                       stages 1 and 2 with --shots 1, evaluate.py
-  7. the table:                             RUN/table.md (and RUN/table.json)
-  8. the diagnostics figures:               diagnostics.py plot RUN/finetune RUN/promot --out RUN/figures
+  1. write the suite as JSONL tasks:  python -m lab.tasks --out RUN/data
+  2. Pretrained:                      evaluate.py on lab/tiny-t5
+  3. Prompt tuning:                   promot.py --stage 1, evaluate.py with its prompt
+  4. ProMoT:                          promot.py --stage 2 (same run folder), evaluate.py
+  5. Standard fine-tuning:            promot.py --stage finetune, evaluate.py
+  6. ProMoT + 1-shot:                 stages 1 and 2 with --shots 1, evaluate.py
+  7. the table:                       RUN/table.md (and RUN/table.json)
+  8. the diagnostics figures:         diagnostics.py plot RUN/finetune RUN/promot --out RUN/figures
 
 Standard fine-tuning and ProMoT's stage 2 run with the paper's §3 diagnostics:
 in-context probes of four unseen tasks (lab_lives, lab_kind, lab_who, lab_news: their
@@ -55,13 +55,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lab import tasks as lab_tasks  # noqa: E402
-from support import cli  # noqa: E402
 
 FINE_TUNING_TASK = lab_tasks.FINE_TUNING_TASK
 EVALUATION_TASKS = lab_tasks.EVALUATION_TASKS
 # Tasks whose answers are never "True"/"False": where a True/False answer is format specialization.
-OTHER_FORMAT_TASKS = tuple(n for n in EVALUATION_TASKS
-                           if "True" not in (lab_tasks.make_task(n).label_words or ()))
+OTHER_FORMAT_TASKS = tuple(
+    n for n in EVALUATION_TASKS if "True" not in (lab_tasks.make_task(n).label_words or ())
+)
 # Probed during standard fine-tuning and stage 2 (paper Fig. 1-2): the CB-like task, the multiple
 # choice, a short answer and the summary, which standard fine-tuning turns to "True"/"False".
 PROBE_TASKS = ("lab_lives", "lab_kind", "lab_who", "lab_news")
@@ -77,17 +77,48 @@ PROBE_TASKS = ("lab_lives", "lab_kind", "lab_who", "lab_news")
 # model was pretrained without dropout (as T5.1.1 was), and with the previous checkpoint
 # standard fine-tuning at 0.1 did not learn lab_owns at all (57.8% after 200 steps).
 SETTINGS = {
-    "full": dict(stage1_steps=200, stage2_steps=400, batch_size=32, prompt_length=20, stage1_lr=0.2,
-                 lr=1e-2, dropout=0.0, save_every=100, model_save_every=400, eval_examples=64, limit=64,
-                 train_size=4000, probe_every=50, probe_limit=32),
-    "quick": dict(stage1_steps=60, stage2_steps=200, batch_size=16, prompt_length=20, stage1_lr=0.2,
-                  lr=1e-2, dropout=0.0, save_every=30, model_save_every=200, eval_examples=32, limit=32,
-                  train_size=1000, probe_every=50, probe_limit=16),
+    "full": dict(
+        stage1_steps=200,
+        stage2_steps=400,
+        batch_size=32,
+        prompt_length=20,
+        stage1_lr=0.2,
+        lr=1e-2,
+        dropout=0.0,
+        save_every=100,
+        model_save_every=400,
+        eval_examples=64,
+        limit=64,
+        train_size=4000,
+        probe_every=50,
+        probe_limit=32,
+    ),
+    "quick": dict(
+        stage1_steps=60,
+        stage2_steps=200,
+        batch_size=16,
+        prompt_length=20,
+        stage1_lr=0.2,
+        lr=1e-2,
+        dropout=0.0,
+        save_every=30,
+        model_save_every=200,
+        eval_examples=32,
+        limit=32,
+        train_size=1000,
+        probe_every=50,
+        probe_limit=16,
+    ),
 }
 
 METHODS = ("pretrained", "prompt_tuning", "finetune", "promot", "promot_1shot")
-TITLES = {"pretrained": "Pretrained", "prompt_tuning": "Prompt tuning", "finetune": "Standard fine-tuning",
-          "promot": "ProMoT", "promot_1shot": "ProMoT + 1-shot"}
+TITLES = {
+    "pretrained": "Pretrained",
+    "prompt_tuning": "Prompt tuning",
+    "finetune": "Standard fine-tuning",
+    "promot": "ProMoT",
+    "promot_1shot": "ProMoT + 1-shot",
+}
 
 
 def run(cmd, log_path: Path, quiet: bool) -> None:
@@ -95,8 +126,14 @@ def run(cmd, log_path: Path, quiet: bool) -> None:
     print("$ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(
+            [str(c) for c in cmd],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
         for line in proc.stdout:
             log.write(line)
             if not quiet and "\r" not in line:
@@ -104,37 +141,103 @@ def run(cmd, log_path: Path, quiet: bool) -> None:
         code = proc.wait()
     if code != 0:
         tail = log_path.read_text(encoding="utf-8").splitlines()[-15:]
-        raise SystemExit(f"lab/run.py: command failed (exit {code}); last lines of {log_path}:\n" + "\n".join(tail))
+        raise SystemExit(
+            f"lab/run.py: command failed (exit {code}); last lines of {log_path}:\n"
+            + "\n".join(tail)
+        )
 
 
 def diagnostics_flags(s: dict) -> list:
     """promot.py flags for the paper's §3 measurements during model tuning."""
     steps = s["stage2_steps"]
     every = min(s["probe_every"], steps)
-    return ["--probe-every", every, "--probe-tasks", ",".join(PROBE_TASKS), "--probe-shots", 1,
-            "--probe-limit", s["probe_limit"], "--align-steps", f"0,{steps}",
-            "--align-batch-size", 16]
+    return [
+        "--probe-every",
+        every,
+        "--probe-tasks",
+        ",".join(PROBE_TASKS),
+        "--probe-shots",
+        1,
+        "--probe-limit",
+        s["probe_limit"],
+        "--align-steps",
+        f"0,{steps}",
+        "--align-batch-size",
+        16,
+    ]
 
 
 def train(stage, out: Path, s: dict, model: str, data_dir: Path, quiet: bool, extra=()):
     steps = s["stage1_steps"] if stage == "1" else s["stage2_steps"]
     lr = s["stage1_lr"] if stage == "1" else s["lr"]
     save_every = s["save_every"] if stage == "1" else s["model_save_every"]
-    cmd = [sys.executable, "promot.py", "--stage", stage, "--model", model, "--data-dir", data_dir,
-           "--task", FINE_TUNING_TASK, "--out", out, "--steps", steps, "--lr", lr,
-           "--batch-size", s["batch_size"], "--save-every", save_every, "--log-every", 25,
-           "--dropout", s["dropout"],
-           "--prompt-length", s["prompt_length"], "--prompt-init", "vocab",
-           "--num-beams", 1, "--eval-examples", s["eval_examples"], "--max-new-tokens", 16,
-           "--seed", s["seed"], *extra]
+    cmd = [
+        sys.executable,
+        "promot.py",
+        "--stage",
+        stage,
+        "--model",
+        model,
+        "--data-dir",
+        data_dir,
+        "--task",
+        FINE_TUNING_TASK,
+        "--out",
+        out,
+        "--steps",
+        steps,
+        "--lr",
+        lr,
+        "--batch-size",
+        s["batch_size"],
+        "--save-every",
+        save_every,
+        "--log-every",
+        25,
+        "--dropout",
+        s["dropout"],
+        "--prompt-length",
+        s["prompt_length"],
+        "--prompt-init",
+        "vocab",
+        "--num-beams",
+        1,
+        "--eval-examples",
+        s["eval_examples"],
+        "--max-new-tokens",
+        16,
+        "--seed",
+        s["seed"],
+        *extra,
+    ]
     run(cmd, out.parent / "logs" / f"{out.name}_{stage}.txt", quiet)
 
 
 def evaluate(name, model, prompt, out: Path, s: dict, data_dir: Path, quiet: bool):
-    cmd = [sys.executable, "evaluate.py", "--model", model, "--data-dir", data_dir,
-           "--out", out / "eval" / f"{name}.json", "--eval-tasks", ",".join(EVALUATION_TASKS), "--shots", "1",
-           "--task", FINE_TUNING_TASK, "--num-beams", 1, "--max-new-tokens", 40,
-           "--eval-batch-size", 32, "--eval-examples", s["limit"]]
+    cmd = [
+        sys.executable,
+        "evaluate.py",
+        "--model",
+        model,
+        "--data-dir",
+        data_dir,
+        "--out",
+        out / "eval" / f"{name}.json",
+        "--eval-tasks",
+        ",".join(EVALUATION_TASKS),
+        "--shots",
+        "1",
+        "--task",
+        FINE_TUNING_TASK,
+        "--num-beams",
+        1,
+        "--max-new-tokens",
+        40,
+        "--eval-batch-size",
+        32,
+        "--eval-examples",
+        s["limit"],
+    ]
     if prompt:
         cmd += ["--prompt", prompt]
     run(cmd, out / "eval" / f"{name}.log", quiet)
@@ -146,12 +249,17 @@ def summarize(results: dict) -> dict:
     table = {}
     for method, res in results.items():
         row = {}
-        for r in res["runs"]:  # a +1-shot run's task is also scored 1-shot (its training.json); here 0-shot
+        for r in res[
+            "runs"
+        ]:  # a +1-shot run's task is also scored 1-shot (its training.json); here 0-shot
             if r["role"] == "evaluation" or r["shots"] == 0:
                 row[r["task"]] = r["score"]
         row["norm_avg"] = res["norm_avg"]["1"]
-        ratios = [r["format_ratio"] for r in res["runs"]
-                  if r["role"] == "evaluation" and r["task"] in OTHER_FORMAT_TASKS]
+        ratios = [
+            r["format_ratio"]
+            for r in res["runs"]
+            if r["role"] == "evaluation" and r["task"] in OTHER_FORMAT_TASKS
+        ]
         row["true_false_ratio"] = sum(ratios) / len(ratios)
         table[method] = row
     return table
@@ -160,10 +268,15 @@ def summarize(results: dict) -> dict:
 def markdown(table: dict) -> str:
     """Tasks as rows, methods as columns, like the paper's Table 3."""
     methods = list(table)
-    lines = ["| | " + " | ".join(TITLES[m] for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    lines = [
+        "| | " + " | ".join(TITLES[m] for m in methods) + " |",
+        "|---" * (len(methods) + 1) + "|",
+    ]
 
     def row(label, key, fmt="{:.1f}"):
-        lines.append(f"| {label} | " + " | ".join(fmt.format(table[m][key]) for m in methods) + " |")
+        lines.append(
+            f"| {label} | " + " | ".join(fmt.format(table[m][key]) for m in methods) + " |"
+        )
 
     row(f"**{FINE_TUNING_TASK}** (fine-tuned, 0-shot, accuracy)", FINE_TUNING_TASK)
     row("**Norm. Avg.** (8 unseen tasks, 1-shot)", "norm_avg")
@@ -179,6 +292,7 @@ def figure(table: dict, path: Path) -> bool:
     training). Needs matplotlib (requirements-dev.txt); returns False without it."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -187,12 +301,25 @@ def figure(table: dict, path: Path) -> bool:
     x = range(len(methods))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     width = 0.38
-    left.bar([i - width / 2 for i in x], [table[m][FINE_TUNING_TASK] for m in methods], width,
-             label=f"{FINE_TUNING_TASK} (fine-tuned, 0-shot)", color="#4c72b0")
-    left.bar([i + width / 2 for i in x], [table[m]["norm_avg"] for m in methods], width,
-             label="Norm. Avg. of 8 unseen tasks (1-shot)", color="#dd8452")
+    left.bar(
+        [i - width / 2 for i in x],
+        [table[m][FINE_TUNING_TASK] for m in methods],
+        width,
+        label=f"{FINE_TUNING_TASK} (fine-tuned, 0-shot)",
+        color="#4c72b0",
+    )
+    left.bar(
+        [i + width / 2 for i in x],
+        [table[m]["norm_avg"] for m in methods],
+        width,
+        label="Norm. Avg. of 8 unseen tasks (1-shot)",
+        color="#dd8452",
+    )
     right.bar(list(x), [table[m]["true_false_ratio"] for m in methods], 0.6, color="#c44e52")
-    for ax, title in ((left, "scores"), (right, "'True'/'False' answers on other-format tasks (%)")):
+    for ax, title in (
+        (left, "scores"),
+        (right, "'True'/'False' answers on other-format tasks (%)"),
+    ):
         ax.set_xticks(list(x))
         ax.set_xticklabels([TITLES[m] for m in methods], rotation=20, ha="right", fontsize=8)
         ax.set_ylim(0, 118 if ax is left else 100)
@@ -205,28 +332,57 @@ def figure(table: dict, path: Path) -> bool:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The miniature ProMoT comparison (pretrained, prompt tuning, "
-                                            "fine-tuning, ProMoT, ProMoT + 1-shot) on the bundled tiny T5.")
-    p.add_argument("--out", default=str(ROOT / "runs" / "lab_comparison"),
-                   help="run folder (replaced); not runs/lab, which the flagless promot.py uses")
+    p = argparse.ArgumentParser(
+        description="The miniature ProMoT comparison (pretrained, prompt tuning, "
+        "fine-tuning, ProMoT, ProMoT + 1-shot) on the bundled tiny T5."
+    )
+    p.add_argument(
+        "--out",
+        default=str(ROOT / "runs" / "lab_comparison"),
+        help="run folder (replaced); not runs/lab, which the flagless promot.py uses",
+    )
     p.add_argument("--model", default=str(ROOT / "lab" / "tiny-t5"), help="pretrained checkpoint")
-    p.add_argument("--quick", action="store_true", help="fewer steps and examples: a couple of minutes")
-    p.add_argument("--steps", type=int, default=None, help="override the steps of every training stage")
-    p.add_argument("--eval-examples", dest="limit", type=int, default=None,
-                   help="override the examples scored per task")
-    p.add_argument("--lr", type=float, default=None, help="override the model-tuning lr (stage 2, fine-tuning)")
-    p.add_argument("--stage1-lr", type=float, default=None, help="override the prompt lr of stage 1")
-    p.add_argument("--dropout", type=float, default=None, help="override the dropout of every stage")
-    p.add_argument("--seed", type=int, default=0,
-                   help="promot.py's --seed for every training stage (data order, prompt init, demonstrations); "
-                        "evaluation keeps its demonstrations (seed 0), so the pretrained column does not move")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer steps and examples: a couple of minutes"
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="override the steps of every training stage"
+    )
+    p.add_argument(
+        "--eval-examples",
+        dest="limit",
+        type=int,
+        default=None,
+        help="override the examples scored per task",
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help="override the model-tuning lr (stage 2, fine-tuning)"
+    )
+    p.add_argument(
+        "--stage1-lr", type=float, default=None, help="override the prompt lr of stage 1"
+    )
+    p.add_argument(
+        "--dropout", type=float, default=None, help="override the dropout of every stage"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="promot.py's --seed for every training stage (data order, prompt init, "
+        "demonstrations); "
+        "evaluation keeps its demonstrations (seed 0), so the pretrained column does not move",
+    )
     p.add_argument("--quiet", action="store_true", help="print only commands and the table")
-    args = p.parse_args(cli.renamed_flags(sys.argv[1:] if argv is None else argv, {"--limit": "--eval-examples"},
-                                          "lab/run.py"))
+    args = p.parse_args(argv)
 
     s = dict(SETTINGS["quick" if args.quick else "full"])
     if args.steps:
-        s.update(stage1_steps=args.steps, stage2_steps=args.steps, save_every=args.steps, model_save_every=args.steps)
+        s.update(
+            stage1_steps=args.steps,
+            stage2_steps=args.steps,
+            save_every=args.steps,
+            model_save_every=args.steps,
+        )
     if args.limit:
         s.update(limit=args.limit, eval_examples=args.limit)
     if args.lr is not None:
@@ -239,12 +395,16 @@ def main(argv=None):
     out = Path(args.out)
     if out.exists():
         import shutil
+
         shutil.rmtree(out)
     out.mkdir(parents=True)
     started = time.time()
     data_dir = out / "data"
-    run([sys.executable, "-m", "lab.tasks", "--out", data_dir, "--train-size", s["train_size"]],
-        out / "log_data.txt", args.quiet)
+    run(
+        [sys.executable, "-m", "lab.tasks", "--out", data_dir, "--train-size", s["train_size"]],
+        out / "log_data.txt",
+        args.quiet,
+    )
 
     timings, results = {}, {}
 
@@ -255,35 +415,80 @@ def main(argv=None):
         return value
 
     m = args.model
-    results["pretrained"] = timed("eval pretrained", lambda: evaluate("pretrained", m, None, out, s, data_dir, args.quiet))
+    results["pretrained"] = timed(
+        "eval pretrained", lambda: evaluate("pretrained", m, None, out, s, data_dir, args.quiet)
+    )
     timed("stage 1", lambda: train("1", out / "promot", s, m, data_dir, args.quiet))
     prompt = out / "promot" / "stage1" / "best" / "prompt.safetensors"
-    results["prompt_tuning"] = timed("eval prompt tuning",
-                                     lambda: evaluate("prompt_tuning", m, prompt, out, s, data_dir, args.quiet))
+    results["prompt_tuning"] = timed(
+        "eval prompt tuning",
+        lambda: evaluate("prompt_tuning", m, prompt, out, s, data_dir, args.quiet),
+    )
     diag = diagnostics_flags(s)
     timed("finetune", lambda: train("finetune", out / "finetune", s, m, data_dir, args.quiet, diag))
-    results["finetune"] = timed("eval finetune", lambda: evaluate(
-        "finetune", out / "finetune" / "finetune" / "best", None, out, s, data_dir, args.quiet))
+    results["finetune"] = timed(
+        "eval finetune",
+        lambda: evaluate(
+            "finetune", out / "finetune" / "finetune" / "best", None, out, s, data_dir, args.quiet
+        ),
+    )
     timed("stage 2", lambda: train("2", out / "promot", s, m, data_dir, args.quiet, diag))
     best = out / "promot" / "stage2" / "best"
-    results["promot"] = timed("eval promot", lambda: evaluate(
-        "promot", best, best / "prompt.safetensors", out, s, data_dir, args.quiet))
-    timed("stage 1 +1-shot", lambda: train("1", out / "promot_1shot", s, m, data_dir, args.quiet, ["--shots", 1]))
-    timed("stage 2 +1-shot", lambda: train("2", out / "promot_1shot", s, m, data_dir, args.quiet, ["--shots", 1]))
+    results["promot"] = timed(
+        "eval promot",
+        lambda: evaluate("promot", best, best / "prompt.safetensors", out, s, data_dir, args.quiet),
+    )
+    timed(
+        "stage 1 +1-shot",
+        lambda: train("1", out / "promot_1shot", s, m, data_dir, args.quiet, ["--shots", 1]),
+    )
+    timed(
+        "stage 2 +1-shot",
+        lambda: train("2", out / "promot_1shot", s, m, data_dir, args.quiet, ["--shots", 1]),
+    )
     best = out / "promot_1shot" / "stage2" / "best"
-    results["promot_1shot"] = timed("eval promot 1-shot", lambda: evaluate(
-        "promot_1shot", best, best / "prompt.safetensors", out, s, data_dir, args.quiet))
+    results["promot_1shot"] = timed(
+        "eval promot 1-shot",
+        lambda: evaluate(
+            "promot_1shot", best, best / "prompt.safetensors", out, s, data_dir, args.quiet
+        ),
+    )
 
     table = summarize({k: results[k] for k in METHODS})
     text = markdown(table)
     drew = figure(table, out / "figure.png")
-    timed("figures", lambda: run([sys.executable, "diagnostics.py", "plot", out / "finetune", out / "promot",
-                                  "--out", out / "figures"], out / "logs" / "plot.txt", args.quiet))
+    timed(
+        "figures",
+        lambda: run(
+            [
+                sys.executable,
+                "diagnostics.py",
+                "plot",
+                out / "finetune",
+                out / "promot",
+                "--out",
+                out / "figures",
+            ],
+            out / "logs" / "plot.txt",
+            args.quiet,
+        ),
+    )
     minutes = (time.time() - started) / 60
     (out / "table.md").write_text(text + "\n", encoding="utf-8")
-    (out / "table.json").write_text(json.dumps({"table": table, "settings": s, "model": str(args.model),
-                                                "seconds": timings, "minutes": round(minutes, 1)},
-                                               indent=1) + "\n", encoding="utf-8")
+    (out / "table.json").write_text(
+        json.dumps(
+            {
+                "table": table,
+                "settings": s,
+                "model": str(args.model),
+                "seconds": timings,
+                "minutes": round(minutes, 1),
+            },
+            indent=1,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     print("\n" + text)
     if drew:
         print(f"figure: {out}/figure.png")

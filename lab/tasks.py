@@ -53,8 +53,24 @@ import data  # noqa: E402
 # The world
 # --------------------------------------------------------------------------
 
-NAMES = ("Anna", "Ben", "Carl", "Dora", "Emil", "Fay", "Gus", "Hana",
-         "Ivan", "Jule", "Kai", "Lena", "Milo", "Nora", "Omar", "Pia")
+NAMES = (
+    "Anna",
+    "Ben",
+    "Carl",
+    "Dora",
+    "Emil",
+    "Fay",
+    "Gus",
+    "Hana",
+    "Ivan",
+    "Jule",
+    "Kai",
+    "Lena",
+    "Milo",
+    "Nora",
+    "Omar",
+    "Pia",
+)
 COLORS = ("red", "blue", "green", "black", "white", "yellow", "brown", "pink")
 ANIMALS = ("cat", "dog", "fox", "owl", "bird", "fish", "frog", "goat", "horse", "mouse")
 CITIES = ("Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Delhi", "Berlin", "Madrid", "Quito")
@@ -63,14 +79,42 @@ VERBS = ("sees", "likes", "finds", "holds", "wants", "paints")
 
 # A made-up target language, word for word (the miniature's "German").
 ZORBISH = {
-    "the": "ka", "a": "u", "and": "mo",
-    "red": "rusk", "blue": "blim", "green": "grof", "black": "zwat", "white": "vell",
-    "yellow": "yolp", "brown": "brun", "pink": "pimo",
-    "cat": "miska", "dog": "hundo", "fox": "foka", "owl": "huba", "bird": "pivo", "fish": "fisk",
-    "frog": "krak", "goat": "gezi", "horse": "perdo", "mouse": "musi",
-    "book": "libo", "lamp": "lumo", "chair": "sedo", "cup": "tazi", "hat": "kapo", "ball": "balo",
-    "key": "klavo", "coat": "mantu", "box": "kesti", "pen": "plumi",
-    "sees": "vidas", "likes": "amas", "finds": "trovas", "holds": "tenas", "wants": "volas",
+    "the": "ka",
+    "a": "u",
+    "and": "mo",
+    "red": "rusk",
+    "blue": "blim",
+    "green": "grof",
+    "black": "zwat",
+    "white": "vell",
+    "yellow": "yolp",
+    "brown": "brun",
+    "pink": "pimo",
+    "cat": "miska",
+    "dog": "hundo",
+    "fox": "foka",
+    "owl": "huba",
+    "bird": "pivo",
+    "fish": "fisk",
+    "frog": "krak",
+    "goat": "gezi",
+    "horse": "perdo",
+    "mouse": "musi",
+    "book": "libo",
+    "lamp": "lumo",
+    "chair": "sedo",
+    "cup": "tazi",
+    "hat": "kapo",
+    "ball": "balo",
+    "key": "klavo",
+    "coat": "mantu",
+    "box": "kesti",
+    "pen": "plumi",
+    "sees": "vidas",
+    "likes": "amas",
+    "finds": "trovas",
+    "holds": "tenas",
+    "wants": "volas",
     "paints": "pentras",
 }
 
@@ -102,6 +146,7 @@ def _sentence_list(sentences):
 # these; with three facts and two attributes per fact (the first version of this
 # suite) it stayed at chance after 33 minutes.
 
+
 def gen_owns(rng):
     """RTE-like: does the fact entail the statement? A false statement changes the color or the animal."""
     person, color, animal = rng.choice(NAMES), rng.choice(COLORS), rng.choice(ANIMALS)
@@ -112,8 +157,13 @@ def gen_owns(rng):
             said_color = rng.choice([c for c in COLORS if c != color])
         else:
             said_animal = rng.choice([a for a in ANIMALS if a != animal])
-    return ({"premise": f"{person} has a {color} {animal}.", "hypothesis": f"{person} has a {said_color} {said_animal}."},
-            ["True" if label else "False"])
+    return (
+        {
+            "premise": f"{person} has a {color} {animal}.",
+            "hypothesis": f"{person} has a {said_color} {said_animal}.",
+        },
+        ["True" if label else "False"],
+    )
 
 
 def gen_both(rng):
@@ -122,7 +172,9 @@ def gen_both(rng):
     words = rng.sample(pool, 4)
     label = rng.random() < 0.5
     word = rng.choice(words) if label else rng.choice([w for w in pool if w not in words])
-    return {"sentence1": "List: " + " ".join(words) + ".", "word": word}, ["True" if label else "False"]
+    return {"sentence1": "List: " + " ".join(words) + ".", "word": word}, [
+        "True" if label else "False"
+    ]
 
 
 def gen_lives(rng):
@@ -136,7 +188,9 @@ def gen_lives(rng):
         who, city = person, rng.choice([c for c in CITIES if c != home])
     else:
         who, city = other, rng.choice(CITIES)
-    return {"premise": f"{person} lives in {home}.", "hypothesis": f"{who} lives in {city}."}, [label]
+    return {"premise": f"{person} lives in {home}.", "hypothesis": f"{who} lives in {city}."}, [
+        label
+    ]
 
 
 def _a(word: str) -> str:
@@ -154,13 +208,19 @@ def _a(word: str) -> str:
 # learned after a plateau of 600-900 steps, and a multiple choice that asks for
 # a varying kind of word (a color, a city ...) was still at chance after 1200.
 
+
 def gen_kind(rng):
     """OpenbookQA-like: which of these is an animal? One option is, the three others are colors,
     cities or things."""
     options = [rng.choice(ANIMALS)] + rng.sample(COLORS + CITIES + THINGS, 3)
     order = rng.sample(range(4), 4)
-    return ({"question": "Which of these is an animal?",
-             **{f"option_{l}": options[k] for l, k in zip("abcd", order)}}, ["ABCD"[order.index(0)]])
+    return (
+        {
+            "question": "Which of these is an animal?",
+            **{f"option_{letter}": options[k] for letter, k in zip("abcd", order)},
+        },
+        ["ABCD"[order.index(0)]],
+    )
 
 
 def gen_who(rng):
@@ -229,24 +289,78 @@ TEMPLATE_BOTH = "{sentence1} question: The word {word} is in the list. Is it tru
 
 # name -> (data.Task keyword arguments, generator)
 SUITE = {
-    "lab_owns": (dict(template=data.TEMPLATE_RTE, metric="accuracy", label_words=("True", "False"),
-                      format="true_false"), gen_owns),
-    "lab_both": (dict(template=TEMPLATE_BOTH, metric="accuracy", label_words=("True", "False"),
-                      format="true_false"), gen_both),
-    "lab_lives": (dict(template=data.TEMPLATE_NLI3, metric="accuracy",
-                       label_words=("True", "False", "Neither"), format="true_false_neither"), gen_lives),
-    "lab_kind": (dict(template=data.TEMPLATE_OPENBOOKQA, metric="accuracy", label_words=tuple("ABCD"),
-                      prefix="Q:", format="choice_letter"), gen_kind),
-    "lab_who": (dict(template=data.TEMPLATE_QA, metric="exact_match", prefix="Q:",
-                     format="short_answer"), gen_who),
-    "lab_where": (dict(template=data.TEMPLATE_QA, metric="exact_match", prefix="Q:",
-                       format="short_answer"), gen_where),
-    "lab_zorbish": (dict(template="Translate English to Zorbish: {sentence}", metric="bleu",
-                         prefix="Translate", format="translation_zorbish"), gen_zorbish),
-    "lab_backwards": (dict(template="Translate English to Backwards: {sentence}", metric="bleu",
-                           prefix="Translate", format="translation_backwards"), gen_backwards),
-    "lab_news": (dict(template=data.TEMPLATE_SUMMARIZATION, metric="rouge2", prefix="Article:",
-                      format="summary"), gen_news),
+    "lab_owns": (
+        dict(
+            template=data.TEMPLATE_RTE,
+            metric="accuracy",
+            label_words=("True", "False"),
+            format="true_false",
+        ),
+        gen_owns,
+    ),
+    "lab_both": (
+        dict(
+            template=TEMPLATE_BOTH,
+            metric="accuracy",
+            label_words=("True", "False"),
+            format="true_false",
+        ),
+        gen_both,
+    ),
+    "lab_lives": (
+        dict(
+            template=data.TEMPLATE_NLI3,
+            metric="accuracy",
+            label_words=("True", "False", "Neither"),
+            format="true_false_neither",
+        ),
+        gen_lives,
+    ),
+    "lab_kind": (
+        dict(
+            template=data.TEMPLATE_OPENBOOKQA,
+            metric="accuracy",
+            label_words=tuple("ABCD"),
+            prefix="Q:",
+            format="choice_letter",
+        ),
+        gen_kind,
+    ),
+    "lab_who": (
+        dict(template=data.TEMPLATE_QA, metric="exact_match", prefix="Q:", format="short_answer"),
+        gen_who,
+    ),
+    "lab_where": (
+        dict(template=data.TEMPLATE_QA, metric="exact_match", prefix="Q:", format="short_answer"),
+        gen_where,
+    ),
+    "lab_zorbish": (
+        dict(
+            template="Translate English to Zorbish: {sentence}",
+            metric="bleu",
+            prefix="Translate",
+            format="translation_zorbish",
+        ),
+        gen_zorbish,
+    ),
+    "lab_backwards": (
+        dict(
+            template="Translate English to Backwards: {sentence}",
+            metric="bleu",
+            prefix="Translate",
+            format="translation_backwards",
+        ),
+        gen_backwards,
+    ),
+    "lab_news": (
+        dict(
+            template=data.TEMPLATE_SUMMARIZATION,
+            metric="rouge2",
+            prefix="Article:",
+            format="summary",
+        ),
+        gen_news,
+    ),
 }
 TASK_NAMES = tuple(SUITE)
 EVALUATION_TASKS = tuple(n for n in TASK_NAMES if n != FINE_TUNING_TASK)
@@ -254,12 +368,22 @@ EVALUATION_TASKS = tuple(n for n in TASK_NAMES if n != FINE_TUNING_TASK)
 # A score a model gets without reading the input: majority / uniform guessing for
 # classification, 0 for the open formats (a random word is never the answer). The
 # lab's tests ask the bundled model for much more than this.
-CHANCE = {"lab_owns": 50.0, "lab_both": 50.0, "lab_lives": 100 / 3, "lab_kind": 25.0,
-          "lab_who": 50.0, "lab_where": 50.0, "lab_zorbish": 0.0, "lab_backwards": 0.0,
-          "lab_news": 0.0}
+CHANCE = {
+    "lab_owns": 50.0,
+    "lab_both": 50.0,
+    "lab_lives": 100 / 3,
+    "lab_kind": 25.0,
+    "lab_who": 50.0,
+    "lab_where": 50.0,
+    "lab_zorbish": 0.0,
+    "lab_backwards": 0.0,
+    "lab_news": 0.0,
+}
 
 
-def generate(name: str, split: str, n: int | None = None, seed: int = DEFAULT_SEED) -> list[data.Example]:
+def generate(
+    name: str, split: str, n: int | None = None, seed: int = DEFAULT_SEED
+) -> list[data.Example]:
     """The first `n` examples (default SIZES[split]) of one split of a lab task.
 
     Deterministic in (name, split, n, seed). Candidates are drawn from one stream
@@ -268,9 +392,9 @@ def generate(name: str, split: str, n: int | None = None, seed: int = DEFAULT_SE
     prefix of the same list for a larger n.
     """
     if name not in SUITE:
-        raise data.DataError(f"unknown lab task {name!r}; lab tasks: {', '.join(TASK_NAMES)}")
+        raise data.BadInput(f"unknown lab task {name!r}; lab tasks: {', '.join(TASK_NAMES)}")
     if split not in SPLITS:
-        raise data.DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        raise data.BadInput(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     n = SIZES[split] if n is None else n
     make = SUITE[name][1]
     rng = random.Random(f"{seed}/{name}")
@@ -288,7 +412,7 @@ def generate(name: str, split: str, n: int | None = None, seed: int = DEFAULT_SE
             examples.append(data.Example(fields, targets))
             if len(examples) == n:
                 return examples
-    raise data.DataError(f"lab task {name}: could not draw {n} distinct {split} examples")
+    raise data.BadInput(f"lab task {name}: could not draw {n} distinct {split} examples")
 
 
 def make_task(name: str) -> data.Task:
@@ -317,8 +441,12 @@ def write_suite(out_dir, seed: int = DEFAULT_SEED, sizes: dict | None = None) ->
         task = make_task(name)
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
-        spec = {"template": "{input}", "metric": task.metric, "format": task.format,
-                "eval_split": task.eval_split}
+        spec = {
+            "template": "{input}",
+            "metric": task.metric,
+            "format": task.format,
+            "eval_split": task.eval_split,
+        }
         if task.label_words:
             spec["label_words"] = list(task.label_words)
         if task.prefix:
@@ -327,7 +455,10 @@ def write_suite(out_dir, seed: int = DEFAULT_SEED, sizes: dict | None = None) ->
         for split in SPLITS:
             with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as f:
                 for ex in generate(name, split, sizes[split], seed):
-                    f.write(json.dumps({"input": data.fill_template(task, ex), "targets": ex.targets}) + "\n")
+                    f.write(
+                        json.dumps({"input": data.fill_template(task, ex), "targets": ex.targets})
+                        + "\n"
+                    )
     return out
 
 
@@ -335,7 +466,9 @@ register()
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write the lab's synthetic task suite as JSONL tasks for data.py.")
+    p = argparse.ArgumentParser(
+        description="Write the lab's synthetic task suite as JSONL tasks for data.py."
+    )
     p.add_argument("--out", required=True, help="folder to write (one sub-folder per task)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     for split in SPLITS:

@@ -11,8 +11,9 @@ be copied alone into another codebase:
   fsdp.py             process group + device mesh, FSDP2 sharding, per-rank loading, gathering
   run_checkpoints.py  a run folder: atomic writes, its lock, exactly-resumable checkpoints (no pickle)
   lora.py             LoRA adapters attached to any nn.Linear by forward hooks
-  hf_files.py         Hugging Face checkpoint files: find, stream, write (safetensors / .bin / sharded)
+  t5x_loss.py         T5X's token cross-entropy with label smoothing and z-loss, gradient by hand
+  hf_files.py         pytorch_model.bin read without running pickled code (model.py reads safetensors)
   dataset_files.py    readers of each data set's published file layout
-  prompt_formats.py   a trained prompt as a PEFT prompt-tuning adapter or T5X's .npy, and back
+  prompt_formats.py   the prompt file (prompt.safetensors), PEFT prompt-tuning adapters, T5X's .npy
   cli.py              command-line plumbing: renamed flags that still work, a progress line
 """

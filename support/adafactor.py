@@ -68,19 +68,36 @@ class Adafactor(torch.optim.Optimizer):
     To reuse it elsewhere, copy this file; it needs only torch.
     """
 
-    def __init__(self, params, lr, decay_rate=0.8, clipping_threshold=1.0,
-                 multiply_by_parameter_scale=True, beta1=None, weight_decay_rate=None,
-                 min_dim_size_to_factor=128, epsilon1=1e-30, epsilon2=1e-3,
-                 step_offset=0):
+    def __init__(
+        self,
+        params,
+        lr,
+        decay_rate=0.8,
+        clipping_threshold=1.0,
+        multiply_by_parameter_scale=True,
+        beta1=None,
+        weight_decay_rate=None,
+        min_dim_size_to_factor=128,
+        epsilon1=1e-30,
+        epsilon2=1e-3,
+        step_offset=0,
+    ):
         if lr is None or lr < 0:
             raise ValueError(f"Adafactor needs a learning rate >= 0, got {lr!r}")
         if clipping_threshold is not None and clipping_threshold <= 0:
             raise ValueError(f"clipping_threshold must be > 0 or None, got {clipping_threshold!r}")
-        defaults = dict(lr=lr, decay_rate=decay_rate, clipping_threshold=clipping_threshold,
-                        multiply_by_parameter_scale=multiply_by_parameter_scale, beta1=beta1,
-                        weight_decay_rate=weight_decay_rate,
-                        min_dim_size_to_factor=min_dim_size_to_factor, epsilon1=epsilon1,
-                        epsilon2=epsilon2, step_offset=step_offset)
+        defaults = dict(
+            lr=lr,
+            decay_rate=decay_rate,
+            clipping_threshold=clipping_threshold,
+            multiply_by_parameter_scale=multiply_by_parameter_scale,
+            beta1=beta1,
+            weight_decay_rate=weight_decay_rate,
+            min_dim_size_to_factor=min_dim_size_to_factor,
+            epsilon1=epsilon1,
+            epsilon2=epsilon2,
+            step_offset=step_offset,
+        )
         super().__init__(params, defaults)
         self._scratch_buffers = {}  # device -> two flat fp32 buffers (see _scratch); not state
 
@@ -104,7 +121,9 @@ class Adafactor(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        live = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        live = [
+            (p, group) for group in self.param_groups for p in group["params"] if p.grad is not None
+        ]
         for p, group in live:
             self._update(p, group, *self._scratch(live, _local(p)))
         if live and _local(live[0][0]).device.type != "cpu":
@@ -121,7 +140,9 @@ class Adafactor(torch.optim.Optimizer):
         buffers = self._scratch_buffers
         if x.device not in buffers or buffers[x.device][0].numel() < x.numel():
             size = max(_local(p).numel() for p, _ in live if _local(p).device == x.device)
-            buffers[x.device] = [torch.empty(size, dtype=torch.float32, device=x.device) for _ in range(2)]
+            buffers[x.device] = [
+                torch.empty(size, dtype=torch.float32, device=x.device) for _ in range(2)
+            ]
         return [b[: x.numel()].view(x.shape) for b in buffers[x.device]]
 
     def init_state(self):
@@ -166,7 +187,11 @@ class Adafactor(torch.optim.Optimizer):
             return s / math.prod(full_shape[d] for d in dims)
 
         def rms(t):  # sqrt(mean(t^2)) over the whole tensor; t^2 goes to `square`
-            return mean(torch.mul(t, t, out=square), tuple(range(t.dim())), shape, shard_dim).sqrt().reshape(())
+            return (
+                mean(torch.mul(t, t, out=square), tuple(range(t.dim())), shape, shard_dim)
+                .sqrt()
+                .reshape(())
+            )
 
         state = self._state_of(p, group)
         dims = self.factored_dims(shape, group["min_dim_size_to_factor"])
@@ -186,13 +211,19 @@ class Adafactor(torch.optim.Optimizer):
             v_row.mul_(decay).add_(mixing * mean(g2, (col_dim,), shape, shard_dim).squeeze(col_dim))
             v_col.mul_(decay).add_(mixing * mean(g2, (row_dim,), shape, shard_dim).squeeze(row_dim))
             # v_row lost col_dim: the dims after it shift down by one.
-            row_shape = shape[:col_dim] + shape[col_dim + 1:]
+            row_shape = shape[:col_dim] + shape[col_dim + 1 :]
             row_dim_in_row = row_dim - (1 if col_dim < row_dim else 0)
-            row_sharded = None if shard_dim in (None, col_dim) else shard_dim - (1 if col_dim < shard_dim else 0)
+            row_sharded = (
+                None
+                if shard_dim in (None, col_dim)
+                else shard_dim - (1 if col_dim < shard_dim else 0)
+            )
             row_col_mean = mean(v_row, (row_dim_in_row,), row_shape, row_sharded)
             row_factor = (v_row / row_col_mean).rsqrt()
             col_factor = v_col.rsqrt()
-            u = torch.mul(g32, row_factor.unsqueeze(col_dim), out=work).mul_(col_factor.unsqueeze(row_dim))
+            u = torch.mul(g32, row_factor.unsqueeze(col_dim), out=work).mul_(
+                col_factor.unsqueeze(row_dim)
+            )
         else:  # V = decay*V + (1-decay)*G2; U = G / sqrt(V)
             v = _local(state["v"])
             v.mul_(decay).add_(g2.mul_(mixing))
@@ -229,7 +260,8 @@ def _shard_info(p):
     if p.device_mesh.ndim != 1:
         raise NotImplementedError(
             "Adafactor handles DTensors on a 1-D device mesh (FSDP2 data parallel); "
-            f"got a {p.device_mesh.ndim}-D mesh")
+            f"got a {p.device_mesh.ndim}-D mesh"
+        )
     placement = p.placements[0]
     if placement.is_replicate():
         return None, None
@@ -255,10 +287,19 @@ def _zeros_state(p, x_local, drop):
         del global_shape[drop]
     if shard_dim is None or shard_dim == drop:
         # The statistic averaged over the sharded dimension: every rank holds all of it.
-        return DTensor.from_local(torch.zeros(global_shape, dtype=torch.float32, device=x_local.device),
-                                  p.device_mesh, [Replicate()], run_check=False)
+        return DTensor.from_local(
+            torch.zeros(global_shape, dtype=torch.float32, device=x_local.device),
+            p.device_mesh,
+            [Replicate()],
+            run_check=False,
+        )
     new_dim = shard_dim - (1 if drop is not None and drop < shard_dim else 0)
-    stride = tuple(math.prod(global_shape[i + 1:]) for i in range(len(global_shape)))
-    return DTensor.from_local(local, p.device_mesh, [Shard(new_dim)], run_check=False,
-                              shape=torch.Size(global_shape), stride=stride)
-
+    stride = tuple(math.prod(global_shape[i + 1 :]) for i in range(len(global_shape)))
+    return DTensor.from_local(
+        local,
+        p.device_mesh,
+        [Shard(new_dim)],
+        run_check=False,
+        shape=torch.Size(global_shape),
+        stride=stride,
+    )

@@ -17,11 +17,12 @@ target; [] for an unlabeled example, e.g. a hidden test split). It holds
     cached beside it (WMT14 En-Fr's 40.8M pairs would take ~30 GB as objects);
   * one reader per data set (SuperGLUE or GLUE RTE, CB, WiC, SNLI, OpenBookQA,
     TriviaQA, WebQuestions, WMT, XSum, WikiLingua) and the generic JSONL task.
-Every user-caused problem becomes one `DataError` naming the file, the line
-(or parquet row) and what was expected. It imports only the standard library
-(and pyarrow when it meets a parquet file), nothing of the project, so it can
-be copied alone into another codebase; data.py turns the records into its
-Examples and prompts.
+Every user-caused problem is one `BadInput` (a folder or setting the user chose) or
+`DamagedFile` (a file that does not hold what its format says), naming the file, the line
+(or parquet row) and what was expected; a split with no file is not an error here but a
+returned `NoSplitFile`. It imports only the standard library, support/errors.py (and pyarrow
+when it meets a parquet file), so it can be copied with that one file into another codebase;
+data.py turns the records into its Examples and prompts.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ import os
 import re
 import string
 import struct
+from dataclasses import dataclass
 from pathlib import Path
+
+from support.errors import BadInput, DamagedFile
 
 try:
     import fcntl  # POSIX: one process builds an index while the others wait
@@ -43,14 +47,10 @@ except ImportError:
     fcntl = None
 
 
-class DataError(ValueError):
-    """A problem with the user's data or arguments; the message names the file,
-    the line and what was expected."""
-
-
 # --------------------------------------------------------------------------
 # Reading files
 # --------------------------------------------------------------------------
+
 
 def read_lines(path):
     """Yield (line number, text) of a UTF-8 file, naming the line of any bad byte."""
@@ -64,13 +64,15 @@ def decode_line(path, lineno: int, raw: bytes) -> str:
     try:
         return raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x} "
-                        f"at column {err.start + 1})") from None
+        raise DamagedFile(
+            f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x} "
+            f"at column {err.start + 1})"
+        ) from None
 
 
 def read_jsonl(path):
     """Yield (line number, object) for each non-blank line of a JSON Lines file
-    (`path` a str or Path); a DataError names path:line of bad JSON, non-UTF-8
+    (`path` a str or Path); a DamagedFile names path:line of bad JSON, non-UTF-8
     bytes or a value that is not a JSON object."""
     for lineno, line in read_lines(path):
         record = parse_json_line(path, lineno, line)
@@ -85,15 +87,20 @@ def parse_json_line(path, lineno: int, line: str) -> dict | None:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+        raise DamagedFile(
+            f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})"
+        ) from None
     if not isinstance(record, dict):
-        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        raise DamagedFile(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
     check_surrogates(path, lineno, line, record)
     return record
 
 
-# A high half (\\ud800-\\udbff) not followed by a low one, or a low half (\\udc00-\\udfff) not after a high one.
-_LONE_SURROGATE = re.compile(r"\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f])|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f][0-9a-f]{2}", re.I)
+# A high half (\\ud800-\\udbff) not followed by a low one, or a low half (\\udc00-\\udfff)
+# not after a high one.
+_LONE_SURROGATE = re.compile(
+    r"\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f])|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f][0-9a-f]{2}", re.I
+)
 
 
 def check_surrogates(path, lineno, text: str, value) -> None:
@@ -105,8 +112,10 @@ def check_surrogates(path, lineno, text: str, value) -> None:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             lineno = lineno or text.count("\n", 0, match.start()) + 1
-            raise DataError(f"{path}:{lineno}: a lone UTF-16 surrogate ({match[0]}) in a string; "
-                            "the text is not valid Unicode") from None
+            raise DamagedFile(
+                f"{path}:{lineno}: a lone UTF-16 surrogate ({match[0]}) in a string; "
+                "the text is not valid Unicode"
+            ) from None
 
 
 def read_json(path):
@@ -116,18 +125,21 @@ def read_json(path):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         lineno = raw.count(b"\n", 0, err.start) + 1
-        raise DataError(f"{path}:{lineno}: not UTF-8 text "
-                        f"(byte {raw[err.start]:#04x})") from None
+        raise DamagedFile(f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x})") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+        raise DamagedFile(
+            f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})"
+        ) from None
     check_surrogates(path, None, text, value)
     return value
 
 
-PYARROW_MISSING = ("reading parquet files needs the optional package pyarrow; "
-                   "install it with `pip install pyarrow`")
+PYARROW_MISSING = (
+    "reading parquet files needs the optional package pyarrow; "
+    "install it with `pip install pyarrow`"
+)
 
 
 def read_parquet(path):
@@ -137,11 +149,11 @@ def read_parquet(path):
     try:
         import pyarrow.parquet
     except ImportError:
-        raise DataError(f"{path}: {PYARROW_MISSING}") from None
+        raise BadInput(f"{path}: {PYARROW_MISSING}") from None
     try:
         batches = pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=4096)
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        raise DataError(f"{path}: not a readable parquet file ({err})") from None
+        raise DamagedFile(f"{path}: not a readable parquet file ({err})") from None
     row = 0
     for batch in batches:
         for record in batch.to_pylist():
@@ -153,13 +165,13 @@ _MISSING = object()
 
 
 def get_field(record: dict, dotted: str, where: str, default=_MISSING):
-    """record["a"]["b"] for dotted "a.b"; a DataError naming the field and place if absent."""
+    """record["a"]["b"] for dotted "a.b"; a DamagedFile naming the field and place if absent."""
     value = record
     for key in dotted.split("."):
         if not isinstance(value, dict) or key not in value:
             if default is not _MISSING:
                 return default
-            raise DataError(f"{where}: missing field {dotted!r}")
+            raise DamagedFile(f"{where}: missing field {dotted!r}")
         value = value[key]
     return value
 
@@ -167,7 +179,9 @@ def get_field(record: dict, dotted: str, where: str, default=_MISSING):
 def get_text(record: dict, dotted: str, where: str) -> str:
     value = get_field(record, dotted, where)
     if not isinstance(value, str):
-        raise DataError(f"{where}: field {dotted!r} should be a string, got {json.dumps(value)[:40]}")
+        raise DamagedFile(
+            f"{where}: field {dotted!r} should be a string, got {json.dumps(value)[:40]}"
+        )
     return value
 
 
@@ -176,7 +190,7 @@ def label_word(value, mapping: dict, where: str, field_name: str = "label") -> s
     key = ("bool", value) if isinstance(value, bool) else value
     if key not in mapping:
         accepted = ", ".join(json.dumps(k[1] if isinstance(k, tuple) else k) for k in mapping)
-        raise DataError(f"{where}: {field_name} {json.dumps(value)} is not one of {accepted}")
+        raise DamagedFile(f"{where}: {field_name} {json.dumps(value)} is not one of {accepted}")
     return mapping[key]
 
 
@@ -192,25 +206,34 @@ SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "val", "dev"), 
 def task_folder(data_dir, name) -> Path:
     folder = Path(data_dir) / name
     if not folder.is_dir():
-        raise DataError(f"{folder}: folder not found; put the {name} files there "
-                        "(README, section 'Data sets')")
+        raise BadInput(
+            f"{folder}: folder not found; put the {name} files there (README, section 'Data sets')"
+        )
     return folder
 
 
-class MissingSplit(DataError):
-    """A task folder holds no file for the split (`data.py check` prints "-")."""
+@dataclass(frozen=True)
+class NoSplitFile:
+    """What a reader returns when a task folder holds no file for a split: `message` names the
+    file names it accepts. data.load_split raises it as a BadInput; `data.py check` prints "-"."""
+
+    message: str
 
 
 def find_file_or_none(folder: Path, names):
     return next((folder / n for n in names if (folder / n).is_file()), None)
 
 
-def _missing(folder: Path, split: str, stems=None, also=()):
+def no_split_file(folder: Path, split: str, stems=None, also=()) -> NoSplitFile:
     stems = stems or SPLIT_STEMS.get(split, (split,))
-    parquet = (f"{stems[0]}.parquet, {stems[0]}-00000-of-0000N.parquet or {stems[0]}/*.parquet, "
-               "also in a sub-folder such as data/")
-    raise MissingSplit(f"{folder}: no file for split {split!r}; accepted names: "
-                       f"{', '.join(jsonl_names(split, stems) + list(also))}, or parquet: {parquet}")
+    parquet = (
+        f"{stems[0]}.parquet, {stems[0]}-00000-of-0000N.parquet or {stems[0]}/*.parquet, "
+        "also in a sub-folder such as data/"
+    )
+    return NoSplitFile(
+        f"{folder}: no file for split {split!r}; accepted names: "
+        f"{', '.join(jsonl_names(split, stems) + list(also))}, or parquet: {parquet}"
+    )
 
 
 def jsonl_names(split: str, stems=None) -> list[str]:
@@ -237,18 +260,27 @@ def parquet_files(directory: Path, stem: str) -> list[Path]:
             shards[int(match["index"])] = (path, int(match["count"]))
     if shards:
         expected = max(count for _, count in shards.values())
-        absent = [f"{stem}-{i:05d}-of-{expected:05d}.parquet" for i in range(expected) if i not in shards]
+        absent = [
+            f"{stem}-{i:05d}-of-{expected:05d}.parquet" for i in range(expected) if i not in shards
+        ]
         if absent or any(count != expected for _, count in shards.values()):
-            raise DataError(f"{directory}: split {stem!r} is sharded into {expected} files, but "
-                            + (f"{len(absent)} of them missing ({', '.join(absent[:3])})" if absent
-                               else "the shards disagree on how many there are"))
+            raise DamagedFile(
+                f"{directory}: split {stem!r} is sharded into {expected} files, but "
+                + (
+                    f"{len(absent)} of them missing ({', '.join(absent[:3])})"
+                    if absent
+                    else "the shards disagree on how many there are"
+                )
+            )
         return [shards[i][0] for i in sorted(shards)]
     if (directory / stem).is_dir():
         return sorted((directory / stem).glob("*.parquet"))
     named = sorted(directory.glob(f"*-{stem}.parquet"))
     if len(named) > 1:
-        raise DataError(f"{directory}: several files for split {stem!r} "
-                        f"({', '.join(p.name for p in named)}); keep one")
+        raise BadInput(
+            f"{directory}: several files for split {stem!r} "
+            f"({', '.join(p.name for p in named)}); keep one"
+        )
     return named
 
 
@@ -274,7 +306,9 @@ def split_files(folder: Path, split: str, stems=None) -> list[Path]:
                 found[sub.name] = files
                 break
     if len(found) > 1:
-        raise DataError(f"{folder}: split {split!r} is in several sub-folders ({', '.join(found)}); keep one")
+        raise BadInput(
+            f"{folder}: split {split!r} is in several sub-folders ({', '.join(found)}); keep one"
+        )
     return next(iter(found.values()), [])
 
 
@@ -292,20 +326,26 @@ def read_records(path: Path):
 def read_split(name: str, data_dir, split: str, convert, stems=None, also=()):
     """Read one split of <data_dir>/<name>/ (see `split_files`) with
     `convert(record, where, split)`, which returns (fields, targets) or None to drop
-    the record. `also` lists further accepted names for the error when none is there.
+    the record. `also` lists further accepted names for the NoSplitFile returned when none is there.
     A JSON Lines file comes back as a LazySequence read on demand (`indexed_jsonl`),
     parquet files as a list."""
     folder = task_folder(data_dir, name)
     paths = split_files(folder, split, stems)
     if not paths:
-        _missing(folder, split, stems, also)
+        return no_split_file(folder, split, stems, also)
     if paths[0].suffix != ".parquet" and paths[0].stat().st_size >= STREAM_MIN_BYTES:
         examples = indexed_jsonl(paths[0], convert, split)
     else:  # parquet, and files small enough to hold: read whole
-        examples = [example for path in paths for where, record in read_records(path)
-                    if (example := convert(record, where, split)) is not None]
+        examples = [
+            example
+            for path in paths
+            for where, record in read_records(path)
+            if (example := convert(record, where, split)) is not None
+        ]
     if not examples:
-        raise DataError(f"{paths[0] if len(paths) == 1 else folder}: no examples in split {split!r}")
+        raise DamagedFile(
+            f"{paths[0] if len(paths) == 1 else folder}: no examples in split {split!r}"
+        )
     return examples
 
 
@@ -343,8 +383,11 @@ class LazySequence(collections.abc.Sequence):
         return self._item(i % self._length)
 
     def __eq__(self, other):
-        return (isinstance(other, collections.abc.Sequence) and len(self) == len(other)
-                and all(a == b for a, b in zip(self, other)))
+        return (
+            isinstance(other, collections.abc.Sequence)
+            and len(self) == len(other)
+            and all(a == b for a, b in zip(self, other))
+        )
 
     def __repr__(self):
         return f"LazySequence({self._length} items)"
@@ -357,18 +400,22 @@ def indexed_jsonl(path: Path, convert, split: str) -> LazySequence:
     """The records of a JSON Lines file as `convert(record, where, split)` makes them,
     read on demand through `indexed_lines`. Blank lines and records that `convert`
     drops (returns None for) are not in the index."""
+
     def record(lineno, raw):
         found = parse_json_line(path, lineno, decode_line(path, lineno, raw))
         return None if found is None else convert(found, f"{path}:{lineno}", split)
 
-    lines = indexed_lines(path, f"jsonl {split} {code_fingerprint(convert)}",
-                          lambda lineno, raw: record(lineno, raw) is not None)
+    lines = indexed_lines(
+        path,
+        f"jsonl {split} {code_fingerprint(convert)}",
+        lambda lineno, raw: record(lineno, raw) is not None,
+    )
     return lines.map(lambda line: record(*line))
 
 
 INDEX_FORMAT = "promot line index 1"
 _ENTRY = struct.Struct("<QII")  # one kept line: byte offset, byte length, line number (from 1)
-_HEADER_BYTES = 4096            # the index file: a JSON header padded with spaces, then the entries
+_HEADER_BYTES = 4096  # the index file: a JSON header padded with spaces, then the entries
 
 
 def indexed_lines(path, key: str, keep) -> LazySequence:
@@ -392,11 +439,16 @@ def indexed_lines(path, key: str, keep) -> LazySequence:
     entries = open(index, "rb", buffering=0)
 
     def line(i):
-        offset, length, lineno = _ENTRY.unpack(os.pread(entries.fileno(), _ENTRY.size,
-                                                        _HEADER_BYTES + i * _ENTRY.size))
+        offset, length, lineno = _ENTRY.unpack(
+            os.pread(entries.fileno(), _ENTRY.size, _HEADER_BYTES + i * _ENTRY.size)
+        )
         raw, now = os.pread(data.fileno(), length, offset), os.fstat(data.fileno())
-        if (now.st_size, now.st_mtime_ns) != (signature["size"], signature["mtime_ns"]) or len(raw) != length:
-            raise DataError(f"{path} changed after its index {index} was built; run again to re-index it")
+        if (now.st_size, now.st_mtime_ns) != (signature["size"], signature["mtime_ns"]) or len(
+            raw
+        ) != length:
+            raise DamagedFile(
+                f"{path} changed after its index {index} was built; run again to re-index it"
+            )
         return lineno, raw
 
     return LazySequence(header["count"], line)
@@ -407,7 +459,11 @@ def file_signature(file) -> dict:
     hash of its first and last 64 KiB (all of a small file)."""
     stat, fd = os.fstat(file.fileno()), file.fileno()
     ends = os.pread(fd, 1 << 16, 0) + os.pread(fd, 1 << 16, max(0, stat.st_size - (1 << 16)))
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ends": hashlib.sha1(ends).hexdigest()}
+    return {
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ends": hashlib.sha1(ends).hexdigest(),
+    }
 
 
 def code_fingerprint(function) -> str:
@@ -417,8 +473,10 @@ def code_fingerprint(function) -> str:
         source = Path(function.__code__.co_filename).read_bytes()
     except OSError:
         source = function.__code__.co_code
-    held = [getattr(c, "__qualname__", "") if callable(c) else c
-            for c in (cell.cell_contents for cell in function.__closure__ or ())]
+    held = [
+        getattr(c, "__qualname__", "") if callable(c) else c
+        for c in (cell.cell_contents for cell in function.__closure__ or ())
+    ]
     return hashlib.sha1(source + repr([function.__qualname__] + held).encode()).hexdigest()[:16]
 
 
@@ -426,7 +484,10 @@ def index_paths(path: Path, key: str) -> list[Path]:
     """Where the index of `path` for `key` is looked for and written, in that order."""
     name = f".{path.name}.{hashlib.sha1(key.encode()).hexdigest()[:12]}.index"
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "promot" / "indexes"
-    return [path.parent / name, cache / (hashlib.sha1(str(path.absolute()).encode()).hexdigest()[:16] + name)]
+    return [
+        path.parent / name,
+        cache / (hashlib.sha1(str(path.absolute()).encode()).hexdigest()[:16] + name),
+    ]
 
 
 def _read_header(index: Path, key: str, signature: dict) -> dict | None:
@@ -437,9 +498,14 @@ def _read_header(index: Path, key: str, signature: dict) -> dict | None:
         size = index.stat().st_size
     except (OSError, ValueError):
         return None
-    usable = (isinstance(header, dict) and header.get("format") == INDEX_FORMAT and header.get("key") == key
-              and header.get("file") == signature and isinstance(header.get("count"), int)
-              and size == _HEADER_BYTES + header["count"] * _ENTRY.size)
+    usable = (
+        isinstance(header, dict)
+        and header.get("format") == INDEX_FORMAT
+        and header.get("key") == key
+        and header.get("file") == signature
+        and isinstance(header.get("count"), int)
+        and size == _HEADER_BYTES + header["count"] * _ENTRY.size
+    )
     return header if usable else None
 
 
@@ -453,7 +519,7 @@ def _build_index(path, data, key, keep, signature, candidates) -> tuple[Path, di
                 return index, header or _write_index(path, data, index, key, keep, signature)
         except OSError as err:  # a read-only folder: try the next place
             failures.append(f"{index.parent} ({err.strerror or err})")
-    raise DataError(f"{path}: cannot write its index in {' or in '.join(failures)}")
+    raise BadInput(f"{path}: cannot write its index in {' or in '.join(failures)}")
 
 
 def _write_index(path, data, index: Path, key, keep, signature) -> dict:
@@ -469,7 +535,7 @@ def _write_index(path, data, index: Path, key, keep, signature) -> dict:
                     count += 1
                 offset += len(raw)
             if file_signature(data) != signature:
-                raise DataError(f"{path} changed while it was being indexed; run again")
+                raise DamagedFile(f"{path} changed while it was being indexed; run again")
             header = {"format": INDEX_FORMAT, "key": key, "file": signature, "count": count}
             out.seek(0)
             out.write(json.dumps(header).encode().ljust(_HEADER_BYTES - 1) + b"\n")
@@ -513,7 +579,11 @@ def unreadable_files(folder: Path, depth: int = 3) -> list[Path]:
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and len(here.parts) < depth - 1)
         for name in sorted(files):
             suffix = Path(name).suffix
-            if name.startswith(".") or suffix in READABLE_SUFFIXES or _LANGUAGE_SUFFIX.fullmatch(suffix):
+            if (
+                name.startswith(".")
+                or suffix in READABLE_SUFFIXES
+                or _LANGUAGE_SUFFIX.fullmatch(suffix)
+            ):
                 continue
             if _NAMES_A_SPLIT.search((here / name).as_posix()):
                 found.append(Path(root) / name)
@@ -529,11 +599,23 @@ def unreadable_files(folder: Path, depth: int = 3) -> list[Path]:
 # 1 contradiction, 2 neutral; wic: 0 different, 1 same sense; snli: 0 entailment,
 # 1 neutral, 2 contradiction), the official releases store names or booleans.
 RTE_LABELS = {0: "True", 1: "False", "entailment": "True", "not_entailment": "False"}
-CB_LABELS = {0: "True", 1: "False", 2: "Neither",
-             "entailment": "True", "contradiction": "False", "neutral": "Neither"}
+CB_LABELS = {
+    0: "True",
+    1: "False",
+    2: "Neither",
+    "entailment": "True",
+    "contradiction": "False",
+    "neutral": "Neither",
+}
 WIC_LABELS = {0: "False", 1: "True", ("bool", False): "False", ("bool", True): "True"}
-SNLI_LABELS = {0: "True", 1: "Neither", 2: "False",
-               "entailment": "True", "neutral": "Neither", "contradiction": "False"}
+SNLI_LABELS = {
+    0: "True",
+    1: "Neither",
+    2: "False",
+    "entailment": "True",
+    "neutral": "Neither",
+    "contradiction": "False",
+}
 
 
 def _label_targets(record, key, mapping, where, split):
@@ -541,7 +623,7 @@ def _label_targets(record, key, mapping, where, split):
     no label field in the SuperGLUE release)."""
     value = record.get(key, _MISSING)
     if value is _MISSING and split != "test":
-        raise DataError(f"{where}: missing field {key!r}")
+        raise DamagedFile(f"{where}: missing field {key!r}")
     if value is _MISSING or value == -1:
         return []
     return [label_word(value, mapping, where, key)]
@@ -558,8 +640,11 @@ def superglue_reader(name: str, text_fields: tuple, mapping: dict, glue_fields: 
     string/boolean labels, val.jsonl for the dev split). With `glue_fields`
     ({our field: GLUE's field}), a record without text_fields[0] but with GLUE's
     name for it is read in GLUE's layout."""
+
     def convert(record, where, split):
-        glue = glue_fields and text_fields[0] not in record and glue_fields[text_fields[0]] in record
+        glue = (
+            glue_fields and text_fields[0] not in record and glue_fields[text_fields[0]] in record
+        )
         fields = {f: get_text(record, glue_fields[f] if glue else f, where) for f in text_fields}
         return fields, _label_targets(record, "label", mapping, where, split)
 
@@ -570,19 +655,28 @@ def snli_reader(data_dir, split):
     """SNLI: `datasets` export (premise/hypothesis/label, -1 = no gold label) or the
     official snli_1.0_*.jsonl (sentence1/sentence2/gold_label, "-" = no gold label).
     Examples without a gold label are dropped, as everyone does."""
+
     def convert(record, where, split):
         if "gold_label" in record:
             if record["gold_label"] == "-":
                 return None
-            fields = {"premise": get_text(record, "sentence1", where),
-                      "hypothesis": get_text(record, "sentence2", where)}
+            fields = {
+                "premise": get_text(record, "sentence1", where),
+                "hypothesis": get_text(record, "sentence2", where),
+            }
             return fields, [label_word(record["gold_label"], SNLI_LABELS, where, "gold_label")]
-        fields = {"premise": get_text(record, "premise", where),
-                  "hypothesis": get_text(record, "hypothesis", where)}
+        fields = {
+            "premise": get_text(record, "premise", where),
+            "hypothesis": get_text(record, "hypothesis", where),
+        }
         label = get_field(record, "label", where)
         return None if label == -1 else (fields, [label_word(label, SNLI_LABELS, where)])
 
-    official = {"train": ("snli_1.0_train",), "validation": ("snli_1.0_dev",), "test": ("snli_1.0_test",)}
+    official = {
+        "train": ("snli_1.0_train",),
+        "validation": ("snli_1.0_dev",),
+        "test": ("snli_1.0_test",),
+    }
     stems = SPLIT_STEMS.get(split, (split,)) + official.get(split, ())
     return read_split("snli", data_dir, split, convert, stems)
 
@@ -591,6 +685,7 @@ def openbookqa_reader(data_dir, split):
     """OpenbookQA: `datasets` export (question_stem, choices.{text,label}, answerKey)
     or the official Main/*.jsonl (question.{stem,choices[{text,label}]}, answerKey).
     The target is the answer's letter (the paper, App. C.1: "A", "B", "C", "D")."""
+
     def convert(record, where, split):
         if "question_stem" in record:
             stem = get_text(record, "question_stem", where)
@@ -603,7 +698,7 @@ def openbookqa_reader(data_dir, split):
             labels = [get_text(c, "label", where) for c in choices]
         options = dict(zip(labels, texts))
         if sorted(options) != ["A", "B", "C", "D"]:
-            raise DataError(f"{where}: expected choices labelled A, B, C, D, got {labels}")
+            raise DamagedFile(f"{where}: expected choices labelled A, B, C, D, got {labels}")
         answer = get_field(record, "answerKey", where)
         fields = {"question": stem, **{f"option_{k.lower()}": v for k, v in options.items()}}
         return fields, [label_word(answer, {k: k for k in "ABCD"}, where, "answerKey")]
@@ -618,7 +713,11 @@ def _dedup(texts) -> list[str]:
 # The release's qa/ files of each split, globbed and sorted as `datasets`' trivia_qa
 # script does: validation is verified-web-dev, verified-wikipedia-dev, web-dev,
 # wikipedia-dev (407 + 318 + 9,951 + 7,993 = 18,669 questions, Table 8).
-TRIVIA_QA_OFFICIAL = {"train": "*-train.json", "validation": "*-dev.json", "test": "*test-without-answers.json"}
+TRIVIA_QA_OFFICIAL = {
+    "train": "*-train.json",
+    "validation": "*-dev.json",
+    "test": "*test-without-answers.json",
+}
 
 
 def trivia_qa_reader(data_dir, split):
@@ -640,7 +739,9 @@ def trivia_qa_reader(data_dir, split):
         targets = _dedup([value] + list(aliases)) if value not in ("", "<unk>") else _dedup(aliases)
         return {"question": get_text(record, "question", where)}, targets
 
-    return read_split("trivia_qa", data_dir, split, convert, also=[f"qa/{pattern}"] if pattern else [])
+    return read_split(
+        "trivia_qa", data_dir, split, convert, also=[f"qa/{pattern}"] if pattern else []
+    )
 
 
 def _trivia_qa_official(files, split):
@@ -651,14 +752,19 @@ def _trivia_qa_official(files, split):
             where = f"{path}: Data[{i}]"
             answer = record.get("Answer")  # absent in the *-test-without-answers files
             if answer is None and split != "test":
-                raise DataError(f"{where}: missing field 'Answer'")
+                raise DamagedFile(f"{where}: missing field 'Answer'")
             # `datasets` strips the question, the value and each alias; so do we.
-            targets = [] if answer is None else _dedup(
-                [get_text(answer, "Value", where).strip()]
-                + [a.strip() for a in get_field(answer, "Aliases", where)])
+            targets = (
+                []
+                if answer is None
+                else _dedup(
+                    [get_text(answer, "Value", where).strip()]
+                    + [a.strip() for a in get_field(answer, "Aliases", where)]
+                )
+            )
             examples.append(({"question": get_text(record, "Question", where).strip()}, targets))
     if not examples:
-        raise DataError(f"{files[0].parent}: no examples in split {split!r}")
+        raise DamagedFile(f"{files[0].parent}: no examples in split {split!r}")
     return examples
 
 
@@ -666,11 +772,16 @@ _WEBQ_DESCRIPTION = re.compile(r'\(description (?:"((?:[^"\\]|\\.)*)"|([^()"]*))
 
 
 def parse_webquestions_target(target_value: str, where: str) -> list[str]:
-    """'(list (description "Jazmine Sullivan") (description Ohio))' -> ['Jazmine Sullivan', 'Ohio']."""
-    answers = [quoted.replace('\\"', '"') if quoted else bare.strip()
-               for quoted, bare in _WEBQ_DESCRIPTION.findall(target_value)]
+    """The answers of a targetValue:
+    '(list (description "Jazmine Sullivan") (description Ohio))' -> ['Jazmine Sullivan', 'Ohio']."""
+    answers = [
+        quoted.replace('\\"', '"') if quoted else bare.strip()
+        for quoted, bare in _WEBQ_DESCRIPTION.findall(target_value)
+    ]
     if not target_value.startswith("(list") or not answers:
-        raise DataError(f"{where}: targetValue {target_value[:60]!r} is not '(list (description ...) ...)'")
+        raise DamagedFile(
+            f"{where}: targetValue {target_value[:60]!r} is not '(list (description ...) ...)'"
+        )
     return answers
 
 
@@ -683,28 +794,44 @@ def web_questions_reader(data_dir, split):
     if official.is_file():
         records = read_json(official)
         if not isinstance(records, list) or not records:
-            raise DataError(f"{official}: expected a non-empty JSON array of questions")
-        return [({"question": get_text(r, "utterance", f"{official}: [{i}]")},
-                 parse_webquestions_target(get_text(r, "targetValue", f"{official}: [{i}]"),
-                                           f"{official}: [{i}]"))
-                for i, r in enumerate(records)]
+            raise DamagedFile(f"{official}: expected a non-empty JSON array of questions")
+        return [
+            (
+                {"question": get_text(r, "utterance", f"{official}: [{i}]")},
+                parse_webquestions_target(
+                    get_text(r, "targetValue", f"{official}: [{i}]"), f"{official}: [{i}]"
+                ),
+            )
+            for i, r in enumerate(records)
+        ]
 
     def convert(record, where, split):
         answers = get_field(record, "answers", where)
         if not isinstance(answers, list):
-            raise DataError(f"{where}: field 'answers' should be a list of strings")
+            raise DamagedFile(f"{where}: field 'answers' should be a list of strings")
         return {"question": get_text(record, "question", where)}, _dedup(answers)
 
     return read_split("web_questions", data_dir, split, convert, also=[official.name])
+
+
+# The official files of each WMT task's validation and test splits (newstest2014.en, ...).
+WMT_NEWSTEST = {
+    "wmt14_enfr": {"validation": ("newstest2013",), "test": ("newstest2014",)},
+    "wmt16_ende": {"validation": ("newstest2015",), "test": ("newstest2016",)},
+    "wmt16_enro": {"validation": ("newsdev2016",), "test": ("newstest2016",)},
+}
 
 
 def translation_reader(name: str, source: str, target: str, official_stems: dict):
     """WMT: `datasets` export ({"translation": {"en": ..., "fr": ...}}) or two
     aligned plain-text files <stem>.<source> and <stem>.<target> (one sentence per
     line, e.g. newstest2014.en / newstest2014.fr as sacrebleu -- echo src/ref -- writes them)."""
+
     def convert(record, where, split):
-        return ({"sentence": get_text(record, f"translation.{source}", where)},
-                [get_text(record, f"translation.{target}", where)])
+        return (
+            {"sentence": get_text(record, f"translation.{source}", where)},
+            [get_text(record, f"translation.{target}", where)],
+        )
 
     def load(data_dir, split):
         folder = task_folder(data_dir, name)
@@ -714,8 +841,14 @@ def translation_reader(name: str, source: str, target: str, official_stems: dict
                 src, tgt = folder / f"{stem}.{source}", folder / f"{stem}.{target}"
                 if src.is_file() and tgt.is_file():
                     return _read_parallel(src, tgt, split)
-        return read_split(name, data_dir, split, convert, stems,
-                          also=[f"{s}.{source} + {s}.{target}" for s in stems])
+        return read_split(
+            name,
+            data_dir,
+            split,
+            convert,
+            stems,
+            also=[f"{s}.{source} + {s}.{target}" for s in stems],
+        )
 
     return load
 
@@ -726,43 +859,59 @@ def _all_lines(path):
 
 
 def _read_parallel(src: Path, tgt: Path, split: str) -> LazySequence:
-    """Line i of each file is pair i, read on demand (`indexed_lines`); small files are read whole."""
+    """Line i of each file is pair i, read on demand (`indexed_lines`); small files are read
+    whole."""
     if src.stat().st_size + tgt.stat().st_size < STREAM_MIN_BYTES:
         sources, targets = _all_lines(src), _all_lines(tgt)
         if len(sources) != len(targets):
-            raise DataError(f"{src} has {len(sources)} lines but {tgt} has {len(targets)}; "
-                            "the two files must be aligned line by line")
+            raise DamagedFile(
+                f"{src} has {len(sources)} lines but {tgt} has {len(targets)}; "
+                "the two files must be aligned line by line"
+            )
         if not sources:
-            raise DataError(f"{src}: no examples in split {split!r}")
+            raise DamagedFile(f"{src}: no examples in split {split!r}")
         return [({"sentence": s}, [t]) for s, t in zip(sources, targets)]
+
     def utf8(path):  # every line is kept; building the index checks that it is UTF-8
         return lambda lineno, raw: decode_line(path, lineno, raw) is not None
 
     key = f"lines {code_fingerprint(decode_line)}"
     sources, targets = (indexed_lines(path, key, utf8(path)) for path in (src, tgt))
     if len(sources) != len(targets):
-        raise DataError(f"{src} has {len(sources)} lines but {tgt} has {len(targets)}; "
-                        "the two files must be aligned line by line")
+        raise DamagedFile(
+            f"{src} has {len(sources)} lines but {tgt} has {len(targets)}; "
+            "the two files must be aligned line by line"
+        )
     if not sources:
-        raise DataError(f"{src}: no examples in split {split!r}")
-    return LazySequence(len(sources), lambda i: ({"sentence": decode_line(src, *sources[i])},
-                                                 [decode_line(tgt, *targets[i])]))
+        raise DamagedFile(f"{src}: no examples in split {split!r}")
+    return LazySequence(
+        len(sources),
+        lambda i: ({"sentence": decode_line(src, *sources[i])}, [decode_line(tgt, *targets[i])]),
+    )
 
 
 def xsum_reader(data_dir, split):
     """XSum: `datasets` export (document, summary, id)."""
+
     def convert(record, where, split):
-        return {"article": get_text(record, "document", where)}, [get_text(record, "summary", where)]
+        return {"article": get_text(record, "document", where)}, [
+            get_text(record, "summary", where)
+        ]
+
     return read_split("xsum", data_dir, split, convert)
 
 
 def wiki_lingua_reader(data_dir, split):
     """WikiLingua English, GEM version (GEM/wiki_lingua, config en):
     source, target and, where present, references (all used for scoring)."""
+
     def convert(record, where, split):
         references = record.get("references") or []
-        return ({"article": get_text(record, "source", where)},
-                _dedup([get_text(record, "target", where)] + list(references)))
+        return (
+            {"article": get_text(record, "source", where)},
+            _dedup([get_text(record, "target", where)] + list(references)),
+        )
+
     return read_split("wiki_lingua_en", data_dir, split, convert)
 
 
@@ -770,27 +919,33 @@ def wiki_lingua_reader(data_dir, split):
 # The generic JSONL task: any data set written as input/target lines
 # --------------------------------------------------------------------------
 
+
 def jsonl_task_reader(name: str, label_words=None):
     """Generic JSONL task: one {"input": ..., "target": ... | "targets": [...]} per line;
     every other top-level string field is available to the template too. With
     `label_words` (a classification task) every target must be one of them."""
+
     def convert(record, where, split):
         if "targets" in record:
             targets = record["targets"]
             if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-                raise DataError(f"{where}: field 'targets' should be a list of strings")
+                raise DamagedFile(f"{where}: field 'targets' should be a list of strings")
         elif "target" in record:
             targets = [get_text(record, "target", where)]
         elif split == "test":
             targets = []
         else:
-            raise DataError(f"{where}: missing field 'target' (or 'targets')")
-        fields = {k: v for k, v in record.items() if k not in ("target", "targets") and isinstance(v, str)}
+            raise DamagedFile(f"{where}: missing field 'target' (or 'targets')")
+        fields = {
+            k: v for k, v in record.items() if k not in ("target", "targets") and isinstance(v, str)
+        }
         get_text(record, "input", where)
         wrong = [t for t in targets if label_words and t not in label_words]
         if wrong:
-            raise DataError(f"{where}: target {json.dumps(wrong[0])} is not one of the task's label_words "
-                            f"({', '.join(map(json.dumps, label_words))}; see its task.json)")
+            raise DamagedFile(
+                f"{where}: target {json.dumps(wrong[0])} is not one of the task's label_words "
+                f"({', '.join(map(json.dumps, label_words))}; see its task.json)"
+            )
         return fields, list(targets)
 
     return lambda data_dir, split: read_split(name, data_dir, split, convert)
@@ -801,21 +956,27 @@ def read_task_json(path, accepted_keys, metrics) -> dict:
     are among `accepted_keys` and whose "metric", if given, is one of `metrics`."""
     spec = read_json(path)
     if not isinstance(spec, dict):
-        raise DataError(f"{path}: expected a JSON object with keys {', '.join(accepted_keys)}")
+        raise BadInput(f"{path}: expected a JSON object with keys {', '.join(accepted_keys)}")
     unknown = sorted(set(spec) - set(accepted_keys))
     if unknown:
-        raise DataError(f"{path}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(accepted_keys)}")
+        raise BadInput(
+            f"{path}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(accepted_keys)}"
+        )
     if spec.get("metric", "exact_match") not in metrics:
-        raise DataError(f"{path}: metric {spec['metric']!r} is not one of {', '.join(metrics)}")
+        raise BadInput(f"{path}: metric {spec['metric']!r} is not one of {', '.join(metrics)}")
     words = spec.get("label_words")
-    if words is not None and not (isinstance(words, list) and words and all(isinstance(w, str) and w for w in words)):
-        raise DataError(f"{path}: label_words is {json.dumps(words)}; expected a list of answer words, "
-                        'e.g. ["True", "False"]')
+    if words is not None and not (
+        isinstance(words, list) and words and all(isinstance(w, str) and w for w in words)
+    ):
+        raise BadInput(
+            f"{path}: label_words is {json.dumps(words)}; expected a list of answer words, "
+            'e.g. ["True", "False"]'
+        )
     template = spec.get("template", "{input}")
     try:  # named fields only: {0} or {} would take an example's fields by position
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except (TypeError, ValueError, AttributeError) as e:
-        raise DataError(f"{path}: template {template!r} is not a format string ({e})") from None
+        raise BadInput(f"{path}: template {template!r} is not a format string ({e})") from None
     if not names or not all(name.isidentifier() for name in names):
-        raise DataError(f"{path}: template {template!r} needs named fields such as {{input}}")
+        raise BadInput(f"{path}: template {template!r} needs named fields such as {{input}}")
     return spec

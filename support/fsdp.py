@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 @dataclass
 class Dist:
     """Where this process sits: rank, world size, device and (under torchrun) the device mesh."""
+
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
@@ -48,6 +49,7 @@ def setup_distributed(device="auto"):
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Dist(device=torch.device(device))
     from torch.distributed.device_mesh import init_device_mesh
+
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
         torch.cuda.set_device(local_rank)
@@ -91,11 +93,15 @@ def shard_model(model, mesh, blocks, bf16=False, activation_checkpointing=False)
     master copy the optimizer updates.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     # cast_forward_inputs=False: the model casts what it needs itself (the prompt to the
     # embedding dtype), and casting would copy the decoder's KV-cache dicts, so the
     # cache filled inside a block would be lost while decoding.
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
-                              cast_forward_inputs=False)
+    mp = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None,
+        reduce_dtype=torch.float32,
+        cast_forward_inputs=False,
+    )
     for block in blocks:
         if activation_checkpointing:
             checkpoint_block(block)
@@ -111,6 +117,7 @@ def checkpoint_block(block):
     checkpoints) stay the same. Dropout masks are recomputed identically
     (the RNG state is saved with the input)."""
     from torch.distributed._composable import checkpoint
+
     checkpoint(block)
 
 
@@ -132,7 +139,9 @@ def copy_into_shard(param, full):
 
 def all_finite(tensors):
     """Whether every tensor (this rank's shards) is free of NaN and inf on every rank."""
-    ok = torch.tensor([all(bool(torch.isfinite(local_tensor(t)).all()) for t in tensors)], dtype=torch.float32)
+    ok = torch.tensor(
+        [all(bool(torch.isfinite(local_tensor(t)).all()) for t in tensors)], dtype=torch.float32
+    )
     if dist.is_initialized() and dist.get_world_size() > 1:
         ok = ok.to(next(iter(tensors)).device if tensors else ok.device)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
@@ -181,4 +190,7 @@ def full_state_dict(model):
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return {n: t.detach().cpu() for n, t in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )

@@ -11,7 +11,9 @@ output, inside the Linear's call, where FSDP has gathered the block.
 
 Also here: switching the adapters on and off, and their file
 (`lora.safetensors`: the adapter tensors, with rank/alpha/targets/d_model and
-format=promot-lora in the metadata). Imports only torch and safetensors.
+format=promot-lora in the metadata), and `Adapters`: LoRA as ProMoT's stage-1
+module, the one object a trainer asks to attach, freeze or train, checkpoint and
+export the adapters. Imports only torch, safetensors and support/errors.py.
 """
 
 import functools
@@ -21,11 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from support.errors import BadInput, DamagedFile
+
 LORA_TARGETS = ("q", "k", "v", "o")
-
-
-class LoRAError(ValueError):
-    """An adapter file or adapter tensors that do not fit the model."""
 
 
 class LoRA(nn.Module):
@@ -49,8 +49,11 @@ class LoRA(nn.Module):
 
 def attention_modules(model):
     """Every module of `model` with nn.Linear children named q, k, v and o."""
-    return [m for m in model.modules()
-            if all(isinstance(getattr(m, name, None), nn.Linear) for name in LORA_TARGETS)]
+    return [
+        m
+        for m in model.modules()
+        if all(isinstance(getattr(m, name, None), nn.Linear) for name in LORA_TARGETS)
+    ]
 
 
 def _add_adapter_output(attention, target, linear, args, out):
@@ -60,14 +63,17 @@ def _add_adapter_output(attention, target, linear, args, out):
 
 
 def check_settings(rank, targets, rank_name="LoRA rank", targets_name="LoRA targets"):
-    """Raises LoRAError unless rank is a positive integer and targets a non-empty subset of
+    """Raises BadInput unless rank is a positive integer and targets a non-empty subset of
     q, k, v, o; the message calls them `rank_name` and `targets_name` (e.g. a command's flags)."""
     if not isinstance(rank, int) or rank < 1:
-        raise LoRAError(f"{rank_name} must be a positive integer, got {rank!r}")
+        raise BadInput(f"{rank_name} must be a positive integer, got {rank!r}")
     unknown = [t for t in targets if t not in LORA_TARGETS]
     if unknown or not targets:
-        raise LoRAError(f"{targets_name} {','.join(targets)!r}: unknown LoRA target(s) {unknown or list(targets)}; "
-                        f"choose from {','.join(LORA_TARGETS)}")
+        raise BadInput(
+            f"{targets_name} {','.join(targets)!r}: unknown LoRA target(s) "
+            f"{unknown or list(targets)}; "
+            f"choose from {','.join(LORA_TARGETS)}"
+        )
 
 
 def add_lora(model, rank, alpha=None, targets=("q", "v")):
@@ -87,8 +93,12 @@ def add_lora(model, rank, alpha=None, targets=("q", "v")):
             linear = getattr(attention, name)
             w = linear.weight
             if name not in attention.lora:  # the hook finds whichever adapter is attached now
-                linear.register_forward_hook(functools.partial(_add_adapter_output, attention, name))
-            attention.lora[name] = LoRA(w.shape[1], w.shape[0], rank, alpha, device=w.device, dtype=w.dtype)
+                linear.register_forward_hook(
+                    functools.partial(_add_adapter_output, attention, name)
+                )
+            attention.lora[name] = LoRA(
+                w.shape[1], w.shape[0], rank, alpha, device=w.device, dtype=w.dtype
+            )
             params += list(attention.lora[name].parameters())
     return params
 
@@ -110,7 +120,11 @@ def lora_info(model):
         adapters = getattr(attention, "lora", None)
         if adapters is not None and len(adapters):
             first = next(iter(adapters.values()))
-            return {"rank": first.a.shape[0], "alpha": first.scale * first.a.shape[0], "targets": list(adapters)}
+            return {
+                "rank": first.a.shape[0],
+                "alpha": first.scale * first.a.shape[0],
+                "targets": list(adapters),
+            }
     return None
 
 
@@ -139,29 +153,42 @@ def save_lora(model, path, state_dict=None):
     directly at `path` (the caller makes the write atomic).
     Pass `state_dict` (full tensors) when the model is sharded."""
     from safetensors.torch import save_file
+
     info = lora_info(model)
     if info is None:
-        raise LoRAError("the model has no LoRA adapter to save")
+        raise BadInput("the model has no LoRA adapter to save")
     state = state_dict if state_dict is not None else model.state_dict()
     tensors = {n: p.detach().cpu().contiguous() for n, p in state.items() if ".lora." in n}
-    meta = {"rank": str(info["rank"]), "alpha": repr(info["alpha"]), "targets": ",".join(info["targets"]),
-            "d_model": str(_d_model(model)), "format": "promot-lora"}
+    meta = {
+        "rank": str(info["rank"]),
+        "alpha": repr(info["alpha"]),
+        "targets": ",".join(info["targets"]),
+        "d_model": str(_d_model(model)),
+        "format": "promot-lora",
+    }
     save_file(tensors, path, metadata=meta)
 
 
 def read_lora(path, d_model):
     """(tensors, {"rank", "alpha", "targets"}) of an adapter file written by save_lora."""
     from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(path, framework="pt") as f:
             meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise LoRAError(f"{path}: cannot read a LoRA adapter file ({e})") from None
+        raise DamagedFile(f"{path}: cannot read a LoRA adapter file ({e})") from None
     if meta.get("format") != "promot-lora":
-        raise LoRAError(f"{path}: not a promot LoRA file (metadata lacks format=promot-lora)")
+        raise BadInput(f"{path}: not a promot LoRA file (metadata lacks format=promot-lora)")
     if int(meta["d_model"]) != d_model:
-        raise LoRAError(f"{path}: adapter made for d_model={meta['d_model']}, this model has d_model={d_model}")
-    return tensors, {"rank": int(meta["rank"]), "alpha": float(meta["alpha"]), "targets": meta["targets"].split(",")}
+        raise BadInput(
+            f"{path}: adapter made for d_model={meta['d_model']}, this model has d_model={d_model}"
+        )
+    return tensors, {
+        "rank": int(meta["rank"]),
+        "alpha": float(meta["alpha"]),
+        "targets": meta["targets"].split(","),
+    }
 
 
 def check_lora_tensors(model, tensors, source):
@@ -169,12 +196,16 @@ def check_lora_tensors(model, tensors, source):
     expected = {n: p for n, p in model.named_parameters() if ".lora." in n}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise LoRAError(f"{source}: adapter tensors do not fit this model (missing {missing[:2]}, "
-                        f"unexpected {unexpected[:2]}); was it made for another depth or targets?")
+        raise BadInput(
+            f"{source}: adapter tensors do not fit this model (missing {missing[:2]}, "
+            f"unexpected {unexpected[:2]}); was it made for another depth or targets?"
+        )
     for name, tensor in tensors.items():
         if tensor.shape != expected[name].shape:
-            raise LoRAError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model's adapter "
-                            f"has {tuple(expected[name].shape)}")
+            raise BadInput(
+                f"{source}: {name} has shape {tuple(tensor.shape)}, the model's adapter "
+                f"has {tuple(expected[name].shape)}"
+            )
     return expected
 
 
@@ -189,3 +220,48 @@ def load_lora(model, path):
         for name, tensor in tensors.items():
             expected[name].copy_(tensor)
     return model
+
+
+class Adapters:
+    """LoRA as ProMoT's stage-1 module (paper App. C.7), as a trainer uses it.
+
+    Stage 1 trains fresh adapters (`tensors` None: seeded, the same on every rank); stage 2
+    keeps stage 1's (`tensors` read by read_lora) frozen and applied. `settings` is
+    {"rank", "alpha", "targets"}; None (the default) means no adapters, and then every
+    method below does nothing, so a trainer calls them without asking which module it has.
+    """
+
+    def __init__(self, settings=None, tensors=None, trains=False, seed=0, source="the adapters"):
+        self.settings, self.values, self.trains = settings, tensors, trains
+        self.seed, self.source = seed, source
+
+    def attach(self, model):
+        """Adds the adapters to `model` (call it before sharding: FSDP then shards them with their
+        block) and returns {name: tensor} to copy into them."""
+        if self.settings is None:
+            return {}
+        add_lora(model, self.settings["rank"], self.settings["alpha"], self.settings["targets"])
+        values = self.values
+        if values is None:
+            values = init_lora_tensors(model, torch.Generator().manual_seed(self.seed))
+        check_lora_tensors(model, values, self.source)
+        return values
+
+    def trainable(self, model):
+        """Sets requires_grad of the adapters; returns those that train (none when frozen)."""
+        params = list(self.tensors(model).values())
+        for p in params:
+            p.requires_grad_(self.trains)
+        return params if self.trains else []
+
+    def state(self, model):
+        """The adapters' entries of model.state_dict() when they train (a checkpoint holds them)."""
+        if not self.trains:
+            return {}
+        return {n: t for n, t in model.state_dict().items() if ".lora." in n}
+
+    def tensors(self, model):
+        """{name: parameter} of the attached adapters."""
+        if self.settings is None or model is None:
+            return {}
+        return {n: p for n, p in model.named_parameters() if ".lora." in n}

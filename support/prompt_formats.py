@@ -1,7 +1,9 @@
-"""A trained soft prompt in the files other tools read: a PEFT prompt-tuning adapter and T5X's .npy.
+"""A trained soft prompt in its files: promot's prompt.safetensors, a PEFT prompt-tuning
+adapter and T5X's .npy.
 
-promot keeps a prompt as a (p, d_model) tensor in its prompt.safetensors
-(model.save_prompts / model.read_prompts). This leaf writes such a tensor as
+promot keeps a prompt as a (p, d_model) tensor in its prompt.safetensors, written by
+`save_prompts` and read by `read_prompts` (the one prompt-file reader of promot: training,
+evaluation and the diagnostics all read through it). This leaf also writes such a tensor as
   * a PEFT prompt-tuning adapter folder that `PeftModel.from_pretrained(base, folder)`
     loads: adapter_config.json (peft_type PROMPT_TUNING, task_type SEQ_2_SEQ_LM,
     num_virtual_tokens, token_dim, ...) and adapter_model.safetensors with the
@@ -23,17 +25,16 @@ to the encoder input the same way.
 Writes are atomic: a folder is written under a temporary name and renamed into
 place, a file is written beside its destination and renamed; when anything
 fails, nothing is left at the destination. Bad input (another peft_type, a
-width that is not the model's) is refused with one PromptFormatError line.
+width that is not the model's) is refused with one BadInput line, an unreadable file
+with one DamagedFile line (support/errors.py).
 
 The command line converts files:
     python -m support.prompt_formats export PROMPT --peft DIR --base MODEL [--task T]
     python -m support.prompt_formats export PROMPT --npy FILE [--task T]
     python -m support.prompt_formats import SOURCE --to prompt.safetensors --task T [--base MODEL]
 where PROMPT is a promot prompt.safetensors or a .npy and SOURCE a PEFT adapter
-folder or a .npy. Its reading and writing of prompt.safetensors follow
-model.read_prompts / model.save_prompts' layout (`prompt.<task>` per task, and
-`prompt` for one task), so that this file works copied alone. It imports torch,
-safetensors and numpy, nothing of the project.
+folder or a .npy. It imports torch, safetensors and numpy, and of the project only
+support/errors.py (without it, copied alone, its errors are ValueErrors).
 """
 
 from __future__ import annotations
@@ -48,24 +49,36 @@ from pathlib import Path
 
 import torch
 
-PEFT_CONFIG, PEFT_WEIGHTS, PEFT_KEY = "adapter_config.json", "adapter_model.safetensors", "prompt_embeddings"
-ADAPTER_FILES = (PEFT_CONFIG, PEFT_WEIGHTS, "adapter_model.bin", "README.md")  # what PEFT's save_pretrained writes
+try:
+    from support.errors import BadInput, DamagedFile
+except ImportError:  # copied alone
+    BadInput = DamagedFile = ValueError
 
-
-class PromptFormatError(ValueError):
-    """A prompt file that cannot be written or read; the message names the file and why."""
+PEFT_CONFIG, PEFT_WEIGHTS, PEFT_KEY = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "prompt_embeddings",
+)
+ADAPTER_FILES = (
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    "adapter_model.bin",
+    "README.md",
+)  # what PEFT's save_pretrained writes
 
 
 def _as_prompt(prompt, where) -> torch.Tensor:
     if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
         shape = tuple(prompt.shape) if hasattr(prompt, "shape") else type(prompt).__name__
-        raise PromptFormatError(f"{where}: a prompt is a (p, d_model) tensor, got {shape}")
+        raise BadInput(f"{where}: a prompt is a (p, d_model) tensor, got {shape}")
     return prompt.detach().to("cpu", torch.float32).contiguous()
 
 
 def _check_width(prompt, d_model, where):
     if d_model is not None and prompt.shape[1] != d_model:
-        raise PromptFormatError(f"{where}: the prompt is {prompt.shape[1]} wide, but the model's d_model is {d_model}")
+        raise BadInput(
+            f"{where}: the prompt is {prompt.shape[1]} wide, but the model's d_model is {d_model}"
+        )
 
 
 def base_model_config(base_model_name_or_path) -> dict:
@@ -76,27 +89,122 @@ def base_model_config(base_model_name_or_path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise PromptFormatError(f"{path}: cannot read the model's config ({err})") from None
+        raise DamagedFile(f"{path}: cannot read the model's config ({err})") from None
+
+
+# ---------------------------------------------------------------------------
+# promot's prompt file: the prompt is model state, saved next to the checkpoint
+# ---------------------------------------------------------------------------
+
+
+def read_prompts(path, d_model=None, tasks=None, length=None):
+    """{task: (p, d_model) fp32 prompt} from a prompt file.
+
+    Reads what save_prompts writes (prompt.safetensors: `prompt.<task>` per task,
+    plus `prompt` when it holds one task) or a T5X `.npy` array, which counts as
+    the key `prompt`. `tasks` defaults to the tasks the `prompt.<task>` keys
+    name; a requested task without its own key gets `prompt`. `d_model` and
+    `length`, when given, are checked against each prompt's shape.
+    """
+    tensors = _prompt_tensors(path)
+    if tasks is None:
+        tasks = [key[len("prompt.") :] for key in tensors if key.startswith("prompt.")]
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not tasks:
+        raise BadInput(
+            f"{path}: the file does not say which task its prompt was trained on "
+            "(no 'prompt.<task>' key); pass --task"
+        )
+    return {task: _prompt_of(tensors, task, path, d_model, length) for task in tasks}
+
+
+def save_prompts(prompts, path):
+    """Writes {task: prompt} as `prompt.<task>` (plus `prompt` for a single task) at `path`;
+    the metadata lists the tasks. The caller makes the write atomic."""
+    from safetensors.torch import save_file
+
+    tensors = {f"prompt.{t}": p.detach().float().cpu().contiguous() for t, p in prompts.items()}
+    if len(prompts) == 1:
+        tensors["prompt"] = next(iter(tensors.values())).clone()
+    save_file(tensors, str(path), metadata={"tasks": ",".join(prompts)})
+
+
+def _prompt_tensors(path):
+    """The tensors of a prompt.safetensors, or {"prompt": array} of a T5X .npy."""
+    if not os.path.isfile(path):
+        raise BadInput(f"{path}: no such prompt file")
+    try:
+        if str(path).endswith(".npy"):
+            import numpy
+
+            return {"prompt": torch.from_numpy(numpy.load(path, allow_pickle=False))}
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    except Exception as e:  # safetensors and numpy raise several types for a bad file
+        raise DamagedFile(f"{path}: cannot read a prompt ({e})") from None
+
+
+def _prompt_of(tensors, task, path, d_model=None, length=None):
+    """The fp32 prompt of `task`: its `prompt.<task>` tensor, else the file's `prompt`."""
+    key = f"prompt.{task}" if f"prompt.{task}" in tensors else "prompt"
+    if key not in tensors:
+        raise BadInput(f"{path}: no tensor 'prompt.{task}' or 'prompt'; found {sorted(tensors)}")
+    prompt = tensors[key].float()
+    if prompt.dim() != 2 or (d_model is not None and prompt.shape[1] != d_model):
+        need = "a 2-D (p, d_model) array"
+        if d_model is not None:
+            need = f"(p, {d_model}) (d_model = {d_model})"
+        raise BadInput(
+            f"{path}: prompt {key!r} has shape {tuple(prompt.shape)}; the model needs {need}"
+        )
+    if not torch.isfinite(prompt).all():
+        raise DamagedFile(f"{path}: prompt {key!r} holds NaN or inf values")
+    if length is not None and prompt.shape[0] != length:
+        raise BadInput(
+            f"{path}: prompt {key!r} has length {prompt.shape[0]}; --prompt-length is {length}"
+        )
+    return prompt
 
 
 # ---------------------------------------------------------------------------
 # PEFT prompt-tuning adapter
 # ---------------------------------------------------------------------------
 
-def peft_adapter_config(num_virtual_tokens, token_dim, base_model_name_or_path, num_layers=None,
-                        num_attention_heads=None) -> dict:
+
+def peft_adapter_config(
+    num_virtual_tokens,
+    token_dim,
+    base_model_name_or_path,
+    num_layers=None,
+    num_attention_heads=None,
+) -> dict:
     """adapter_config.json of a PEFT PromptTuningConfig for a seq2seq model, with the
     fields PEFT itself writes; the prompt was trained, so `prompt_tuning_init` is
     RANDOM (no init text or tokenizer to record) and `inference_mode` true."""
-    return {"auto_mapping": None, "base_model_name_or_path": str(base_model_name_or_path),
-            "inference_mode": True, "modules_to_save": None, "num_attention_heads": num_attention_heads,
-            "num_layers": num_layers, "num_transformer_submodules": 1, "num_virtual_tokens": num_virtual_tokens,
-            "peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
-            "revision": None, "task_type": "SEQ_2_SEQ_LM", "token_dim": token_dim, "tokenizer_kwargs": None,
-            "tokenizer_name_or_path": None}
+    return {
+        "auto_mapping": None,
+        "base_model_name_or_path": str(base_model_name_or_path),
+        "inference_mode": True,
+        "modules_to_save": None,
+        "num_attention_heads": num_attention_heads,
+        "num_layers": num_layers,
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": num_virtual_tokens,
+        "peft_type": "PROMPT_TUNING",
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": None,
+        "revision": None,
+        "task_type": "SEQ_2_SEQ_LM",
+        "token_dim": token_dim,
+        "tokenizer_kwargs": None,
+        "tokenizer_name_or_path": None,
+    }
 
 
-def write_peft_adapter(folder, prompt, base_model_name_or_path, num_layers=None, num_attention_heads=None):
+def write_peft_adapter(
+    folder, prompt, base_model_name_or_path, num_layers=None, num_attention_heads=None
+):
     """Write a (p, d_model) prompt as a PEFT prompt-tuning adapter folder.
 
     `base_model_name_or_path` is recorded in adapter_config.json (a Hub id or the
@@ -106,17 +214,28 @@ def write_peft_adapter(folder, prompt, base_model_name_or_path, num_layers=None,
     replaced, a folder holding anything else is refused (so that an export into,
     say, a run's best/ cannot wipe the model there)."""
     from safetensors.torch import save_file
+
     prompt = _as_prompt(prompt, folder)
     folder = Path(folder)
-    others = sorted(p.name for p in folder.iterdir() if p.name not in ADAPTER_FILES) if folder.is_dir() else []
+    others = (
+        sorted(p.name for p in folder.iterdir() if p.name not in ADAPTER_FILES)
+        if folder.is_dir()
+        else []
+    )
     if others:
-        raise PromptFormatError(f"{folder}: holds {', '.join(others[:3])}, not only a PEFT adapter; "
-                                "write the adapter to a folder of its own")
+        raise BadInput(
+            f"{folder}: holds {', '.join(others[:3])}, not only a PEFT adapter; "
+            "write the adapter to a folder of its own"
+        )
     config = base_model_config(base_model_name_or_path)
     _check_width(prompt, config.get("d_model"), Path(str(base_model_name_or_path)) / "config.json")
-    adapter = peft_adapter_config(prompt.shape[0], prompt.shape[1], base_model_name_or_path,
-                                  num_layers if num_layers is not None else config.get("num_layers"),
-                                  num_attention_heads if num_attention_heads is not None else config.get("num_heads"))
+    adapter = peft_adapter_config(
+        prompt.shape[0],
+        prompt.shape[1],
+        base_model_name_or_path,
+        num_layers if num_layers is not None else config.get("num_layers"),
+        num_attention_heads if num_attention_heads is not None else config.get("num_heads"),
+    )
 
     def write(tmp):
         with open(tmp / PEFT_CONFIG, "w", encoding="utf-8") as f:
@@ -133,26 +252,34 @@ def read_peft_adapter(folder, d_model=None) -> torch.Tensor:
     folder = Path(folder)
     config_path = folder / PEFT_CONFIG
     if not config_path.is_file():
-        raise PromptFormatError(f"{folder}: no {PEFT_CONFIG}; not a PEFT adapter folder")
+        raise BadInput(f"{folder}: no {PEFT_CONFIG}; not a PEFT adapter folder")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise PromptFormatError(f"{config_path}: cannot read the adapter config ({err})") from None
+        raise DamagedFile(f"{config_path}: cannot read the adapter config ({err})") from None
     if not isinstance(config, dict) or config.get("peft_type") != "PROMPT_TUNING":
         found = config.get("peft_type") if isinstance(config, dict) else config
-        raise PromptFormatError(f"{config_path}: peft_type is {found!r}; only a PROMPT_TUNING adapter holds "
-                                "a soft prompt promot can use")
+        raise BadInput(
+            f"{config_path}: peft_type is {found!r}; only a PROMPT_TUNING adapter holds "
+            "a soft prompt promot can use"
+        )
     if config.get("task_type") not in (None, "SEQ_2_SEQ_LM"):
-        raise PromptFormatError(f"{config_path}: task_type is {config['task_type']!r}; promot's prompts are "
-                                "SEQ_2_SEQ_LM prompts, prepended to T5's encoder")
+        raise BadInput(
+            f"{config_path}: task_type is {config['task_type']!r}; promot's prompts are "
+            "SEQ_2_SEQ_LM prompts, prepended to T5's encoder"
+        )
     embeddings = _peft_embeddings(folder)
     rows = config.get("num_virtual_tokens") or embeddings.shape[0]
     if embeddings.dim() != 2 or embeddings.shape[0] < rows:
-        raise PromptFormatError(f"{folder}: {PEFT_KEY} has shape {tuple(embeddings.shape)}; "
-                                f"num_virtual_tokens is {rows}")
+        raise DamagedFile(
+            f"{folder}: {PEFT_KEY} has shape {tuple(embeddings.shape)}; "
+            f"num_virtual_tokens is {rows}"
+        )
     token_dim = config.get("token_dim")
     if token_dim is not None and embeddings.shape[1] != token_dim:
-        raise PromptFormatError(f"{folder}: {PEFT_KEY} is {embeddings.shape[1]} wide but token_dim is {token_dim}")
+        raise DamagedFile(
+            f"{folder}: {PEFT_KEY} is {embeddings.shape[1]} wide but token_dim is {token_dim}"
+        )
     prompt = embeddings[:rows].float().contiguous()
     _check_width(prompt, d_model, folder)
     return prompt
@@ -167,24 +294,27 @@ def _peft_embeddings(folder: Path) -> torch.Tensor:
         try:
             if name.endswith(".safetensors"):
                 from safetensors.torch import load_file
+
                 tensors = load_file(str(path))
             else:
                 tensors = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # safetensors and torch raise several types for a bad file
-            raise PromptFormatError(f"{path}: cannot read the adapter weights ({err})") from None
+            raise DamagedFile(f"{path}: cannot read the adapter weights ({err})") from None
         if PEFT_KEY not in tensors:
-            raise PromptFormatError(f"{path}: no tensor {PEFT_KEY!r}; found {sorted(tensors)}")
+            raise DamagedFile(f"{path}: no tensor {PEFT_KEY!r}; found {sorted(tensors)}")
         return tensors[PEFT_KEY]
-    raise PromptFormatError(f"{folder}: no {PEFT_WEIGHTS}")
+    raise DamagedFile(f"{folder}: no {PEFT_WEIGHTS}")
 
 
 # ---------------------------------------------------------------------------
 # T5X prompt tuning's .npy
 # ---------------------------------------------------------------------------
 
+
 def write_t5x_npy(path, prompt) -> None:
     """Write a (p, d_model) prompt as T5X prompt tuning's float32 .npy, atomically."""
     import numpy
+
     prompt = _as_prompt(prompt, path)
 
     def write(tmp):
@@ -197,10 +327,11 @@ def write_t5x_npy(path, prompt) -> None:
 def read_t5x_npy(path, d_model=None) -> torch.Tensor:
     """The (p, d_model) fp32 prompt of a T5X .npy; a width other than `d_model` is refused."""
     import numpy
+
     try:
         array = numpy.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise PromptFormatError(f"{path}: cannot read a .npy prompt ({err})") from None
+        raise DamagedFile(f"{path}: cannot read a .npy prompt ({err})") from None
     prompt = _as_prompt(torch.from_numpy(numpy.asarray(array, dtype=numpy.float32)), path)
     _check_width(prompt, d_model, path)
     return prompt
@@ -209,6 +340,7 @@ def read_t5x_npy(path, d_model=None) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 # Atomic writes (a folder or a file appears whole, or not at all)
 # ---------------------------------------------------------------------------
+
 
 def _write_folder(folder: Path, write) -> None:
     folder = folder.absolute()
@@ -248,6 +380,7 @@ def _write_file(path: Path, write) -> None:
 # Command line
 # ---------------------------------------------------------------------------
 
+
 def _read_any(path, task, d_model) -> torch.Tensor:
     """A promot prompt.safetensors (the `prompt.<task>` or `prompt` tensor), a T5X .npy,
     or a PEFT adapter folder."""
@@ -256,47 +389,42 @@ def _read_any(path, task, d_model) -> torch.Tensor:
         return read_peft_adapter(path, d_model)
     if path.suffix == ".npy":
         return read_t5x_npy(path, d_model)
-    from safetensors.torch import load_file
-    try:
-        tensors = load_file(str(path))
-    except Exception as err:  # a missing or bad file
-        raise PromptFormatError(f"{path}: cannot read a prompt file ({err})") from None
-    tasks = sorted(k[len("prompt."):] for k in tensors if k.startswith("prompt."))
-    if task:  # as model.read_prompts: a task without its own key gets `prompt`
-        key = f"prompt.{task}" if f"prompt.{task}" in tensors else "prompt"
-    elif len(tasks) > 1:
-        raise PromptFormatError(f"{path}: holds the prompts of {', '.join(tasks)}; pass --task")
-    else:
-        key = f"prompt.{tasks[0]}" if tasks else "prompt"
-    if key not in tensors:
-        raise PromptFormatError(f"{path}: no tensor {key!r}; found {sorted(tensors)}")
-    prompt = _as_prompt(tensors[key], path)
-    _check_width(prompt, d_model, path)
-    return prompt
-
-
-def _write_promot_prompt(path, task, prompt) -> None:
-    """prompt.safetensors as model.save_prompts writes one task's prompt."""
-    from safetensors.torch import save_file
-    tensors = {f"prompt.{task}": prompt, "prompt": prompt.clone()}
-    _write_file(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"tasks": task}))
+    tensors = _prompt_tensors(path)
+    tasks = sorted(k[len("prompt.") :] for k in tensors if k.startswith("prompt."))
+    if not task and len(tasks) > 1:
+        raise BadInput(f"{path}: holds the prompts of {', '.join(tasks)}; pass --task")
+    return _prompt_of(tensors, task or (tasks[0] if tasks else None), path, d_model)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m support.prompt_formats", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m support.prompt_formats", description=__doc__.split("\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="write a promot prompt as a PEFT adapter or a T5X .npy")
+    export = commands.add_parser(
+        "export", help="write a promot prompt as a PEFT adapter or a T5X .npy"
+    )
     export.add_argument("prompt", help="promot's prompt.safetensors (or a .npy)")
     target = export.add_mutually_exclusive_group(required=True)
-    target.add_argument("--peft", metavar="DIR", help="write a PEFT prompt-tuning adapter folder here")
+    target.add_argument(
+        "--peft", metavar="DIR", help="write a PEFT prompt-tuning adapter folder here"
+    )
     target.add_argument("--npy", metavar="FILE", help="write T5X's (p, d_model) float32 .npy here")
-    export.add_argument("--base", help="the base model (Hub id or HF-layout folder); needed for --peft")
+    export.add_argument(
+        "--base", help="the base model (Hub id or HF-layout folder); needed for --peft"
+    )
     export.add_argument("--task", help="which prompt of a multi-task prompt file")
-    imp = commands.add_parser("import", help="write a PEFT adapter or a .npy as promot's prompt.safetensors")
+    imp = commands.add_parser(
+        "import", help="write a PEFT adapter or a .npy as promot's prompt.safetensors"
+    )
     imp.add_argument("source", help="a PEFT adapter folder or a .npy")
     imp.add_argument("--to", required=True, help="the prompt.safetensors to write")
-    imp.add_argument("--task", required=True, help="the task the prompt was trained on (its key prompt.<task>)")
-    imp.add_argument("--base", help="a model folder whose config.json d_model the prompt must match")
+    imp.add_argument(
+        "--task", required=True, help="the task the prompt was trained on (its key prompt.<task>)"
+    )
+    imp.add_argument(
+        "--base", help="a model folder whose config.json d_model the prompt must match"
+    )
     args = parser.parse_args(argv)
     try:
         d_model = base_model_config(args.base).get("d_model") if args.base else None
@@ -305,12 +433,13 @@ def main(argv=None) -> int:
             if args.npy:
                 write_t5x_npy(args.npy, prompt)
             elif not args.base:
-                raise PromptFormatError("--peft needs --base, the model the prompt was trained with")
+                raise BadInput("--peft needs --base, the model the prompt was trained with")
             else:
                 write_peft_adapter(args.peft, prompt, args.base)
         else:
-            _write_promot_prompt(args.to, args.task, _read_any(args.source, None, d_model))
-    except PromptFormatError as err:
+            prompt = _read_any(args.source, None, d_model)
+            _write_file(Path(args.to), lambda tmp: save_prompts({args.task: prompt}, tmp))
+    except (BadInput, DamagedFile) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

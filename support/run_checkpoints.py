@@ -1,13 +1,16 @@
 """A run folder's files: atomic writes, a lock, and exactly-resumable training checkpoints.
 
-A leaf of promot (it imports only torch, safetensors and the standard library):
-copy it alone into another codebase.
+A leaf of promot (it imports only torch, safetensors, the standard library and
+support/errors.py): copy it with errors.py into another codebase.
 
 - `atomic_write(path)`: the one way promot writes a file. A reader (or a rerun
   after a kill, a full disk, a Ctrl-C) sees the old file or the new one, never
   a half-written one that looks complete.
 - `lock_run_folder(folder)`: one process per run folder; a second one is
   refused with the PID and host that hold it, a dead holder's lock is taken over.
+- `StopRequest`: SIGTERM (a scheduler's preemption notice) turned into a
+  request the training loop reads after a step, agreed by every rank, so the
+  run saves a checkpoint before it exits.
 - `save_checkpoint` / `latest_checkpoint` / `load_checkpoint`: a directory per
   step holding every rank's shard of the training state and its RNG state in
   safetensors (no pickle: a shared or downloaded run folder cannot run code on
@@ -22,10 +25,13 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 
 import torch
 import torch.distributed as dist
+
+from support.errors import BadInput, DamagedFile
 
 
 @contextlib.contextmanager
@@ -57,18 +63,57 @@ def remove_partial_writes(folder):
                     os.remove(os.path.join(root, name))
 
 
+def log(out, record=None, line=None):
+    """Appends `record` (a dict) to RUN/log.jsonl and prints `line`; either may be None."""
+    if record:
+        with open(os.path.join(out, "log.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    if line:
+        print(line, flush=True)
+
+
+def record_settings(out, stage, settings):
+    """RUN/config.json with `settings` recorded under `stage` (the other stages' kept)."""
+    path = os.path.join(out, "config.json")
+    saved = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    write_json(path, {**saved, stage: settings})
+
+
+class StopRequest:
+    """Within `with StopRequest() as stop:`, SIGTERM sets `stop.signalled` instead of killing the
+    process; `stop.agreed(device)` is True on every rank when any rank was signalled."""
+
+    def __enter__(self):
+        self.signalled = False
+        self.previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum, frame):
+        self.signalled = True  # acted on at the end of the current step
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def agreed(self, device):
+        flag = torch.tensor([1.0 if self.signalled else 0.0], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 def write_json(path, obj, indent=2):
     """`obj` as JSON at `path`, atomically."""
     with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=indent, ensure_ascii=False)
 
 
-class CheckpointFileError(RuntimeError):
-    """A run folder's lock, settings, data, checkpoint or disk that stops the run; the message says what to do."""
-
-
-def check_run_folder(out, stage, resume, settings, may_change=(), paths=(), data=None, allow_data_change=False):
-    """Refuse (CheckpointFileError, one line) an `out` folder the run for `stage` must not use.
+def check_run_folder(
+    out, stage, resume, settings, may_change=(), paths=(), data=None, allow_data_change=False
+):
+    """Refuse (BadInput, one line) an `out` folder the run for `stage` must not use.
 
     `out` may be new (its nearest existing parent writable), or a run folder (with a
     config.json) that holds no `stage` yet, or, with `resume`, one whose recorded
@@ -77,18 +122,22 @@ def check_run_folder(out, stage, resume, settings, may_change=(), paths=(), data
     changed file would continue the run on other examples), unless `allow_data_change`."""
     stage_dir, run_config = os.path.join(out, stage), os.path.join(out, "config.json")
     if os.path.exists(out) and not os.path.isdir(out):
-        raise CheckpointFileError(f"--out {out} exists and is not a directory")
+        raise BadInput(f"--out {out} exists and is not a directory")
     parent = next(p for p in _ancestors(os.path.abspath(out)) if os.path.exists(p))
     if not os.path.isdir(parent):
-        raise CheckpointFileError(f"--out {out}: {parent} is a file, not a folder")
+        raise BadInput(f"--out {out}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise CheckpointFileError(f"--out {out}: {parent} is not writable; choose a folder you can write to")
+        raise BadInput(f"--out {out}: {parent} is not writable; choose a folder you can write to")
     if os.path.isdir(out) and set(os.listdir(out)) - {".lock"} and not os.path.isfile(run_config):
-        raise CheckpointFileError(f"--out {out} is not empty and holds no promot run (no config.json); "
-                                  "choose a new folder")
+        raise BadInput(
+            f"--out {out} is not empty and holds no promot run (no config.json); "
+            "choose a new folder"
+        )
     if os.path.isdir(stage_dir) and os.listdir(stage_dir) and not resume:
-        raise CheckpointFileError(f"--out {out} already holds a {stage} run ({stage_dir}); pass --resume to "
-                                  "continue it, or choose a new --out (nothing was overwritten)")
+        raise BadInput(
+            f"--out {out} already holds a {stage} run ({stage_dir}); pass --resume to "
+            "continue it, or choose a new --out (nothing was overwritten)"
+        )
     if not (resume and os.path.isfile(run_config)):
         return
     with open(run_config, encoding="utf-8") as f:
@@ -97,12 +146,19 @@ def check_run_folder(out, stage, resume, settings, may_change=(), paths=(), data
         return
     diffs = settings_changes(saved, settings, may_change, paths)
     if diffs:
-        raise CheckpointFileError(f"--resume: {run_config} was written by another configuration: " + "; ".join(diffs))
-    changed = [f"{key}: {saved['data'].get(key)} then, {now} now" for key, now in (data or {}).items()
-               if "data" in saved and saved["data"].get(key) != now]
+        raise BadInput(
+            f"--resume: {run_config} was written by another configuration: " + "; ".join(diffs)
+        )
+    changed = [
+        f"{key}: {saved['data'].get(key)} then, {now} now"
+        for key, now in (data or {}).items()
+        if "data" in saved and saved["data"].get(key) != now
+    ]
     if changed and not allow_data_change:
-        raise CheckpointFileError(f"--resume: the data changed since {stage} started ({'; '.join(changed)}); "
-                                  "restore it, or pass --allow-data-change to continue on the new data")
+        raise BadInput(
+            f"--resume: the data changed since {stage} started ({'; '.join(changed)}); "
+            "restore it, or pass --allow-data-change to continue on the new data"
+        )
 
 
 def _ancestors(path):
@@ -114,7 +170,8 @@ def _ancestors(path):
 
 
 def lock_run_folder(folder):
-    """Take `folder`'s lock file (.lock, holding the PID and host); returns its path (None on ranks > 0).
+    """Take `folder`'s lock file (.lock, holding the PID and host); returns its path (None on
+    ranks > 0).
 
     Call it on every rank: rank 0 creates the folder and takes the lock, the
     others learn whether it could. A lock held by a live process, or by any
@@ -125,13 +182,13 @@ def lock_run_folder(folder):
         try:
             os.makedirs(folder, exist_ok=True)
             path = _take_lock(folder)
-        except (CheckpointFileError, OSError) as e:
-            error = e if isinstance(e, CheckpointFileError) else CheckpointFileError(f"{folder}: cannot lock ({e})")
+        except (BadInput, OSError) as e:
+            error = e if isinstance(e, BadInput) else BadInput(f"{folder}: cannot lock ({e})")
     if dist.is_initialized() and dist.get_world_size() > 1:
         taken = [error is None]
         dist.broadcast_object_list(taken, src=0)
         if not taken[0] and error is None:
-            error = CheckpointFileError(f"{folder}: rank 0 could not lock the run folder")
+            error = BadInput(f"{folder}: rank 0 could not lock the run folder")
     if error is not None:
         raise error
     return path
@@ -149,19 +206,27 @@ def _take_lock(folder):
                     holder = json.load(f)
             except (OSError, ValueError):
                 holder = {}  # being written this instant, or garbage: look again
-            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+            if (
+                holder.get("host") == me["host"]
+                and isinstance(holder.get("pid"), int)
+                and not _alive(holder["pid"])
+            ):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)  # stale: its process is gone
                 continue
             if holder:
-                raise CheckpointFileError(
-                    f"{folder} is in use by process {holder.get('pid')} on {holder.get('host')} (lock {path}); "
-                    "wait for it to finish, or delete the lock file if that process is gone") from None
+                raise BadInput(
+                    f"{folder} is in use by process {holder.get('pid')} on {holder.get('host')} "
+                    f"(lock {path}); "
+                    "wait for it to finish, or delete the lock file if that process is gone"
+                ) from None
             continue
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(me, f)
         return path
-    raise CheckpointFileError(f"{path}: cannot take the run folder's lock; delete the file if no run uses {folder}")
+    raise BadInput(
+        f"{path}: cannot take the run folder's lock; delete the file if no run uses {folder}"
+    )
 
 
 def unlock_run_folder(path):
@@ -176,14 +241,21 @@ def settings_changes(saved, now, may_change=(), paths=()):
     """["--name: saved X, now Y"] for every setting of `now` that differs from `saved` (a run's
     recorded settings), except those in `may_change`; the settings in `paths` compare as resolved
     paths, so a trailing slash or a relative path is the same place."""
+
     def norm(key, value):
         return os.path.realpath(value) if key in paths and value else value
-    return [f"{_setting_name(k)}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items()
-            if k not in may_change and norm(k, saved.get(k)) != norm(k, v)]
+
+    return [
+        f"{_setting_name(k)}: saved {saved.get(k)!r}, now {v!r}"
+        for k, v in now.items()
+        if k not in may_change and norm(k, saved.get(k)) != norm(k, v)
+    ]
 
 
 def _setting_name(key):  # the saved world size is how many ranks (processes) ran
-    return "ranks (torchrun --nproc-per-node)" if key == "world_size" else f"--{key.replace('_', '-')}"
+    return (
+        "ranks (torchrun --nproc-per-node)" if key == "world_size" else f"--{key.replace('_', '-')}"
+    )
 
 
 def _alive(pid):
@@ -211,7 +283,13 @@ def _local(t):
 
 def _leaves(tree, prefix=""):
     """(path, value) of every leaf of nested dicts and lists; paths join keys with '/'."""
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else None
+    items = (
+        tree.items()
+        if isinstance(tree, dict)
+        else enumerate(tree)
+        if isinstance(tree, list)
+        else None
+    )
     if items is None:
         yield prefix, tree
         return
@@ -243,6 +321,7 @@ def save_checkpoint(folder, step, state, trainer, device, keep=1):
     (`trainer`, plus the non-tensor values of `state`). Only the newest `keep`
     checkpoints are kept. Returns the checkpoint's path."""
     from safetensors.torch import save_file
+
     final = os.path.join(folder, f"step_{step:07d}")
     tmp, rank = final + ".tmp", _rank()
     if rank == 0:
@@ -269,15 +348,22 @@ def save_checkpoint(folder, step, state, trainer, device, keep=1):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         last = latest_checkpoint(folder)
-        raise CheckpointFileError(f"no space left on the device while writing {file}; "
-                                  + (f"the previous checkpoint {last} is intact" if last
-                                     else "no checkpoint was saved yet")) from None
+        raise BadInput(
+            f"no space left on the device while writing {file}; "
+            + (
+                f"the previous checkpoint {last} is intact"
+                if last
+                else "no checkpoint was saved yet"
+            )
+        ) from None
     _barrier()
     if rank == 0:
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
-        for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
+        for old in sorted(
+            d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")
+        )[:-keep]:
             shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
     _barrier()
     return final
@@ -287,9 +373,13 @@ def checkpoints(folder):
     """The complete checkpoints in `folder`, oldest first."""
     if not os.path.isdir(folder):
         return []
-    return [os.path.join(folder, d) for d in sorted(os.listdir(folder))
-            if d.startswith("step_") and not d.endswith(".tmp")
-            and os.path.isfile(os.path.join(folder, d, "trainer.json"))]
+    return [
+        os.path.join(folder, d)
+        for d in sorted(os.listdir(folder))
+        if d.startswith("step_")
+        and not d.endswith(".tmp")
+        and os.path.isfile(os.path.join(folder, d, "trainer.json"))
+    ]
 
 
 def load_latest(folder, state, device, warn=print):
@@ -300,7 +390,7 @@ def load_latest(folder, state, device, warn=print):
     for i, path in enumerate(reversed(found)):
         try:
             return path, load_checkpoint(path, state, device)
-        except CheckpointFileError as e:
+        except DamagedFile as e:
             if i == len(found) - 1 or "SHA-256" not in str(e):
                 raise
             warn(f"warning: {e}; falling back to the previous checkpoint")
@@ -317,33 +407,44 @@ def load_checkpoint(path, state, device):
     """Fill `state` (the live tensors, in place, and its non-tensor values) and this rank's RNG
     from checkpoint `path`; returns the trainer's bookkeeping (trainer.json).
 
-    Raises CheckpointFileError when a file is missing, damaged (SHA-256) or
+    Raises DamagedFile when a file is missing, damaged (SHA-256) or
     does not fit `state` (shapes, names), before anything is changed."""
     from safetensors import safe_open
+
     rank = _rank()
     file = os.path.join(path, f"rank{rank}.safetensors")
     if not os.path.isfile(file):
         old = os.path.isfile(os.path.join(path, ".metadata"))
-        raise CheckpointFileError(
-            f"{path}: " + ("written by an older promot (torch.distributed.checkpoint, whose metadata is a pickle); "
-                           "it is not read, since unpickling can run code: start the stage again" if old
-                           else f"no {os.path.basename(file)}: the checkpoint is incomplete"))
+        raise DamagedFile(
+            f"{path}: "
+            + (
+                "written by an older promot (torch.distributed.checkpoint, whose metadata is a "
+                "pickle); "
+                "it is not read, since unpickling can run code: start the stage again"
+                if old
+                else f"no {os.path.basename(file)}: the checkpoint is incomplete"
+            )
+        )
     try:
         with open(os.path.join(path, f"rank{rank}.json"), encoding="utf-8") as f:
             expected = json.load(f)["sha256"]
         with open(os.path.join(path, "trainer.json"), encoding="utf-8") as f:
             trainer = json.load(f)
     except (OSError, ValueError, KeyError) as e:
-        raise CheckpointFileError(f"{path}: unreadable checkpoint bookkeeping ({e})") from None
+        raise DamagedFile(f"{path}: unreadable checkpoint bookkeeping ({e})") from None
     if _sha256(file) != expected:
-        raise CheckpointFileError(f"{file}: SHA-256 mismatch, the file was damaged after it was written")
-    live = [(name, _local(value)) for name, value in _leaves(state) if isinstance(value, torch.Tensor)]
+        raise DamagedFile(f"{file}: SHA-256 mismatch, the file was damaged after it was written")
+    live = [
+        (name, _local(value)) for name, value in _leaves(state) if isinstance(value, torch.Tensor)
+    ]
     with safe_open(file, framework="pt") as f, torch.no_grad():  # one tensor in memory at a time
         stored = set(f.keys())
         for name, value in live:
             if name not in stored or list(f.get_slice(name).get_shape()) != list(value.shape):
-                raise CheckpointFileError(f"{file}: tensor {name!r} is missing or has another shape; the "
-                                          "checkpoint was written by another configuration")
+                raise DamagedFile(
+                    f"{file}: tensor {name!r} is missing or has another shape; the "
+                    "checkpoint was written by another configuration"
+                )
         for name, value in live:
             value.copy_(f.get_tensor(name))
         torch.set_rng_state(f.get_tensor("rng/cpu"))

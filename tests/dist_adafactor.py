@@ -4,6 +4,7 @@ Each rank holds shards (dim 0, FSDP2's layout, uneven sizes included) of the
 same parameters; Adafactor must take exactly the steps that one
 process takes on the full tensors. Rank 0 writes "OK" to argv[1] on success.
 """
+
 import sys
 
 import torch
@@ -22,7 +23,11 @@ shapes = [(130, 256), (300, 140), (9,), (129, 131), (5, 7), (150, 3, 200)]
 full = [torch.randn(s) for s in shapes]
 grads = [[torch.randn(s) for s in shapes] for _ in range(4)]
 results = {}
-for kwargs in [dict(), dict(beta1=0.9, weight_decay_rate=1e-3), dict(multiply_by_parameter_scale=False)]:
+for kwargs in [
+    dict(),
+    dict(beta1=0.9, weight_decay_rate=1e-3),
+    dict(multiply_by_parameter_scale=False),
+]:
     plain = [torch.nn.Parameter(t.clone()) for t in full]
     sharded = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
     opt_plain = Adafactor(plain, lr=0.05, **kwargs)

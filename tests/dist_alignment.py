@@ -1,5 +1,6 @@
 """Run by tests/test_diagnostics.py under `torchrun --nproc_per_node 2`: gradient
 alignment of an FSDP2-sharded model; rank 0 writes the cosines to argv[3]."""
+
 import json
 import os
 import sys
@@ -17,10 +18,13 @@ ctx = fsdp.setup_distributed("cpu")
 t5 = model.build(model.read_config(model_dir), "meta")
 fsdp.shard_model(t5, ctx.mesh, list(t5.encoder.blocks) + list(t5.decoder.blocks))
 t5.to_empty(device="cpu")
-model.load_weights(t5, model_dir, copy=lambda name, tensor: fsdp.copy_into_shard(t5.get_parameter(name), tensor))
+model.load_weights(
+    t5, model_dir, copy=lambda name, tensor: fsdp.copy_into_shard(t5.get_parameter(name), tensor)
+)
 tokenizer = data.Tokenizer(os.path.join(model_dir, "spiece.model"))
-examples = data.load_split(data.get_task("toy_tf", data_dir), data_dir, "train")
-batch, shuffled = diagnostics.alignment_batches("toy_tf", examples, tokenizer, 8, seed=0)
+task = data.register_tasks(["toy_tf"], data_dir)[0]
+examples = data.load_split(task, data_dir, "train")
+batch, shuffled = diagnostics.alignment_batches(task, examples, tokenizer, 8, seed=0)
 cosines = diagnostics.gradient_alignment(t5, batch, shuffled)
 if ctx.rank == 0:
     with open(out, "w") as f:

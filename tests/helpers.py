@@ -20,17 +20,33 @@ CONFIGS = {
     "mt5": dict(model_type="mt5", feed_forward_proj="gated-gelu", tie_word_embeddings=False),
     "umt5": dict(model_type="umt5", feed_forward_proj="gated-gelu", tie_word_embeddings=False),
 }
-BASE = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
-            relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
-            layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+BASE = dict(
+    vocab_size=96,
+    d_model=32,
+    d_kv=8,
+    d_ff=48,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    dropout_rate=0.1,
+    layer_norm_epsilon=1e-6,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+)
 
 
 def oracle_model(config):
     """A transformers model with random weights for a public-style config dict."""
     import transformers
-    cls = {"t5": (transformers.T5Config, transformers.T5ForConditionalGeneration),
-           "mt5": (transformers.MT5Config, transformers.MT5ForConditionalGeneration),
-           "umt5": (transformers.UMT5Config, transformers.UMT5ForConditionalGeneration)}[config["model_type"]]
+
+    cls = {
+        "t5": (transformers.T5Config, transformers.T5ForConditionalGeneration),
+        "mt5": (transformers.MT5Config, transformers.MT5ForConditionalGeneration),
+        "umt5": (transformers.UMT5Config, transformers.UMT5ForConditionalGeneration),
+    }[config["model_type"]]
     kwargs = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
     return cls[1](cls[0](**kwargs)).eval()
 
@@ -38,9 +54,13 @@ def oracle_model(config):
 def make_checkpoint(path, kind="t5v1_1", seed=0, layout="safetensors", **overrides):
     """Writes a random tiny checkpoint; returns its config dict. layout: safetensors | sharded | bin | sharded_bin."""
     from safetensors.torch import save_file
+
     torch.manual_seed(seed)
     config = {**BASE, **CONFIGS[kind], **overrides}
-    config["architectures"] = [{"t5": "T5", "mt5": "MT5", "umt5": "UMT5"}[config["model_type"]] + "ForConditionalGeneration"]
+    config["architectures"] = [
+        {"t5": "T5", "mt5": "MT5", "umt5": "UMT5"}[config["model_type"]]
+        + "ForConditionalGeneration"
+    ]
     state = oracle_model(config).state_dict()
     for name in state:
         if "layer_norm" in name:
@@ -49,7 +69,9 @@ def make_checkpoint(path, kind="t5v1_1", seed=0, layout="safetensors", **overrid
     if config["tie_word_embeddings"]:
         state.pop("lm_head.weight", None)  # tied: the head is the embedding
     else:
-        state["lm_head.weight"] = torch.randn_like(state["lm_head.weight"]) * config["d_model"] ** -0.5
+        state["lm_head.weight"] = (
+            torch.randn_like(state["lm_head.weight"]) * config["d_model"] ** -0.5
+        )
     state.pop("encoder.embed_tokens.weight", None)
     state.pop("decoder.embed_tokens.weight", None)
     os.makedirs(path, exist_ok=True)
@@ -62,7 +84,7 @@ def make_checkpoint(path, kind="t5v1_1", seed=0, layout="safetensors", **overrid
             torch.save(state, os.path.join(path, "pytorch_model.bin"))
     else:
         names = sorted(state)
-        halves = [names[: len(names) // 2], names[len(names) // 2:]]
+        halves = [names[: len(names) // 2], names[len(names) // 2 :]]
         ext = "safetensors" if layout == "sharded" else "bin"
         prefix = "model" if ext == "safetensors" else "pytorch_model"
         weight_map = {}
@@ -83,6 +105,7 @@ def make_checkpoint(path, kind="t5v1_1", seed=0, layout="safetensors", **overrid
 def load_oracle(path):
     """The checkpoint as transformers reads it."""
     from transformers import AutoModelForSeq2SeqLM
+
     return AutoModelForSeq2SeqLM.from_pretrained(path).eval()
 
 

@@ -6,17 +6,39 @@ mentions a cat and False otherwise (a classification format like RTE's);
 "toy_copy" repeats the last word (a free-text format). Both are registered by a
 task.json, the generic layout data.py reads without code.
 """
+
 import json
 import os
 import random
 import shutil
 
-WORDS = ["the", "cat", "dog", "sat", "on", "mat", "red", "blue", "big", "small", "True", "False",
-         "question", "answer", "Q:", "A:", "hello", "world", "tree", "house"]
+WORDS = [
+    "the",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "red",
+    "blue",
+    "big",
+    "small",
+    "True",
+    "False",
+    "question",
+    "answer",
+    "Q:",
+    "A:",
+    "hello",
+    "world",
+    "tree",
+    "house",
+]
 
 
 def make_spiece(folder):
     import sentencepiece
+
     os.makedirs(folder, exist_ok=True)
     rng = random.Random(0)
     lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(800)]
@@ -24,14 +46,26 @@ def make_spiece(folder):
     with open(corpus, "w") as f:
         f.write("\n".join(lines))
     sentencepiece.SentencePieceTrainer.train(
-        input=corpus, model_prefix=os.path.join(folder, "spiece"), vocab_size=40, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
+        input=corpus,
+        model_prefix=os.path.join(folder, "spiece"),
+        vocab_size=40,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
     return os.path.join(folder, "spiece.model")
 
 
 def make_model_dir(folder, spiece, kind="t5v1_1", **overrides):
     from helpers import make_checkpoint
-    config = dict(vocab_size=140, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4)
+
+    config = dict(
+        vocab_size=140, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4
+    )
     config.update(overrides)
     make_checkpoint(folder, kind=kind, **config)
     shutil.copy(spiece, os.path.join(folder, "spiece.model"))
@@ -60,7 +94,18 @@ def make_data_dir(folder, n_train=48, n_val=12):
         words = [rng.choice(WORDS[:10]) for _ in range(rng.randint(2, 6))]
         return {"input": " ".join(words), "target": words[-1]}
 
-    write("toy_tf", {"template": "{input} question: is there a cat? answer:", "metric": "accuracy",
-                     "label_words": ["True", "False"]}, tf)
-    write("toy_copy", {"template": "Q: last word of {input} A:", "metric": "exact_match", "prefix": "Q:"}, copy)
+    write(
+        "toy_tf",
+        {
+            "template": "{input} question: is there a cat? answer:",
+            "metric": "accuracy",
+            "label_words": ["True", "False"],
+        },
+        tf,
+    )
+    write(
+        "toy_copy",
+        {"template": "Q: last word of {input} A:", "metric": "exact_match", "prefix": "Q:"},
+        copy,
+    )
     return folder

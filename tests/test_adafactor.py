@@ -36,17 +36,34 @@ def run_ours(shapes, steps, seed=0, **kwargs):
 
 # --- Oracle 1: transformers -------------------------------------------------
 
+
 @pytest.mark.parametrize("scale", [True, False])
 @pytest.mark.parametrize("beta1", [None, 0.9])
 def test_matches_transformers_adafactor_where_rules_coincide(scale, beta1):
     from transformers.optimization import Adafactor as HFAdafactor
-    shapes = [(128, 256), (300, 128), (160, 160), (7,)]  # factored matrices (both ways round) + a vector
-    start, grads, ours = run_ours(shapes, steps=5, lr=0.01, multiply_by_parameter_scale=scale,
-                                  beta1=beta1)
+
+    shapes = [
+        (128, 256),
+        (300, 128),
+        (160, 160),
+        (7,),
+    ]  # factored matrices (both ways round) + a vector
+    start, grads, ours = run_ours(
+        shapes, steps=5, lr=0.01, multiply_by_parameter_scale=scale, beta1=beta1
+    )
     params = [torch.nn.Parameter(s.clone()) for s in start]
-    hf = HFAdafactor(params, lr=0.01, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
-                     beta1=beta1, weight_decay=0.0, scale_parameter=scale, relative_step=False,
-                     warmup_init=False)
+    hf = HFAdafactor(
+        params,
+        lr=0.01,
+        eps=(1e-30, 1e-3),
+        clip_threshold=1.0,
+        decay_rate=-0.8,
+        beta1=beta1,
+        weight_decay=0.0,
+        scale_parameter=scale,
+        relative_step=False,
+        warmup_init=False,
+    )
     for step_grads in grads:
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
@@ -58,10 +75,21 @@ def test_matches_transformers_adafactor_where_rules_coincide(scale, beta1):
 
 # --- Oracle 2: T5X's rule written out ---------------------------------------
 
-def t5x_adafactor(param, grads, learning_rate, decay_rate=0.8, step_offset=0,
-                  multiply_by_parameter_scale=True, beta1=None, clipping_threshold=1.0,
-                  weight_decay_rate=None, min_dim_size_to_factor=128, epsilon1=1e-30,
-                  epsilon2=1e-3):
+
+def t5x_adafactor(
+    param,
+    grads,
+    learning_rate,
+    decay_rate=0.8,
+    step_offset=0,
+    multiply_by_parameter_scale=True,
+    beta1=None,
+    clipping_threshold=1.0,
+    weight_decay_rate=None,
+    min_dim_size_to_factor=128,
+    epsilon1=1e-30,
+    epsilon2=1e-3,
+):
     """t5x/adafactor.py Adafactor.apply_param_gradient, heuristic rule, in numpy float32."""
     f32 = np.float32
     param = param.astype(f32)
@@ -102,8 +130,10 @@ def t5x_adafactor(param, grads, learning_rate, decay_rate=0.8, step_offset=0,
             y = grad * v ** f32(-0.5)
         if clipping_threshold is not None:
             clipping_denom = np.maximum(
-                f32(1.0), np.sqrt(np.mean(y * y, axis=averaging_dims, keepdims=True))
-                / f32(clipping_threshold))
+                f32(1.0),
+                np.sqrt(np.mean(y * y, axis=averaging_dims, keepdims=True))
+                / f32(clipping_threshold),
+            )
             y = y / clipping_denom
         subtrahend = update_scale * y
         if beta1 is not None:
@@ -119,16 +149,23 @@ def t5x_adafactor(param, grads, learning_rate, decay_rate=0.8, step_offset=0,
 
 CASES = {
     "small matrix stays unfactored": dict(shapes=[(64, 200)], kwargs={}),
-    "weight decay is not scaled by lr": dict(shapes=[(130, 140), (9,)],
-                                             kwargs=dict(weight_decay_rate=1e-2)),
+    "weight decay is not scaled by lr": dict(
+        shapes=[(130, 140), (9,)], kwargs=dict(weight_decay_rate=1e-2)
+    ),
     "momentum": dict(shapes=[(128, 130)], kwargs=dict(beta1=0.9)),
-    "step_offset restarts the decay schedule": dict(shapes=[(140, 129)], kwargs=dict(step_offset=-1000)),
-    "3-D tensor factors its two largest dims": dict(shapes=[(200, 3, 150), (130, 7, 130)], kwargs={}),
+    "step_offset restarts the decay schedule": dict(
+        shapes=[(140, 129)], kwargs=dict(step_offset=-1000)
+    ),
+    "3-D tensor factors its two largest dims": dict(
+        shapes=[(200, 3, 150), (130, 7, 130)], kwargs={}
+    ),
     "no parameter scaling, no clipping": dict(
         shapes=[(150, 140), (5, 6)],
-        kwargs=dict(multiply_by_parameter_scale=False, clipping_threshold=None)),
+        kwargs=dict(multiply_by_parameter_scale=False, clipping_threshold=None),
+    ),
     "prompt-tuning setting (p=100 prompt, 100 < 128)": dict(
-        shapes=[(100, 256)], kwargs=dict(multiply_by_parameter_scale=False, weight_decay_rate=1e-5)),
+        shapes=[(100, 256)], kwargs=dict(multiply_by_parameter_scale=False, weight_decay_rate=1e-5)
+    ),
 }
 
 
@@ -143,10 +180,10 @@ def test_matches_written_out_t5x_rule(case):
 
 def test_factoring_rule_is_t5x_heuristic():
     f = Adafactor.factored_dims
-    assert f((64, 200)) is None                 # second-largest dim 64 < 128
-    assert f((128, 200)) == (0, 1)              # row = second largest, col = largest
+    assert f((64, 200)) is None  # second-largest dim 64 < 128
+    assert f((128, 200)) == (0, 1)  # row = second largest, col = largest
     assert f((300, 128)) == (1, 0)
-    assert f((160, 160)) == (0, 1)              # ties: the later dim counts as larger (stable argsort)
+    assert f((160, 160)) == (0, 1)  # ties: the later dim counts as larger (stable argsort)
     assert f((200, 3, 150)) == (2, 0)
     assert f((512,)) is None
     assert f((64, 64), min_dim_size_to_factor=32) == (0, 1)

@@ -18,6 +18,7 @@ import model as model_lib
 import promot
 import promot_fixtures as pf
 from support import run_checkpoints
+from support.errors import BadInput
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,13 +27,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     spiece = pf.make_spiece(str(d / "spiece"))
-    return dict(model=pf.make_model_dir(str(d / "model"), spiece), data=pf.make_data_dir(str(d / "data")), root=d)
+    return dict(
+        model=pf.make_model_dir(str(d / "model"), spiece),
+        data=pf.make_data_dir(str(d / "data")),
+        root=d,
+    )
 
 
 def train_args(env, out, *extra, stage="1", steps=2, save_every=1):
-    return ["--stage", stage, "--model", env["model"], "--data-dir", env["data"], "--task", "toy_tf",
-            "--out", str(out), "--steps", str(steps), "--save-every", str(save_every), "--batch-size", "4",
-            "--prompt-length", "5", "--log-every", "1", "--no-eval", *extra]
+    return [
+        "--stage",
+        stage,
+        "--model",
+        env["model"],
+        "--data-dir",
+        env["data"],
+        "--task",
+        "toy_tf",
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--save-every",
+        str(save_every),
+        "--batch-size",
+        "4",
+        "--prompt-length",
+        "5",
+        "--log-every",
+        "1",
+        "--no-eval",
+        *extra,
+    ]
 
 
 def with_flags(argv, flags):
@@ -61,7 +87,9 @@ PROMOT_BAD = [  # (flags, words the message must hold)
     (["--shots", "-1"], ["--shots -1"]),
     (["--train-examples", "-1"], ["--train-examples -1"]),
     (["--max-target-tokens", "1"], ["--max-target-tokens 1", ">= 4"]),
-    (["--max-input-length", "0"], ["--max-input-tokens 0"]),  # the old name, renamed with a note
+    (["--max-input-tokens", "0"], ["--max-input-tokens 0"]),
+    (["--max-input-length", "0"], ["unrecognized arguments: --max-input-length"]),  # no aliases
+    (["--shots", "0,1"], ["--shots 0,1", "one number of demonstrations"]),
     (["--adafactor-step-offset", "1000000"], ["--adafactor-step-offset", "<= 0"]),
     (["--steps", "0"], ["--steps 0"]),
     (["--batch-size", "0"], ["--batch-size 0"]),
@@ -84,7 +112,6 @@ def test_promot_refuses_bad_flags_in_one_line_before_writing(env, tmp_path, caps
     out = tmp_path / "out"
     assert promot.main(with_flags(train_args(env, out), flags)) == 2
     err = capsys.readouterr().err
-    err = "\n".join(line for line in err.splitlines() if " is now " not in line) + "\n"  # rename notes
     one_line_error(err, "promot.py: error:")
     for w in words:
         assert w in err, err
@@ -98,9 +125,27 @@ def test_promot_device_cuda_without_a_gpu(env, tmp_path, capsys):
 
 
 def evaluate_args(env, out, *extra):
-    return ["--model", env["model"], "--data-dir", env["data"], "--out", str(out), "--task", "toy_tf",
-            "--eval-tasks", "toy_copy", "--shots", "0", "--num-beams", "1", "--max-new-tokens", "3",
-            "--eval-examples", "2", *extra]
+    return [
+        "--model",
+        env["model"],
+        "--data-dir",
+        env["data"],
+        "--out",
+        str(out),
+        "--task",
+        "toy_tf",
+        "--eval-tasks",
+        "toy_copy",
+        "--shots",
+        "0",
+        "--num-beams",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--eval-examples",
+        "2",
+        *extra,
+    ]
 
 
 def test_evaluate_refuses_bad_inputs_in_one_line_before_writing(env, tmp_path, capsys):
@@ -117,13 +162,16 @@ def test_evaluate_refuses_bad_inputs_in_one_line_before_writing(env, tmp_path, c
         (["--eval-tasks", "", "--task", ""], "nothing to score"),
         (["--eval-tasks", "../toy_copy"], "not a path"),
         (["--prompt", str(nan_prompt)], "NaN"),
-        (["--shots", "1000"], "1000-shot inputs need 1000 demonstrations"),  # before toy_tf is scored
+        (
+            ["--shots", "1000"],
+            "1000-shot inputs need 1000 demonstrations",
+        ),  # before toy_tf is scored
     ]
     for flags, words in cases:
         out = tmp_path / "r.json"
         assert evaluate.main(with_flags(evaluate_args(env, out), flags)) == 2, flags
         err = capsys.readouterr().err
-        one_line_error(err, "error:")
+        one_line_error(err, "evaluate.py: error:")
         assert words in err, (flags, err)
         assert not out.exists(), flags
 
@@ -133,14 +181,17 @@ def test_a_shard_index_that_points_outside_the_folder_is_refused(env, tmp_path):
     os.makedirs(ckpt)
     for name in ("config.json", "spiece.model"):
         (ckpt / name).write_bytes(open(os.path.join(env["model"], name), "rb").read())
-    (tmp_path / "outside.safetensors").write_bytes(open(os.path.join(env["model"], "model.safetensors"), "rb").read())
+    (tmp_path / "outside.safetensors").write_bytes(
+        open(os.path.join(env["model"], "model.safetensors"), "rb").read()
+    )
     with open(ckpt / "model.safetensors.index.json", "w") as f:
         json.dump({"weight_map": {"shared.weight": "../outside.safetensors"}}, f)
-    with pytest.raises(model_lib.CheckpointError, match="not a file of this folder"):
+    with pytest.raises(model_lib.DamagedFile, match="not a file of this folder"):
         model_lib.load_pretrained(str(ckpt))
 
 
 # --- the run folder -------------------------------------------------------------------------
+
 
 def test_a_run_folder_in_use_is_refused_naming_the_process(env, tmp_path, capsys):
     out = tmp_path / "out"
@@ -183,7 +234,10 @@ def test_resume_never_unpickles_what_a_run_folder_holds(env, tmp_path, capsys):
     assert promot.main(train_args(env, out, "--stop-after-step", "1")) == 0
     ckpt = run_checkpoints.latest_checkpoint(str(out / "stage1" / "checkpoints"))
     marker = tmp_path / "pwned"
-    for name in (".metadata", "rng_rank0.pt"):  # the old torch.distributed.checkpoint layout's pickles
+    for name in (
+        ".metadata",
+        "rng_rank0.pt",
+    ):  # the old torch.distributed.checkpoint layout's pickles
         with open(os.path.join(ckpt, name), "wb") as f:
             pickle.dump(Payload(str(marker)), f)
     assert promot.main(train_args(env, out, "--resume")) == 0  # reads only safetensors and JSON
@@ -215,7 +269,9 @@ def test_a_damaged_checkpoint_is_caught_and_the_one_before_is_used(env, tmp_path
     newest = run_checkpoints.latest_checkpoint(folder)
     _flip_a_byte(os.path.join(newest, "rank0.safetensors"))
     capsys.readouterr()
-    run = promot.train(promot.parse_args(train_args(env, out, "--keep-checkpoints", "2", "--resume", steps=3)))
+    run = promot.train(
+        promot.parse_args(train_args(env, out, "--keep-checkpoints", "2", "--resume", steps=3))
+    )
     printed = capsys.readouterr().out
     assert "SHA-256 mismatch" in printed and "falling back" in printed and "resumed from" in printed
     assert "step_0000001 (step 1)" in printed and run.step == 3
@@ -224,8 +280,12 @@ def test_a_damaged_checkpoint_is_caught_and_the_one_before_is_used(env, tmp_path
 def test_a_damaged_only_checkpoint_is_one_clear_error(env, tmp_path, capsys):
     out = tmp_path / "out"
     assert promot.main(train_args(env, out, "--stop-after-step", "1")) == 0
-    _flip_a_byte(os.path.join(run_checkpoints.latest_checkpoint(str(out / "stage1" / "checkpoints")),
-                              "rank0.safetensors"))
+    _flip_a_byte(
+        os.path.join(
+            run_checkpoints.latest_checkpoint(str(out / "stage1" / "checkpoints")),
+            "rank0.safetensors",
+        )
+    )
     capsys.readouterr()
     assert promot.main(train_args(env, out, "--resume")) == 2
     err = capsys.readouterr().err
@@ -233,8 +293,11 @@ def test_a_damaged_only_checkpoint_is_one_clear_error(env, tmp_path, capsys):
     assert "SHA-256 mismatch" in err
 
 
-def test_a_full_disk_is_one_line_naming_the_file_and_the_intact_checkpoint(env, tmp_path, capsys, monkeypatch):
+def test_a_full_disk_is_one_line_naming_the_file_and_the_intact_checkpoint(
+    env, tmp_path, capsys, monkeypatch
+):
     import safetensors.torch
+
     real, calls = safetensors.torch.save_file, []
 
     def full(tensors, filename, metadata=None):
@@ -252,7 +315,9 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_intact_checkpoint(env, 
 
 def test_weights_that_diverge_are_never_saved_as_a_good_checkpoint(env, tmp_path, capsys):
     out = tmp_path / "out"
-    assert promot.main(train_args(env, out, "--lr", "1e300")) == 1  # a finite loss, then inf weights
+    assert (
+        promot.main(train_args(env, out, "--lr", "1e300")) == 1
+    )  # a finite loss, then inf weights
     err = capsys.readouterr().err
     assert "NaN or inf after step 1; not saved" in err and "last good checkpoint is none" in err
     assert run_checkpoints.latest_checkpoint(str(out / "stage1" / "checkpoints")) is None
@@ -262,7 +327,11 @@ def test_leftovers_of_a_killed_write_are_removed_on_the_next_run(env, tmp_path):
     out = tmp_path / "out"
     assert promot.main(train_args(env, out, "--stop-after-step", "1")) == 0
     stage = out / "stage1"
-    leftovers = [stage / "best.tmp-abc123", stage / "checkpoints" / "step_0000002.tmp", stage / "best.json.tmp.999"]
+    leftovers = [
+        stage / "best.tmp-abc123",
+        stage / "checkpoints" / "step_0000002.tmp",
+        stage / "best.json.tmp.999",
+    ]
     leftovers[0].mkdir()
     (leftovers[0] / "model.safetensors").write_bytes(b"partial")
     leftovers[1].mkdir()
@@ -271,11 +340,18 @@ def test_leftovers_of_a_killed_write_are_removed_on_the_next_run(env, tmp_path):
     assert not any(p.exists() for p in leftovers)
 
 
-@pytest.mark.parametrize("key,value,expected", [("d_model", "128", "a non-negative integer"),
-                                                ("layer_norm_epsilon", "1e-6", "a non-negative number"),
-                                                ("num_layers", 2.5, "a non-negative integer"),
-                                                ("tie_word_embeddings", "false", "true or false")])
-def test_a_config_json_of_the_wrong_types_is_one_clear_error(env, tmp_path, capsys, key, value, expected):
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("d_model", "128", "a non-negative integer"),
+        ("layer_norm_epsilon", "1e-6", "a non-negative number"),
+        ("num_layers", 2.5, "a non-negative integer"),
+        ("tie_word_embeddings", "false", "true or false"),
+    ],
+)
+def test_a_config_json_of_the_wrong_types_is_one_clear_error(
+    env, tmp_path, capsys, key, value, expected
+):
     bad = tmp_path / "model"
     os.makedirs(bad)
     for name in os.listdir(env["model"]):
@@ -291,23 +367,30 @@ def test_a_config_json_of_the_wrong_types_is_one_clear_error(env, tmp_path, caps
     assert f"{key} is {value!r}; expected {expected}" in err and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("spec,words", [({"template": "{input"}, "not a format string"),
-                                        ({"template": "{0} A:"}, "needs named fields"),
-                                        ({"template": 5}, "not a format string"),
-                                        ({"template": "Q: {input} A:", "label_words": "True"}, "label_words is \"True\""),
-                                        ({"template": "Q: {input} A:", "label_words": []}, "label_words is []")])
+@pytest.mark.parametrize(
+    "spec,words",
+    [
+        ({"template": "{input"}, "not a format string"),
+        ({"template": "{0} A:"}, "needs named fields"),
+        ({"template": 5}, "not a format string"),
+        ({"template": "Q: {input} A:", "label_words": "True"}, 'label_words is "True"'),
+        ({"template": "Q: {input} A:", "label_words": []}, "label_words is []"),
+    ],
+)
 def test_a_bad_task_json_is_one_clear_error(tmp_path, spec, words):
     import data
+
     folder = tmp_path / "mytask"
     folder.mkdir()
     (folder / "task.json").write_text(json.dumps(spec))
-    with pytest.raises(data.DataError, match="task.json: ") as raised:
+    with pytest.raises(data.BadInput, match="task.json: ") as raised:
         data.get_task("mytask", tmp_path)
     assert words in str(raised.value)
 
 
 def copy_data(env, folder):
     import shutil
+
     shutil.copytree(env["data"], folder)
     return str(folder)
 
@@ -383,24 +466,39 @@ def test_resume_under_another_number_of_ranks_names_the_ranks(env, tmp_path):
     cfg = promot.parse_args(train_args(env, out, "--resume"))
     settings = {**promot.asdict(cfg), "world_size": 1}
     json.dump({"stage1": {**settings, "world_size": 2}}, open(out / "config.json", "w"))
-    with pytest.raises(run_checkpoints.CheckpointFileError, match=r"ranks \(torchrun --nproc-per-node\): saved 2"):
-        run_checkpoints.check_run_folder(str(out), "stage1", True, settings, promot.RESUMABLE_CHANGES)
+    with pytest.raises(BadInput, match=r"ranks \(torchrun --nproc-per-node\): saved 2"):
+        run_checkpoints.check_run_folder(
+            str(out), "stage1", True, settings, promot.RESUMABLE_CHANGES
+        )
 
 
 BAD_DATA = [  # (task.json, the third line of train.jsonl, words the message must hold)
-    ({"template": "{input} answer:", "label_words": ["True", "False"], "metric": "accuracy"},
-     '{"input": "a b", "target": "Maybe"}', ['train.jsonl:3: target "Maybe" is not one of the task\'s label_words']),
-    ({"template": "{input} answer:"}, '{"input": "a \\ud800 b", "target": "True"}',
-     ["train.jsonl:3: a lone UTF-16 surrogate (\\ud800)"]),
-    ({"template": "{input} {question} answer:"}, '{"input": "a b", "target": "True"}',
-     ["no field 'question'", "train example 3"]),
+    (
+        {"template": "{input} answer:", "label_words": ["True", "False"], "metric": "accuracy"},
+        '{"input": "a b", "target": "Maybe"}',
+        ['train.jsonl:3: target "Maybe" is not one of the task\'s label_words'],
+    ),
+    (
+        {"template": "{input} answer:"},
+        '{"input": "a \\ud800 b", "target": "True"}',
+        ["train.jsonl:3: a lone UTF-16 surrogate (\\ud800)"],
+    ),
+    (
+        {"template": "{input} {question} answer:"},
+        '{"input": "a b", "target": "True"}',
+        ["no field 'question'", "train example 3"],
+    ),
 ]
 
 
-@pytest.mark.parametrize("case", range(len(BAD_DATA)), ids=["label outside label_words", "lone surrogate",
-                                                             "template field missing"])
+@pytest.mark.parametrize(
+    "case",
+    range(len(BAD_DATA)),
+    ids=["label outside label_words", "lone surrogate", "template field missing"],
+)
 def test_bad_data_is_one_line_from_data_check_and_before_promot_writes(env, tmp_path, capsys, case):
     import data
+
     spec, line, words = BAD_DATA[case]
     task = f"bad_data_{case}"  # a name of its own: the task registry keeps a name's first task.json
     folder = tmp_path / "data" / task
@@ -414,7 +512,9 @@ def test_bad_data_is_one_line_from_data_check_and_before_promot_writes(env, tmp_
         err = capsys.readouterr().err
         assert all(w in err for w in words), err
         out = tmp_path / "out"
-        argv = with_flags(train_args(env, out), ["--data-dir", str(tmp_path / "data"), "--task", task])
+        argv = with_flags(
+            train_args(env, out), ["--data-dir", str(tmp_path / "data"), "--task", task]
+        )
         assert promot.main(argv) == 2
         err = capsys.readouterr().err
     finally:

@@ -20,10 +20,18 @@ def data_dir(tmp_path):
     rte.mkdir()
     with open(rte / "train.jsonl", "w") as f:
         for i in range(6):
-            f.write(json.dumps({"premise": f"A cat {i}.", "hypothesis": "A cat.", "label": i % 2}) + "\n")
+            f.write(
+                json.dumps({"premise": f"A cat {i}.", "hypothesis": "A cat.", "label": i % 2})
+                + "\n"
+            )
     with open(rte / "val.jsonl", "w") as f:
         for i in range(4):
-            f.write(json.dumps({"premise": f"A dog {i}.", "hypothesis": "A cat.", "label": "not_entailment"}) + "\n")
+            f.write(
+                json.dumps(
+                    {"premise": f"A dog {i}.", "hypothesis": "A cat.", "label": "not_entailment"}
+                )
+                + "\n"
+            )
     with open(rte / "test.jsonl", "w") as f:
         f.write(json.dumps({"premise": "p", "hypothesis": "h", "idx": 0}) + "\n")
     return tmp_path
@@ -32,16 +40,42 @@ def data_dir(tmp_path):
 @pytest.fixture(scope="module")
 def spiece(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli_spiece")
-    (d / "corpus.txt").write_text("\n".join(["A cat sat. A dog is true or false question answer"] * 50))
+    (d / "corpus.txt").write_text(
+        "\n".join(["A cat sat. A dog is true or false question answer"] * 50)
+    )
     sentencepiece.SentencePieceTrainer.train(
-        input=str(d / "corpus.txt"), model_prefix=str(d / "spiece"), vocab_size=25, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+        input=str(d / "corpus.txt"),
+        model_prefix=str(d / "spiece"),
+        vocab_size=25,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
     return d / "spiece.model"
 
 
 def test_show_prints_the_exact_input_target_and_token_counts(data_dir, spiece, capsys):
-    assert data.main(["show", "--task", "rte", "--data-dir", str(data_dir), "--shots", "1", "-n", "2",
-                      "--spiece", str(spiece)]) == 0
+    assert (
+        data.main(
+            [
+                "show",
+                "--task",
+                "rte",
+                "--data-dir",
+                str(data_dir),
+                "--shots",
+                "1",
+                "--examples",
+                "2",
+                "--spiece",
+                str(spiece),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     tok = data.Tokenizer(spiece)
     queries = data.load_split("rte", data_dir, "validation")[:2]
@@ -53,20 +87,54 @@ def test_show_prints_the_exact_input_target_and_token_counts(data_dir, spiece, c
     assert out.count("=== rte validation #") == 2 and 'references: ["False"]' in out
 
 
+def test_show_prints_each_requested_number_of_demonstrations(data_dir, capsys):
+    argv = [
+        "show",
+        "--task",
+        "rte",
+        "--data-dir",
+        str(data_dir),
+        "--shots",
+        "0,2",
+        "--examples",
+        "1",
+    ]
+    assert data.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "=== rte validation #0, 0-shot, metric accuracy ===" in out
+    assert "=== rte validation #0, 2-shot, metric accuracy ===" in out
+    assert out.count("Is it true or false?") == 1 + 3
+
+
+def test_show_with_a_bad_shots_list_is_a_usage_error(data_dir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        data.main(["show", "--task", "rte", "--data-dir", str(data_dir), "--shots", "1,x"])
+    assert exit_.value.code == 2 and "--shots" in capsys.readouterr().err
+
+
 def test_check_prints_split_sizes_beside_table_8(data_dir, capsys):
     assert data.main(["check", "--data-dir", str(data_dir)]) == 0
     out = capsys.readouterr().out
-    assert "rte" in out and "train 6 (paper 2490), validation 4 (paper 277), test 1 unlabeled (paper 3000)" in out
+    assert (
+        "rte" in out
+        and "train 6 (paper 2490), validation 4 (paper 277), test 1 unlabeled (paper 3000)" in out
+    )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["show", "--task", "nope", "--data-dir", "D"], "error: unknown task 'nope'; known tasks: "),
-    (["show", "--task", "xsum", "--data-dir", "D"], "error: D/xsum: folder not found"),
-    (["check", "--data-dir", "D/missing"], "error: D/missing: data folder not found"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["show", "--task", "nope", "--data-dir", "D"],
+            "data.py: error: unknown task 'nope'; known tasks: ",
+        ),
+        (["show", "--task", "xsum", "--data-dir", "D"], "data.py: error: D/xsum: folder not found"),
+        (["check", "--data-dir", "D/missing"], "data.py: error: D/missing: data folder not found"),
+    ],
+)
 def test_cli_errors_are_one_line_with_nonzero_exit(data_dir, argv, message, capsys):
     argv = [a.replace("D", str(data_dir)) if a.startswith("D") else a for a in argv]
-    assert data.main(argv) == 1
+    assert data.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(message.replace("D", str(data_dir), 1)) and err.count("\n") == 1
 
@@ -80,9 +148,21 @@ def test_check_reports_a_bad_file_and_fails(data_dir, capsys):
 
 
 def test_cli_process_exits_nonzero_without_traceback(data_dir):
-    result = subprocess.run([sys.executable, str(REPO / "data.py"), "show", "--task", "rte", "--data-dir",
-                             str(data_dir / "nowhere")], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 1
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "data.py"),
+            "show",
+            "--task",
+            "rte",
+            "--data-dir",
+            str(data_dir / "nowhere"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
     assert "rte: folder not found" in result.stderr
 
@@ -98,7 +178,10 @@ def test_check_fails_on_a_file_of_unknown_format_and_names_it(data_dir, capsys):
     (data_dir / "rte/train.csv").write_text("premise,hypothesis,label\n")
     assert data.main(["check", "--data-dir", str(data_dir)]) == 1
     err = capsys.readouterr().err
-    assert f"error: {data_dir / 'rte/train.csv'}: unknown format; promot reads .jsonl, .json, .parquet" in err
+    assert (
+        f"error: {data_dir / 'rte/train.csv'}: unknown format; promot reads .jsonl, .json, .parquet"
+        in err
+    )
 
 
 def test_check_fails_on_a_save_to_disk_folder(tmp_path, capsys):
@@ -108,7 +191,10 @@ def test_check_fails_on_a_save_to_disk_folder(tmp_path, capsys):
     (tmp_path / "cb/train/dataset_info.json").write_text("{}")
     assert data.main(["check", "--data-dir", str(tmp_path)]) == 1
     captured = capsys.readouterr()
-    assert "cb              train - (paper 250), validation - (paper 56), test - (paper 250)" in captured.out
+    assert (
+        "cb              train - (paper 250), validation - (paper 56), test - (paper 250)"
+        in captured.out
+    )
     assert "data-00000-of-00001.arrow: unknown format" in captured.err
     assert f"error: {tmp_path / 'cb'}: no split in a layout promot reads" in captured.err
 
@@ -118,7 +204,10 @@ def test_check_fails_on_a_missing_required_field_and_names_file_line_field(data_
         f.write(json.dumps({"premise": "p", "label": "entailment"}) + "\n")
     assert data.main(["check", "--data-dir", str(data_dir)]) == 1
     captured = capsys.readouterr()
-    assert "rte/val.jsonl:5: missing field 'hypothesis'" in captured.err and "validation ERROR" in captured.out
+    assert (
+        "rte/val.jsonl:5: missing field 'hypothesis'" in captured.err
+        and "validation ERROR" in captured.out
+    )
 
 
 def test_check_ignores_hidden_files_and_readmes(data_dir, capsys):

@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from promot_fixtures import make_data_dir, make_model_dir, make_spiece
 import data
 import diagnostics
 import model
+from support import t5x_loss
+from support.errors import BadInput
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,6 +26,7 @@ def lab(tmp_path_factory):
     spiece = make_spiece(str(root / "spm"))
     model_dir = make_model_dir(str(root / "model"), spiece)
     data_dir = make_data_dir(str(root / "data"))
+    data.register_tasks(["toy_tf", "toy_copy"], data_dir)  # as a command does up front
     tokenizer = data.Tokenizer(spiece)
     examples = data.load_split(data.get_task("toy_tf", data_dir), data_dir, "train")
     return dict(model_dir=model_dir, data_dir=data_dir, tokenizer=tokenizer, examples=examples)
@@ -31,8 +36,16 @@ def test_identical_batches_have_cosine_one(lab):
     t5 = model.load_pretrained(lab["model_dir"])
     batch, _ = diagnostics.alignment_batches("toy_tf", lab["examples"], lab["tokenizer"], 8, seed=0)
     cos = diagnostics.gradient_alignment(t5, batch, batch)
-    assert set(cos) == {"mlp", "self_attn.q", "self_attn.k", "self_attn.v", "cross_attn.q", "cross_attn.k",
-                        "cross_attn.v", "model"}
+    assert set(cos) == {
+        "mlp",
+        "self_attn.q",
+        "self_attn.k",
+        "self_attn.v",
+        "cross_attn.q",
+        "cross_attn.k",
+        "cross_attn.v",
+        "model",
+    }
     for group, value in cos.items():
         assert value == pytest.approx(1.0, abs=1e-9), group
 
@@ -40,7 +53,9 @@ def test_identical_batches_have_cosine_one(lab):
 def test_cosine_matches_a_direct_computation(lab):
     t5 = model.load_pretrained(lab["model_dir"]).eval()
     for seed in range(100):  # a batch whose shuffle moves a label (the toy task is mostly False)
-        batch, shuffled = diagnostics.alignment_batches("toy_tf", lab["examples"], lab["tokenizer"], 8, seed=seed)
+        batch, shuffled = diagnostics.alignment_batches(
+            "toy_tf", lab["examples"], lab["tokenizer"], 8, seed=seed
+        )
         if not torch.equal(batch["labels"], shuffled["labels"]):
             break
     assert not torch.equal(batch["labels"], shuffled["labels"])
@@ -48,15 +63,22 @@ def test_cosine_matches_a_direct_computation(lab):
     params = [p for _, p in t5.named_parameters()]
 
     def flat_grad(b):
-        total, count = model.cross_entropy(t5(b["input_ids"], b["attention_mask"], model.shift_right(b["labels"])),
-                                           b["labels"])
+        total, count = t5x_loss.cross_entropy(
+            t5(b["input_ids"], b["attention_mask"], model.shift_right(b["labels"])), b["labels"]
+        )
         return torch.autograd.grad(total / count, params)
+
     g, h = flat_grad(batch), flat_grad(shuffled)
-    whole = torch.nn.functional.cosine_similarity(torch.cat([x.flatten() for x in g]).double(),
-                                                  torch.cat([x.flatten() for x in h]).double(), dim=0)
+    whole = torch.nn.functional.cosine_similarity(
+        torch.cat([x.flatten() for x in g]).double(),
+        torch.cat([x.flatten() for x in h]).double(),
+        dim=0,
+    )
     names = [n for n, _ in t5.named_parameters()]
     q = names.index("decoder.blocks.1.self_attn.q.weight")
-    q_cos = torch.nn.functional.cosine_similarity(g[q].flatten().double(), h[q].flatten().double(), dim=0)
+    q_cos = torch.nn.functional.cosine_similarity(
+        g[q].flatten().double(), h[q].flatten().double(), dim=0
+    )
     cos = diagnostics.gradient_alignment(t5, batch, shuffled)
     assert cos["model"] == pytest.approx(whole.item(), abs=1e-6)
     assert cos["self_attn.q"] == pytest.approx(q_cos.item(), abs=1e-6)
@@ -66,8 +88,10 @@ def test_cosine_matches_a_direct_computation(lab):
 def test_alignment_leaves_weights_grads_and_rng_alone(lab):
     t5 = model.load_pretrained(lab["model_dir"]).train()
     before = {n: p.detach().clone() for n, p in t5.named_parameters()}
-    diag = diagnostics.TrainingDiagnostics(str(lab["data_dir"]), "stage2", lab["tokenizer"], lab["data_dir"],
-                                           "toy_tf", align_steps=[0], align_batch_size=8)
+    flags = diagnostics.TrainingFlags(align_steps="0", align_batch_size=8)
+    diag = diagnostics.TrainingDiagnostics(
+        flags, str(lab["data_dir"]), "stage2", lab["tokenizer"], lab["data_dir"], "toy_tf"
+    )
     state = torch.get_rng_state()
     records = diag.run(0, t5)
     assert records[0]["kind"] == "alignment" and records[0]["step"] == 0
@@ -79,16 +103,33 @@ def test_alignment_leaves_weights_grads_and_rng_alone(lab):
 
 def test_probes_record_score_and_the_exact_format_ratio(lab, tmp_path):
     t5 = model.load_pretrained(lab["model_dir"])
-    diag = diagnostics.TrainingDiagnostics(str(tmp_path), "finetune", lab["tokenizer"], lab["data_dir"], "toy_tf",
-                                           probe_tasks=["toy_copy"], probe_every=5, probe_shots=[0, 1], probe_limit=6)
+    flags = diagnostics.TrainingFlags(
+        probe_tasks="toy_copy", probe_every=5, probe_shots="0,1", probe_limit=6
+    )
+    diag = diagnostics.TrainingDiagnostics(
+        flags, str(tmp_path), "finetune", lab["tokenizer"], lab["data_dir"], "toy_tf"
+    )
     assert diag.due(10) == (True, False) and diag.due(7) == (False, False)
     records = diag.run(10, t5)
-    assert [(r["task"], r["shots"], r["step"]) for r in records] == [("toy_copy", 0, 10), ("toy_copy", 1, 10)]
+    assert [(r["task"], r["shots"], r["step"]) for r in records] == [
+        ("toy_copy", 0, 10),
+        ("toy_copy", 1, 10),
+    ]
     # the ratio counts exactly the answers that are a label word of the fine-tuned task
     import evaluate
-    result = evaluate.score_task(t5, lab["tokenizer"], "toy_copy", diag.probe_sets["toy_copy"][0],
-                                 pool=diag.probe_sets["toy_copy"][1], shots=1, num_beams=1)
-    in_format = sum(evaluate.first_word(e["prediction"]) in ("True", "False") for e in result["examples"])
+
+    result = evaluate.score_task(
+        t5,
+        lab["tokenizer"],
+        "toy_copy",
+        diag.probe_sets["toy_copy"][0],
+        pool=diag.probe_sets["toy_copy"][1],
+        shots=1,
+        num_beams=1,
+    )
+    in_format = sum(
+        evaluate.first_word(e["prediction"]) in ("True", "False") for e in result["examples"]
+    )
     assert records[1]["format_ratio"] == pytest.approx(100.0 * in_format / len(result["examples"]))
     saved = [json.loads(line) for line in open(tmp_path / "diagnostics.jsonl")]
     assert saved == records
@@ -96,8 +137,10 @@ def test_probes_record_score_and_the_exact_format_ratio(lab, tmp_path):
 
 def test_a_failing_probe_is_logged_and_training_goes_on(lab, tmp_path, capsys):
     t5 = model.load_pretrained(lab["model_dir"])
-    diag = diagnostics.TrainingDiagnostics(str(tmp_path), "finetune", lab["tokenizer"], lab["data_dir"], "toy_tf",
-                                           probe_tasks=["toy_copy"], probe_every=1, probe_limit=2)
+    flags = diagnostics.TrainingFlags(probe_tasks="toy_copy", probe_every=1, probe_limit=2)
+    diag = diagnostics.TrainingDiagnostics(
+        flags, str(tmp_path), "finetune", lab["tokenizer"], lab["data_dir"], "toy_tf"
+    )
     diag.probe_sets["toy_copy"] = ([], [])  # an empty task makes score_task raise
     records = diag.run(1, t5)
     assert records[0]["kind"] == "error" and "toy_copy" in records[0]["error"]
@@ -108,14 +151,79 @@ def test_a_failing_probe_is_logged_and_training_goes_on(lab, tmp_path, capsys):
 
 
 def test_probe_task_missing_from_the_data_folder(lab, tmp_path):
-    with pytest.raises(diagnostics.DiagnosticsError, match="--probe-tasks cb: not available in"):
-        diagnostics.TrainingDiagnostics(str(tmp_path), "finetune", lab["tokenizer"], lab["data_dir"], "toy_tf",
-                                        probe_tasks=["cb"], probe_every=1)
+    flags = diagnostics.TrainingFlags(probe_tasks="cb", probe_every=1)
+    with pytest.raises(BadInput, match="--probe-tasks cb: not available in"):
+        diagnostics.TrainingDiagnostics(
+            flags, str(tmp_path), "finetune", lab["tokenizer"], lab["data_dir"], "toy_tf"
+        )
+
+
+def hook(lab, out, stage="finetune", tasks=("toy_tf",), **flags):
+    cfg = types.SimpleNamespace(
+        out=str(out), data_dir=lab["data_dir"], seed=0, num_beams=1, stage=stage
+    )
+    tasks = [data.get_task(name, lab["data_dir"]) for name in tasks]
+    return diagnostics.training_hook(
+        diagnostics.TrainingFlags(**flags), cfg, tasks, lab["tokenizer"], stage
+    )
+
+
+def test_the_training_hook_is_none_when_no_diagnostics_are_asked_for(lab, tmp_path):
+    assert hook(lab, tmp_path) is None
+    assert hook(lab, tmp_path, probe_tasks="toy_copy") is None  # probes without --probe-every
+
+
+def test_the_training_hook_measures_exactly_the_steps_asked_for(lab, tmp_path):
+    on_step = hook(
+        lab,
+        tmp_path,
+        probe_every=2,
+        probe_tasks="toy_copy",
+        probe_shots="0",
+        probe_limit=2,
+        align_steps="1",
+        align_every=3,
+        align_batch_size=8,
+    )
+    t5 = model.load_pretrained(lab["model_dir"])
+    for step in range(5):
+        on_step(step, t5, {}, diagnostics.contextlib.nullcontext)
+    records = [json.loads(line) for line in open(tmp_path / "diagnostics.jsonl")]
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("probe", 0),
+        ("alignment", 0),
+        ("alignment", 1),
+        ("probe", 2),
+        ("alignment", 3),
+        ("probe", 4),
+    ]
+
+
+@pytest.mark.parametrize(
+    "stage, tasks, flags, message",
+    [
+        ("1", ("toy_tf",), dict(align_steps="0"), "stage 1 trains only the prompt"),
+        ("finetune", ("toy_tf", "toy_copy"), dict(align_every=2), "need a single --task"),
+        ("finetune", ("toy_tf",), dict(probe_every=2), "--probe-every needs --probe-tasks"),
+        (
+            "finetune",
+            ("toy_tf",),
+            dict(align_steps="0,x"),
+            "--align-steps '0,x': expected comma-separated integers",
+        ),
+        ("finetune", ("toy_tf",), dict(probe_limit=0), "--probe-limit 0: expected >= 1"),
+    ],
+)
+def test_the_training_hook_refuses_flags_it_cannot_honour(
+    lab, tmp_path, stage, tasks, flags, message
+):
+    with pytest.raises(BadInput, match=re.escape(message)):
+        hook(lab, tmp_path, stage, tasks, **flags)
 
 
 def test_label_shuffling_needs_a_classification_task(lab):
     examples = data.load_split(data.get_task("toy_copy", lab["data_dir"]), lab["data_dir"], "train")
-    with pytest.raises(diagnostics.DiagnosticsError, match="toy_copy: label shuffling needs a classification task"):
+    with pytest.raises(BadInput, match="toy_copy: label shuffling needs a classification task"):
         diagnostics.alignment_batches("toy_copy", examples, lab["tokenizer"], 8, seed=0)
 
 
@@ -123,24 +231,62 @@ def write_run(folder, stage, curve):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "diagnostics.jsonl"), "w") as f:
         for step, score, ratio in curve:
-            f.write(json.dumps({"kind": "probe", "stage": stage, "step": step, "task": "toy_copy", "shots": 1,
-                                "metric": "exact_match", "score": score, "format_ratio": ratio,
-                                "num_examples": 6}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "kind": "probe",
+                        "stage": stage,
+                        "step": step,
+                        "task": "toy_copy",
+                        "shots": 1,
+                        "metric": "exact_match",
+                        "score": score,
+                        "format_ratio": ratio,
+                        "num_examples": 6,
+                    }
+                )
+                + "\n"
+            )
         for step, cos in ((0, 0.97), (4, 0.2)):
-            f.write(json.dumps({"kind": "alignment", "stage": stage, "step": step, "task": "toy_tf", "layer": -1,
-                                "cosines": {"mlp": cos, "self_attn.q": cos / 2, "model": cos}}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "kind": "alignment",
+                        "stage": stage,
+                        "step": step,
+                        "task": "toy_tf",
+                        "layer": -1,
+                        "cosines": {"mlp": cos, "self_attn.q": cos / 2, "model": cos},
+                    }
+                )
+                + "\n"
+            )
     with open(os.path.join(folder, "log.jsonl"), "w") as f:
         for step, score, _ in curve:
-            f.write(json.dumps({"stage": stage, "event": "eval", "step": step, "score": 50 + step}) + "\n")
+            f.write(
+                json.dumps({"stage": stage, "event": "eval", "step": step, "score": 50 + step})
+                + "\n"
+            )
 
 
 def test_plot_writes_non_empty_pngs_and_csvs(tmp_path):
     pytest.importorskip("matplotlib")
     write_run(tmp_path / "ft", "finetune", [(0, 40.0, 5.0), (2, 10.0, 80.0), (4, 2.0, 99.0)])
     write_run(tmp_path / "promot", "stage2", [(0, 40.0, 5.0), (2, 38.0, 6.0), (4, 37.0, 4.0)])
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "diagnostics.py"), "plot", str(tmp_path / "ft"),
-                             str(tmp_path / "promot"), "--out", str(tmp_path / "fig")],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "diagnostics.py"),
+            "plot",
+            str(tmp_path / "ft"),
+            str(tmp_path / "promot"),
+            "--out",
+            str(tmp_path / "fig"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     for name in ("in_context.png", "format_ratio.png", "alignment.png", "tradeoff.png"):
         png = (tmp_path / "fig" / name).read_bytes()
@@ -150,39 +296,80 @@ def test_plot_writes_non_empty_pngs_and_csvs(tmp_path):
 
 
 def test_plot_on_a_run_without_records(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "diagnostics.py"), "plot", str(tmp_path)],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "diagnostics.py"), "plot", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 2
     assert "no diagnostics.jsonl; train with --probe-every" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_evaluate_plot_still_runs_diagnostics_plot_with_a_note(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "plot", str(tmp_path)],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 2
-    assert "'evaluate.py plot' is now 'diagnostics.py plot'" in result.stderr
-    assert "no diagnostics.jsonl" in result.stderr
-
-
 def test_align_command_prints_cosines(lab, tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "diagnostics.py"), "align", "--model",
-                             lab["model_dir"], "--task", "toy_tf", "--data-dir", lab["data_dir"], "--align-batch-size", "8",
-                             "--out", str(tmp_path / "a.json")], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "diagnostics.py"),
+            "align",
+            "--model",
+            lab["model_dir"],
+            "--task",
+            "toy_tf",
+            "--data-dir",
+            lab["data_dir"],
+            "--align-batch-size",
+            "8",
+            "--out",
+            str(tmp_path / "a.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / "a.json").read_text())
     assert -1 <= saved["cosines"]["model"] <= 1 and "self_attn.v" in result.stdout
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--align-batch-size", "0"], "diagnostics.py: --align-batch-size 0: expected >= 1"),
+        (["--batch-size", "8"], "unrecognized arguments: --batch-size 8"),  # no renamed-flag alias
+        (["--device", "tpu"], "--device invalid choice: 'tpu'"),
+    ],
+)
+def test_align_command_refuses_a_bad_flag_in_one_line(lab, capsys, extra, message):
+    argv = ["align", "--model", lab["model_dir"], "--task", "toy_tf", "--data-dir", lab["data_dir"]]
+    assert diagnostics.main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
 def test_alignment_under_torchrun_equals_one_process(lab, tmp_path):
     out = tmp_path / "cos.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           os.path.join(ROOT, "tests", "dist_alignment.py"), lab["model_dir"], lab["data_dir"], str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        os.path.join(ROOT, "tests", "dist_alignment.py"),
+        lab["model_dir"],
+        lab["data_dir"],
+        str(out),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     sharded = json.loads(out.read_text())
     t5 = model.load_pretrained(lab["model_dir"])
-    batch, shuffled = diagnostics.alignment_batches("toy_tf", lab["examples"], lab["tokenizer"], 8, seed=0)
+    batch, shuffled = diagnostics.alignment_batches(
+        "toy_tf", lab["examples"], lab["tokenizer"], 8, seed=0
+    )
     single = diagnostics.gradient_alignment(t5, batch, shuffled)
     for group, value in single.items():
         assert sharded[group] == pytest.approx(value, abs=1e-6), group
@@ -190,21 +377,68 @@ def test_alignment_under_torchrun_equals_one_process(lab, tmp_path):
 
 # --- during training (promot.py --probe-* / --align-*) ------------------------
 
+
 def promot_args(lab, out, *extra, steps=4):
-    return ["--stage", "finetune", "--model", lab["model_dir"], "--data-dir", lab["data_dir"], "--task", "toy_tf",
-            "--out", str(out), "--steps", str(steps), "--save-every", "2", "--batch-size", "4", "--log-every", "1",
-            "--eval-examples", "4", "--num-beams", "2", "--max-new-tokens", "4", *extra]
+    return [
+        "--stage",
+        "finetune",
+        "--model",
+        lab["model_dir"],
+        "--data-dir",
+        lab["data_dir"],
+        "--task",
+        "toy_tf",
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--save-every",
+        "2",
+        "--batch-size",
+        "4",
+        "--log-every",
+        "1",
+        "--eval-examples",
+        "4",
+        "--num-beams",
+        "2",
+        "--max-new-tokens",
+        "4",
+        *extra,
+    ]
 
 
 def test_probes_run_at_the_requested_steps_and_leave_training_unchanged(lab, tmp_path):
     import promot
+
     plain = promot.train(promot.parse_args(promot_args(lab, tmp_path / "plain")))
-    probed = promot.train(promot.parse_args(promot_args(
-        lab, tmp_path / "probed", "--probe-every", "2", "--probe-tasks", "toy_copy", "--probe-shots", "0,1",
-        "--probe-limit", "3", "--align-steps", "0,3")))
+    probed = promot.train(
+        promot.parse_args(
+            promot_args(
+                lab,
+                tmp_path / "probed",
+                "--probe-every",
+                "2",
+                "--probe-tasks",
+                "toy_copy",
+                "--probe-shots",
+                "0,1",
+                "--probe-limit",
+                "3",
+                "--align-steps",
+                "0,3",
+            )
+        )
+    )
     records = [json.loads(line) for line in open(tmp_path / "probed" / "diagnostics.jsonl")]
     assert [(r["kind"], r["step"]) for r in records if r["kind"] == "probe"] == [
-        ("probe", 0), ("probe", 0), ("probe", 2), ("probe", 2), ("probe", 4), ("probe", 4)]
+        ("probe", 0),
+        ("probe", 0),
+        ("probe", 2),
+        ("probe", 2),
+        ("probe", 4),
+        ("probe", 4),
+    ]
     assert [r["step"] for r in records if r["kind"] == "alignment"] == [0, 3]
     a, b = plain.model.state_dict(), probed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # same final weights, bit for bit
@@ -216,6 +450,7 @@ def test_probes_run_at_the_requested_steps_and_leave_training_unchanged(lab, tmp
 
 def test_alignment_flags_are_refused_for_stage_1(lab, tmp_path, capsys):
     import promot
+
     argv = promot_args(lab, tmp_path / "s1", "--align-steps", "0")
     argv[1] = "1"
     assert promot.main(argv) == 2

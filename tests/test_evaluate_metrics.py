@@ -1,7 +1,5 @@
 """Post-processing (paper App. B.2), the metrics, and the paper's normalized averages."""
 
-import math
-
 import pytest
 import sacrebleu
 from rouge_score import rouge_scorer, scoring
@@ -10,6 +8,7 @@ import evaluate
 
 
 # --- App. B.2 post-processing ------------------------------------------------------------
+
 
 def test_postprocess_keeps_the_text_between_the_first_two_sentinels():
     assert evaluate.postprocess("<extra_id_0> Paris <extra_id_1> London") == "Paris"
@@ -23,12 +22,15 @@ def test_postprocess_keeps_everything_after_extra_id_0_when_extra_id_1_is_missin
     assert evaluate.postprocess("<extra_id_0> Paris") == "Paris"
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("Paris Q: What is the capital of Spain? A: Madrid", "Paris"),
-    ("Bonjour le monde Translate English to French: Good night", "Bonjour le monde"),
-    ("A storm hit the coast. Article: Yesterday a", "A storm hit the coast."),
-    ("<extra_id_0> Paris Q: next question <extra_id_1>", "Paris"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("Paris Q: What is the capital of Spain? A: Madrid", "Paris"),
+        ("Bonjour le monde Translate English to French: Good night", "Bonjour le monde"),
+        ("A storm hit the coast. Article: Yesterday a", "A storm hit the coast."),
+        ("<extra_id_0> Paris Q: next question <extra_id_1>", "Paris"),
+    ],
+)
 def test_postprocess_cuts_where_the_model_starts_the_next_example(raw, expected):
     assert evaluate.postprocess(raw) == expected
 
@@ -37,28 +39,39 @@ def test_postprocess_keeps_a_prefix_at_the_very_start_and_cuts_at_the_second():
     assert evaluate.postprocess("Q: who? A: Paris Q: next") == "Q: who? A: Paris"
 
 
-@pytest.mark.parametrize("raw", [
-    "His IQ: 160",                                 # "Q:" inside a word
-    "Translated from the French original",         # "Translate" starting a longer word
-    "see Article:5 of the treaty",                 # "Article:" glued to the next word
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "His IQ: 160",  # "Q:" inside a word
+        "Translated from the French original",  # "Translate" starting a longer word
+        "see Article:5 of the treaty",  # "Article:" glued to the next word
+    ],
+)
 def test_postprocess_cuts_only_where_the_prefix_is_a_word_of_its_own(raw):
     assert evaluate.postprocess(raw) == raw
 
 
 def test_postprocess_cuts_the_papers_repeated_example():
     # App. C.9: the model answers, then writes the next WebQuestions example itself.
-    raw = "<extra_id_0> Milwaukee, Wisconsin Q: what movies has taylor lautner been in? A: Twilight <extra_id_1>"
+    raw = (
+        "<extra_id_0> Milwaukee, Wisconsin Q: what movies has taylor lautner been in? A: Twilight "
+        "<extra_id_1>"
+    )
     assert evaluate.postprocess(raw) == "Milwaukee, Wisconsin"
-    assert evaluate.postprocess("A: Milwaukee, Wisconsin Q: what movies") == "A: Milwaukee, Wisconsin"
+    assert (
+        evaluate.postprocess("A: Milwaukee, Wisconsin Q: what movies") == "A: Milwaukee, Wisconsin"
+    )
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("<extra_id_0> True <extra_id_1>", "True"),
-    ("False, because the premise says otherwise", "False"),
-    ("Neither.", "Neither"),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("<extra_id_0> True <extra_id_1>", "True"),
+        ("False, because the premise says otherwise", "False"),
+        ("Neither.", "Neither"),
+        ("", ""),
+    ],
+)
 def test_postprocess_reads_the_first_word_for_classification(raw, expected):
     assert evaluate.postprocess(raw, label_words=("True", "False", "Neither")) == expected
 
@@ -70,6 +83,7 @@ def test_postprocess_reads_the_openbookqa_option_letter(raw):
 
 class _FakeTokenizer:
     """A vocabulary of 100 pieces (2..4 are words) and 100 sentinels: 199 is <extra_id_0>."""
+
     words = {2: "Paris", 3: "is", 4: "nice"}
 
     def sentinel_id(self, n):
@@ -87,9 +101,14 @@ def test_decode_with_sentinels_writes_sentinels_that_postprocess_finds():
 
 # --- metrics against hand-computed values ------------------------------------------------
 
+
 def test_accuracy_counts_predictions_equal_to_a_reference():
-    assert evaluate.compute_metric("accuracy", ["True", "False", "True", "maybe"],
-                                   ["True", "True", ["True"], "False"]) == 50.0
+    assert (
+        evaluate.compute_metric(
+            "accuracy", ["True", "False", "True", "maybe"], ["True", "True", ["True"], "False"]
+        )
+        == 50.0
+    )
 
 
 def test_triviaqa_normalization_lowercases_and_drops_punctuation_and_articles():
@@ -110,8 +129,16 @@ def test_bleu_matches_a_hand_computed_value():
 
 
 def test_bleu_equals_sacrebleu_corpus_bleu_with_t5s_intl_tokenizer():
-    predictions = ["Der Hund biss den Mann.", "Das war nicht überraschend!", "Er biß zuerst (sagt man)."]
-    references = ["Der Hund hat den Mann gebissen.", "Es war nicht überraschend.", "Der Mann biss zuerst."]
+    predictions = [
+        "Der Hund biss den Mann.",
+        "Das war nicht überraschend!",
+        "Er biß zuerst (sagt man).",
+    ]
+    references = [
+        "Der Hund hat den Mann gebissen.",
+        "Es war nicht überraschend.",
+        "Der Mann biss zuerst.",
+    ]
     expected = sacrebleu.corpus_bleu(predictions, [references], tokenize="intl").score
     assert evaluate.compute_metric("bleu", predictions, references) == pytest.approx(expected)
 
@@ -119,21 +146,26 @@ def test_bleu_equals_sacrebleu_corpus_bleu_with_t5s_intl_tokenizer():
 def test_bleu_uses_every_reference_stream():
     predictions = ["a b c d e", "f g h i j"]
     references = [["a b c d e", "x y"], ["f g h i k"]]
-    expected = sacrebleu.corpus_bleu(predictions, [["a b c d e", "f g h i k"], ["x y", None]],
-                                     tokenize="intl").score
+    expected = sacrebleu.corpus_bleu(
+        predictions, [["a b c d e", "f g h i k"], ["x y", None]], tokenize="intl"
+    ).score
     assert evaluate.compute_metric("bleu", predictions, references) == pytest.approx(expected)
 
 
 def test_rouge2_matches_a_hand_computed_value():
     # Bigrams: 5 in each text, 3 shared -> precision = recall = F = 0.6.
-    assert evaluate.compute_metric("rouge2", ["the cat sat on the mat"],
-                                   ["the cat sat on a mat"]) == pytest.approx(60.0)
+    assert evaluate.compute_metric(
+        "rouge2", ["the cat sat on the mat"], ["the cat sat on a mat"]
+    ) == pytest.approx(60.0)
 
 
 def test_rouge2_is_the_mean_of_rouge_score_f_measures():
     predictions = ["a storm hit the coast . many lost power", "prices rose again", "nothing"]
-    references = ["a storm hit the east coast . power was lost", "prices rose for a third month",
-                  "the team won"]
+    references = [
+        "a storm hit the east coast . power was lost",
+        "prices rose for a third month",
+        "the team won",
+    ]
     scorer = rouge_scorer.RougeScorer(["rouge2"])
     per_example = [scorer.score(r, p)["rouge2"].fmeasure for p, r in zip(predictions, references)]
     ours = evaluate.compute_metric("rouge2", predictions, references)
@@ -177,7 +209,10 @@ PAPER_COLUMNS = {
     "Table 5 multi-task FT": ([80.36, 51.10, 15.76, 9.70, 0.88, 1.52, 0.44, 0.72], 20.06),
     "Table 5 multi-task ProMoT": ([83.93, 51.41, 16.99, 10.04, 18.83, 18.41, 4.50, 2.89], 25.88),
     "Table 10 ProMoT on SNLI": ([62.5, 51.25, 20.56, 9.94, 2.48, 0.90, 6.58, 4.39], 19.83),
-    "Table 11 multi-task ProMoT 4-shot": ([78.57, 52.50, 22.26, 12.50, 18.84, 18.81, 5.04, 1.92], 26.31),
+    "Table 11 multi-task ProMoT 4-shot": (
+        [78.57, 52.50, 22.26, 12.50, 18.84, 18.81, 5.04, 1.92],
+        26.31,
+    ),
 }
 
 
@@ -192,12 +227,18 @@ def test_normalized_average_reproduces_the_papers_norm_avg(column):
 
 # The paper's differences from the pretrained model, printed in parentheses under Norm. Avg.
 PAPER_DIFFERENCES = {
-    "Table 3 fine-tuning 1-shot": -2.10, "Table 3 fine-tuning 4-shot": -2.19,
-    "Table 3 ProMoT 1-shot": 2.58, "Table 3 ProMoT 4-shot": 2.49,
-    "Table 3 ProMoT+1-shot 1-shot": 4.74, "Table 3 ProMoT+1-shot 4-shot": 3.58,
-    "Table 4 fine-tuning 1-shot": -8.37, "Table 4 fine-tuning 4-shot": -7.07,
-    "Table 4 ProMoT 1-shot": 1.35, "Table 4 ProMoT 4-shot": 1.89,
-    "Table 4 ProMoT+1-shot 1-shot": 2.39, "Table 4 ProMoT+1-shot 4-shot": 3.24,
+    "Table 3 fine-tuning 1-shot": -2.10,
+    "Table 3 fine-tuning 4-shot": -2.19,
+    "Table 3 ProMoT 1-shot": 2.58,
+    "Table 3 ProMoT 4-shot": 2.49,
+    "Table 3 ProMoT+1-shot 1-shot": 4.74,
+    "Table 3 ProMoT+1-shot 4-shot": 3.58,
+    "Table 4 fine-tuning 1-shot": -8.37,
+    "Table 4 fine-tuning 4-shot": -7.07,
+    "Table 4 ProMoT 1-shot": 1.35,
+    "Table 4 ProMoT 4-shot": 1.89,
+    "Table 4 ProMoT+1-shot 1-shot": 2.39,
+    "Table 4 ProMoT+1-shot 4-shot": 3.24,
 }
 
 
@@ -222,6 +263,7 @@ def test_normalized_average_rejects_scores_outside_0_to_100():
 
 
 # --- format specialization (paper Fig. 2) ------------------------------------------------
+
 
 def test_format_ratio_is_the_share_of_answers_in_the_fine_tuned_label_set():
     predictions = ["True", "False.", "Paris", "the Beatles", "True that"]

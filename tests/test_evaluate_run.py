@@ -18,11 +18,15 @@ import data
 import evaluate
 import model as model_lib
 from helpers import make_checkpoint
+from support import prompt_formats
+from support.errors import BadInput
 
-WORDS = ("the a cat dog sat ran on in mat park premise question hypothesis Is it true or false neither "
-         "answer: True False Neither Q: A: Who wrote Hamlet? Shakespeare Paris capital of France "
-         "Translate English to German: Hello world Hallo Welt Article: One sentence summary: storm "
-         "coast power lost The word is used same way two sentences bank river").split()
+WORDS = (
+    "the a cat dog sat ran on in mat park premise question hypothesis Is it true or false neither "
+    "answer: True False Neither Q: A: Who wrote Hamlet? Shakespeare Paris capital of France "
+    "Translate English to German: Hello world Hallo Welt Article: One sentence summary: storm "
+    "coast power lost The word is used same way two sentences bank river"
+).split()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,31 +53,77 @@ def setup(tmp_path_factory):
     rng = random.Random(0)
     model_dir = root / "model"
     model_dir.mkdir()
-    (root / "corpus.txt").write_text("\n".join(sentence(rng, 12) for _ in range(800)), encoding="utf-8")
+    (root / "corpus.txt").write_text(
+        "\n".join(sentence(rng, 12) for _ in range(800)), encoding="utf-8"
+    )
     sentencepiece.SentencePieceTrainer.train(
-        input=str(root / "corpus.txt"), model_prefix=str(model_dir / "spiece"), vocab_size=100,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+        input=str(root / "corpus.txt"),
+        model_prefix=str(model_dir / "spiece"),
+        vocab_size=100,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
     tokenizer = data.Tokenizer(model_dir / "spiece.model")
     make_checkpoint(str(model_dir), kind="mt5", vocab_size=tokenizer.vocab_size)
 
     d = root / "data"
-    nli = lambda labels: [{"premise": sentence(rng, 6), "hypothesis": sentence(rng, 4), "label": rng.choice(labels)}
-                          for _ in range(6)]
+
+    def nli(labels):
+        return [
+            {
+                "premise": sentence(rng, 6),
+                "hypothesis": sentence(rng, 4),
+                "label": rng.choice(labels),
+            }
+            for _ in range(6)
+        ]
+
     for name, labels in (("rte", (0, 1)), ("cb", (0, 1, 2))):
         write_jsonl(d / name / "train.jsonl", nli(labels))
         write_jsonl(d / name / "validation.jsonl", nli(labels))
-    wic = lambda: [{"word": "bank", "sentence1": sentence(rng, 5), "sentence2": sentence(rng, 5),
-                    "label": rng.choice((0, 1))} for _ in range(6)]
+
+    def wic():
+        return [
+            {
+                "word": "bank",
+                "sentence1": sentence(rng, 5),
+                "sentence2": sentence(rng, 5),
+                "label": rng.choice((0, 1)),
+            }
+            for _ in range(6)
+        ]
+
     write_jsonl(d / "wic" / "train.jsonl", wic())
     write_jsonl(d / "wic" / "validation.jsonl", wic())
-    qa = lambda: [{"question": sentence(rng, 4) + "?", "answer": {"value": "Paris", "aliases": ["paris", "Paris"]}}
-                  for _ in range(6)]
+
+    def qa():
+        return [
+            {
+                "question": sentence(rng, 4) + "?",
+                "answer": {"value": "Paris", "aliases": ["paris", "Paris"]},
+            }
+            for _ in range(6)
+        ]
+
     write_jsonl(d / "trivia_qa" / "train.jsonl", qa())
     write_jsonl(d / "trivia_qa" / "test.jsonl", qa())
-    mt = lambda: [{"translation": {"en": sentence(rng, 5), "de": sentence(rng, 5)}} for _ in range(6)]
+
+    def mt():
+        return [{"translation": {"en": sentence(rng, 5), "de": sentence(rng, 5)}} for _ in range(6)]
+
     write_jsonl(d / "wmt16_ende" / "train.jsonl", mt())
     write_jsonl(d / "wmt16_ende" / "test.jsonl", mt())
-    summ = lambda: [{"document": sentence(rng, 20), "summary": sentence(rng, 6), "id": str(i)} for i in range(6)]
+
+    def summ():
+        return [
+            {"document": sentence(rng, 20), "summary": sentence(rng, 6), "id": str(i)}
+            for i in range(6)
+        ]
+
     write_jsonl(d / "xsum" / "train.jsonl", summ())
     write_jsonl(d / "xsum" / "test.jsonl", summ())
 
@@ -85,9 +135,27 @@ def setup(tmp_path_factory):
 
 def common_args(setup, out, *extra):
     model_dir, data_dir, prompt_file = setup
-    return ["--model", str(model_dir), "--data-dir", str(data_dir), "--out", str(out),
-            "--eval-tasks", "cb,wic,trivia_qa,wmt16_ende,xsum", "--shots", "0,1", "--num-beams", "2",
-            "--max-new-tokens", "5", "--eval-batch-size", "4", "--eval-examples", "5", *extra]
+    return [
+        "--model",
+        str(model_dir),
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--eval-tasks",
+        "cb,wic,trivia_qa,wmt16_ende,xsum",
+        "--shots",
+        "0,1",
+        "--num-beams",
+        "2",
+        "--max-new-tokens",
+        "5",
+        "--eval-batch-size",
+        "4",
+        "--eval-examples",
+        "5",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -97,28 +165,46 @@ def promot_run(setup, tmp_path_factory):
     cap = {}
     import contextlib
     import io
+
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         cap["rc"] = evaluate.main(common_args(setup, out, "--prompt", str(setup[2])))
-    return out, json.loads(out.read_text(encoding="utf-8")), stdout.getvalue(), stderr.getvalue(), cap["rc"]
+    return (
+        out,
+        json.loads(out.read_text(encoding="utf-8")),
+        stdout.getvalue(),
+        stderr.getvalue(),
+        cap["rc"],
+    )
 
 
 # --- the run -----------------------------------------------------------------------------
+
 
 def test_run_scores_the_fine_tuned_task_0_shot_and_every_task_at_every_shot(promot_run):
     _, results, _, _, rc = promot_run
     assert rc == 0 and results["format"] == evaluate.RESULTS_FORMAT
     got = [(r["task"], r["role"], r["shots"]) for r in results["runs"]]
     assert got[0] == ("rte", "fine-tuned", 0)
-    assert sorted(got[1:]) == sorted((t, "evaluation", k) for t in ("cb", "wic", "trivia_qa", "wmt16_ende", "xsum")
-                                     for k in (0, 1))
+    assert sorted(got[1:]) == sorted(
+        (t, "evaluation", k)
+        for t in ("cb", "wic", "trivia_qa", "wmt16_ende", "xsum")
+        for k in (0, 1)
+    )
 
 
 def test_prompt_is_prepended_only_for_the_fine_tuned_task_by_default(promot_run):
     _, results, _, _, _ = promot_run
     used = {r["task"]: r["prompt"] for r in results["runs"]}
     # The paper's tables: the prompt-tuning column equals the pretrained one on every unseen task.
-    assert used == {"rte": True, "wic": False, "cb": False, "trivia_qa": False, "wmt16_ende": False, "xsum": False}
+    assert used == {
+        "rte": True,
+        "wic": False,
+        "cb": False,
+        "trivia_qa": False,
+        "wmt16_ende": False,
+        "xsum": False,
+    }
 
 
 def test_every_score_can_be_recomputed_from_the_examples_in_the_json(promot_run):
@@ -133,7 +219,9 @@ def test_every_score_can_be_recomputed_from_the_examples_in_the_json(promot_run)
         refs = [ex["references"] for ex in run["examples"]]
         assert run["score"] == pytest.approx(evaluate.compute_metric(run["metric"], preds, refs))
         if run["role"] == "evaluation":  # share of RTE-format answers (paper Fig. 2)
-            assert run["format_ratio"] == pytest.approx(evaluate.format_ratio(preds, ("False", "True")))
+            assert run["format_ratio"] == pytest.approx(
+                evaluate.format_ratio(preds, ("False", "True"))
+            )
 
 
 def test_inputs_in_the_json_are_the_k_shot_prompts_of_data_py(setup, promot_run):
@@ -141,14 +229,18 @@ def test_inputs_in_the_json_are_the_k_shot_prompts_of_data_py(setup, promot_run)
     data_dir = setup[1]
     run = next(r for r in results["runs"] if r["task"] == "trivia_qa" and r["shots"] == 1)
     queries = data.load_split("trivia_qa", data_dir, "test")[:5]
-    expected = data.kshot_inputs("trivia_qa", queries, data.load_split("trivia_qa", data_dir, "train"), 1, seed=0)
+    expected = data.kshot_inputs(
+        "trivia_qa", queries, data.load_split("trivia_qa", data_dir, "train"), 1, seed=0
+    )
     assert [(ex["input"], ex["references"]) for ex in run["examples"]] == expected
 
 
 def test_norm_avg_is_the_mean_of_the_evaluation_scores_per_shots(promot_run):
     _, results, _, _, _ = promot_run
     for k in (0, 1):
-        scores = [r["score"] for r in results["runs"] if r["role"] == "evaluation" and r["shots"] == k]
+        scores = [
+            r["score"] for r in results["runs"] if r["role"] == "evaluation" and r["shots"] == k
+        ]
         assert results["norm_avg"][str(k)] == pytest.approx(sum(scores) / 5)
 
 
@@ -157,33 +249,61 @@ def test_table_has_the_papers_layout(promot_run):
     lines = stdout.strip().splitlines()
     assert lines[0] == "| | 0-shot | 1-shot |"
     assert lines[2].startswith("| Fine-tuning rte (0-shot, accuracy) |")
-    assert lines[3] == f"| Norm. Avg. | {results['norm_avg']['0']:.2f} | {results['norm_avg']['1']:.2f} |"
+    assert (
+        lines[3]
+        == f"| Norm. Avg. | {results['norm_avg']['0']:.2f} | {results['norm_avg']['1']:.2f} |"
+    )
     assert [line.split(" |")[0] for line in lines[4:]] == [
-        "| cb (accuracy)", "| wic (accuracy)", "| trivia_qa (exact_match)", "| wmt16_ende (bleu)", "| xsum (rouge2)"]
+        "| cb (accuracy)",
+        "| wic (accuracy)",
+        "| trivia_qa (exact_match)",
+        "| wmt16_ende (bleu)",
+        "| xsum (rouge2)",
+    ]
 
 
-def test_a_plus_1_shot_run_reports_its_task_0_and_1_shot_and_says_which_chose_the_checkpoint(setup, tmp_path,
-                                                                                                  capsys):
-    """§5.3's "+1-shot" runs select best/ on 1-shot validation scores: training.json (promot's export)
+def test_a_plus_1_shot_run_reports_its_task_0_and_1_shot_and_says_which_chose_the_checkpoint(
+    setup, tmp_path, capsys
+):
+    """§5.3's "+1-shot" runs select best/ on 1-shot validation scores: training.json (promot's
+    export)
     says so, and the table shows the fine-tuned task both ways, marking the one that chose."""
     folder = tmp_path / "best"
     folder.mkdir()
     (folder / "prompt.safetensors").write_bytes(setup[2].read_bytes())
-    (folder / "training.json").write_text(json.dumps({"stage": "1", "task": "rte", "shots": 1, "step": 3,
-                                                      "chosen_by": "validation score at 1-shot"}))
+    (folder / "training.json").write_text(
+        json.dumps(
+            {
+                "stage": "1",
+                "task": "rte",
+                "shots": 1,
+                "step": 3,
+                "chosen_by": "validation score at 1-shot",
+            }
+        )
+    )
     argv = common_args(setup, tmp_path / "r.json", "--prompt", str(folder / "prompt.safetensors"))
     assert evaluate.main(with_flag(argv, "--eval-tasks", "cb")) == 0
     results = json.loads((tmp_path / "r.json").read_text())
-    tuned = [(r["shots"], r["chose_checkpoint"], r["prompt"]) for r in results["runs"] if r["role"] == "fine-tuned"]
+    tuned = [
+        (r["shots"], r["chose_checkpoint"], r["prompt"])
+        for r in results["runs"]
+        if r["role"] == "fine-tuned"
+    ]
     assert tuned == [(0, False, True), (1, True, True)]
     table = capsys.readouterr().out
     assert "| Fine-tuning rte (0-shot, accuracy) |" in table
     assert "| Fine-tuning rte (1-shot, accuracy; chose the checkpoint) |" in table
     cb = {r["shots"]: r["score"] for r in results["runs"] if r["task"] == "cb"}
-    assert results["norm_avg"]["1"] == evaluate.normalized_average([cb[1]])  # the fine-tuned rows stay out
+    assert results["norm_avg"]["1"] == evaluate.normalized_average(
+        [cb[1]]
+    )  # the fine-tuned rows stay out
     assert evaluate.main(with_flag(argv, "--eval-tasks", "cb") + ["--task-shots", "0"]) == 0
-    assert [r["shots"] for r in json.loads((tmp_path / "r.json").read_text())["runs"] if r["role"] == "fine-tuned"] \
-        == [0]
+    assert [
+        r["shots"]
+        for r in json.loads((tmp_path / "r.json").read_text())["runs"]
+        if r["role"] == "fine-tuned"
+    ] == [0]
 
 
 @pytest.mark.parametrize("content", ['{"shots": "1"', '{"shots": "1"}', '{"shots": -1}'])
@@ -195,7 +315,9 @@ def test_a_damaged_training_json_is_one_line_before_any_scoring(setup, tmp_path,
     argv = common_args(setup, tmp_path / "r.json", "--prompt", str(folder / "prompt.safetensors"))
     assert evaluate.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {folder / 'training.json'}") and err.count("\n") == 1, err
+    assert (
+        err.startswith(f"evaluate.py: error: {folder / 'training.json'}") and err.count("\n") == 1
+    ), err
     assert ("malformed JSON" if content.count("{") > content.count("}") else "a number >= 0") in err
     assert not (tmp_path / "r.json").exists()
 
@@ -214,33 +336,55 @@ def test_progress_line_reports_examples_per_second_and_eta(promot_run):
 def test_baseline_adds_the_norm_avg_difference(setup, promot_run, tmp_path, capsys):
     baseline_out, baseline, _, _, _ = promot_run
     out = tmp_path / "plain.json"
-    assert evaluate.main(common_args(setup, out, "--baseline", str(baseline_out), "--route", "never")) == 0
+    assert (
+        evaluate.main(common_args(setup, out, "--baseline", str(baseline_out), "--route", "never"))
+        == 0
+    )
     ours = json.loads(out.read_text())
     assert not any(r["prompt"] for r in ours["runs"])
-    norm_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| Norm. Avg."))
+    norm_line = next(
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("| Norm. Avg.")
+    )
     diff = ours["norm_avg"]["1"] - baseline["norm_avg"]["1"]
     assert f"{ours['norm_avg']['1']:.2f} ({diff:+.2f})" in norm_line
 
 
-def test_a_100k_character_input_is_cut_to_the_default_budget_of_1024_tokens(setup, monkeypatch, capsys):
+def test_a_100k_character_input_is_cut_to_the_default_budget_of_1024_tokens(
+    setup, monkeypatch, capsys
+):
     model_dir, _, _ = setup
     tokenizer = data.Tokenizer(model_dir / "spiece.model")
     t5 = model_lib.load_pretrained(str(model_dir))
     widths = []
-    monkeypatch.setattr(evaluate, "generate", lambda model, ids, mask, **kw: widths.append(ids.shape[1])
-                        or torch.tensor([tokenizer.encode("<extra_id_0> Paris <extra_id_1>")] * len(ids)))
+    monkeypatch.setattr(
+        evaluate,
+        "generate",
+        lambda model, ids, mask, **kw: (
+            widths.append(ids.shape[1])
+            or torch.tensor([tokenizer.encode("<extra_id_0> Paris <extra_id_1>")] * len(ids))
+        ),
+    )
     huge = data.Example({"question": sentence(random.Random(1), 20000)}, ["Paris"])
     assert len(huge.fields["question"]) > 100_000
     fair = evaluate.score_task(t5, tokenizer, "trivia_qa", [huge])  # no --max-input-tokens: 1024
     end = evaluate.score_task(t5, tokenizer, "trivia_qa", [huge], truncation="end")
     assert 1000 < widths[0] <= 1024 and widths[1] == 1024  # T5X's cut: the first 1023 ids and EOS
-    assert fair["examples"][0]["input"].endswith(" A: <extra_id_0>") and fair["score"] == end["score"] == 100.0
+    assert (
+        fair["examples"][0]["input"].endswith(" A: <extra_id_0>")
+        and fair["score"] == end["score"] == 100.0
+    )
     assert capsys.readouterr().err.count("trivia_qa, 0-shot, max 1024 tokens") == 2
 
 
 def test_the_cli_defaults_are_the_papers_decoding_and_the_fair_cut(tmp_path):
-    args = evaluate.parse_args(["--model", "m", "--data-dir", "d", "--out", str(tmp_path / "r.json")])
-    assert (args.num_beams, args.brevity_penalty, args.length_penalty) == (4, "t5x", 0.6)  # App. B.4, T5X
+    args = evaluate.parse_args(
+        ["--model", "m", "--data-dir", "d", "--out", str(tmp_path / "r.json")]
+    )
+    assert (args.num_beams, args.length_rule, args.length_penalty) == (
+        4,
+        "t5x",
+        0.6,
+    )  # App. B.4, T5X
     assert (args.truncation, args.max_input_tokens, args.route) == ("fair", None, "fine_tuned_only")
 
 
@@ -251,11 +395,21 @@ def test_score_task_turns_a_fixed_answer_into_the_expected_scores(setup, monkeyp
     tokenizer = data.Tokenizer(model_dir / "spiece.model")
     t5 = __import__("model").load_pretrained(str(model_dir))
     answer = tokenizer.encode("<extra_id_0> Paris Q: the cat <extra_id_1>")
-    monkeypatch.setattr(evaluate, "generate", lambda model, ids, mask, **kw: torch.tensor([answer] * len(ids)))
-    qa = evaluate.score_task(t5, tokenizer, "trivia_qa", data.load_split("trivia_qa", data_dir, "test"), shots=0)
+    monkeypatch.setattr(
+        evaluate, "generate", lambda model, ids, mask, **kw: torch.tensor([answer] * len(ids))
+    )
+    qa = evaluate.score_task(
+        t5, tokenizer, "trivia_qa", data.load_split("trivia_qa", data_dir, "test"), shots=0
+    )
     assert qa["score"] == 100.0 and {ex["prediction"] for ex in qa["examples"]} == {"Paris"}
-    cb = evaluate.score_task(t5, tokenizer, "cb", data.load_split("cb", data_dir, "validation"), shots=0,
-                             format_label_words=("Paris",))
+    cb = evaluate.score_task(
+        t5,
+        tokenizer,
+        "cb",
+        data.load_split("cb", data_dir, "validation"),
+        shots=0,
+        format_label_words=("Paris",),
+    )
     assert cb["score"] == 0.0 and cb["format_ratio"] == 100.0
     answer[:] = tokenizer.encode("<extra_id_0> True <extra_id_1>")
     examples = data.load_split("cb", data_dir, "validation")
@@ -266,10 +420,20 @@ def test_score_task_turns_a_fixed_answer_into_the_expected_scores(setup, monkeyp
 
 # --- the routing rule --------------------------------------------------------------------
 
-@pytest.mark.parametrize("task, route, expected", [
-    ("rte", "fine_tuned_only", True), ("wic", "fine_tuned_only", False), ("wic", "same_answers", True),
-    ("cb", "same_answers", False), ("cb", "same_format", True), ("trivia_qa", "same_format", False),
-    ("trivia_qa", "always", True), ("rte", "never", False)])
+
+@pytest.mark.parametrize(
+    "task, route, expected",
+    [
+        ("rte", "fine_tuned_only", True),
+        ("wic", "fine_tuned_only", False),
+        ("wic", "same_answers", True),
+        ("cb", "same_answers", False),
+        ("cb", "same_format", True),
+        ("trivia_qa", "same_format", False),
+        ("trivia_qa", "always", True),
+        ("rte", "never", False),
+    ],
+)
 def test_route_prompt_follows_the_chosen_reading(task, route, expected):
     prompt = torch.zeros(2, 4)
     assert (evaluate.route_prompt(task, {"rte": prompt}, route) is prompt) == expected
@@ -278,51 +442,44 @@ def test_route_prompt_follows_the_chosen_reading(task, route, expected):
 def test_route_prompt_picks_each_tasks_own_prompt_in_multi_task_promot():
     rte, wmt = torch.zeros(2, 4), torch.ones(2, 4)
     prompts = {"rte": rte, "wmt14_enfr": wmt}
-    assert evaluate.route_prompt("rte", prompts) is rte and evaluate.route_prompt("wic", prompts) is None
+    assert (
+        evaluate.route_prompt("rte", prompts) is rte
+        and evaluate.route_prompt("wic", prompts) is None
+    )
     assert evaluate.route_prompt("wmt14_enfr", prompts) is wmt
     assert evaluate.route_prompt("wic", prompts, "same_answers") is rte
-    assert evaluate.route_prompt("wmt16_ende", prompts, "same_format") is None  # another language pair
+    assert (
+        evaluate.route_prompt("wmt16_ende", prompts, "same_format") is None
+    )  # another language pair
 
 
 # --- prompt files -------------------------------------------------------------------------
 
+
 def test_read_prompts_reads_promots_multi_task_file(tmp_path):
     rte, wmt = torch.rand(3, 8), torch.rand(3, 8)
     save_file({"prompt.rte": rte, "prompt.wmt14_enfr": wmt}, str(tmp_path / "p.safetensors"))
-    prompts = model_lib.read_prompts(str(tmp_path / "p.safetensors"), d_model=8)
+    prompts = prompt_formats.read_prompts(str(tmp_path / "p.safetensors"), d_model=8)
     assert list(prompts) == ["rte", "wmt14_enfr"]
     assert torch.equal(prompts["rte"], rte) and torch.equal(prompts["wmt14_enfr"], wmt)
 
 
 def test_read_prompts_reads_a_t5x_npy_for_the_named_tasks(tmp_path):
     import numpy
+
     numpy.save(tmp_path / "p.npy", numpy.ones((3, 8), dtype=numpy.float32))
-    prompts = model_lib.read_prompts(str(tmp_path / "p.npy"), d_model=8, tasks=["rte"])
+    prompts = prompt_formats.read_prompts(str(tmp_path / "p.npy"), d_model=8, tasks=["rte"])
     assert list(prompts) == ["rte"] and prompts["rte"].shape == (3, 8)
 
 
 def test_a_prompt_file_that_names_no_task_asks_for_the_task(tmp_path):
     save_file({"prompt": torch.rand(3, 8)}, str(tmp_path / "p.safetensors"))
-    with pytest.raises(model_lib.CheckpointError, match="--task"):
-        model_lib.read_prompts(str(tmp_path / "p.safetensors"), d_model=8)
-
-
-def test_old_flag_names_still_work_with_a_note(setup, tmp_path, capsys):
-    """--tasks, --limit, --batch-size, --fine-tuned-tasks were renamed to promot.py's names."""
-    model_dir, data_dir, _ = setup
-    out = tmp_path / "r.json"
-    assert evaluate.main(["--model", str(model_dir), "--data-dir", str(data_dir), "--out", str(out),
-                          "--fine-tuned-tasks", "rte", "--tasks", "cb", "--shots", "0", "--num-beams", "1",
-                          "--max-new-tokens", "3", "--batch-size", "2", "--limit", "2"]) == 0
-    err = capsys.readouterr().err
-    for old, new in (("--tasks", "--eval-tasks"), ("--limit", "--eval-examples"),
-                     ("--batch-size", "--eval-batch-size"), ("--fine-tuned-tasks", "--task")):
-        assert f"evaluate.py: {old} is now {new}" in err
-    runs = json.loads(out.read_text())["runs"]
-    assert [(r["task"], r["role"], r["num_examples"]) for r in runs] == [("rte", "fine-tuned", 2), ("cb", "evaluation", 2)]
+    with pytest.raises(BadInput, match="--task"):
+        prompt_formats.read_prompts(str(tmp_path / "p.safetensors"), d_model=8)
 
 
 # --- bad input: one clear message each, nothing half-written -----------------------------
+
 
 def run_expecting_error(args, capsys):
     assert evaluate.main(args) == 2
@@ -347,7 +504,9 @@ def test_prompt_of_the_wrong_width_is_one_clear_message(setup, tmp_path, capsys)
 def test_baseline_of_another_format_is_one_clear_message(setup, tmp_path, capsys):
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"accuracy": 91.3}))
-    err = run_expecting_error(common_args(setup, tmp_path / "r.json", "--baseline", str(other)), capsys)
+    err = run_expecting_error(
+        common_args(setup, tmp_path / "r.json", "--baseline", str(other)), capsys
+    )
     assert "other.json" in err and "not an evaluate.py results file" in err
 
 
@@ -356,8 +515,21 @@ def test_empty_task_file_is_one_clear_message(setup, tmp_path, capsys):
     empty = tmp_path / "data"
     (empty / "cb").mkdir(parents=True)
     (empty / "cb" / "validation.jsonl").write_text("")
-    err = run_expecting_error(["--model", str(model_dir), "--data-dir", str(empty), "--out",
-                               str(tmp_path / "r.json"), "--eval-tasks", "cb", "--shots", "0"], capsys)
+    err = run_expecting_error(
+        [
+            "--model",
+            str(model_dir),
+            "--data-dir",
+            str(empty),
+            "--out",
+            str(tmp_path / "r.json"),
+            "--eval-tasks",
+            "cb",
+            "--shots",
+            "0",
+        ],
+        capsys,
+    )
     assert "cb" in err and "no examples" in err
 
 
@@ -393,14 +565,30 @@ def test_interrupted_run_leaves_the_previous_results_file_untouched(setup, tmp_p
 
 # --- torchrun: examples split across ranks, then gathered --------------------------------
 
+
 def test_torchrun_two_ranks_give_the_single_process_results(setup, promot_run, tmp_path):
     out = tmp_path / "dist.json"
     args = common_args(setup, out, "--prompt", str(setup[2]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(29500 + os.getpid() % 1000), os.path.join(root, "evaluate.py"),
-                           *args], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            os.path.join(root, "evaluate.py"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = promot_run[1]["runs"]
     dist = json.loads(out.read_text())

@@ -10,14 +10,17 @@ import pytest
 import sentencepiece
 
 import data
+from support.errors import BadInput
 
 XSUM, RTE = data.TASKS["xsum"], data.TASKS["rte"]
-VOCABULARY = ("the of and to in a is that for it was on with as he be at by this had not are but from or have "
-              "an they which one you were her all she there would their we him been has when who will more no "
-              "if out so said what up its about into than them can only other new some could time these two may "
-              "then do first any my now such like our over man me even most made after also did many before "
-              "must through back years where much your way well down should because each just those people "
-              "storm coast power village council police minister government hospital school football club").split()
+VOCABULARY = (
+    "the of and to in a is that for it was on with as he be at by this had not are but from or have "
+    "an they which one you were her all she there would their we him been has when who will more no "
+    "if out so said what up its about into than them can only other new some could time these two may "
+    "then do first any my now such like our over man me even most made after also did many before "
+    "must through back years where much your way well down should because each just those people "
+    "storm coast power village council police minister government hospital school football club"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +28,26 @@ def tok(tmp_path_factory):
     """A unigram SentencePiece model with T5's pad 0, EOS 1, unk 2, trained on English-like text."""
     d = tmp_path_factory.mktemp("spiece")
     rng = random.Random(0)
-    lines = [" ".join(rng.choice(VOCABULARY) + rng.choice(["", "", "s", ",", "."]) for _ in range(rng.randint(5, 25)))
-             for _ in range(3000)]
+    lines = [
+        " ".join(
+            rng.choice(VOCABULARY) + rng.choice(["", "", "s", ",", "."])
+            for _ in range(rng.randint(5, 25))
+        )
+        for _ in range(3000)
+    ]
     (d / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
     sentencepiece.SentencePieceTrainer.train(
-        input=str(d / "corpus.txt"), model_prefix=str(d / "spiece"), vocab_size=250, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
+        input=str(d / "corpus.txt"),
+        model_prefix=str(d / "spiece"),
+        vocab_size=250,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
     return data.Tokenizer(d / "spiece.model")
 
 
@@ -57,18 +74,23 @@ def test_kshot_summaries_keep_every_demonstration_and_its_summary_under_1024_tok
     pool = [article(700, seed) for seed in range(1, 9)]
     query = article(700, 100)
     stats = data.TruncationStats()
-    [(fitted, _)] = data.kshot_inputs(XSUM, [query], pool, shots, tokenizer=tok, stats=stats,
-                                      warn=lambda m: None)
+    [(fitted, _)] = data.kshot_inputs(
+        XSUM, [query], pool, shots, tokenizer=tok, stats=stats, warn=lambda m: None
+    )
     demos = data.choose_demonstrations(query, pool, shots, 0)
     full = tok.encode(data.make_input(XSUM, query, demos))
-    assert len(full) > (shots + 1) * 900  # 700 words are ~1,000 tokens: the old rule dropped every demonstration
+    assert (
+        len(full) > (shots + 1) * 900
+    )  # 700 words are ~1,000 tokens: the old rule dropped every demonstration
     ids = tok.encode(fitted)
     assert len(ids) <= 1024
     bodies, summaries = articles_in(fitted, shots)
     assert summaries == [d.targets[0] for d in demos]  # every demonstration keeps its summary
     assert fitted.endswith(" One sentence summary: <extra_id_0>")  # and the query its template
     for body, example in zip(bodies, demos + [query]):
-        assert example.fields["article"].startswith(body) and len(body) < len(example.fields["article"])
+        assert example.fields["article"].startswith(body) and len(body) < len(
+            example.fields["article"]
+        )
     # A fair share: every article is cut to the same number of tokens, up to one word.
     lengths = [len(tok.encode(body, add_eos=False)) for body in bodies]
     longest_word = max(len(tok.encode(w, add_eos=False)) for w in VOCABULARY) + 1
@@ -90,7 +112,9 @@ def test_a_short_demonstration_stays_whole_and_the_long_ones_share_the_rest(tok)
 def test_inputs_that_fit_are_untouched(tok):
     query, demos = article(30, 1), [article(30, 2)]
     stats = data.TruncationStats()
-    assert data.fit_input(XSUM, query, demos, tok, 1024, stats) == data.make_input(XSUM, query, demos)
+    assert data.fit_input(XSUM, query, demos, tok, 1024, stats) == data.make_input(
+        XSUM, query, demos
+    )
     assert (stats.inputs, stats.trimmed, stats.tokens_removed) == (1, 0, 0)
 
 
@@ -98,8 +122,9 @@ def test_end_truncation_is_t5x_seqio_cut_of_the_first_n_minus_1_ids_plus_eos(tok
     pool = [article(700, seed) for seed in range(1, 9)]
     query = article(700, 100)
     stats = data.TruncationStats()
-    [(cut, _)] = data.kshot_inputs(XSUM, [query], pool, 4, tokenizer=tok, stats=stats, warn=lambda m: None,
-                                   truncation="end")
+    [(cut, _)] = data.kshot_inputs(
+        XSUM, [query], pool, 4, tokenizer=tok, stats=stats, warn=lambda m: None, truncation="end"
+    )
     full_text = data.make_input(XSUM, query, data.choose_demonstrations(query, pool, 4, 0))
     full = tok.encode(full_text)
     assert data.cut_ids(tok.encode(cut), 1024) == full[:1023] + [data.EOS_ID]
@@ -112,11 +137,13 @@ def test_end_truncation_is_t5x_seqio_cut_of_the_first_n_minus_1_ids_plus_eos(tok
 def test_a_huge_demonstration_cannot_make_an_rte_input_unbounded(tok):
     def rte(premise, label):
         return data.Example({"premise": premise, "hypothesis": text(8, 7)}, [label])
+
     huge = rte(text(20000, 5), "True")  # ~100k characters
     assert len(huge.fields["premise"]) > 100_000
     pool = [huge, rte(text(20, 1), "False"), rte(text(20, 2), "True"), rte(text(20, 3), "False")]
-    [(fitted, _)] = data.kshot_inputs(RTE, [rte(text(20, 9), "True")], pool, 4, tokenizer=tok,
-                                      warn=lambda m: None)  # no bound given: data.MAX_INPUT_TOKENS
+    [(fitted, _)] = data.kshot_inputs(
+        RTE, [rte(text(20, 9), "True")], pool, 4, tokenizer=tok, warn=lambda m: None
+    )  # no bound given: data.MAX_INPUT_TOKENS
     assert len(tok.encode(fitted)) <= data.MAX_INPUT_TOKENS == 1024
     assert fitted.count("Is it true or false? answer:") == 5  # four demonstrations and the query
     for demo in pool[1:]:
@@ -126,28 +153,61 @@ def test_a_huge_demonstration_cannot_make_an_rte_input_unbounded(tok):
 
 def test_a_100k_character_query_is_cut_to_the_budget_of_every_task(tok):
     query = data.Example({"question": text(20000, 11)}, ["Paris"])
-    [(fitted, _)] = data.kshot_inputs("trivia_qa", [query], [], 0, tokenizer=tok, warn=lambda m: None)
-    assert len(tok.encode(fitted)) <= 1024 and fitted.startswith("Q: ") and fitted.endswith(" A: <extra_id_0>")
+    [(fitted, _)] = data.kshot_inputs(
+        "trivia_qa", [query], [], 0, tokenizer=tok, warn=lambda m: None
+    )
+    assert (
+        len(tok.encode(fitted)) <= 1024
+        and fitted.startswith("Q: ")
+        and fitted.endswith(" A: <extra_id_0>")
+    )
     assert data.input_budget(XSUM) == 1024 and data.input_budget(RTE) == data.MAX_INPUT_TOKENS
     assert data.input_budget(RTE, 300) == 300
 
 
 def test_a_template_longer_than_the_budget_is_one_clear_error(tok):
-    with pytest.raises(data.DataError, match=r"task xsum: max_input_tokens=8 is too small for the template: "
-                                             r"with every text field emptied its 1-shot input still has \d+ tokens"):
+    with pytest.raises(
+        BadInput,
+        match=r"task xsum: max_input_tokens=8 is too small for the template: "
+        r"with every text field emptied its 1-shot input still has \d+ tokens",
+    ):
         data.fit_input(XSUM, article(50, 1), [article(50, 2)], tok, 8)
 
 
 def test_data_py_show_prints_how_many_inputs_were_trimmed_and_by_how_much(tok, tmp_path, capsys):
     folder = tmp_path / "long_docs"
     folder.mkdir()
-    (folder / "task.json").write_text(json.dumps({"template": "Article: {input} One sentence summary:",
-                                                  "metric": "rouge2"}))
+    (folder / "task.json").write_text(
+        json.dumps({"template": "Article: {input} One sentence summary:", "metric": "rouge2"})
+    )
     rows = [{"input": text(300, seed), "target": f"s{seed}"} for seed in range(6)]
     for split in ("train", "validation"):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert data.main(["show", "--task", "long_docs", "--data-dir", str(tmp_path), "--shots", "2", "-n", "2",
-                      "--spiece", tok.path, "--max-input-tokens", "200"]) == 0
+    assert (
+        data.main(
+            [
+                "show",
+                "--task",
+                "long_docs",
+                "--data-dir",
+                str(tmp_path),
+                "--shots",
+                "2",
+                "--examples",
+                "2",
+                "--spiece",
+                tok.path,
+                "--max-input-tokens",
+                "200",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "fair truncation to 200 tokens: 2 of 2 inputs trimmed to fit," in out and "tokens removed" in out
-    assert out.count("input (") == 2 and all(int(n.split()[0]) <= 200 for n in out.split("input (")[1:])
+    assert (
+        "fair truncation to 200 tokens: 2 of 2 inputs trimmed to fit," in out
+        and "tokens removed" in out
+    )
+    assert out.count("input (") == 2 and all(
+        int(n.split()[0]) <= 200 for n in out.split("input (")[1:]
+    )

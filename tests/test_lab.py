@@ -2,13 +2,13 @@
 (lab/tiny-t5/, made by lab/make_tiny_t5.py) and its one-command comparison (lab/run.py)."""
 
 import json
-import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
 
+import checks
 import data
 import evaluate
 import model as model_lib
@@ -22,6 +22,7 @@ BUNDLED = ROOT / "lab" / "tiny-t5"
 # --------------------------------------------------------------------------
 # The suite
 # --------------------------------------------------------------------------
+
 
 def test_suite_has_at_least_eight_tasks_in_at_least_four_output_formats():
     tasks = [data.get_task(n) for n in lab_tasks.TASK_NAMES]
@@ -47,9 +48,13 @@ def test_a_smaller_split_is_a_prefix_of_a_larger_one():
 
 def test_train_validation_and_test_splits_are_disjoint():
     for name in lab_tasks.TASK_NAMES:
-        keys = {split: {json.dumps(e.fields, sort_keys=True) for e in lab_tasks.generate(name, split)}
-                for split in lab_tasks.SPLITS}
-        assert len(keys["train"]) == lab_tasks.SIZES["train"], f"{name}: duplicate training examples"
+        keys = {
+            split: {json.dumps(e.fields, sort_keys=True) for e in lab_tasks.generate(name, split)}
+            for split in lab_tasks.SPLITS
+        }
+        assert len(keys["train"]) == lab_tasks.SIZES["train"], (
+            f"{name}: duplicate training examples"
+        )
         assert not keys["train"] & keys["validation"], name
         assert not keys["train"] & keys["test"], name
         assert not keys["validation"] & keys["test"], name
@@ -69,10 +74,13 @@ def test_lookup_answers_are_read_off_the_input():
     """The multiple choice and the short answers need no memorised fact (issue 16): the answer
     is the one word of the input in a fixed relation to a fixed marker, and there are distractors."""
     for ex in lab_tasks.generate("lab_kind", "train", 300):
-        options = [ex.fields[f"option_{l}"] for l in "abcd"]
+        options = [ex.fields[f"option_{letter}"] for letter in "abcd"]
         assert [o in lab_tasks.ANIMALS for o in options].count(True) == 1
         assert options["ABCD".index(ex.targets[0])] in lab_tasks.ANIMALS
-    for name, kind, cue in (("lab_who", lab_tasks.NAMES, " has "), ("lab_where", lab_tasks.CITIES, "lives in ")):
+    for name, kind, cue in (
+        ("lab_who", lab_tasks.NAMES, " has "),
+        ("lab_where", lab_tasks.CITIES, "lives in "),
+    ):
         for ex in lab_tasks.generate(name, "train", 300):
             question = ex.fields["question"]
             words = question.replace(".", " ").replace("?", " ").split()
@@ -89,11 +97,14 @@ def test_registered_task_and_written_jsonl_task_give_the_same_model_inputs(tmp_p
         spec = json.loads((tmp_path / name / "task.json").read_text())
         written = data.Task(name=name, template=spec["template"], metric=spec["metric"])
         rows = data.examples_reader(dataset_files.jsonl_task_reader(name))(tmp_path, "test")
-        demo_rows = data.examples_reader(dataset_files.jsonl_task_reader(name))(tmp_path, "train")[:2]
+        demo_rows = data.examples_reader(dataset_files.jsonl_task_reader(name))(tmp_path, "train")[
+            :2
+        ]
         queries = lab_tasks.generate(name, "test", 10)
         demos = lab_tasks.generate(name, "train", 2)
-        assert [data.make_input(written, r, demo_rows) for r in rows] == \
-            [data.make_input(data.get_task(name), q, demos) for q in queries]
+        assert [data.make_input(written, r, demo_rows) for r in rows] == [
+            data.make_input(data.get_task(name), q, demos) for q in queries
+        ]
         assert [r.targets for r in rows] == [q.targets for q in queries]
         assert spec["metric"] == data.get_task(name).metric
 
@@ -102,10 +113,11 @@ def test_registered_task_and_written_jsonl_task_give_the_same_model_inputs(tmp_p
 # The bundled checkpoint
 # --------------------------------------------------------------------------
 
+
 def test_bundled_checkpoint_is_in_the_public_layout_and_under_20_mb():
     names = {p.name for p in BUNDLED.iterdir()}
     assert {"config.json", "model.safetensors", "spiece.model"} <= names
-    assert sum(p.stat().st_size for p in BUNDLED.iterdir()) <= 20 * 2 ** 20
+    assert sum(p.stat().st_size for p in BUNDLED.iterdir()) <= 20 * 2**20
     config = json.loads((BUNDLED / "config.json").read_text())
     assert config["feed_forward_proj"] == "gated-gelu" and config["tie_word_embeddings"] is False
 
@@ -114,7 +126,7 @@ def test_bundled_checkpoint_is_in_the_public_layout_and_under_20_mb():
 def bundled():
     t5 = model_lib.load_pretrained(str(BUNDLED)).eval()
     tokenizer = data.Tokenizer(BUNDLED / "spiece.model")
-    tokenizer.check_fits(t5.config.vocab_size)
+    checks.check_tokenizer_fits(tokenizer, t5.config.vocab_size)
     return t5, tokenizer
 
 
@@ -124,15 +136,32 @@ def bundled():
 # Measured with the committed checkpoint (0-shot / 1-shot): lab_owns 90.6 / 95.3,
 # lab_both 90.6 / 92.2, lab_lives 85.9 / 89.1, the three lookups and the three generation
 # tasks 100 / 100.
-REQUIRED = {"lab_owns": 85, "lab_both": 85, "lab_lives": 75, "lab_kind": 90, "lab_who": 90,
-            "lab_where": 90, "lab_zorbish": 90, "lab_backwards": 90, "lab_news": 90}
+REQUIRED = {
+    "lab_owns": 85,
+    "lab_both": 85,
+    "lab_lives": 75,
+    "lab_kind": 90,
+    "lab_who": 90,
+    "lab_where": 90,
+    "lab_zorbish": 90,
+    "lab_backwards": 90,
+    "lab_news": 90,
+}
 
 
 def score_bundled(bundled, name, shots=1, n=64):
     t5, tokenizer = bundled
-    return evaluate.score_task(t5, tokenizer, data.get_task(name), lab_tasks.generate(name, "test", n),
-                               pool=lab_tasks.generate(name, "train", 200), shots=shots, num_beams=1,
-                               max_new_tokens=32, batch_size=32)
+    return evaluate.score_task(
+        t5,
+        tokenizer,
+        data.get_task(name),
+        lab_tasks.generate(name, "test", n),
+        pool=lab_tasks.generate(name, "train", 200),
+        shots=shots,
+        num_beams=1,
+        max_new_tokens=32,
+        batch_size=32,
+    )
 
 
 @pytest.mark.parametrize("shots", (0, 1))
@@ -141,7 +170,9 @@ def test_bundled_model_does_every_task_from_template_and_demonstration(bundled, 
     required = REQUIRED[name]
     assert required >= lab_tasks.CHANCE[name] + 30
     result = score_bundled(bundled, name, shots=shots)
-    assert result["score"] >= required, [(r["input"][-80:], r["raw_output"]) for r in result["examples"][:3]]
+    assert result["score"] >= required, [
+        (r["input"][-80:], r["raw_output"]) for r in result["examples"][:3]
+    ]
 
 
 @pytest.mark.parametrize("name", [n for n in lab_tasks.TASK_NAMES if data.get_task(n).label_words])
@@ -149,21 +180,29 @@ def test_bundled_model_answers_classification_tasks_with_their_label_words(bundl
     """The format, at least, is learned everywhere: every answer is one of the task's label words."""
     result = score_bundled(bundled, name, n=32)
     labels = set(data.get_task(name).label_words)
-    assert all(r["prediction"] in labels for r in result["examples"]), \
-        [r["raw_output"] for r in result["examples"][:5]]
+    assert all(r["prediction"] in labels for r in result["examples"]), [
+        r["raw_output"] for r in result["examples"][:5]
+    ]
 
 
 # --------------------------------------------------------------------------
 # The pretraining script
 # --------------------------------------------------------------------------
 
+
 def test_pretraining_batches_mix_tasks_and_give_demonstrations_only_when_asked(monkeypatch):
     from lab import make_tiny_t5 as make
+
     assert make.SEQUENCE_TASKS == {"lab_zorbish", "lab_backwards", "lab_news"}
     assert make.LOOKUP_TASKS == {"lab_kind", "lab_who", "lab_where"}
     pools = {n: lab_tasks.generate(n, "train", 50) for n in lab_tasks.TASK_NAMES}
-    mixture = data.Mixture(pools, rates={n: 0.5 if n in make.SEQUENCE_TASKS else 2.0 if n in make.LOOKUP_TASKS
-                                         else 1.0 for n in pools})
+    mixture = data.Mixture(
+        pools,
+        rates={
+            n: 0.5 if n in make.SEQUENCE_TASKS else 2.0 if n in make.LOOKUP_TASKS else 1.0
+            for n in pools
+        },
+    )
     asked = []  # (task of the example, number of demonstrations it gets)
     choose = data.choose_demonstrations
 
@@ -182,11 +221,19 @@ def test_pretraining_batches_mix_tasks_and_give_demonstrations_only_when_asked(m
         assert all(y in targets and x.endswith("<extra_id_0>") for x, y in rows), name
     counts = {n: sum(1 for m, _ in asked if m == n) for n in pools}
     plain = sum(counts[n] for n in ("lab_owns", "lab_both", "lab_lives"))  # rate 1
-    assert sum(counts[n] for n in make.SEQUENCE_TASKS) < 0.75 * plain  # drawn at half rate (expected 0.5)
-    assert sum(counts[n] for n in make.LOOKUP_TASKS) > 1.5 * plain  # and at twice the rate (expected 2)
+    assert (
+        sum(counts[n] for n in make.SEQUENCE_TASKS) < 0.75 * plain
+    )  # drawn at half rate (expected 0.5)
+    assert (
+        sum(counts[n] for n in make.LOOKUP_TASKS) > 1.5 * plain
+    )  # and at twice the rate (expected 2)
     # --fine-tuning-task-rate 0 (the bundled checkpoint's second run) leaves lab_owns out
-    no_owns = data.Mixture(pools, rates={n: 0.0 if n == lab_tasks.FINE_TUNING_TASK else 1.0 for n in pools})
-    assert lab_tasks.FINE_TUNING_TASK not in make.batch_groups(no_owns, pools, rng, 256, max_shots=0)
+    no_owns = data.Mixture(
+        pools, rates={n: 0.0 if n == lab_tasks.FINE_TUNING_TASK else 1.0 for n in pools}
+    )
+    assert lab_tasks.FINE_TUNING_TASK not in make.batch_groups(
+        no_owns, pools, rng, 256, max_shots=0
+    )
     asked.clear()
     make.batch_groups(mixture, pools, rng, 256, max_shots=4)
     assert {k for _, k in asked} == {0, 1, 2, 3, 4}
@@ -195,30 +242,72 @@ def test_pretraining_batches_mix_tasks_and_give_demonstrations_only_when_asked(m
 
 def test_pretraining_script_writes_a_loadable_checkpoint(tmp_path):
     from lab import make_tiny_t5 as make
+
     out = tmp_path / "tiny"
     # --threads 1: main() sets the thread count of this process, and later tests compare
     # in-process training bitwise with 1-thread subprocesses (conftest sets 1 thread)
     threads = torch.get_num_threads()
-    make.main(["--out", str(out), "--threads", "1", "--steps", "4", "--d-model", "32", "--d-ff", "64", "--layers", "1",
-               "--heads", "2", "--warmup", "2", "--zero-shot-steps", "0.5", "--eval-every", "0",
-               "--eval-examples", "2", "--log-every", "2"])
+    make.main(
+        [
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+            "--steps",
+            "4",
+            "--d-model",
+            "32",
+            "--d-ff",
+            "64",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--warmup",
+            "2",
+            "--zero-shot-steps",
+            "0.5",
+            "--eval-every",
+            "0",
+            "--eval-examples",
+            "2",
+            "--log-every",
+            "2",
+        ]
+    )
     assert torch.get_num_threads() == threads
     record = json.loads((out / "pretraining.json").read_text())
     assert [h["step"] for h in record["loss_history"]] == [2, 4]
     assert all(h["loss"] > 0 for h in record["loss_history"])
     t5 = model_lib.load_pretrained(str(out))
-    data.Tokenizer(out / "spiece.model").check_fits(t5.config.vocab_size)
-    assert t5.config.d_model == 32 and record["parameters"] == sum(p.numel() for p in t5.parameters())
+    checks.check_tokenizer_fits(data.Tokenizer(out / "spiece.model"), t5.config.vocab_size)
+    assert t5.config.d_model == 32 and record["parameters"] == sum(
+        p.numel() for p in t5.parameters()
+    )
 
 
 # --------------------------------------------------------------------------
 # The comparison, shortened
 # --------------------------------------------------------------------------
 
-def test_lab_run_quick_goes_through_stage_1_stage_2_finetune_and_evaluate_and_writes_the_table(tmp_path):
+
+def test_lab_run_quick_goes_through_stage_1_stage_2_finetune_and_evaluate_and_writes_the_table(
+    tmp_path,
+):
     from lab import run as lab_run
-    table = lab_run.main(["--quick", "--steps", "3", "--eval-examples", "6", "--out", str(tmp_path / "run"),
-                          "--quiet"])
+
+    table = lab_run.main(
+        [
+            "--quick",
+            "--steps",
+            "3",
+            "--eval-examples",
+            "6",
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+        ]
+    )
     assert list(table) == list(lab_run.METHODS)
     for row in table.values():
         assert 0 <= row["true_false_ratio"] <= 100 and 0 <= row["norm_avg"] <= 100
@@ -229,13 +318,17 @@ def test_lab_run_quick_goes_through_stage_1_stage_2_finetune_and_evaluate_and_wr
     # alignment before the first step and after the last (3), drawn by `evaluate.py plot`.
     figures = tmp_path / "run" / "figures"
     for run_name in ("finetune", "promot"):
-        records = [json.loads(line) for line in
-                   (tmp_path / "run" / run_name / "diagnostics.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(line)
+            for line in (tmp_path / "run" / run_name / "diagnostics.jsonl").read_text().splitlines()
+        ]
         kinds = {(r.get("kind"), r.get("step")) for r in records}
         assert {("probe", 0), ("probe", 3), ("alignment", 0), ("alignment", 3)} <= kinds, kinds
     for name in ("in_context.csv", "alignment.csv"):
         rows = (figures / name).read_text().splitlines()
-        assert len(rows) > 2 and all(t in (figures / "in_context.csv").read_text() for t in lab_run.PROBE_TASKS)
+        assert len(rows) > 2 and all(
+            t in (figures / "in_context.csv").read_text() for t in lab_run.PROBE_TASKS
+        )
     # Prompt tuning leaves the model untouched: tasks of other formats see no prompt, so
     # they score exactly as the pretrained model does (paper §4, prompt routing).
     for name in lab_run.OTHER_FORMAT_TASKS:
@@ -245,9 +338,14 @@ def test_lab_run_quick_goes_through_stage_1_stage_2_finetune_and_evaluate_and_wr
 def test_lab_table_shows_the_fine_tuned_task_0_shot_when_a_plus_1_shot_run_also_scored_it_1_shot():
     """evaluate.py scores a +1-shot run's task 0- and 1-shot (training.json); the lab's row is 0-shot."""
     from lab import run as lab_run
-    runs = [{"task": "lab_owns", "role": "fine-tuned", "shots": 0, "score": 70.0},
-            {"task": "lab_owns", "role": "fine-tuned", "shots": 1, "score": 90.0}]
-    runs += [{"task": t, "role": "evaluation", "shots": 1, "score": 50.0, "format_ratio": 0.0}
-             for t in lab_run.EVALUATION_TASKS]
+
+    runs = [
+        {"task": "lab_owns", "role": "fine-tuned", "shots": 0, "score": 70.0},
+        {"task": "lab_owns", "role": "fine-tuned", "shots": 1, "score": 90.0},
+    ]
+    runs += [
+        {"task": t, "role": "evaluation", "shots": 1, "score": 50.0, "format_ratio": 0.0}
+        for t in lab_run.EVALUATION_TASKS
+    ]
     table = lab_run.summarize({"promot_1shot": {"runs": runs, "norm_avg": {"1": 50.0}}})
     assert table["promot_1shot"]["lab_owns"] == 70.0

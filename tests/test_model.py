@@ -8,6 +8,8 @@ import torch
 from helpers import load_oracle, make_checkpoint, random_batch
 
 import model
+from support import t5x_loss
+from support.errors import BadInput, DamagedFile
 
 # The issue's coverage list: v1.0 ReLU tied, v1.1/mT5 gated-GELU untied, UMT5,
 # encoder and decoder depths that differ, num_heads*d_kv != d_model,
@@ -17,8 +19,15 @@ VARIANTS = {
     "t5_v1_1_gated_untied": dict(kind="t5v1_1"),
     "mt5": dict(kind="mt5"),
     "umt5_per_layer_bias": dict(kind="umt5"),
-    "odd_shapes": dict(kind="mt5", num_layers=3, num_decoder_layers=1, num_heads=3, d_kv=8,
-                       relative_attention_num_buckets=8, relative_attention_max_distance=6),
+    "odd_shapes": dict(
+        kind="mt5",
+        num_layers=3,
+        num_decoder_layers=1,
+        num_heads=3,
+        d_kv=8,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=6,
+    ),
 }
 
 
@@ -36,7 +45,9 @@ def logits_of(net, ids, mask, dec, **kw):
 def test_logits_equal_transformers(tmp_path, variant):
     spec = dict(VARIANTS[variant])
     config = make_checkpoint(tmp_path, **spec)
-    ids, mask, dec = random_batch(config["vocab_size"], batch=3, src_len=20, tgt_len=9)  # 20 > max_distance 6
+    ids, mask, dec = random_batch(
+        config["vocab_size"], batch=3, src_len=20, tgt_len=9
+    )  # 20 > max_distance 6
     ref = load_oracle(tmp_path)
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
@@ -51,7 +62,9 @@ def test_every_checkpoint_layout_loads_the_same_logits(tmp_path, layout):
     ref = load_oracle(tmp_path / "single")
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-    assert_logits_close(logits_of(model.load_pretrained(tmp_path / layout).eval(), ids, mask, dec), expected)
+    assert_logits_close(
+        logits_of(model.load_pretrained(tmp_path / layout).eval(), ids, mask, dec), expected
+    )
 
 
 @pytest.mark.parametrize("kind", ["t5", "mt5"])
@@ -74,13 +87,16 @@ def test_prompt_of_wrong_width_is_rejected(tmp_path):
     config = make_checkpoint(tmp_path, kind="t5")
     ids, mask, dec = random_batch(config["vocab_size"])
     with pytest.raises(ValueError, match="prompt has shape"):
-        model.load_pretrained(tmp_path)(ids, mask, dec, prompt=torch.zeros(4, config["d_model"] + 1))
+        model.load_pretrained(tmp_path)(
+            ids, mask, dec, prompt=torch.zeros(4, config["d_model"] + 1)
+        )
 
 
 @pytest.mark.parametrize("kind", ["t5", "umt5"])
 def test_kv_cached_decoding_equals_full_forward(tmp_path, kind):
-    config = make_checkpoint(tmp_path, kind=kind, relative_attention_max_distance=4,
-                             relative_attention_num_buckets=6)
+    config = make_checkpoint(
+        tmp_path, kind=kind, relative_attention_max_distance=4, relative_attention_num_buckets=6
+    )
     ids, mask, dec = random_batch(config["vocab_size"], tgt_len=12)
     net = model.load_pretrained(tmp_path).eval()
     prompt = torch.randn(2, config["d_model"])
@@ -90,7 +106,7 @@ def test_kv_cached_decoding_equals_full_forward(tmp_path, kind):
         cache = model.KVCache()
         steps = [net.decode(dec[:, :3], hidden, enc_mask, cache)]  # a multi-token first call
         for t in range(3, dec.shape[1]):
-            steps.append(net.decode(dec[:, t:t + 1], hidden, enc_mask, cache))
+            steps.append(net.decode(dec[:, t : t + 1], hidden, enc_mask, cache))
     assert cache.length == dec.shape[1]
     assert_logits_close(torch.cat(steps, dim=1), full)
 
@@ -118,9 +134,11 @@ def test_gradients_equal_transformers(tmp_path, kind):
     labels = torch.cat([dec[:, 1:], torch.ones(3, 1, dtype=torch.long)], dim=1)
     ref, ours = load_oracle(tmp_path).train(), model.load_pretrained(tmp_path).train()
     ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-    loss_sum, count = model.cross_entropy(ours(ids, mask, model.shift_right(labels)), labels)
+    loss_sum, count = t5x_loss.cross_entropy(ours(ids, mask, model.shift_right(labels)), labels)
     (loss_sum / count).backward()
-    ref_grads = {model.hf_to_ours(n): p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    ref_grads = {
+        model.hf_to_ours(n): p.grad for n, p in ref.named_parameters() if p.grad is not None
+    }
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
@@ -132,7 +150,9 @@ def test_save_then_transformers_and_we_load_identical_weights(tmp_path):
     ids, mask, dec = random_batch(ours.config.vocab_size)
     expected = logits_of(ours, ids, mask, dec)
     with torch.no_grad():
-        theirs = load_oracle(tmp_path / "out")(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        theirs = load_oracle(tmp_path / "out")(
+            input_ids=ids, attention_mask=mask, decoder_input_ids=dec
+        ).logits
     assert_logits_close(theirs, expected)
     again = model.load_pretrained(tmp_path / "out")
     for (n, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
@@ -147,7 +167,9 @@ def test_tied_model_saves_and_reloads_in_transformers(tmp_path):
     assert saved["tie_word_embeddings"] is True and saved["feed_forward_proj"] == "relu"
     ids, mask, dec = random_batch(ours.config.vocab_size)
     with torch.no_grad():
-        theirs = load_oracle(tmp_path / "out")(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        theirs = load_oracle(tmp_path / "out")(
+            input_ids=ids, attention_mask=mask, decoder_input_ids=dec
+        ).logits
     assert_logits_close(theirs, logits_of(ours, ids, mask, dec))
 
 
@@ -159,7 +181,9 @@ def test_large_models_save_sharded_with_an_index(tmp_path):
     assert len(set(index["weight_map"].values())) > 1
     assert not (tmp_path / "out" / "model.safetensors").exists()
     again = model.load_pretrained(tmp_path / "out")
-    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values())
+    )
 
 
 def test_saving_over_a_checkpoint_keeps_its_other_files(tmp_path):
@@ -179,10 +203,13 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     def crash(tensors, filename, metadata=None):
         open(filename, "wb").write(b"half")
         raise OSError("disk full")
+
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(net, tmp_path / "ckpt")
-    assert {f: (tmp_path / "ckpt" / f).read_bytes() for f in os.listdir(tmp_path / "ckpt")} == before
+    assert {
+        f: (tmp_path / "ckpt" / f).read_bytes() for f in os.listdir(tmp_path / "ckpt")
+    } == before
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
@@ -197,12 +224,16 @@ def _edit_config(path, **changes):
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "sharded", "bin"])
-@pytest.mark.parametrize("tie", [True, None])  # transformers 5 writes true for every model; v1.0 omits the key
+@pytest.mark.parametrize(
+    "tie", [True, None]
+)  # transformers 5 writes true for every model; v1.0 omits the key
 def test_config_saying_tied_with_a_different_head_loads_untied(tmp_path, tie, layout):
     config = make_checkpoint(tmp_path, kind="t5v1_1", layout=layout)
     ids, mask, dec = random_batch(config["vocab_size"])
     with torch.no_grad():
-        expected = load_oracle(tmp_path)(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        expected = load_oracle(tmp_path)(
+            input_ids=ids, attention_mask=mask, decoder_input_ids=dec
+        ).logits
     _edit_config(tmp_path, tie_word_embeddings=tie, scale_decoder_outputs=False)
     assert model.read_config(tmp_path).tie_word_embeddings is False
     net = model.load_pretrained(tmp_path).eval()
@@ -212,11 +243,20 @@ def test_config_saying_tied_with_a_different_head_loads_untied(tmp_path, tie, la
 
 def test_tied_checkpoint_that_also_stores_an_equal_head_stays_tied(tmp_path):
     config = make_checkpoint(tmp_path, kind="t5")
-    _rewrite(tmp_path, lambda s: s.update({"lm_head.weight": s["shared.weight"].clone(),
-                                           "encoder.embed_tokens.weight": s["shared.weight"].clone()}))
+    _rewrite(
+        tmp_path,
+        lambda s: s.update(
+            {
+                "lm_head.weight": s["shared.weight"].clone(),
+                "encoder.embed_tokens.weight": s["shared.weight"].clone(),
+            }
+        ),
+    )
     ids, mask, dec = random_batch(config["vocab_size"])
     with torch.no_grad():
-        expected = load_oracle(tmp_path)(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        expected = load_oracle(tmp_path)(
+            input_ids=ids, attention_mask=mask, decoder_input_ids=dec
+        ).logits
     assert model.read_config(tmp_path).tie_word_embeddings is True
     net = model.load_pretrained(tmp_path).eval()
     assert net.lm_head is None
@@ -224,13 +264,17 @@ def test_tied_checkpoint_that_also_stores_an_equal_head_stays_tied(tmp_path):
 
 
 def test_read_config_reads_only_the_head_and_the_embedding(tmp_path, monkeypatch):
-    from support import hf_files
     make_checkpoint(tmp_path, kind="t5v1_1", layout="sharded")
     _edit_config(tmp_path, tie_word_embeddings=True)
     read = []
-    original = hf_files.read_file
-    monkeypatch.setattr(hf_files, "stream_tensors", lambda path: pytest.fail("read the whole checkpoint"))
-    monkeypatch.setattr(hf_files, "read_file", lambda file, names=None: read.extend(names) or original(file, names))
+    original = model.read_file
+
+    def read_file(file, names=None):
+        if names is None:
+            pytest.fail("read the whole checkpoint")
+        return read.extend(names) or original(file, names)
+
+    monkeypatch.setattr(model, "read_file", read_file)
     assert model.read_config(tmp_path).tie_word_embeddings is False
     assert sorted(read) == ["lm_head.weight", "shared.weight"]
 
@@ -238,12 +282,13 @@ def test_read_config_reads_only_the_head_and_the_embedding(tmp_path, monkeypatch
 def test_read_tensors_returns_just_the_named_tensors_it_finds(tmp_path):
     from safetensors.torch import load_file
 
-    from support import hf_files
     make_checkpoint(tmp_path / "single", kind="t5v1_1")
     make_checkpoint(tmp_path / "sharded", kind="t5v1_1", layout="sharded")
     stored = load_file(tmp_path / "single" / "model.safetensors")
     for layout in ("single", "sharded"):
-        found = hf_files.read_tensors(tmp_path / layout, ["lm_head.weight", "shared.weight", "no.such.weight"])
+        found = model.read_tensors(
+            tmp_path / layout, ["lm_head.weight", "shared.weight", "no.such.weight"]
+        )
         assert sorted(found) == ["lm_head.weight", "shared.weight"]
         assert all(torch.equal(found[n], stored[n]) for n in found)
 
@@ -251,9 +296,17 @@ def test_read_tensors_returns_just_the_named_tensors_it_finds(tmp_path):
 def test_load_weights_hands_every_tensor_to_copy_once(tmp_path):
     """The sharded loader's path: a materialised model, filled by a caller's copy; adapters are not expected."""
     from support import lora as lora_lib
+
     make_checkpoint(tmp_path, kind="t5")
-    _rewrite(tmp_path, lambda s: s.update({"lm_head.weight": s["shared.weight"].clone(),
-                                           "decoder.embed_tokens.weight": s["shared.weight"].clone()}))
+    _rewrite(
+        tmp_path,
+        lambda s: s.update(
+            {
+                "lm_head.weight": s["shared.weight"].clone(),
+                "decoder.embed_tokens.weight": s["shared.weight"].clone(),
+            }
+        ),
+    )
     net = model.build(model.read_config(tmp_path), "cpu").eval()
     lora_lib.add_lora(net, rank=2)
     copied = []
@@ -261,6 +314,7 @@ def test_load_weights_hands_every_tensor_to_copy_once(tmp_path):
     def copy(name, tensor):
         copied.append(name)
         net.get_parameter(name).copy_(tensor)
+
     assert model.load_weights(net, tmp_path, copy=copy) is net
     assert sorted(copied) == sorted(n for n, _ in net.named_parameters() if ".lora." not in n)
     ids, mask, dec = random_batch(net.config.vocab_size)
@@ -268,87 +322,90 @@ def test_load_weights_hands_every_tensor_to_copy_once(tmp_path):
     assert torch.equal(logits_of(net, ids, mask, dec), logits_of(loaded, ids, mask, dec))
 
 
-# ---- prompt files: what promot.py writes and evaluate.py reads
-
-
-def test_prompts_round_trip_through_their_file(tmp_path):
-    from safetensors import safe_open
-    prompts = {"rte": torch.rand(5, 8), "wmt14_enfr": torch.rand(5, 8)}
-    model.save_prompts(prompts, tmp_path / "p.safetensors")
-    with safe_open(tmp_path / "p.safetensors", framework="pt") as f:
-        assert sorted(f.keys()) == ["prompt.rte", "prompt.wmt14_enfr"] and f.metadata() == {"tasks": "rte,wmt14_enfr"}
-    back = model.read_prompts(tmp_path / "p.safetensors", d_model=8, length=5)
-    assert list(back) == ["rte", "wmt14_enfr"] and all(torch.equal(back[t], prompts[t]) for t in prompts)
-
-
-def test_a_single_task_file_also_holds_prompt_for_other_tasks(tmp_path):
-    prompt = torch.rand(4, 8, dtype=torch.float64)
-    model.save_prompts({"rte": prompt}, tmp_path / "p.safetensors")
-    back = model.read_prompts(tmp_path / "p.safetensors", 8, tasks=["rte", "cb"])
-    assert back["rte"].dtype == torch.float32 and torch.equal(back["rte"], prompt.float())
-    assert torch.equal(back["cb"], back["rte"])  # no 'prompt.cb' key: the file's 'prompt'
-
-
-def test_t5x_npy_prompt_is_read_for_the_named_tasks(tmp_path):
-    import numpy
-    numpy.save(tmp_path / "p.npy", numpy.arange(24, dtype=numpy.float32).reshape(3, 8))
-    prompts = model.read_prompts(str(tmp_path / "p.npy"), d_model=8, tasks=["rte"])
-    assert list(prompts) == ["rte"] and torch.equal(prompts["rte"], torch.arange(24.0).view(3, 8))
-    with pytest.raises(model.CheckpointError, match=r"p.npy: the file does not say which task .*; pass --task"):
-        model.read_prompts(str(tmp_path / "p.npy"), d_model=8)
-
-
-def test_prompt_file_without_task_keys_needs_the_task(tmp_path):
-    from safetensors.torch import save_file
-    save_file({"prompt": torch.rand(3, 8)}, str(tmp_path / "p.safetensors"))
-    with pytest.raises(model.CheckpointError, match=r"p.safetensors: the file does not say which task .*pass --task"):
-        model.read_prompts(tmp_path / "p.safetensors", d_model=8)
-
-
-def test_prompt_of_the_wrong_width_or_length_names_file_key_and_shapes(tmp_path):
-    model.save_prompts({"rte": torch.zeros(5, 16)}, tmp_path / "narrow.safetensors")
-    with pytest.raises(model.CheckpointError, match=r"narrow.safetensors: prompt 'prompt.rte' has shape \(5, 16\); "
-                                                   r"the model needs \(p, 32\) \(d_model = 32\)"):
-        model.read_prompts(tmp_path / "narrow.safetensors", d_model=32)
-    with pytest.raises(model.CheckpointError, match=r"narrow.safetensors: prompt 'prompt.rte' has length 5; "
-                                                   r"--prompt-length is 4"):
-        model.read_prompts(tmp_path / "narrow.safetensors", d_model=16, length=4)
-
-
-def test_missing_unreadable_and_pickled_prompt_files(tmp_path):
-    import numpy
-    with pytest.raises(model.CheckpointError, match="nope.safetensors: no such prompt file"):
-        model.read_prompts(tmp_path / "nope.safetensors")
-    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(model.CheckpointError, match="bad.safetensors: cannot read a prompt"):
-        model.read_prompts(tmp_path / "bad.safetensors")
-    numpy.save(tmp_path / "obj.npy", numpy.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(model.CheckpointError, match="obj.npy: cannot read a prompt"):
-        model.read_prompts(str(tmp_path / "obj.npy"), tasks=["rte"])
-
-
 # Published parameter counts (model cards / transformers), checked on the meta device.
 PUBLIC = {
-    "t5-small": (dict(d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6, vocab_size=32128,
-                      feed_forward_proj="relu"), 60_506_624),
-    "t5-v1_1-base": (dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, vocab_size=32128,
-                          feed_forward_proj="gated-gelu", tie_word_embeddings=False), 247_577_856),
-    "mt5-small": (dict(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, vocab_size=250112,
-                       feed_forward_proj="gated-gelu", tie_word_embeddings=False, model_type="mt5"), 300_176_768),
-    "mt5-xl": (dict(d_model=2048, d_ff=5120, d_kv=64, num_heads=32, num_layers=24, vocab_size=250112,
-                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, model_type="mt5"), None),
-    "mt5-xxl": (dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=250112,
-                     feed_forward_proj="gated-gelu", tie_word_embeddings=False, model_type="mt5"), 12_921_057_280),
+    "t5-small": (
+        dict(
+            d_model=512,
+            d_ff=2048,
+            d_kv=64,
+            num_heads=8,
+            num_layers=6,
+            vocab_size=32128,
+            feed_forward_proj="relu",
+        ),
+        60_506_624,
+    ),
+    "t5-v1_1-base": (
+        dict(
+            d_model=768,
+            d_ff=2048,
+            d_kv=64,
+            num_heads=12,
+            num_layers=12,
+            vocab_size=32128,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+        ),
+        247_577_856,
+    ),
+    "mt5-small": (
+        dict(
+            d_model=512,
+            d_ff=1024,
+            d_kv=64,
+            num_heads=6,
+            num_layers=8,
+            vocab_size=250112,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            model_type="mt5",
+        ),
+        300_176_768,
+    ),
+    "mt5-xl": (
+        dict(
+            d_model=2048,
+            d_ff=5120,
+            d_kv=64,
+            num_heads=32,
+            num_layers=24,
+            vocab_size=250112,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            model_type="mt5",
+        ),
+        None,
+    ),
+    "mt5-xxl": (
+        dict(
+            d_model=4096,
+            d_ff=10240,
+            d_kv=64,
+            num_heads=64,
+            num_layers=24,
+            vocab_size=250112,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            model_type="mt5",
+        ),
+        12_921_057_280,
+    ),
 }
 
 
 @pytest.mark.parametrize("name", PUBLIC)
 def test_public_configs_have_the_published_parameter_counts(name):
     import transformers
+
     cfg, published = PUBLIC[name]
     ours = sum(p.numel() for p in model.build(model.T5Config.from_dict(cfg)).parameters())
-    hf_cfg = transformers.T5Config(**{k: v for k, v in cfg.items() if k != "model_type"},
-                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    hf_cfg = transformers.T5Config(
+        **{k: v for k, v in cfg.items() if k != "model_type"},
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     with torch.device("meta"):
         ref = transformers.T5ForConditionalGeneration(hf_cfg)
     # transformers 5 always ties lm_head to the embedding; public untied checkpoints hold a separate one
@@ -364,9 +421,11 @@ def test_cross_entropy_matches_torch_and_ignores_padding():
     logits = torch.randn(2, 5, 11)
     labels = torch.randint(0, 11, (2, 5))
     labels[1, 3:] = -100
-    total, count = model.cross_entropy(logits, labels)
+    total, count = t5x_loss.cross_entropy(logits, labels)
     assert count == 8
-    torch.testing.assert_close(total / count, torch.nn.functional.cross_entropy(logits.view(-1, 11), labels.view(-1)))
+    torch.testing.assert_close(
+        total / count, torch.nn.functional.cross_entropy(logits.view(-1, 11), labels.view(-1))
+    )
 
 
 def test_label_smoothing_follows_t5x():
@@ -375,10 +434,10 @@ def test_label_smoothing_follows_t5x():
     soft = torch.full((3, 7), s / 6).scatter(1, labels[:, None], 1 - s)
     entropy = -(soft * soft.log()).sum(-1)
     expected = (-(soft * torch.log_softmax(logits, -1)).sum(-1) - entropy).sum()
-    total, _ = model.cross_entropy(logits[None], labels[None], label_smoothing=s)
+    total, _ = t5x_loss.cross_entropy(logits[None], labels[None], label_smoothing=s)
     torch.testing.assert_close(total, expected)
     # a prediction equal to the smoothed target scores zero
-    total, _ = model.cross_entropy(soft.log()[None], labels[None], label_smoothing=s)
+    total, _ = t5x_loss.cross_entropy(soft.log()[None], labels[None], label_smoothing=s)
     assert abs(total.item()) < 1e-5
 
 
@@ -392,14 +451,14 @@ def test_shift_right_starts_with_the_start_token_and_pads_ignored_labels():
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(model.CheckpointError, match="no such checkpoint directory|config.json"):
+    with pytest.raises(BadInput, match="no such checkpoint directory|config.json"):
         model.load_pretrained(tmp_path / "nope")
 
 
 def test_directory_without_weights(tmp_path):
     make_checkpoint(tmp_path, kind="t5")
     os.remove(tmp_path / "model.safetensors")
-    with pytest.raises(model.CheckpointError, match="found no weights; expected model.safetensors"):
+    with pytest.raises(BadInput, match="found no weights; expected model.safetensors"):
         model.load_pretrained(tmp_path)
 
 
@@ -408,12 +467,35 @@ def test_unknown_feed_forward_proj(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["feed_forward_proj"] = "gated-silu"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(model.CheckpointError, match=r"config.json: feed_forward_proj is 'gated-silu'"):
+    with pytest.raises(BadInput, match=r"config.json: feed_forward_proj is 'gated-silu'"):
         model.load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("value", [[1, 2], "t5", None, 3])
+def test_a_config_that_is_not_a_json_object_is_one_clear_error(value):
+    with pytest.raises(BadInput, match=r"config.json: expected a JSON object, got"):
+        model.T5Config.from_dict(value, source="config.json")
+
+
+def test_a_config_json_holding_a_list_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(BadInput, match=r"config.json: expected a JSON object, got list"):
+        model.load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [("d_model", -4, "a non-negative integer"), ("model_type", "bart", "'t5', 'mt5' or 'umt5'")],
+)
+def test_a_config_value_out_of_range_names_the_key(key, value, expected):
+    config = {"vocab_size": 8, "d_model": 4, "d_kv": 2, "d_ff": 8, "num_layers": 1, "num_heads": 2}
+    with pytest.raises(BadInput, match=f"cfg: {key} is {value!r}; expected {expected}"):
+        model.T5Config.from_dict({**config, key: value}, source="cfg")
 
 
 def _rewrite(path, edit):
     from safetensors.torch import load_file, save_file
+
     state = load_file(path / "model.safetensors")
     edit(state)
     save_file(state, path / "model.safetensors")
@@ -422,21 +504,32 @@ def _rewrite(path, edit):
 def test_missing_tensor(tmp_path):
     make_checkpoint(tmp_path, kind="t5v1_1")
     _rewrite(tmp_path, lambda s: s.pop("decoder.block.1.layer.2.DenseReluDense.wo.weight"))
-    with pytest.raises(model.CheckpointError, match=r"lacks 1 tensor.*decoder.block.1.layer.2.DenseReluDense.wo"):
+    with pytest.raises(
+        DamagedFile, match=r"lacks 1 tensor.*decoder.block.1.layer.2.DenseReluDense.wo"
+    ):
         model.load_pretrained(tmp_path)
 
 
 def test_unexpected_tensor(tmp_path):
     make_checkpoint(tmp_path, kind="t5v1_1")
-    _rewrite(tmp_path, lambda s: s.update({"encoder.block.9.layer.0.SelfAttention.q.weight": torch.zeros(2, 2)}))
-    with pytest.raises(model.CheckpointError, match=r"model.safetensors: unexpected tensor 'encoder.block.9"):
+    _rewrite(
+        tmp_path,
+        lambda s: s.update({"encoder.block.9.layer.0.SelfAttention.q.weight": torch.zeros(2, 2)}),
+    )
+    with pytest.raises(DamagedFile, match=r"model.safetensors: unexpected tensor 'encoder.block.9"):
         model.load_pretrained(tmp_path)
 
 
 def test_shape_mismatch(tmp_path):
     make_checkpoint(tmp_path, kind="t5v1_1")
-    _rewrite(tmp_path, lambda s: s.update({"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(32, 31)}))
-    with pytest.raises(model.CheckpointError, match=r"SelfAttention.q.weight' has shape \(32, 31\); config.json implies"):
+    _rewrite(
+        tmp_path,
+        lambda s: s.update({"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(32, 31)}),
+    )
+    with pytest.raises(
+        DamagedFile,
+        match=r"SelfAttention.q.weight' has shape \(32, 31\); config.json implies",
+    ):
         model.load_pretrained(tmp_path)
 
 
@@ -444,14 +537,16 @@ def test_truncated_safetensors(tmp_path):
     make_checkpoint(tmp_path, kind="t5")
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(model.CheckpointError, match="model.safetensors: cannot read as safetensors"):
+    with pytest.raises(DamagedFile, match="model.safetensors: cannot read as safetensors"):
         model.load_pretrained(tmp_path)
 
 
 def test_corrupted_safetensors_header(tmp_path):
     make_checkpoint(tmp_path, kind="t5")
-    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
-    with pytest.raises(model.CheckpointError, match="cannot read as safetensors"):
+    (tmp_path / "model.safetensors").write_bytes(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all"
+    )
+    with pytest.raises(DamagedFile, match="cannot read as safetensors"):
         model.load_pretrained(tmp_path)
 
 
@@ -465,7 +560,7 @@ def test_bin_that_needs_pickle_code_execution_is_refused(tmp_path, capsys):
     state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
     state["evil"] = Payload()
     torch.save(state, tmp_path / "pytorch_model.bin")
-    with pytest.raises(model.CheckpointError, match="pytorch_model.bin: refused to load"):
+    with pytest.raises(DamagedFile, match="pytorch_model.bin: refused to load"):
         model.load_pretrained(tmp_path)
     assert "pickled code ran" not in capsys.readouterr().out
 

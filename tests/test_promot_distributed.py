@@ -5,6 +5,7 @@ normalised by the global token count, Adafactor statistics over whole
 tensors. Reduction order differs (reduce-scatter vs one backward), so the
 comparison is to float32 rounding, not bitwise.
 """
+
 import os
 import subprocess
 import sys
@@ -19,10 +20,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def torchrun(*argv, nproc=2):
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--standalone", *argv]
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--standalone",
+        *argv,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -37,20 +48,49 @@ def test_sharded_adafactor_takes_the_single_process_steps(tmp_path):
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     spiece = pf.make_spiece(str(d / "spiece"))
-    return dict(model=pf.make_model_dir(str(d / "model"), spiece), data=pf.make_data_dir(str(d / "data")), root=d)
+    return dict(
+        model=pf.make_model_dir(str(d / "model"), spiece),
+        data=pf.make_data_dir(str(d / "data")),
+        root=d,
+    )
 
 
 def test_two_ranks_end_with_the_weights_of_one_process(env):
     """Joint tuning trains both the FSDP-sharded model and the replicated prompt, here
     on a T5 v1.0 whose head is the embedding (tied, one FSDP unit, two gradient uses).
     One process accumulates two micro-batches of 2; two ranks take 2 rows each."""
-    tied = pf.make_model_dir(str(env["root"] / "tied"), os.path.join(env["model"], "spiece.model"), kind="t5")
-    common = ["promot.py", "--stage", "joint", "--model", tied, "--data-dir", env["data"],
-              "--task", "toy_tf", "--steps", "3", "--save-every", "3", "--batch-size", "4",
-              "--micro-batch-size", "2", "--prompt-length", "5", "--dropout", "0", "--no-eval"]
+    tied = pf.make_model_dir(
+        str(env["root"] / "tied"), os.path.join(env["model"], "spiece.model"), kind="t5"
+    )
+    common = [
+        "promot.py",
+        "--stage",
+        "joint",
+        "--model",
+        tied,
+        "--data-dir",
+        env["data"],
+        "--task",
+        "toy_tf",
+        "--steps",
+        "3",
+        "--save-every",
+        "3",
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--prompt-length",
+        "5",
+        "--dropout",
+        "0",
+        "--no-eval",
+    ]
     one = env["root"] / "one"
     two = env["root"] / "two"
-    subprocess.run([sys.executable, *common, "--out", str(one)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, *common, "--out", str(one)], cwd=ROOT, check=True, capture_output=True
+    )
     torchrun(*common, "--out", str(two))
     for name in ("model.safetensors", "prompt.safetensors"):
         a = load_file(str(one / "joint" / "final" / name))
@@ -67,13 +107,38 @@ def test_two_ranks_end_with_the_weights_of_one_process(env):
 def test_two_ranks_resume_and_score_like_one(env):
     """Stage 1 (frozen sharded model, replicated prompt) with checkpoint scoring under FSDP,
     stopped and resumed: the final prompt equals the single-process one."""
-    common = ["promot.py", "--stage", "1", "--model", env["model"], "--data-dir", env["data"],
-              "--task", "toy_tf", "--steps", "4", "--save-every", "2", "--batch-size", "4",
-              "--prompt-length", "5", "--dropout", "0", "--eval-examples", "4", "--num-beams", "2",
-              "--max-new-tokens", "3"]
+    common = [
+        "promot.py",
+        "--stage",
+        "1",
+        "--model",
+        env["model"],
+        "--data-dir",
+        env["data"],
+        "--task",
+        "toy_tf",
+        "--steps",
+        "4",
+        "--save-every",
+        "2",
+        "--batch-size",
+        "4",
+        "--prompt-length",
+        "5",
+        "--dropout",
+        "0",
+        "--eval-examples",
+        "4",
+        "--num-beams",
+        "2",
+        "--max-new-tokens",
+        "3",
+    ]
     one = env["root"] / "s1_one"
     two = env["root"] / "s1_two"
-    subprocess.run([sys.executable, *common, "--out", str(one)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, *common, "--out", str(one)], cwd=ROOT, check=True, capture_output=True
+    )
     torchrun(*common, "--out", str(two), "--stop-after-step", "2")
     torchrun(*common, "--out", str(two), "--resume")
     a = load_file(str(one / "stage1" / "final" / "prompt.safetensors"))["prompt"]
@@ -90,12 +155,41 @@ def test_two_ranks_stage2_bf16_checkpointed_resume_is_bitwise(env):
     ranks ends bit-identical to running straight through. Multi-task, and checkpoints
     are scored in between (decoding must leave FSDP's state as it found it)."""
     prompt = env["root"] / "p.safetensors"
-    import model as model_lib
-    model_lib.save_prompts({"toy_tf": torch.rand(5, 32, generator=torch.Generator().manual_seed(3))}, str(prompt))
-    common = ["promot.py", "--stage", "2", "--prompt", str(prompt), "--model", env["model"], "--data-dir",
-              env["data"], "--task", "toy_tf,toy_copy", "--steps", "4", "--save-every", "2", "--batch-size", "4",
-              "--prompt-length", "5", "--dtype", "bfloat16", "--activation-checkpointing",
-              "--eval-examples", "3", "--num-beams", "2", "--max-new-tokens", "3"]
+    from support import prompt_formats
+
+    prompt_formats.save_prompts(
+        {"toy_tf": torch.rand(5, 32, generator=torch.Generator().manual_seed(3))}, str(prompt)
+    )
+    common = [
+        "promot.py",
+        "--stage",
+        "2",
+        "--prompt",
+        str(prompt),
+        "--model",
+        env["model"],
+        "--data-dir",
+        env["data"],
+        "--task",
+        "toy_tf,toy_copy",
+        "--steps",
+        "4",
+        "--save-every",
+        "2",
+        "--batch-size",
+        "4",
+        "--prompt-length",
+        "5",
+        "--dtype",
+        "bfloat16",
+        "--activation-checkpointing",
+        "--eval-examples",
+        "3",
+        "--num-beams",
+        "2",
+        "--max-new-tokens",
+        "3",
+    ]
     straight, cut = env["root"] / "s2_straight", env["root"] / "s2_cut"
     torchrun(*common, "--out", str(straight))
     torchrun(*common, "--out", str(cut), "--stop-after-step", "3")

@@ -9,12 +9,22 @@ import torch
 
 import data
 import evaluate
+from support.errors import BadInput
 
 PAPER_TASKS = data.FINE_TUNING_TASKS + data.EVALUATION_TASKS
 # Tasks that share a format under each reading; a task not listed is alone.
-SAME_ANSWERS = [{"rte", "wic"}, {"cb", "snli"}, {"trivia_qa", "web_questions"}, {"xsum", "wiki_lingua_en"}]
+SAME_ANSWERS = [
+    {"rte", "wic"},
+    {"cb", "snli"},
+    {"trivia_qa", "web_questions"},
+    {"xsum", "wiki_lingua_en"},
+]
 # §5.3: CB and WiC "share the same format as the RTE fine-tuning task"; SNLI has CB's template.
-SAME_FORMAT = [{"rte", "wic", "cb", "snli"}, {"trivia_qa", "web_questions"}, {"xsum", "wiki_lingua_en"}]
+SAME_FORMAT = [
+    {"rte", "wic", "cb", "snli"},
+    {"trivia_qa", "web_questions"},
+    {"xsum", "wiki_lingua_en"},
+]
 READINGS = {"fine_tuned_only": [], "same_answers": SAME_ANSWERS, "same_format": SAME_FORMAT}
 
 
@@ -32,14 +42,19 @@ def test_the_routing_table_for_every_pair_of_the_twelve_tasks(route):
     for task, fine_tuned in itertools.product(PAPER_TASKS, repeat=2):
         want = expected(task, fine_tuned, READINGS[route])
         assert evaluate.same_format(task, fine_tuned, route) == want, (task, fine_tuned)
-        assert (evaluate.route_prompt(task, {fine_tuned: prompt}, route) is prompt) == want, (task, fine_tuned)
+        assert (evaluate.route_prompt(task, {fine_tuned: prompt}, route) is prompt) == want, (
+            task,
+            fine_tuned,
+        )
 
 
 def test_by_default_the_prompt_goes_to_the_fine_tuned_task_alone():
     prompt = torch.zeros(2, 4)
     for task, fine_tuned in itertools.product(PAPER_TASKS, repeat=2):
         routed = evaluate.route_prompt(task, {fine_tuned: prompt}) is prompt
-        assert routed == (task == fine_tuned) == evaluate.same_format(task, fine_tuned)  # LoRA and probes alike
+        assert (
+            routed == (task == fine_tuned) == evaluate.same_format(task, fine_tuned)
+        )  # LoRA and probes alike
 
 
 def test_prompt_tuning_leaves_every_unseen_task_as_the_pretrained_model_scores_it():
@@ -59,12 +74,12 @@ def test_always_and_never_force_the_prompt_and_always_prefers_one_of_the_same_fo
 
 
 def test_an_unknown_reading_is_a_clear_error():
-    with pytest.raises(evaluate.EvaluationError, match="route must be one of fine_tuned_only, same_format"):
+    with pytest.raises(BadInput, match="route must be one of fine_tuned_only, same_format"):
         evaluate.route_prompt("rte", {"rte": torch.zeros(1)}, "auto")
 
 
 def test_evaluate_py_offers_the_readings_as_route_and_defaults_to_fine_tuned_only(tmp_path):
-    args = evaluate.parse_args(["--model", "m", "--data-dir", "d", "--out", str(tmp_path / "r.json")])
+    args = evaluate.parse_args(
+        ["--model", "m", "--data-dir", "d", "--out", str(tmp_path / "r.json")]
+    )
     assert args.route == "fine_tuned_only"
-    old = evaluate.parse_args(["--model", "m", "--data-dir", "d", "--out", "r.json", "--use-prompt", "never"])
-    assert old.route == "never"  # the old flag name still works, with a note

@@ -2,7 +2,7 @@
 
 1. support/adafactor.py's in-place step against the per-tensor step it replaced
    (`ReferenceAdafactor` below, the straightforward tensor expressions): bit for bit.
-2. model.cross_entropy (T5XCrossEntropy, its gradient written out) against the
+2. support/t5x_loss.cross_entropy (T5XCrossEntropy, its gradient written out) against the
    log_softmax + autograd version it replaced, plus the z-loss that promot.train_step
    used to add apart: to float rounding.
 (Beam and greedy search dropping finished rows: tests/test_evaluate_generate.py.)
@@ -56,9 +56,13 @@ class ReferenceAdafactor(Adafactor):
             v_row, v_col = _local(state["v_row"]), _local(state["v_col"])
             v_row.mul_(decay).add_(mixing * mean(g2, (col_dim,), shape, shard_dim).squeeze(col_dim))
             v_col.mul_(decay).add_(mixing * mean(g2, (row_dim,), shape, shard_dim).squeeze(row_dim))
-            row_shape = shape[:col_dim] + shape[col_dim + 1:]
+            row_shape = shape[:col_dim] + shape[col_dim + 1 :]
             row_dim_in_row = row_dim - (1 if col_dim < row_dim else 0)
-            row_sharded = None if shard_dim in (None, col_dim) else shard_dim - (1 if col_dim < shard_dim else 0)
+            row_sharded = (
+                None
+                if shard_dim in (None, col_dim)
+                else shard_dim - (1 if col_dim < shard_dim else 0)
+            )
             row_col_mean = mean(v_row, (row_dim_in_row,), row_shape, row_sharded)
             row_factor = (v_row / row_col_mean).rsqrt()
             col_factor = v_col.rsqrt()
@@ -93,7 +97,9 @@ SETTINGS = {
 
 def same_bits(a, b):
     """Equal bit for bit (torch.equal calls -0.0 and 0.0 equal)."""
-    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.int64: torch.int64}[a.dtype]
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.int64: torch.int64}[
+        a.dtype
+    ]
     return a.dtype == b.dtype and torch.equal(a.detach().view(bits), b.detach().view(bits))
 
 
@@ -105,7 +111,10 @@ def test_in_place_adafactor_step_equals_the_per_tensor_step_bit_for_bit(setting,
     grads = [[torch.randn(s).to(dtype) for s in SHAPES] for _ in range(4)]
     ours = [torch.nn.Parameter(t.clone()) for t in start]
     reference = [torch.nn.Parameter(t.clone()) for t in start]
-    opt, ref = Adafactor(ours, **SETTINGS[setting]), ReferenceAdafactor(reference, **SETTINGS[setting])
+    opt, ref = (
+        Adafactor(ours, **SETTINGS[setting]),
+        ReferenceAdafactor(reference, **SETTINGS[setting]),
+    )
     for step_grads in grads:
         for a, b, g in zip(ours, reference, step_grads):
             a.grad, b.grad = g.clone(), g.clone()
@@ -131,13 +140,16 @@ def test_adafactor_on_cpu_keeps_two_scratch_buffers_the_size_of_the_largest_para
         addresses.append([b.data_ptr() for b in buffers])
     assert addresses[0] == addresses[1]  # allocated at the first step only
     assert [b.numel() for b in buffers] == [max(p.numel() for p in params)] * 2
-    assert all(set(st) <= {"step", "v_row", "v_col", "v", "m"} for st in opt.state.values())  # not state
+    assert all(
+        set(st) <= {"step", "v_row", "v_col", "v", "m"} for st in opt.state.values()
+    )  # not state
 
 
 # --- 2. The loss: T5X's cross-entropy, label smoothing and z-loss in one function -----------
 
+
 def reference_cross_entropy(logits, labels, label_smoothing=0.0, z_loss=0.0):
-    """model.cross_entropy as first written (log_softmax and autograd), plus the z-loss that
+    """t5x_loss.cross_entropy as first written (log_softmax and autograd), plus the z-loss that
     promot.train_step added apart."""
     keep = labels != -100
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -155,7 +167,8 @@ def reference_cross_entropy(logits, labels, label_smoothing=0.0, z_loss=0.0):
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("z_loss", [0.0, 1e-4])
 def test_cross_entropy_and_its_gradient_equal_the_autograd_version(label_smoothing, z_loss):
-    from model import cross_entropy
+    from support.t5x_loss import cross_entropy
+
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 1000, generator=g) * 4
     labels = torch.randint(0, 1000, (3, 5), generator=g)
@@ -174,7 +187,8 @@ def test_cross_entropy_and_its_gradient_equal_the_autograd_version(label_smoothi
 
 
 def test_cross_entropy_of_bfloat16_logits_is_computed_in_float32_and_returns_a_bfloat16_gradient():
-    from model import cross_entropy
+    from support.t5x_loss import cross_entropy
+
     logits = (torch.randn(2, 4, 300) * 3).to(torch.bfloat16).requires_grad_()
     labels = torch.randint(0, 300, (2, 4))
     total, count = cross_entropy(logits, labels, 0.1, 1e-4)

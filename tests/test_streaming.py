@@ -19,6 +19,7 @@ import data
 import promot
 import promot_fixtures as pf
 from support import dataset_files
+from support.errors import DamagedFile
 
 N = 30000  # lines: large enough that holding them would show, small enough for a second
 
@@ -36,7 +37,11 @@ def test_small_files_are_read_whole_and_leave_no_index(tmp_path):
     try:
         write_wmt(tmp_path, wmt_records(50))
         examples = data.load_split("wmt14_enfr", tmp_path, "train")
-        assert isinstance(examples, list) and len(examples) == 50 and index_files(tmp_path / "wmt14_enfr") == []
+        assert (
+            isinstance(examples, list)
+            and len(examples) == 50
+            and index_files(tmp_path / "wmt14_enfr") == []
+        )
     finally:
         dataset_files.STREAM_MIN_BYTES = 0
 
@@ -44,8 +49,15 @@ def test_small_files_are_read_whole_and_leave_no_index(tmp_path):
 def wmt_records(n, seed=0):
     rng = random.Random(seed)
     words = "the cat sat on a mat le chat assis sur un tapis".split()
-    return [{"translation": {"en": " ".join(rng.choices(words, k=rng.randint(3, 12))) + f" #{i}",
-                             "fr": " ".join(rng.choices(words, k=rng.randint(3, 12)))}} for i in range(n)]
+    return [
+        {
+            "translation": {
+                "en": " ".join(rng.choices(words, k=rng.randint(3, 12))) + f" #{i}",
+                "fr": " ".join(rng.choices(words, k=rng.randint(3, 12))),
+            }
+        }
+        for i in range(n)
+    ]
 
 
 def write_lines(path, lines):
@@ -57,7 +69,11 @@ def write_lines(path, lines):
 def write_wmt(data_dir, records, blank_every=0):
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
     if blank_every:  # blank lines are skipped but still counted in the line numbers of errors
-        lines = [x for i, line in enumerate(lines) for x in ([line, ""] if i % blank_every == 0 else [line])]
+        lines = [
+            x
+            for i, line in enumerate(lines)
+            for x in ([line, ""] if i % blank_every == 0 else [line])
+        ]
     return write_lines(data_dir / "wmt14_enfr" / "train.jsonl", lines)
 
 
@@ -66,10 +82,13 @@ def pairs(examples):
 
 
 def index_files(folder):
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".index") or ".tmp-" in p.name)
+    return sorted(
+        p.name for p in folder.iterdir() if p.name.endswith(".index") or ".tmp-" in p.name
+    )
 
 
 # --- the same examples as the eager reader -------------------------------------------------
+
 
 def test_a_streamed_split_equals_the_eager_parquet_reading_of_the_same_rows(tmp_path):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
@@ -91,16 +110,22 @@ def test_plain_text_parallel_files_stream_as_their_jsonl_export_does(tmp_path):
     folder = tmp_path / "text/wmt14_enfr"
     write_lines(folder / "train.en", [r["translation"]["en"] for r in records])
     write_lines(folder / "train.fr", [r["translation"]["fr"] for r in records])
-    assert pairs(data.load_split("wmt14_enfr", tmp_path / "text", "train")) == \
-        pairs(data.load_split("wmt14_enfr", tmp_path / "jsonl", "train"))
+    assert pairs(data.load_split("wmt14_enfr", tmp_path / "text", "train")) == pairs(
+        data.load_split("wmt14_enfr", tmp_path / "jsonl", "train")
+    )
 
 
 def test_records_the_reader_drops_are_left_out_of_the_index(tmp_path):
     """SNLI's examples without a gold label: the eager reader dropped them, so does the index."""
-    rows = [{"premise": f"p{i}", "hypothesis": "h", "label": -1 if i % 3 == 0 else i % 3} for i in range(300)]
+    rows = [
+        {"premise": f"p{i}", "hypothesis": "h", "label": -1 if i % 3 == 0 else i % 3}
+        for i in range(300)
+    ]
     write_lines(tmp_path / "snli/train.jsonl", [json.dumps(r) for r in rows])
     examples = data.load_split("snli", tmp_path, "train")
-    assert [e.fields["premise"] for e in examples] == [r["premise"] for r in rows if r["label"] != -1]
+    assert [e.fields["premise"] for e in examples] == [
+        r["premise"] for r in rows if r["label"] != -1
+    ]
     assert [e.targets for e in examples][:2] == [["Neither"], ["False"]]
 
 
@@ -110,7 +135,7 @@ def test_a_bad_line_fails_at_loading_with_the_eager_reader_s_message(tmp_path):
     lines[20000] = '{"translation": {"en": "x"}}'
     path.write_text("\n".join(lines), encoding="utf-8")
     expected = f"{path}:20001: missing field 'translation.fr'"  # line numbers count the blank lines
-    with pytest.raises(data.DataError) as err:
+    with pytest.raises(DamagedFile) as err:
         data.load_split("wmt14_enfr", tmp_path, "train")
     assert str(err.value) == expected
     assert index_files(path.parent) == []  # nothing half-built is left behind
@@ -131,11 +156,15 @@ def test_a_loaded_split_holds_no_examples(tmp_path):
 
 # --- --train-examples: a seeded sample -----------------------------------------------------
 
+
 def test_train_examples_is_a_seeded_sample_in_file_order(tmp_path):
     write_wmt(tmp_path, wmt_records(N))
 
     def sample(seed):
-        return [e.fields["sentence"] for e in data.load_split("wmt14_enfr", tmp_path, "train", limit=500, seed=seed)]
+        return [
+            e.fields["sentence"]
+            for e in data.load_split("wmt14_enfr", tmp_path, "train", limit=500, seed=seed)
+        ]
 
     first = [e.fields["sentence"] for e in data.load_split("wmt14_enfr", tmp_path, "train")[:500]]
     numbers = [int(s.rsplit("#", 1)[1]) for s in sample(0)]
@@ -150,11 +179,13 @@ def test_the_sample_does_not_depend_on_how_the_file_is_read(tmp_path):
     write_wmt(tmp_path / "jsonl", records)
     (tmp_path / "parquet/wmt14_enfr").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "parquet/wmt14_enfr/train.parquet")
-    assert pairs(data.load_split("wmt14_enfr", tmp_path / "jsonl", "train", limit=50, seed=3)) == \
-        pairs(data.load_split("wmt14_enfr", tmp_path / "parquet", "train", limit=50, seed=3))
+    assert pairs(
+        data.load_split("wmt14_enfr", tmp_path / "jsonl", "train", limit=50, seed=3)
+    ) == pairs(data.load_split("wmt14_enfr", tmp_path / "parquet", "train", limit=50, seed=3))
 
 
 # --- a changed file is re-indexed, never read at stale offsets -----------------------------
+
 
 def test_a_changed_file_is_re_indexed(tmp_path):
     path = write_wmt(tmp_path, wmt_records(N))
@@ -172,11 +203,13 @@ def test_an_edit_that_keeps_size_and_modification_time_is_still_caught(tmp_path)
     assert data.load_split("wmt14_enfr", tmp_path, "train")[0].fields["sentence"].endswith("#0")
     stat = path.stat()
     text = path.read_text(encoding="utf-8")  # line 1 one byte shorter, line 2 one longer: same size
-    path.write_text(text.replace("#0\"", "#\"", 1).replace("#1\"", "#1X\"", 1), encoding="utf-8")
+    path.write_text(text.replace('#0"', '#"', 1).replace('#1"', '#1X"', 1), encoding="utf-8")
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
     examples = data.load_split("wmt14_enfr", tmp_path, "train")
-    assert examples[0].fields["sentence"].endswith(" #") and examples[1].fields["sentence"].endswith(" #1X")
+    assert examples[0].fields["sentence"].endswith(" #") and examples[1].fields[
+        "sentence"
+    ].endswith(" #1X")
 
 
 def test_reading_after_the_file_changed_raises_instead_of_reading_stale_offsets(tmp_path):
@@ -185,7 +218,7 @@ def test_reading_after_the_file_changed_raises_instead_of_reading_stale_offsets(
     examples[5]
     with open(path, "a", encoding="utf-8") as f:  # changed in place while a run holds it
         f.write(json.dumps(wmt_records(1)[0]) + "\n")
-    with pytest.raises(data.DataError, match="changed after its index .* was built; run again"):
+    with pytest.raises(DamagedFile, match="changed after its index .* was built; run again"):
         examples[5]
 
 
@@ -198,6 +231,7 @@ def test_an_index_for_another_reader_is_not_reused(tmp_path):
 
 
 # --- the index is written atomically -------------------------------------------------------
+
 
 def test_the_index_is_complete_before_it_appears_under_its_name(tmp_path, monkeypatch):
     path = write_wmt(tmp_path, wmt_records(N))
@@ -228,8 +262,10 @@ def test_a_cut_short_index_is_rebuilt(tmp_path):
 
 
 def _eager_wmt(path):
-    return [({"sentence": r["translation"]["en"]}, [r["translation"]["fr"]])
-            for _, r in dataset_files.read_jsonl(path)]
+    return [
+        ({"sentence": r["translation"]["en"]}, [r["translation"]["fr"]])
+        for _, r in dataset_files.read_jsonl(path)
+    ]
 
 
 def _load_in_another_process(data_dir, queue):
@@ -250,7 +286,9 @@ def test_processes_indexing_one_file_at_once_build_it_once_and_agree(tmp_path, m
     monkeypatch.setattr(dataset_files, "_write_index", write)
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    processes = [context.Process(target=_load_in_another_process, args=(tmp_path, queue)) for _ in range(3)]
+    processes = [
+        context.Process(target=_load_in_another_process, args=(tmp_path, queue)) for _ in range(3)
+    ]
     for p in processes:
         p.start()
     results = [queue.get(timeout=120) for _ in processes]
@@ -273,10 +311,13 @@ def test_a_folder_it_cannot_write_sends_the_index_to_the_cache(tmp_path, monkeyp
 
     monkeypatch.setattr(dataset_files, "_write_index", write)
     assert len(data.load_split("wmt14_enfr", tmp_path / "data", "train")) == 100
-    assert index_files(path.parent) == [] and len(index_files(tmp_path / "cache/promot/indexes")) == 1
+    assert (
+        index_files(path.parent) == [] and len(index_files(tmp_path / "cache/promot/indexes")) == 1
+    )
 
 
 # --- training on a streamed split ----------------------------------------------------------
+
 
 def test_the_mixture_order_is_random_shuffle_s_so_old_data_positions_still_hold():
     order = list(range(1000))
@@ -294,10 +335,34 @@ def big_env(tmp_path_factory):
 
 
 def run_stage(env, out, *extra, steps=4):
-    argv = ["--stage", "1", "--model", env["model"], "--data-dir", env["data"], "--task", "toy_tf",
-            "--out", str(out), "--steps", str(steps), "--save-every", "2", "--batch-size", "4",
-            "--prompt-length", "5", "--log-every", "1", "--no-eval", "--train-examples", "300", "--seed", "5",
-            *extra]
+    argv = [
+        "--stage",
+        "1",
+        "--model",
+        env["model"],
+        "--data-dir",
+        env["data"],
+        "--task",
+        "toy_tf",
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--save-every",
+        "2",
+        "--batch-size",
+        "4",
+        "--prompt-length",
+        "5",
+        "--log-every",
+        "1",
+        "--no-eval",
+        "--train-examples",
+        "300",
+        "--seed",
+        "5",
+        *extra,
+    ]
     return promot.train(promot.parse_args(argv))
 
 
