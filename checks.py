@@ -12,15 +12,112 @@ from support.errors import BadInput, DamagedFile  # noqa: F401
 # ---- data: tasks, templates, splits, demonstration pools (data.py) ----
 
 
+PLAIN_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"  # a task or split name: never '..', '/x' or 'a/b'
+
+
 def check_task_name(name):
     """A task name is a folder under --data-dir, never a path."""
     import re
 
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", str(name)):
+    if not re.fullmatch(PLAIN_NAME, str(name)):
         raise BadInput(
             f"task name {name!r}: expected letters, digits, '_', '-' and '.' (a folder under "
             "--data-dir), not a path"
         )
+
+
+def check_task_json(path, spec):
+    """A task.json's values, as support.dataset_files.read_task_json read them: a template of
+    plain named fields, without a format spec or conversion ({input:>9999999999} would pad an
+    input to any width, {input!r} quote it); split names that are plain names like task names
+    (a split is a file of the task folder, never '../x'); a positive max_input_tokens."""
+    import json
+    import string
+
+    template = spec.get("template", "{input}")
+    try:  # named fields only: {0} or {} would take an example's fields by position
+        fields = [f for f in string.Formatter().parse(template) if f[1] is not None]
+    except (TypeError, ValueError, AttributeError) as e:
+        raise BadInput(f"{path}: template {template!r} is not a format string ({e})") from None
+    if not fields or not all(name.isidentifier() for _, name, _, _ in fields):
+        raise BadInput(f"{path}: template {template!r} needs named fields such as {{input}}")
+    for _, name, format_spec, conversion in fields:
+        if format_spec or conversion:
+            raise BadInput(
+                f"{path}: template {template!r}: field {name!r} has a format spec or conversion;"
+                " expected plain fields such as {input}"
+            )
+    for key in ("eval_split", "demo_split"):
+        check_split_name(spec.get(key, "train"), f"{path}: {key}")
+    limit = spec.get("max_input_tokens")
+    if limit is not None and (type(limit) is not int or limit < 1):
+        raise BadInput(f"{path}: max_input_tokens is {json.dumps(limit)}; expected an integer >= 1")
+
+
+def check_split_name(split, where):
+    """A split is a plain name like a task's (its file is <task folder>/<split>.jsonl), never a
+    path such as '../x'; `where` names its source (a task.json key, a flag)."""
+    import json
+    import re
+
+    if not isinstance(split, str) or not re.fullmatch(PLAIN_NAME, split):
+        raise BadInput(
+            f'{where} is {json.dumps(split)}; expected a split name such as "validation" '
+            "(letters, digits, '_', '-' and '.'), not a path"
+        )
+
+
+def check_split_files(data_dir, task_name, split):
+    """Before a split of the task folder <data_dir>/<task_name>/ is read: a plain split name
+    (check_split_name) and no link out of --data-dir (check_links_inside)."""
+    import os
+
+    check_split_name(split, f"task {task_name}: split")
+    check_links_inside(os.path.join(data_dir, task_name), data_dir, "--data-dir")
+
+
+def read_task_json(path, data_dir, accepted_keys, metrics):
+    """The settings of <data_dir>/<task>/task.json, read (support.dataset_files.read_task_json)
+    only if its folder has no link out of --data-dir, and checked (check_task_json)."""
+    from support import dataset_files
+
+    check_links_inside(path.parent, data_dir, "--data-dir")
+    settings = dataset_files.read_task_json(path, accepted_keys, metrics)
+    check_task_json(path, settings)
+    return settings
+
+
+def check_links_inside(folder, root, flag):
+    """The symbolic links among `folder`'s entries and its sub-folders' entries (every file a
+    reader opens: a task folder's splits, a checkpoint folder's files), and `folder` itself,
+    point inside `root`, the folder the user named with `flag`. A Hugging Face cache snapshot
+    (.../snapshots/<hash>/, files linked to ../../blobs/) may point into its repository's blobs."""
+    import os
+
+    named, root = root, os.path.realpath(root)
+    allowed = [root]
+    if os.path.basename(os.path.dirname(root)) == "snapshots":
+        allowed.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+    entries = [folder] if os.path.islink(folder) else []
+    for place in [folder] + [e.path for e in _entries(folder) if e.is_dir(follow_symlinks=False)]:
+        entries += [e.path for e in _entries(place) if e.is_symlink()]
+    for link in entries:
+        target = os.path.realpath(link)
+        if not any(os.path.commonpath([target, a]) == a for a in allowed):
+            raise BadInput(
+                f"{flag} {named}: {link} is a link to {target}, outside the folder; promot reads "
+                f"only files inside the folders named on its command line (copy the file in)"
+            )
+
+
+def _entries(folder):
+    import os
+
+    try:
+        with os.scandir(folder) as found:
+            return list(found)
+    except OSError:  # not a folder, or unreadable: nothing to follow
+        return []
 
 
 def no_field(task, example, field):
@@ -29,6 +126,25 @@ def no_field(task, example, field):
         f"task {task.name}: example has no field {field!r} for template "
         f"{task.template!r} (fields: {', '.join(example.fields)})"
     )
+
+
+class in_split:  # noqa: N801 (used like a function: `with checks.in_split(task, split):`)
+    """Re-raises a BadInput or DamagedFile with "task T, split S: " in front (in place of a
+    "task T: " it starts with), so that every data error names its task and split; one that
+    starts with its --flag keeps it first."""
+
+    def __init__(self, task_name, split):
+        self.task, self.split = f"task {task_name}", f", split {split}: "
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, trace):
+        message, named = str(err), (self.task + ", ", "--")  # a message led by its flag keeps it
+        if not isinstance(err, (BadInput, DamagedFile)) or message.startswith(named):
+            return False
+        message = message.removeprefix(self.task + ": ")
+        raise type(err)(self.task + self.split + message).with_traceback(trace) from None
 
 
 def check_template(task, examples, split, sample=100_000):
@@ -44,10 +160,13 @@ def check_template(task, examples, split, sample=100_000):
 
 def check_pool(task, pool, shots):
     """A BadInput unless `pool` holds the `shots` demonstrations a k-shot input needs."""
+    from support.cli import count
+
     if shots and len(pool) < shots:
         raise BadInput(
-            f"task {task.name}: {shots}-shot inputs need {shots} demonstrations but the "
-            f"demonstration pool has {len(pool)} examples (fewer --shots, or more --train-examples)"
+            f"task {task.name}, split {task.demo_split}: {shots}-shot inputs need "
+            f"{count(shots, 'demonstration')} but the demonstration pool has "
+            f"{count(len(pool), 'example')} (fewer --shots, or more --train-examples)"
         )
 
 
@@ -70,14 +189,25 @@ def check_mixture_state(state, seed, names):
 
 
 def check_tokenizer_fits(tokenizer, model_vocab_size):
-    """A BadInput unless every id the data.Tokenizer can produce has an embedding row.
-    Checkpoints pad their vocabulary (mT5: 250100 ids used, 250112 rows), so <= is the test."""
+    """A BadInput unless every id the data.Tokenizer can produce has an embedding row, and a
+    warning when it reaches fewer than 90% of the rows. Checkpoints pad their vocabulary (mT5:
+    250100 ids used, 250112 rows), so <= is the test."""
     if tokenizer.vocab_size > model_vocab_size:
         raise BadInput(
             f"tokenizer {tokenizer.path} has {tokenizer.piece_count} pieces + "
             f"{tokenizer.vocab_size - tokenizer.piece_count} sentinels = {tokenizer.vocab_size} "
             f"ids, but the model's vocab_size is {model_vocab_size}; "
             "is the spiece.model from the same checkpoint?"
+        )
+    if tokenizer.vocab_size < 0.9 * model_vocab_size:  # T5: 32,100 ids, 32,128 rows (padding)
+        import sys
+
+        print(
+            f"warning: tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids for the "
+            f"model's {model_vocab_size} embedding rows, so "
+            f"{model_vocab_size - tokenizer.vocab_size} rows are never used; is the spiece.model "
+            "from the same checkpoint?",
+            file=sys.stderr,
         )
 
 
@@ -159,6 +289,225 @@ def check_task(task, root, splits, read_split):
 # model.py checks its own config.json and weight files as it reads them (it works copied
 # alone, so those checks stay with it); the commands' --model flag checks are below.
 
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def holds_checkpoint(folder):
+    """Whether `folder` holds a checkpoint: a config.json beside weights (model.py's layout)."""
+    import os
+
+    names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    return "config.json" in names and bool(names & set(WEIGHT_FILES))
+
+
+def check_model_folder(model, flag="--model"):
+    """The files of a checkpoint folder that model.py reads (config.json, spiece.model, weights,
+    a sharded index's shards: all directly in the folder) are inside it, links included."""
+    check_links_inside(model, model, flag)
+
+
+def model_parameters(config):
+    """The parameter count a T5Config implies (model.T5's tensors), from its numbers alone:
+    what building the model would allocate, known before anything is built."""
+    c = config
+    attention = 4 * c.d_model * c.num_heads * c.d_kv  # q, k, v, o
+    ff = (3 if c.feed_forward_proj == "gated-gelu" else 2) * c.d_model * c.d_ff
+    bias = c.num_heads * c.relative_attention_num_buckets  # one table per stack, or per layer
+    enc = c.num_layers * (attention + ff + 2 * c.d_model)
+    dec = c.num_decoder_layers * (2 * attention + ff + 3 * c.d_model)
+    if c.model_type == "umt5":
+        enc, dec = enc + c.num_layers * bias, dec + c.num_decoder_layers * bias
+    else:
+        enc, dec = enc + bias, dec + bias
+    head = 0 if c.tie_word_embeddings else c.vocab_size * c.d_model
+    return c.vocab_size * c.d_model + head + enc + dec + 2 * c.d_model  # + the final norms
+
+
+def device_memory(device):
+    """Bytes of memory on `device` (a torch.device or its name): the GPU's, else the machine's
+    RAM."""
+    import os
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(needs, device):
+    """`needs` is {what: bytes}, each a lower bound of what a run holds at once (weights, what
+    trains, one decoding step), `what` naming the file or flags that ask for it: a BadInput
+    naming the largest when the sum is beyond the memory of `device`, before anything is
+    allocated. No flag raises this limit: a run beyond its device's memory cannot finish."""
+    total, have = sum(needs.values()), device_memory(device)
+    if total > have:
+        what, size = max(needs.items(), key=lambda item: item[1])
+        raise BadInput(
+            f"{what}: needs at least {size / 2**30:,.1f} GiB of memory ({total / 2**30:,.1f} GiB "
+            f"in all), more than the {have / 2**30:,.1f} GiB of this machine's {device}"
+        )
+
+
+def decoding_needs(config, batch_size, num_beams, max_new_tokens):
+    """The memory one beam-search step holds at least: batch x beams x vocabulary float32
+    scores, about four times (logits, log-probabilities, their sums with the beams' scores, the
+    top-k's copy), and the finished hypotheses' ids (batch x beams x max_new_tokens, int64).
+    A beam wider than the vocabulary is refused: its step scores grow as beams x vocabulary and
+    its first step has fewer continuations than beams."""
+    if num_beams > config.vocab_size:
+        raise BadInput(
+            f"--num-beams {num_beams}: expected at most the vocabulary size, {config.vocab_size}"
+        )
+    what = f"--num-beams {num_beams} x --eval-batch-size {batch_size}"
+    step = 4 * 4 * batch_size * num_beams * config.vocab_size
+    return {f"{what} x {config.vocab_size} ids": step + 8 * batch_size * num_beams * max_new_tokens}
+
+
+def check_model_numbers(config, path):
+    """The sizes in config.json that the network divides or indexes by are >= 1 (num_heads 0
+    would build empty attention; 1 bucket would halve to none)."""
+    for key in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers"):
+        if getattr(config, key) < 1:
+            raise BadInput(f"{path}: {key} is {getattr(config, key)}; expected an integer >= 1")
+    if not config.layer_norm_epsilon < 1:
+        raise BadInput(f"{path}: layer_norm_epsilon is {config.layer_norm_epsilon}; expected < 1")
+    buckets = config.relative_attention_num_buckets
+    distance = config.relative_attention_max_distance
+    if buckets < 2 or distance <= buckets // 2:
+        raise BadInput(
+            f"{path}: relative_attention_num_buckets {buckets} and _max_distance {distance}: "
+            "expected at least 2 buckets and a max distance above half of them"
+        )
+
+
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2}
+SAFETENSORS_BYTES |= {"I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
+SAFETENSORS_BYTES |= {"F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def safetensors_shapes(file):
+    """{name: shape} from a safetensors file's header alone (8 bytes of length, then JSON), with
+    a DamagedFile when the header is malformed or the file is shorter or longer than the
+    tensors it describes (a truncated download), without reading a tensor."""
+    import json
+    import math
+    import os
+
+    size, damaged = os.path.getsize(file), f"{file}: not a complete safetensors file"
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if not 2 <= length <= min(size - 8, 100 * 2**20):
+            raise DamagedFile(f"{damaged} ({size} bytes; truncated?), download it again")
+        try:
+            header = json.loads(f.read(length))
+            end = 0
+            shapes = {}
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, stop = info["data_offsets"]
+                shape = [int(n) for n in info["shape"]]
+                if stop - begin != math.prod(shape) * SAFETENSORS_BYTES[info["dtype"]]:
+                    raise ValueError(f"tensor {name!r} does not fill its bytes")
+                shapes[name], end = tuple(shape), max(end, stop)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise DamagedFile(f"{damaged}: bad header ({type(e).__name__}: {e})") from None
+    if 8 + length + end != size:
+        raise DamagedFile(
+            f"{damaged}: its header describes {8 + length + end} bytes, the file has {size} "
+            "(truncated?); download it again"
+        )
+    return shapes
+
+
+def check_weight_files(path, config, model_lib):
+    """Every tensor of checkpoint folder `path`'s weight files is one the model of `config`
+    (its T5Config) expects, with its shape, and none is missing; read from the safetensors
+    headers alone (pytorch_model.bin: loaded by support/hf_files.py without running pickled
+    code). Called before a command writes anything. `model_lib`: model.py, whose
+    checkpoint_files, build (on the meta device) and ours_to_hf it uses."""
+    import os
+
+    from support import hf_files
+
+    check_model_numbers(config, os.path.join(path, "config.json"))
+    files, weight_map = model_lib.checkpoint_files(path)
+    model, hf_name = model_lib.build(config, "meta"), model_lib.ours_to_hf
+    expected = {hf_name(n): tuple(p.shape) for n, p in model.named_parameters()}
+    shared = expected["shared.weight"]
+    aliases = {f"{s}.embed_tokens.weight": shared for s in ("encoder", "decoder")}
+    if "lm_head.weight" not in expected:
+        aliases["lm_head.weight"] = shared  # tied: read_config found it equal to the embedding
+    found = set()
+    for file in files:
+        if not os.path.isfile(file):
+            raise DamagedFile(f"{file}: listed in the checkpoint index but missing")
+        if file.endswith(".safetensors"):
+            shapes = safetensors_shapes(file)
+        else:
+            shapes = {n: tuple(t.shape) for n, t in hf_files.read_bin(file)}
+        for name, shape in shapes.items():
+            want = expected.get(name, aliases.get(name))
+            if want is None:
+                raise DamagedFile(f"{file}: unexpected tensor {name!r}; not a weight of this T5")
+            if shape != want:
+                raise DamagedFile(
+                    f"{file}: tensor {name!r} has shape {shape}; {path}/config.json implies {want}"
+                )
+        listed = {n for n, f in (weight_map or {}).items() if f == file}
+        if listed - set(shapes):
+            raise DamagedFile(f"{file}: lacks {sorted(listed - set(shapes))[:3]} (index)")
+        found |= set(shapes)
+    if found & set(aliases) - {"lm_head.weight"}:
+        found.add("shared.weight")
+    missing = [n for n in expected if n not in found]
+    if missing:
+        raise DamagedFile(
+            f"{path}: the weight files lack {len(missing)} tensor(s) config.json implies, "
+            f"e.g. {missing[:3]}"
+        )
+
+
+def model_fingerprint(path, files, contents=False):
+    """{file: fingerprint} of a checkpoint folder for --resume: config.json and spiece.model by
+    their SHA-256, the weight `files` by size and modification time (by SHA-256 with
+    `contents`: reads every byte)."""
+    import hashlib
+    import os
+
+    def sha256(file):
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        return f"sha256 {digest.hexdigest()[:16]}"
+
+    found = {}
+    for file in [os.path.join(path, n) for n in ("config.json", "spiece.model")] + list(files):
+        stat = os.stat(file)
+        small = not contents and file in files
+        found[os.path.basename(file)] = (
+            f"{stat.st_size} bytes, modified {stat.st_mtime_ns}" if small else sha256(file)
+        )
+    return found
+
+
+def fingerprints(tasks, splits, fingerprint, model_files):
+    """What RUN/config.json records for --resume to compare: {"data": each split's
+    `fingerprint` and each task's template and label words, "model_files": model_files}."""
+    data = {f"{t.name} {s}": fingerprint(x) for s in splits for t, x in zip(tasks, splits[s])}
+    for t in tasks:
+        data[f"{t.name} task"] = f"template {t.template!r}, label words {list(t.label_words or ())}"
+    return {"data": data, "model_files": model_files}
+
+
 # ---- training runs (promot.py) ----
 
 
@@ -193,19 +542,52 @@ def check_training_settings(cfg, prompt_source):
         raise BadInput("--prompt-init file needs --prompt-init-file FILE")
 
 
+def check_training_memory(cfg, config, trains, world, device):
+    """promot.py's run fits its device: the checkpoint's weights (float32, a 1/world share under
+    torchrun) and their gradients when the model trains, the prompts (--prompt-length x d_model,
+    one per task) and one layer's attention scores over the prompt, LoRA's adapters
+    (--lora-rank x their width, per target of every attention module), and one decoding step
+    when checkpoints are scored. All from config.json's numbers and the flags, before any
+    tensor exists. `trains`: promot.what_trains(cfg)."""
+    import os
+
+    c, tasks = config, len([t for t in cfg.task.split(",") if t.strip()])
+    weights, (prompt_source, _, model_trains, _) = 4 * model_parameters(c) // world, trains
+    needs = {f"{cfg.model}/config.json's weights": weights * (2 if model_trains else 1)}
+    if prompt_source:
+        micro = cfg.micro_batch_size or cfg.batch_size // world
+        prompt = f"--prompt-length {cfg.prompt_length}"
+        needs[f"{prompt} x d_model {c.d_model}"] = 4 * 3 * tasks * cfg.prompt_length * c.d_model
+        needs[f"{prompt}'s attention scores"] = 4 * micro * c.num_heads * cfg.prompt_length**2
+    if cfg.stage1_module == "lora" and cfg.stage == "1":
+        width = c.d_model + c.num_heads * c.d_kv
+        modules = c.num_layers + 2 * c.num_decoder_layers
+        targets = len([t for t in cfg.lora_targets.split(",") if t.strip()])
+        needs[f"--lora-rank {cfg.lora_rank}"] = 4 * 3 * cfg.lora_rank * width * targets * modules
+    beams = decoding_needs(c, cfg.eval_batch_size, cfg.num_beams, cfg.max_new_tokens or 0)
+    needs = {**needs, **(beams if cfg.eval else {})}
+    if str(device).startswith("cpu"):  # the ranks of one machine share its memory
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        needs = {what: size * ranks for what, size in needs.items()}
+    check_memory(needs, device)
+
+
 def check_batch_split(batch_size, micro_batch_size, world):
     """--batch-size splits evenly over the ranks, and each rank's share into micro-batches."""
+    from support.cli import count
+
     per_rank, rest = divmod(batch_size, world)
     if rest or per_rank % (micro_batch_size or per_rank):
         micro = micro_batch_size or per_rank
         raise BadInput(
-            f"--batch-size {batch_size} must split evenly over {world} rank(s) and then into "
-            f"micro-batches of --micro-batch-size {micro} examples"
+            f"--batch-size {batch_size} must split evenly over {count(world, 'rank')} and then "
+            f"into micro-batches of --micro-batch-size {micro} examples"
         )
 
 
-def check_model_and_data_dir(model, data_dir):
-    """--model is a checkpoint folder with config.json and spiece.model; --data-dir a folder."""
+def check_model_and_data_dir(model, data_dir, out):
+    """--model is a checkpoint folder with config.json and spiece.model, every file inside it
+    (check_model_folder); --data-dir a folder; --out a run folder of its own (check_run_out)."""
     import os
 
     if not os.path.isdir(model):
@@ -218,11 +600,34 @@ def check_model_and_data_dir(model, data_dir):
             )
     if not os.path.isdir(data_dir):
         raise BadInput(f"--data-dir {data_dir}: no such directory")
+    check_model_folder(model)
+    check_run_out(out, model, data_dir)
+
+
+def check_run_out(out, model, data_dir):
+    """promot.py writes RUN/config.json, RUN/log.jsonl and RUN/<stage>/ into --out: never the
+    model or data folder or a folder inside them, nor a folder that holds a checkpoint, whose
+    config.json it would change."""
+    import os
+
+    where = os.path.realpath(out)
+    for flag, folder in (("--model", model), ("--data-dir", data_dir)):
+        if os.path.commonpath([where, os.path.realpath(folder)]) == os.path.realpath(folder):
+            raise BadInput(
+                f"--out {out}: is {flag} {folder} or inside it; a run writes config.json, "
+                "log.jsonl and its stage folders into --out: name a folder of its own"
+            )
+    if holds_checkpoint(out):
+        raise BadInput(
+            f"--out {out}: holds a checkpoint (config.json and weights), which a run's "
+            "config.json would replace; name a folder of its own"
+        )
 
 
 def stage1_file(cfg, prompt_source):
     """The file a promot.py run reads besides the model: stage 1's adapters or prompt (stage 2:
-    --lora / --prompt, else RUN/stage1/best/), --prompt-init-file, or None."""
+    --lora / --prompt, else RUN/stage1/best/, then set as cfg.lora / cfg.prompt),
+    --prompt-init-file, or None."""
     import os
 
     if cfg.stage1_module == "lora" and cfg.stage == "2":
@@ -240,6 +645,7 @@ def stage1_file(cfg, prompt_source):
             f"{what}: none at {path}; run --stage 1 with the same --out first, or pass "
             f"{flag} FILE"
         )
+    setattr(cfg, flag[2:], path)  # so that RUN/config.json names the file this stage reads
     return path
 
 
@@ -258,9 +664,10 @@ def check_prompt_words(words, task_name, prompt_length):
 # ---- evaluation (evaluate.py) ----
 
 
-def check_evaluation(settings, tasks):
+def check_evaluation(settings, tasks, results_format):
     """evaluate.py's flags (an evaluate.Settings) before any work, `tasks` the evaluation tasks
-    they name: ranges, paths, --device, and that there is something to score."""
+    they name: ranges, paths, --device, and that there is something to score; --out may be
+    written as a file of `results_format` (check_results_out)."""
     import os
 
     import torch
@@ -271,17 +678,14 @@ def check_evaluation(settings, tasks):
         raise BadInput(problem)
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda: this machine has no CUDA GPU; use --device cpu")
-    if settings.lora and not settings.task:
-        raise BadInput("--lora needs --task (the adapters are routed from it, --route)")
     if not os.path.isdir(settings.model):
         raise BadInput(
             f"--model {settings.model}: not a checkpoint directory (config.json, "
             "weights, spiece.model)"
         )
     spiece_in(settings.model)  # the tokenizer, before the weights are read
-    out_dir = os.path.dirname(os.path.abspath(settings.out))
-    if os.path.isdir(settings.out) or os.path.isdir(out_dir) and not os.access(out_dir, os.W_OK):
-        raise BadInput(f"--out {settings.out}: expected a results file in a writable folder")
+    check_model_folder(settings.model)
+    check_results_out(settings.out, results_format)
     if settings.baseline and not os.path.isfile(settings.baseline):
         raise BadInput(f"--baseline {settings.baseline}: no such results file")
     if not tasks and not settings.task and not settings.prompt:
@@ -289,6 +693,73 @@ def check_evaluation(settings, tasks):
             f"--eval-tasks {settings.eval_tasks!r} names no task and there is no "
             "--task: nothing to score"
         )
+
+
+def check_results_out(out, results_format):
+    """--out is a new file, or a results file of `results_format` (evaluate.RESULTS_FORMAT,
+    the first key evaluate.py writes, recognized from the file's first bytes), in a folder that
+    is, or can be made, writable: never a model's weights, a data file or a folder."""
+    import os
+    import re
+
+    if os.path.isdir(out):
+        raise BadInput(f"--out {out}: is a folder; expected a results file (e.g. {out}/eval.json)")
+    if os.path.exists(out):
+        with open(out, "rb") as f:
+            head = f.read(200).decode("utf-8", "replace")
+        if not re.match(r'\{\s*"format":\s*"' + re.escape(results_format) + '"', head):
+            raise BadInput(
+                f"--out {out}: exists and is not an evaluate.py results file (format "
+                f"{results_format!r}); evaluate.py replaces only its own results: name a new file"
+            )
+    folder = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(folder):  # the folders evaluate.py would make
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        kind = "a file, not a folder" if not os.path.isdir(folder) else "not writable"
+        raise BadInput(f"--out {out}: {folder} is {kind}; expected a results file's folder")
+
+
+def check_evaluation_memory(settings, config, device):
+    """evaluate.py's run fits its device: the weights in --dtype and one decoding step
+    (decoding_needs), from config.json's numbers and the flags before anything is read."""
+    weights = (2 if settings.dtype == "bfloat16" else 4) * model_parameters(config)
+    needs = {f"{settings.model}/config.json's weights": weights}
+    beams = decoding_needs(
+        config, settings.eval_batch_size, settings.num_beams, settings.max_new_tokens or 0
+    )
+    check_memory({**needs, **beams}, device)
+
+
+def check_task_folders(names, data_dir, skip):
+    """(tasks of `names` whose folder is in `data_dir`, those whose folder is not): every missing
+    folder in one BadInput that says which --eval-tasks would run, unless `skip`
+    (--skip-missing-tasks)."""
+    import os
+
+    from support.cli import count
+
+    if not os.path.isdir(data_dir):
+        raise BadInput(f"--data-dir {data_dir}: no such directory")
+    missing = [n for n in names if not os.path.isdir(os.path.join(data_dir, n))]
+    present = [n for n in names if n not in missing]
+    if missing and not skip:
+        others = f", score the others with --eval-tasks {','.join(present)}" if present else ""
+        raise BadInput(
+            f"--data-dir {data_dir} has no folder for {count(len(missing), 'evaluation task')} "
+            f"of {len(names)}: {', '.join(missing)}. Put their files there (docs/data.md)"
+            f"{others}, or pass --skip-missing-tasks"
+        )
+    return present, missing
+
+
+def check_stage1_files(settings):
+    """evaluate.py's prompt and LoRA files once settled (evaluate.stage1_files): --bare-model
+    scores the model alone, and LoRA adapters are routed from the fine-tuned task."""
+    if settings.bare_model and (settings.prompt or settings.lora):
+        raise BadInput("--bare-model scores the model alone: drop --prompt and --lora")
+    if settings.lora and not settings.task:
+        raise BadInput(f"--lora {settings.lora} needs --task (the adapters are routed from it)")
 
 
 def check_training_record(path, record):

@@ -174,10 +174,10 @@ class Task:
     label_words  the closed answer set of classification tasks, else None
     prefix       App. B.2 cut token: a second occurrence in the output starts a
                  new (hallucinated) example and is cut off; None for classification
-    format       output format, e.g. "true_false" (RTE, WiC), "true_false_neither" (CB,
-                 SNLI); where it decides the stage-1 prompt's (or LoRA's) route is the one
-                 rule of `evaluate.route_prompt` (by default only the fine-tuned task)
+    format       answer format, e.g. "true_false" (RTE, WiC), "true_false_neither" (CB, SNLI)
     eval_split   split scored in the paper: SuperGLUE dev, the others test (§5.1)
+    format_group the tasks that share the fine-tuned task's prompt (paper §4; FORMAT_GROUPS;
+                 `evaluate.route_prompt`); None: the task's answer format
     demo_split   split k-shot demonstrations are drawn from
     max_input_tokens  input bound in tokens (App. B.4: 1024 for summarization); None:
                  data.MAX_INPUT_TOKENS, a memory bound (`fit_input` trims to it)
@@ -192,11 +192,15 @@ class Task:
     prefix: str | None = None
     format: str = "text"
     eval_split: str = "test"
+    format_group: str | None = None
     demo_split: str = "train"
     max_input_tokens: int | None = None
     paper_sizes: dict | None = field(default=None, compare=False)
     source: str = ""
     load: Callable | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):  # no group given: the tasks of the same answer format
+        object.__setattr__(self, "format_group", self.format_group or self.format)
 
     def fields(self) -> list[str]:
         """The `{field}` names of the template, in order."""
@@ -272,7 +276,7 @@ def load_task(name: str, data_dir) -> Task:
     if spec is None or not spec.is_file():
         folder = f" (or a folder {Path(data_dir) / name}/ with a task.json)" if data_dir else ""
         raise BadInput(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}{folder}")
-    return jsonl_task(name, dataset_files.read_task_json(spec, TASK_JSON_KEYS, METRICS))
+    return jsonl_task(name, checks.read_task_json(spec, data_dir, TASK_JSON_KEYS, METRICS))
 
 
 def register_tasks(names, data_dir) -> list[Task]:
@@ -294,7 +298,8 @@ TASK_JSON_KEYS = tuple(
 def jsonl_task(name: str, settings: dict) -> Task:
     """A task read from <data_dir>/<name>/{train,validation,test}.jsonl (generic layout) with
     the `settings` of its task.json (TASK_JSON_KEYS), e.g. {"template": "Q: {input} A:"}.
-    Defaults: template "{input}", metric exact_match, format the name, scored on validation."""
+    Defaults: template "{input}", metric exact_match, format the name, format_group the format,
+    scored on validation."""
     defaults = dict(template="{input}", metric="exact_match", eval_split="validation")
     settings = {**defaults, **settings}
     words = tuple(settings.pop("label_words", None) or ()) or None
@@ -309,7 +314,7 @@ def jsonl_task(name: str, settings: dict) -> Task:
 # play either role. Per task, in Task's field order: its Table 7 template; §5.1's metric; the
 # label words of a classification task; the App. B.2 prefix token that cuts a hallucinated next
 # example off an answer; its answer format; and the split the paper scores (SuperGLUE dev, the
-# others test). Readers and Table 8's sizes follow in DATA_SETS and paper_readers.
+# others test). Table 8's sizes follow in DATA_SETS, readers in dataset_files.paper_readers.
 TRUE_FALSE, TRUE_FALSE_NEITHER = ("True", "False"), ("True", "False", "Neither")
 ABCD = ("A", "B", "C", "D")
 
@@ -335,6 +340,11 @@ PAPER_TASKS = {  # name: (template, metric, label words, prefix, format, eval sp
     "wiki_lingua_en": (TEMPLATE_SUMMARIZATION, "rouge2", None, "Article:", "summary", "test"),
 }
 SUMMARY_INPUT_TOKENS = 1024  # App. B.4: summarization inputs are cut at 1024 tokens
+# The format groups that route the prompt (evaluate.route_prompt). §4 keeps it for tasks with "the
+# same format as the fine-tuned target task"; §5.3 names "CB and WiC where they share the same
+# format as the RTE fine-tuning task", and SNLI has CB's template (Table 7). Every other task's
+# group is its answer format: TriviaQA with WebQuestions, XSum with WikiLingua, the rest alone.
+FORMAT_GROUPS = dict.fromkeys(("rte", "cb", "wic", "snli"), "true_false")
 
 # Where each task's files come from (what its reader reads) and the paper's Table 8 split
 # sizes, which `python data.py check` prints beside the sizes it finds.
@@ -354,33 +364,13 @@ DATA_SETS = {  # name: (published data set, Table 8 sizes: train, validation, te
 }
 
 
-def paper_readers() -> dict:
-    """Each paper task's reader of its data set's published layouts (support/dataset_files.py)."""
-    files, nli = dataset_files, ("premise", "hypothesis")
-    wmt = {
-        name: files.translation_reader(name, "en", name[-2:], files.WMT_NEWSTEST[name])
-        for name in ("wmt14_enfr", "wmt16_ende", "wmt16_enro")
-    }
-    return {
-        "rte": files.superglue_reader("rte", nli, files.RTE_LABELS, files.GLUE_RTE_FIELDS),
-        "cb": files.superglue_reader("cb", nli, files.CB_LABELS),
-        "wic": files.superglue_reader("wic", ("word", "sentence1", "sentence2"), files.WIC_LABELS),
-        "snli": files.snli_reader,
-        "openbookqa": files.openbookqa_reader,
-        "trivia_qa": files.trivia_qa_reader,
-        "web_questions": files.web_questions_reader,
-        **wmt,
-        "xsum": files.xsum_reader,
-        "wiki_lingua_en": files.wiki_lingua_reader,
-    }
-
-
 def _register_paper_tasks():
-    readers = paper_readers()
+    readers = dataset_files.paper_readers()
     for name, row in PAPER_TASKS.items():
         source, sizes = DATA_SETS[name]
         paper = sizes and {split: n for split, n in zip(SPLITS, sizes) if n is not None}
-        task = Task(name, *row, source=source, paper_sizes=paper)
+        group = FORMAT_GROUPS.get(name)
+        task = Task(name, *row, format_group=group, source=source, paper_sizes=paper)
         if task.format == "summary":
             task = dataclasses.replace(task, max_input_tokens=SUMMARY_INPUT_TOKENS)
         register_task(task, examples_reader(readers[name]), replace=True)
@@ -402,9 +392,11 @@ def read_split(task, data_dir, split: str):
     """One split of `task` as its reader gives it, labeled or not, or the reader's
     NoSplitFile when the task folder holds no file for the split."""
     task = get_task(task, data_dir)
-    examples = task.load(data_dir, split)
-    if not isinstance(examples, NoSplitFile) and not examples:
-        raise DamagedFile(f"{Path(data_dir) / task.name}: no examples in split {split!r}")
+    with checks.in_split(task.name, split):  # every error names the task and split
+        checks.check_split_files(data_dir, task.name, split)
+        examples = task.load(data_dir, split)
+        if not isinstance(examples, NoSplitFile) and not examples:
+            raise DamagedFile(f"{Path(data_dir) / task.name}: no examples")
     return examples
 
 
@@ -418,10 +410,11 @@ def unlabeled(task, data_dir, split: str, examples) -> str | None:
 
 def labeled(task, data_dir, split: str, examples):
     """`examples`, unless they are a NoSplitFile or unlabeled: then a BadInput saying so."""
-    if isinstance(examples, NoSplitFile):
-        raise BadInput(examples.message)
-    if message := unlabeled(task, data_dir, split, examples):
-        raise BadInput(message)
+    with checks.in_split(task.name, split):
+        if isinstance(examples, NoSplitFile):
+            raise BadInput(examples.message)
+        if message := unlabeled(task, data_dir, split, examples):
+            raise BadInput(message)
     return examples
 
 
@@ -562,17 +555,16 @@ def choose_demonstrations(query: Example, pool: list[Example], shots: int, seed)
     rest = [i for i in range(len(pool)) if usable(i)]  # a small or duplicate-heavy pool
     if len(rest) < shots - len(chosen):
         raise BadInput(
-            f"need {shots} demonstrations but the pool has only "
-            f"{len(chosen) + len(rest)} labeled examples other than the query"
+            f"need {cli.count(shots, 'demonstration')} but the pool has only "
+            f"{cli.count(len(chosen) + len(rest), 'labeled example')} other than the query"
         )
     chosen += rng.sample(rest, shots - len(chosen))
     return [pool[i] for i in chosen]
 
 
-MAX_INPUT_TOKENS = (
-    1024  # every input's bound unless its task has one: promot.py's default cut (App. B.4)
-)
-TRUNCATIONS = ("fair", "end")
+# Every input's bound unless its task has one: B.4's cut of summaries, a memory bound elsewhere.
+MAX_INPUT_TOKENS = 1024
+TRUNCATIONS = ("end", "fair")  # the paper's (T5X/seqio's) cut, and ours (`fit_input`)
 
 
 @dataclass
@@ -606,9 +598,34 @@ def input_budget(task: Task, max_input_tokens: int | None = None) -> int:
     return max_input_tokens or task.max_input_tokens or MAX_INPUT_TOKENS
 
 
+CHARS_PER_TOKEN = 64  # text is cut to this many characters per token before tokenizing
+
+
+def cut_text(text, max_tokens: int | None):
+    """`text` up to max_tokens * CHARS_PER_TOKEN characters: the same first max_tokens ids, at
+    a cost that does not grow with the text (a 50 MB example costs what a 1024-token one does).
+    Safe for natural text in the vocabulary's languages: a SentencePiece piece holds at most 16
+    characters (max_sentencepiece_length; T5's and mT5's keep that default) and a word at least
+    one; only runs of over 48 spaces between words, or of characters outside the vocabulary (one
+    <unk> however long), could put a kept token past the cut. A number field stays whole."""
+    return text[: max_tokens * CHARS_PER_TOKEN] if max_tokens and isinstance(text, str) else text
+
+
+def cut_example(example: Example, max_tokens: int) -> Example:
+    """`example` with each text field and answer cut by `cut_text`."""
+    fields = {k: cut_text(v, max_tokens) for k, v in example.fields.items()}
+    return Example(fields, [cut_text(t, max_tokens) for t in example.targets])
+
+
 def cut_ids(ids: list[int], max_tokens: int | None) -> list[int]:
     """The first max_tokens - 1 ids and EOS: seqio's append_eos_after_trim, T5X's cut."""
     return ids if max_tokens is None or len(ids) <= max_tokens else ids[: max_tokens - 1] + [EOS_ID]
+
+
+def encode_cut(tokenizer: Tokenizer, text: str, max_tokens: int | None) -> list[int]:
+    """The ids of `text` (EOS included), cut to `max_tokens` (`cut_ids`), tokenizing no more
+    than `cut_text` keeps."""
+    return cut_ids(tokenizer.encode(cut_text(text, max_tokens)), max_tokens)
 
 
 def _word_token_counts(tokenizer: Tokenizer, words: list[str]) -> list[int]:
@@ -638,25 +655,26 @@ def fit_input(
     tokenizer: Tokenizer,
     max_tokens: int,
     stats: TruncationStats | None = None,
-    truncation: str = "fair",
+    truncation: str = "end",
 ) -> str:
     """make_input, made to fit in `max_tokens` ids (EOS included).
 
-    "fair" (default): all k demonstrations and the query stay, each with its template and
+    "end" (default, the paper's: B.4 "we cut each input to 1024 tokens" with T5X/seqio): the
+    text up to the word holding token max_tokens - 1; the encoder's `cut_ids` then keeps the
+    first max_tokens - 1 ids plus EOS (a 4-shot XSum input loses its last demonstrations and
+    the query, which is why the paper's 4-shot summaries score below its 1-shot ones).
+    "fair" (ours): all k demonstrations and the query stay, each with its template and
     (a demonstration) its answer. Only their text fields are shortened, the longest first:
     every field longer than one common share of the budget keeps its first words within the
     share, the largest share that fits. A 4-shot XSum input keeps four articles and the
-    query's, cut alike, and one huge demonstration leaves the others whole.
-    "end": the text up to the word holding token max_tokens - 1; the encoder's `cut_ids`
-    then keeps the first max_tokens - 1 ids plus EOS, as T5X/seqio do (a 4-shot XSum input
-    loses its last demonstrations and the query). BadInput when even empty text fields
-    leave the input over the budget.
+    query's, cut alike, and one huge demonstration leaves the others whole. BadInput when
+    even empty text fields leave the input over the budget.
     """
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, not {truncation!r}")
     stats = stats if stats is not None else TruncationStats()
-    pieces = list(demonstrations) + [query]
-    text = make_input(task, query, pieces[:-1])
+    pieces = [cut_example(e, max_tokens) for e in list(demonstrations) + [query]]
+    text = make_input(task, pieces[-1], pieces[:-1])
     length = len(tokenizer.encode(text))
     if length <= max_tokens or truncation == "end":
         stats.add(length - max_tokens)
@@ -706,7 +724,7 @@ def kshot_inputs(
     max_input_tokens: int | None = None,
     stats: TruncationStats | None = None,
     warn=None,
-    truncation: str = "fair",
+    truncation: str = "end",
 ) -> list[tuple[str, list[str]]]:
     """(input text, references) per query, each with `shots` demonstrations from `pool`.
 
@@ -721,7 +739,8 @@ def kshot_inputs(
     before = stats.trimmed
     results = []
     for query in queries:
-        demos = choose_demonstrations(query, pool, shots, seed)
+        with checks.in_split(task.name, task.demo_split):  # the demonstrations' split
+            demos = choose_demonstrations(query, pool, shots, seed)
         if tokenizer is not None:
             text = fit_input(task, query, demos, tokenizer, max_tokens, stats, truncation)
         else:
@@ -790,10 +809,10 @@ def encode_batch(
     `device` when given.
     """
     input_ids, attention_mask = pad_batch(
-        [cut_ids(tokenizer.encode(x), max_input_tokens) for x, _ in pairs]
+        [encode_cut(tokenizer, x, max_input_tokens) for x, _ in pairs]
     )
     labels, _ = pad_batch(
-        [cut_ids(tokenizer.encode(y), max_target_tokens) for _, y in pairs], pad_id=-100
+        [encode_cut(tokenizer, y, max_target_tokens) for _, y in pairs], pad_id=-100
     )
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     if device is not None:
@@ -811,26 +830,29 @@ def eval_batches(lengths, batch_size: int) -> list[list[int]]:
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
+MIXING_RATES = ("equal", "proportional")  # Mixture's rules; promot.py --mixing
+
+
 class Mixture:
     """Endless stream of (task name, item) drawn from several tasks' lists.
 
     Mixing rule: draw d picks task t with probability rates[t] / sum(rates), using
-    a random number that depends only on (seed, d); the default rates are equal
-    (the paper's RTE + WMT14 En-Fr mixture, §5.4, does not state its rule, and
-    examples-proportional mixing would give RTE 0.016% of the draws; for T5's
-    rule, Raffel et al. 2020 §3.5.2, pass rates = min(size, cap) per task).
-    Within a task the items come in a seeded permutation, a new one each epoch,
-    so every item is seen once per epoch. The whole position is `state_dict()`:
-    load it into a Mixture built from the same lists and seed to continue
-    exactly where it was. With one task this is plain epoch shuffling.
+    a random number that depends only on (seed, d). `rates`: a dict, or "equal" (the
+    default: the paper's RTE + WMT14 En-Fr mixture, §5.4, does not state its rule), or
+    "proportional", T5's examples-proportional mixing (Raffel et al. 2020, §3.5.2):
+    rates[t] = min(len(t), cap), with §3.5.3's cap K = 2**19 by default (RTE then gets
+    0.5% of the draws beside WMT14's 40.8M pairs). Within a task the items come in a
+    seeded permutation, a new one each epoch, so every item is seen once per epoch. The
+    whole position is `state_dict()`: load it into a Mixture built from the same lists and
+    seed to continue exactly where it was. With one task this is plain epoch shuffling.
     """
 
-    def __init__(
-        self, datasets: dict[str, list], rates: dict[str, float] | None = None, seed: int = 0
-    ):
+    def __init__(self, datasets: dict[str, list], rates="equal", seed: int = 0, cap: int = 2**19):
         self.datasets, self.seed = datasets, seed
         self.names = sorted(datasets)
-        rates = rates or {name: 1.0 for name in self.names}
+        if rates in MIXING_RATES:
+            sizes = {name: min(len(datasets[name]), cap) for name in self.names}
+            rates = sizes if rates == "proportional" else dict.fromkeys(self.names, 1.0)
         checks.check_mixture(datasets, rates)
         total = sum(rates.values())
         self.cumulative, running = [], 0.0
@@ -889,9 +911,7 @@ def rank_batch(
     world: int = 1,
     shots: int = 0,
     seed=0,
-    tokenizer: Tokenizer | None = None,
-    max_input_tokens: int | None = None,
-    stats: TruncationStats | None = None,
+    **fitting,
 ) -> list[tuple[str, str, str]]:
     """This rank's (task name, input text, target text) rows of the next global batch.
 
@@ -902,12 +922,12 @@ def rank_batch(
     With shots=1 every input gets one demonstration from its pool, never the
     example itself (the paper's "+1-shot", §5.3), drawn afresh each time the
     example is seen (seeded by the draw's number, so a resumed run draws the
-    same); too-long inputs are cut as `fit_input` cuts them, as evaluation does.
+    same). `fitting`: kshot_inputs' tokenizer, max_input_tokens, stats and truncation, which
+    cut a too-long input as `fit_input` does.
     """
     per_rank, first = batch_size // world, mixture.draws + rank * batch_size // world
     mine = mixture.take(batch_size)[rank * per_rank : (rank + 1) * per_rank]
     by_name = {t.name: (t, pool) for t, pool in zip(tasks, pools)}
-    fitting = dict(tokenizer=tokenizer, max_input_tokens=max_input_tokens, stats=stats)
     rows = []
     for draw, (name, example) in enumerate(mine, first):
         task, pool = by_name[name]
@@ -943,7 +963,7 @@ class ShowSettings:
     model: str = flag("", "checkpoint folder whose spiece.model counts tokens")
     max_input_tokens: int = flag(None, "input tokens kept, EOS included [the task's, else 1024]")
     truncation: str = flag(
-        "fair", "fair: shorten every text alike; end: cut the end, as T5X does", choices=TRUNCATIONS
+        "end", "end: cut the end, as T5X does; fair: shorten every text alike", choices=TRUNCATIONS
     )
 
 

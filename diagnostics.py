@@ -21,7 +21,8 @@ alignment of any checkpoint.
 
 Records go to RUN_DIR/diagnostics.jsonl, one JSON object per line:
   {"kind": "probe", "stage", "step", "task", "shots", "score", "metric", "format_ratio",
-   "num_examples"}
+   "num_examples", "format_words": the fine-tuned task's label words, "shared_words": those
+   that are also the probed task's own label words}
   {"kind": "alignment", "stage", "step", "task", "layer", "cosines": {group: cos}}
 """
 
@@ -301,6 +302,9 @@ class TrainingDiagnostics:
             record.update(
                 {k: result.get(k) for k in ("metric", "score", "format_ratio", "num_examples")}
             )
+            # a task whose own answers use the format's words has a high ratio from step 0
+            shared = set(data.get_task(name).label_words or ()) & set(self.label_words)
+            record.update(format_words=list(self.label_words), shared_words=sorted(shared))
             records.append(record)
             line = (
                 f"probe step {step}: {name} {shots}-shot {result['metric']} {result['score']:.2f}"
@@ -381,9 +385,11 @@ def tables(run_dirs):
         probes = [r for r in records if r["kind"] == "probe"]
         for r in probes:
             keys = ("stage", "step", "task", "shots", "score")
-            curves.append(
-                {"run": run, **{k: r[k] for k in keys}, "format_ratio": r.get("format_ratio")}
-            )
+            row = {"run": run, **{k: r[k] for k in keys}, "metric": r.get("metric", "")}
+            row["format_ratio"] = r.get("format_ratio")
+            for k in ("format_words", "shared_words"):  # "" in records written before them
+                row[k] = "/".join(r.get(k) or ())
+            curves.append(row)
         for r in records:
             if r["kind"] == "alignment":
                 at = dict(run=run, stage=r["stage"], step=r["step"])
@@ -410,7 +416,7 @@ def write_csv(rows, path):
 
 def plot(run_dirs, out_dir):
     """Writes the CSV tables (always) and the PNG figures (with matplotlib) into out_dir;
-    returns the paths written."""
+    returns the paths written. A figure with too little to show is skipped, saying why."""
     rows = tables(run_dirs)
     if not any(rows.values()):
         raise BadInput(f"{', '.join(run_dirs)}: the diagnostics hold no probe or alignment records")
@@ -430,72 +436,199 @@ def plot(run_dirs, out_dir):
         **tradeoff_figure(plt, rows["tradeoff"]),
     }
     for name, fig in figures.items():
+        if isinstance(fig, str):  # the reason it was not drawn
+            print(f"skipped {name}: {fig}")
+            continue
         written.append(os.path.join(out_dir, name))
-        fig.tight_layout()
         with run_checkpoints.atomic_write(written[-1]) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
     return written
 
 
-def in_context_figures(plt, curves):
-    """Fig. 1 and 2: the probes' score and format ratio against the fine-tuning step, one panel
-    per (task, shots), one line per run."""
-    figures = {}
-    keys = sorted({(r["task"], r["shots"]) for r in curves})
+# Every score here (accuracy, exact match, BLEU, ROUGE-2) and every ratio is on 0-100: one
+# y-range for all panels, so a 12-point dip reads as 12 points, not as a collapse.
+SCALE = (0, 100)
+TRADEOFF_MIN_CHECKPOINTS = 3  # a trade-off is read along a curve: one run needs three points
+
+
+def run_label(run, stage):
+    return run if run == stage else f"{run} ({stage})"
+
+
+def finish(fig, caption):
+    """Lays the figure out: one legend for all panels (when they have labels), a caption below."""
+    inch = 1 / fig.get_figheight()
+    fig.text(0.5, 0.06 * inch, caption, ha="center", va="bottom", fontsize=8)
+    bottom = (0.16 * (caption.count("\n") + 1) + 0.12) * inch
+    handles = {}
+    for ax in fig.axes:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    if handles:
+        labels = list(handles)
+        fig.legend(
+            [handles[k] for k in labels],
+            labels,
+            loc="lower center",
+            ncol=4,
+            fontsize=8,
+            bbox_to_anchor=(0.5, bottom),
+        )
+        bottom += 0.32 * inch
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    return fig
+
+
+def curve_panels(plt, curves, value, ylabel, caption):
+    """One panel per (task, shots) of `value` against the step, one line per run, all on 0-100."""
+    keys = sorted({(r["task"], r["shots"], r["metric"]) for r in curves})
     runs = sorted({(r["run"], r["stage"]) for r in curves})
-    for value, label, name in (
-        ("score", "score", "in_context.png"),
-        ("format_ratio", "format ratio (%)", "format_ratio.png"),
-    ):
-        if not curves or all(r[value] is None for r in curves):
-            continue
-        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-        for ax, key in zip(axes[0], keys):
-            for run in runs:
-                mine = [r for r in curves if (r["run"], r["stage"]) == run]
-                points = [(r["step"], r[value]) for r in mine if (r["task"], r["shots"]) == key]
-                if points:
-                    ax.plot(*zip(*sorted(points)), marker="o", label=f"{run[0]} ({run[1]})")
-            ax.set(title=f"{key[0]}, {key[1]}-shot", xlabel="fine-tuning step", ylabel=label)
-        axes[0][0].legend(fontsize=7)
-        figures[name] = fig
+    size = (3.4 * len(keys), 3.5)
+    fig, axes = plt.subplots(1, len(keys), figsize=size, squeeze=False, sharey=True)
+    for ax, (task, shots, metric) in zip(axes[0], keys):
+        for run in runs:
+            points = sorted(
+                (r["step"], r[value])
+                for r in curves
+                if (r["run"], r["stage"], r["task"], r["shots"]) == (*run, task, shots)
+            )
+            if points:  # clip_on=False: a marker at 100 shows whole
+                ax.plot(*zip(*points), marker="o", label=run_label(*run), clip_on=False)
+        title = f"{task}, {shots}-shot" + (f" ({metric})" if value == "score" and metric else "")
+        ax.set(title=title, xlabel="training step", ylim=SCALE)
+        ax.spines["top"].set_visible(False)  # a line at 100 would hide in it
+        ax.title.set_fontsize(10)
+    axes[0][0].set_ylabel(ylabel)
+    return finish(fig, caption)
+
+
+def in_context_figures(plt, curves):
+    """Fig. 1 and 2: the probes' score and format ratio against the training step. The format
+    ratio leaves out the tasks whose own answers use the format's words: theirs is high from
+    step 0 and says nothing of format specialization (lab_lives' True/False/Neither)."""
+    figures = {}
+    scored = [r for r in curves if r["score"] is not None]
+    if scored:
+        caption = "In-context score on unseen tasks during training, without the prompt "
+        caption += "(paper Fig. 1); every panel on the same 0-100 scale."
+        figures["in_context.png"] = curve_panels(plt, scored, "score", "score", caption)
+    ratios = [r for r in curves if r["format_ratio"] is not None]
+    shared = {r["task"]: r["shared_words"] for r in ratios if r.get("shared_words")}
+    if not ratios:
+        return figures
+    words = next((r["format_words"] for r in ratios if r.get("format_words")), "")
+    words = f" ({words})" if words else ""
+    caption = f"Share of answers whose first word is one of the fine-tuned task's answers{words}: "
+    caption += "how often the model answers in that task's format (paper Fig. 2)."
+    if shared:
+        left_out = ", ".join(f"{task} (its answers include {w})" for task, w in shared.items())
+        caption += f"\nLeft out: {left_out}, whose ratio is high from step 0."
+    kept = [r for r in ratios if r["task"] not in shared]
+    if kept:
+        figures["format_ratio.png"] = curve_panels(
+            plt, kept, "format_ratio", "format ratio (%)", caption
+        )
+    else:
+        figures["format_ratio.png"] = f"every probed task's own answers use its words: {left_out}"
     return figures
 
 
+GROUP_NAMES = {"mlp": "MLP kernels", "model": "whole model"}
+
+
+def alignment_order(rows):
+    """The groups from the highest mean cosine (over runs and steps) to the lowest."""
+    cosines = {}
+    for r in rows:
+        if not math.isnan(r["cosine"]):
+            cosines.setdefault(r["group"], []).append(r["cosine"])
+    mean = {g: sum(c) / len(c) for g, c in cosines.items()}
+    groups = dict.fromkeys(r["group"] for r in rows)
+    return sorted(groups, key=lambda g: -mean.get(g, -math.inf))
+
+
+def group_name(group):
+    """ "self_attn.q" -> "self-attention Q"; the per-kind groups are of the last decoder layer."""
+    attention, _, projection = group.partition(".")
+    if group in GROUP_NAMES or not projection:
+        return GROUP_NAMES.get(group, group)
+    return f"{attention.replace('_attn', '-attention').replace('_', ' ')} {projection.upper()}"
+
+
 def alignment_figure(plt, rows):
-    """Fig. 3 and 7: cos(g, g_format) per parameter group, one bar per (run, stage, step)."""
+    """Fig. 3 and 7: cos(g, g_format) per parameter group, one bar per (run, stage, step),
+    groups sorted from the most aligned down, each bar labelled with its value."""
     if not rows:
         return {}
-    groups = list(dict.fromkeys(r["group"] for r in rows))
+    groups = alignment_order(rows)
     series = sorted({(r["run"], r["stage"], r["step"]) for r in rows})
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.8 / len(series)
+    runs = list(dict.fromkeys(key[:2] for key in series))
+    last_step = {run: max(key[2] for key in series if key[:2] == run) for run in runs}
+    height = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(7.5, 1.4 + 0.18 * len(groups) * len(series)))
     for i, key in enumerate(series):
         cos = {r["group"]: r["cosine"] for r in rows if (r["run"], r["stage"], r["step"]) == key}
-        x = [j + i * width for j in range(len(groups))]
-        label = f"{key[0]} ({key[1]}) step {key[2]}"
-        ax.bar(x, [cos.get(g, float("nan")) for g in groups], width, label=label)
-    ax.set_xticks(
-        [j + 0.4 - width / 2 for j in range(len(groups))], groups, rotation=30, fontsize=8
+        y = [len(groups) - 1 - j + 0.4 - (i + 0.5) * height for j in range(len(groups))]
+        # one hue per run: light for its earlier steps, dark for its last
+        color = plt.cm.tab20(2 * runs.index(key[:2]) + (key[2] != last_step[key[:2]]))
+        label = f"{run_label(*key[:2])}, step {key[2]}"
+        bars = ax.barh(y, [cos.get(g, math.nan) for g in groups], height, label=label, color=color)
+        ax.bar_label(bars, fmt="%+.2f", fontsize=7, padding=2)
+    ax.set_yticks(range(len(groups))[::-1], [group_name(g) for g in groups], fontsize=8)
+    negative = any(r["cosine"] < 0 for r in rows)  # NaN (an empty group) compares False
+    ax.set_xlim(-1.0 if negative else 0.0, 1.15)
+    ax.axvline(0, color="grey", linewidth=0.6)
+    ax.set_xlabel("cos(g, g_format)")
+    caption = (
+        "Cosine between the full gradient and the format-only gradient (same inputs, labels "
+        "shuffled; paper Fig. 3/7).\nHigher = the update is mostly format learning: the paper "
+        "finds about 1 at the start of fine-tuning\nand 0.21 after 400 steps, once its "
+        "True/False ratio is near 100%. Per-kind bars: the last decoder layer."
     )
-    ax.set_ylabel("cos(g, g_format)")
-    ax.legend(fontsize=7)
-    return {"alignment.png": fig}
+    return {"alignment.png": finish(fig, caption)}
+
+
+def tradeoff_skip_reason(rows):
+    """Why the trade-off figure would show nothing, or None when it has a curve to show."""
+    counts = {}
+    for r in rows:
+        counts[run_label(r["run"], r["stage"])] = counts.get(run_label(r["run"], r["stage"]), 0) + 1
+    if max(counts.values(), default=0) >= TRADEOFF_MIN_CHECKPOINTS:
+        return None
+    have = ", ".join(f"{run}: {n}" for run, n in counts.items()) or "none"
+    return (
+        f"a trade-off needs a run with at least {TRADEOFF_MIN_CHECKPOINTS} checkpoints that were "
+        f"both scored on the validation split and probed at the same step (have {have}); "
+        "save more checkpoints (--save-every) at steps the probes run (--probe-every)"
+    )
 
 
 def tradeoff_figure(plt, rows):
-    """Fig. 5 and 6: fine-tuned task score against the average unseen-task score."""
-    if not rows:
-        return {}
-    fig, ax = plt.subplots(figsize=(5, 4))
+    """Fig. 5 and 6: fine-tuned task score against the average unseen-task score, one point per
+    checkpoint, joined in step order; both axes on one range ending at 100."""
+    if reason := tradeoff_skip_reason(rows):
+        return {"tradeoff.png": reason}
+    fig, ax = plt.subplots(figsize=(5.5, 5.2))
     for run in sorted({(r["run"], r["stage"]) for r in rows}):
-        mine = [r for r in rows if (r["run"], r["stage"]) == run]
-        x, y = zip(*sorted((r["finetuned_score"], r["unseen_average"]) for r in mine))
-        ax.plot(x, y, marker="o", linestyle="", label=f"{run[0]} ({run[1]})")
-    ax.set(xlabel="fine-tuned task score (validation)", ylabel="average unseen-task score")
-    ax.legend(fontsize=7)
-    return {"tradeoff.png": fig}
+        mine = sorted(
+            (r["step"], r["finetuned_score"], r["unseen_average"])
+            for r in rows
+            if (r["run"], r["stage"]) == run
+        )
+        _, x, y = zip(*mine)
+        ax.plot(x, y, marker="o", label=run_label(*run), clip_on=False)
+        for step, a, b in mine:
+            ax.annotate(str(step), (a, b), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    # both axes on one range, from a round number below every point up to 100: the points
+    # keep their true distances and do not crowd into one corner of 0-100
+    low = min(min(r["finetuned_score"], r["unseen_average"]) for r in rows)
+    scale = (max(0, 10 * math.floor((low - 5) / 10)), 100)
+    xlabel, ylabel = "fine-tuned task score (validation)", "average unseen-task score"
+    ax.set(xlabel=xlabel, ylabel=ylabel, xlim=scale, ylim=scale, aspect="equal")
+    caption = "One point per checkpoint, labelled with its step (paper Fig. 5/6); "
+    caption += f"both axes {scale[0]}-100.\n"
+    caption += "Up and right is better: the task learned, the unseen tasks kept."
+    return {"tradeoff.png": finish(fig, caption)}
 
 
 # ----------------------------------------------------------------------------

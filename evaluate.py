@@ -302,7 +302,7 @@ def score_task(
     batch_size=16,
     seed=0,
     max_input_tokens=None,
-    truncation="fair",
+    truncation="end",
     format_label_words=None,
     distributed=False,
     progress=None,
@@ -312,15 +312,17 @@ def score_task(
     """Decode `examples` of `task` with `shots` demonstrations and score them.
 
     Returns a dict: task, shots, metric, score (0-100), num_examples, prompt (whether one
-    was prepended), format_ratio (percent of predictions whose first word is in
-    `format_label_words`, when given), and examples: each one's input, raw output,
-    prediction and references, in the order of `examples`.
+    was prepended), truncation (the cut and what it removed: `data.TruncationStats`),
+    format_ratio (percent of predictions whose first word is in `format_label_words`, when
+    given), and examples: each one's input, raw output, prediction and references, in the
+    order of `examples`.
 
     Demonstrations come from `pool` (default: `examples`; never the query itself). Inputs
-    longer than `data.input_budget` are fitted by `data.fit_input` under `truncation` ("fair"
-    or T5X's "end" cut). `decoding` (num_beams, length_penalty, length_rule) goes to `generate`:
-    the paper's decoding unless given, as on evaluate.py's command line; `max_new_tokens`
-    defaults to the metric's. `distributed` and `progress`: see `decode_inputs`.
+    longer than `data.input_budget` are fitted by `data.fit_input` under `truncation` (T5X's
+    "end" cut, the paper's, or our "fair" one). `decoding` (num_beams, length_penalty,
+    length_rule) goes to `generate`: the paper's decoding unless given, as on evaluate.py's
+    command line; `max_new_tokens` defaults to the metric's. `distributed` and `progress`:
+    see `decode_inputs`.
     """
     task = data.get_task(task)
     if not examples:
@@ -328,7 +330,9 @@ def score_task(
     rank = torch.distributed.get_rank() if distributed else 0
     quiet = (lambda message: None) if rank else None  # truncation warnings once, from rank 0
     budget = data.input_budget(task, max_input_tokens)
+    stats = data.TruncationStats()
     fit = dict(tokenizer=tokenizer, max_input_tokens=budget, warn=quiet, truncation=truncation)
+    fit["stats"] = stats
     pool = examples if pool is None else pool  # never the query itself (data.kshot_inputs)
     pairs = data.kshot_inputs(task, examples, pool, shots, seed, **fit)
     texts = [text for text, _ in pairs]
@@ -353,6 +357,7 @@ def score_task(
         "score": compute_metric(task.metric, predictions, [r["references"] for r in records]),
         "num_examples": len(records),
         "prompt": prompt is not None,
+        "truncation": {"rule": truncation, "max_input_tokens": budget, **vars(stats)},
     }
     if format_label_words:
         result["format_ratio"] = format_ratio(predictions, format_label_words)
@@ -380,7 +385,7 @@ def decode_inputs(
         if distributed
         else (0, 1)
     )
-    encoded = [data.cut_ids(tokenizer.encode(text), budget) for text in texts]
+    encoded = [data.encode_cut(tokenizer, text, budget) for text in texts]
     mine = data.eval_batches([len(ids) for ids in encoded], batch_size)[rank::world]
     device = next(model.parameters()).device
     prompt = prompt.to(device) if prompt is not None else None
@@ -400,33 +405,34 @@ def decode_inputs(
     return [outputs[i] for i in range(len(texts))]
 
 
-ROUTES = ("fine_tuned_only", "same_format", "same_answers", "always", "never")
+ROUTES = ("same_format", "same_answers", "fine_tuned_only", "always", "never")
 
 
-def same_format(task, fine_tuned_task, route="fine_tuned_only"):
-    """Whether the stage-1 module of `fine_tuned_task` goes to `task`, under one reading of the
-    rule (`route_prompt`): the task itself; or an equal `data.Task.format` (same_answers); or
-    that, or one label-word set holding the other (same_format: RTE's True/False in CB's)."""
+def same_format(task, fine_tuned_task, route="same_format"):
+    """Whether the stage-1 module of `fine_tuned_task` goes to `task` under the reading `route`
+    of the rule (`route_prompt`): the task itself always; then the same `data.Task.format_group`
+    (same_format: RTE, CB, WiC and SNLI share one), the same answer format `data.Task.format`
+    (same_answers: RTE and WiC, not CB), or no other task (fine_tuned_only)."""
     task, tuned = data.get_task(task), data.get_task(fine_tuned_task)
     if route == "fine_tuned_only" or task.name == tuned.name:
         return task.name == tuned.name
-    if route == "same_answers" or task.format == tuned.format:
+    if route == "same_answers":
         return task.format == tuned.format
-    mine, theirs = set(task.label_words or ()), set(tuned.label_words or ())
-    return bool(mine and theirs and (mine <= theirs or theirs <= mine))
+    return task.format_group == tuned.format_group
 
 
-def route_prompt(task, prompts, route="fine_tuned_only"):
+def route_prompt(task, prompts, route="same_format"):
     """The soft prompt ({fine-tuned task: prompt}) for `task`, or None: the one routing rule, also
     for LoRA adapters (`prompts` = {fine-tuned task: True}) and the probes.
 
     Paper §4: "we only use this prompt during inference when the inference task has the same
-    format as the fine-tuned target task". Its tables give it to the fine-tuned task alone:
-    every prompt-tuning column equals the pretrained one on all eight unseen tasks (Tables 10,
-    12-14), CB and WiC too, which §5.3 says "share the same format as the RTE fine-tuning task"
-    (SNLI's template is CB's). So the default is "fine_tuned_only"; "same_answers" (RTE -> WiC)
-    and "same_format" (RTE -> WiC, CB, SNLI) are the other readings (`same_format`); "always" or
-    "never" force it (ablations; "always" prefers a prompt of the same format).
+    format as the fine-tuned target task. Otherwise, we remove the learned prompt", and §5.3:
+    CB and WiC "share the same format as the RTE fine-tuning task". So by default the prompt goes
+    to the tasks of the fine-tuned task's format group (`data.FORMAT_GROUPS`): RTE's to RTE, CB
+    and WiC. Other readings, by name: "same_answers" (the same answer set: RTE -> WiC) and
+    "fine_tuned_only" (the task alone, as the prompt-tuning columns of Tables 10 and 12-14 are
+    reported); "always" or "never" force it (ablations; "always" prefers a prompt of the same
+    format).
     """
     if route not in ROUTES:
         raise BadInput(f"route must be one of {', '.join(ROUTES)}, not {route!r}")
@@ -458,17 +464,17 @@ def results_table(results, baseline=None):
     """Markdown in the paper's layout (Tables 3-5): the fine-tuned task(s) scored 0-shot (and
     k-shot for a "+1-shot" run, marked where its score chose the checkpoint), then Norm. Avg.
     (with its difference from `baseline`'s, as the paper's parentheses), then one row per
-    evaluation task; one column per number of shots."""
+    evaluation task; one column per number of shots. A row scored with the prompt (or LoRA)
+    says so, and a note names the rule that routed it."""
     runs = results["runs"]
     shots = sorted({r["shots"] for r in runs if r["role"] == "evaluation"})
     head = "| | " + " | ".join(f"{k}-shot" for k in shots) + " |"
     lines = [head, "|---" * (len(shots) + 1) + "|"]
     blank = [""] * max(len(shots) - 1, 0)
-    for run in (
-        runs
-    ):  # "chose the checkpoint": the shots whose validation score picked best/ (training.json)
+    for run in runs:  # "chose the checkpoint": its validation score picked best/ (training.json)
         if run["role"] == "fine-tuned":
             chose = "; chose the checkpoint" if run.get("chose_checkpoint") else ""
+            chose = routed(run) + chose
             lines.append(
                 f"| Fine-tuning {run['task']} ({run['shots']}-shot, {run['metric']}{chose}) | "
                 + " | ".join([f"{run['score']:.2f}"] + blank)
@@ -486,8 +492,13 @@ def results_table(results, baseline=None):
     scores = {(r["task"], r["shots"]): r for r in runs if r["role"] == "evaluation"}
     for task in dict.fromkeys(r["task"] for r in runs if r["role"] == "evaluation"):
         row = [f"{scores[task, k]['score']:.2f}" if (task, k) in scores else "" for k in shots]
-        metric = next(r["metric"] for r in runs if r["task"] == task)
-        lines.append(f"| {task} ({metric}) | " + " | ".join(row) + " |")
+        first = next(r for r in runs if r["task"] == task)
+        lines.append(f"| {task} ({first['metric']}{routed(first)}) | " + " | ".join(row) + " |")
+    if any(routed(r) for r in runs):
+        rule = next(r.get("route") for r in runs if routed(r))
+        lines.append(f"\nNote: rows marked prompt or LoRA were scored with it (--route {rule}).")
+    if results.get("skipped_tasks"):
+        lines.append(f"\nNot scored (no folder): {', '.join(results['skipped_tasks'])}")
     if baseline is not None:
         mine = {r["task"] for r in runs if r["role"] == "evaluation"}
         theirs = {r["task"] for r in baseline["runs"] if r["role"] == "evaluation"}
@@ -497,6 +508,11 @@ def results_table(results, baseline=None):
                 "the differences compare unlike averages."
             )
     return "\n".join(lines)
+
+
+def routed(run):
+    """The mark of a results row scored with the stage-1 module: "; prompt", "; LoRA" or ""."""
+    return "; prompt" if run.get("prompt") else "; LoRA" if run.get("lora") else ""
 
 
 def read_results(path):
@@ -522,26 +538,28 @@ class Settings:
     model: str = flag("", "checkpoint folder with its spiece.model [lab: lab/tiny-t5]")
     data_dir: str = flag("", "folder with one sub-folder per task [lab: lab/data]")
     out: str = flag("", "results JSON to write, every example included [lab: runs/lab/eval.json]")
-    task: str = flag("", "fine-tuned task(s), scored first [the prompt file's tasks]")
+    task: str = flag("", "fine-tuned task(s), scored first [training.json's, the prompt file's]")
     eval_tasks: str = flag(None, "tasks to score, comma-separated [the paper's eight]")
+    skip_missing_tasks: bool = flag(False, "skip evaluation tasks without a folder; name them")
     shots: list = flag("1,4", "numbers of demonstrations, comma-separated: the table's columns")
     task_shots: list = flag(
         None, "demonstrations for the fine-tuned task(s) [0 and the training's]"
     )
-    prompt: str = flag("", "soft prompt file: promot.py's prompt.safetensors or a T5X .npy")
-    lora: str = flag("", "LoRA adapter file from promot.py --stage1-module lora")
-    route: str = flag("fine_tuned_only", "which tasks get the prompt or LoRA", choices=ROUTES)
+    prompt: str = flag("", "soft prompt file (prompt.safetensors, T5X .npy) [--model's own]")
+    lora: str = flag("", "LoRA adapter file of promot.py --stage1-module lora [--model's own]")
+    bare_model: bool = flag(False, "score --model alone, without its prompt or LoRA file")
+    route: str = flag("same_format", "which tasks get the prompt or LoRA (§4)", choices=ROUTES)
     baseline: str = flag("", "results JSON of another run, for the Norm. Avg. differences")
     eval_examples: int = flag(None, "score the first N examples of each task [all]", valid=POSITIVE)
     eval_batch_size: int = flag(16, "examples per rank per decoding batch", valid=POSITIVE)
     num_beams: int = flag(4, "beam width (App. B.4); 1 is greedy search", valid=POSITIVE)
     max_new_tokens: int = flag(None, "longest answer in tokens [the metric's]", valid=POSITIVE)
-    length_penalty: float = flag(0.6, "alpha of the length rule")
+    length_penalty: float = flag(0.6, "alpha of the length rule", valid=cli.FINITE)
     length_rule: str = flag("t5x", "beam search's length rule", choices=decode.LENGTH_RULES)
     max_input_tokens: int = flag(
         None, "input tokens kept, EOS included [the task's]", valid=POSITIVE
     )
-    truncation: str = flag("fair", "how long inputs are cut", choices=data.TRUNCATIONS)
+    truncation: str = flag("end", "how long inputs are cut (end: T5X's)", choices=data.TRUNCATIONS)
     seed: int = flag(0, "seed for choosing demonstrations")
     demo_pool: int = flag(
         None, "draw demonstrations from N training examples [all]", valid=POSITIVE
@@ -600,9 +618,33 @@ def training_record(s):
     return record
 
 
+def stage1_files(s, training):
+    """Settle which prompt and LoRA files score the model; returns the line that names them.
+
+    --prompt and --lora, else the files that promot.py exports beside a model it tuned
+    (RUN/stage2/best/prompt.safetensors or lora.safetensors): a ProMoT checkpoint is scored as
+    ProMoT, with the rule of `route_prompt`, unless --bare-model. The fine-tuned task defaults
+    to the one training.json names."""
+    for name in () if s.bare_model else ("prompt", "lora"):
+        path = os.path.join(s.model, f"{name}.safetensors")
+        if not getattr(s, name) and os.path.isfile(path):
+            setattr(s, name, path)
+    s.task = s.task or (training.get("task", "") if s.prompt or s.lora else "")
+    checks.check_stage1_files(s)
+    files = [
+        f"{what} {path}" for what, path in (("the prompt", s.prompt), ("LoRA", s.lora)) if path
+    ]
+    if not files:
+        return "scoring the model alone" + (" (--bare-model)" if s.bare_model else "")
+    return f"scoring with {' and '.join(files)}, routed by --route {s.route}"
+
+
 def load(s, device):
     """(model, tokenizer, {fine-tuned task: prompt}, fine-tuned tasks) as the settings say."""
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[s.dtype]
+    config = model_lib.T5Config.from_json(os.path.join(s.model, "config.json"))
+    checks.check_evaluation_memory(s, config, device)
+    checks.check_weight_files(s.model, config, model_lib)  # every header, before any tensor
     t5 = model_lib.load_pretrained(s.model, dtype=dtype, device=device).eval()
     tokenizer = data.Tokenizer(os.path.join(s.model, "spiece.model"))
     checks.check_tokenizer_fits(tokenizer, t5.config.vocab_size)
@@ -636,9 +678,11 @@ def read_splits(s, plan, say):
 def run(s):
     """The whole evaluation; returns the results dict (written and printed on rank 0)."""
     tasks = task_names(s.eval_tasks, s.data_dir)
-    checks.check_evaluation(s, tasks)
+    tasks, skipped = checks.check_task_folders(tasks, s.data_dir, s.skip_missing_tasks)
+    checks.check_evaluation(s, tasks, RESULTS_FORMAT)
     baseline = read_results(s.baseline) if s.baseline else None
     training = training_record(s)
+    using = stage1_files(s, training)
     task_shots = s.task_shots or sorted({0, training.get("shots", 0)})  # "+1-shot" runs (§5.3)
     ctx = fsdp.setup_distributed(s.device)
     t5, tokenizer, prompts, fine_tuned = load(s, ctx.device)
@@ -646,6 +690,10 @@ def run(s):
     plan = [(n, "fine-tuned", task_shots) for n in fine_tuned] + [
         (n, "evaluation", s.shots) for n in tasks
     ]
+    loaded = read_splits(s, plan, say)  # every split read and checked before the first score
+    say(f"evaluate.py: {using}")
+    if skipped:
+        say(f"--skip-missing-tasks: no folder in --data-dir for {', '.join(skipped)}; not scored")
     label_words = sorted({w for n in fine_tuned for w in (data.get_task(n).label_words or ())})
     common = dict(
         num_beams=s.num_beams,
@@ -659,7 +707,7 @@ def run(s):
         distributed=ctx.world > 1,
     )
     runs = []
-    for task, role, shot_list, split, examples, pool in read_splits(s, plan, say):
+    for task, role, shot_list, split, examples, pool in loaded:
         prompt = route_prompt(task, prompts, s.route)
         # LoRA adapters follow the same rule as the prompt: one function decides both
         use_lora = bool(s.lora and route_prompt(task, dict.fromkeys(fine_tuned, True), s.route))
@@ -678,9 +726,9 @@ def run(s):
                 progress=cli.progress_printer(label) if ctx.main else None,
                 **common,
             )
-            chose = role == "fine-tuned" and k == training.get("shots")
-            chose = chose and "validation" in training.get("chosen_by", "")  # training.json
-            result.update(role=role, split=split, lora=use_lora, chose_checkpoint=chose)
+            chose = role == "fine-tuned" and k == training.get("chosen_at_shots")  # training.json
+            result.update(role=role, split=split, lora=use_lora, route=s.route)
+            result.update(chose_checkpoint=chose)
             say(f"{label}: {task.metric} {result['score']:.2f} on {len(examples)} {split} examples")
             runs.append(result)
     results = {
@@ -688,6 +736,7 @@ def run(s):
         "model": s.model,
         "settings": dict(vars(s), world_size=ctx.world),
         "norm_avg": norm_avg_by_shots(runs),
+        "skipped_tasks": skipped,  # --skip-missing-tasks: no folder in --data-dir
         "runs": runs,
     }
     if ctx.main:

@@ -108,7 +108,7 @@ class T5Config:
             raise BadInput(
                 f"{path}: no such file; a checkpoint directory needs a config.json"
             ) from None
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, nested too deeply
             raise DamagedFile(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(d, source=path)
 
@@ -546,7 +546,7 @@ def checkpoint_files(path):
                     weight_map = {
                         n: os.path.join(path, s) for n, s in json.load(f)["weight_map"].items()
                     }
-            except (ValueError, KeyError, AttributeError, TypeError) as e:  # ValueError: bad JSON
+            except (ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
                 raise DamagedFile(f"{index}: expected JSON with a 'weight_map' ({e!r})") from None
             for file in weight_map.values():  # a shard is a file of this folder, not '../x' or '/x'
                 if os.path.dirname(os.path.relpath(file, path)) or file == path:

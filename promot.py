@@ -6,19 +6,19 @@ Run it:
     torchrun --nproc_per_node 8 promot.py ...      # the same, sharded with FSDP2
 
 Read it top to bottom: 1. the method (`STAGES`, `init_prompt`, `train_step`);
-2. `train`, one stage from named steps; 3. the command line (`Config`: the
-paper's App. B.4 defaults, `main`). The network is in model.py, tasks in data.py,
-decoding and metrics in evaluate.py, the paper's §3 measurements in diagnostics.py
-(one hook called after each step), the input checks in checks.py; Adafactor, FSDP2,
-run-folder checkpoints and LoRA are plumbing in support/.
+2. `train`, one stage from named steps; 3. the command line (`Config`, `main`).
+The defaults reproduce the paper (App. B.4, and the prompt-tuning code base's gin files where
+the paper is silent); each improvement or reading of ours is a named option, documented in
+docs/defaults.md beside the paper's words it departs from. The network is in model.py,
+tasks in data.py, decoding and metrics in evaluate.py, the paper's §3 measurements in
+diagnostics.py (one hook called after each step), the input checks in checks.py; Adafactor,
+FSDP2, run-folder checkpoints and LoRA are plumbing in support/.
 """
 
 import datetime
-import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -179,7 +179,7 @@ class Diverged(RuntimeError):
 def train(cfg):
     """Run one stage as `cfg` says; returns its Run (live model and prompts, step, best)."""
     checks.check_training_settings(cfg, what_trains(cfg)[0])
-    ctx = fsdp.setup_distributed(cfg.device)
+    ctx = fsdp.setup_distributed(cfg.device, cfg.dist_timeout_minutes)
     inputs = read_inputs(cfg, ctx)
     stage = STAGES[cfg.stage].folder
     on_step = diagnostics.training_hook(
@@ -205,7 +205,7 @@ def run_stage(run):
     run.prompts = make_prompts(cfg, ctx, inputs, run.prompt_source, run.trains_prompt)
     run.optimizer = build_optimizer(cfg, run)
     pools = {t.name: x for t, x in zip(inputs["tasks"], inputs["train_sets"])}
-    run.mixture = data.Mixture(pools, seed=cfg.seed)
+    run.mixture = data.Mixture(pools, cfg.mixing, seed=cfg.seed, cap=cfg.mixing_cap)
     if cfg.resume:
         resume(run)
     if run.step == 0:
@@ -281,7 +281,7 @@ def open_run(cfg, ctx, inputs, on_step):
     knows)."""
     stage_dir = os.path.join(cfg.out, STAGES[cfg.stage].folder)
     if ctx.main:
-        record = {**settings(cfg, ctx.world), "data": inputs["data"]}
+        record = {**settings(cfg, ctx.world), **inputs["recorded"]}
         run_checkpoints.record_settings(cfg.out, STAGES[cfg.stage].folder, record)
         os.makedirs(stage_dir, exist_ok=True)
         run_checkpoints.remove_partial_writes(stage_dir)
@@ -381,8 +381,8 @@ def resume(run):
     run.step = trainer["step"]
     run.mixture.load_state_dict(trainer["data_position"])
     best_path = os.path.join(run.stage_dir, "best.json")
-    if os.path.isfile(best_path):
-        run.best = json.load(open(best_path, encoding="utf-8"))
+    if os.path.isfile(best_path):  # a dict of the keys of Run.best
+        run.best = run_checkpoints.read_json(best_path, "the best step's record", keys=run.best)
     record = {"event": "resume", "step": run.step, "checkpoint": ckpt}
     run.log(record, f"resumed from {ckpt} (step {run.step})")
     if run.step % run.cfg.save_every == 0:
@@ -393,10 +393,12 @@ def loop(run):
     """Train until --steps; checkpoint and score every --save-every steps. False when stopped
     early (SIGTERM, --stop-after-step)."""
     cfg, ctx, folder = run.cfg, run.ctx, STAGES[run.cfg.stage].folder
+    frozen = STAGES[cfg.stage].prompt == "stage1"  # stage 2: it names stage 1's file
     trainable = sum(p.numel() for g in run.optimizer.param_groups for p in g["params"])
     run.log(
-        line=f"{folder}: {cfg.steps} steps of {cfg.batch_size} examples on {ctx.world} "
-        f"rank(s) ({ctx.device.type}), {trainable:,} trainable parameters, lr {cfg.lr}"
+        line=f"{folder}: {cfg.steps} steps of {cfg.batch_size} examples on "
+        f"{cli.count(ctx.world, 'rank')} ({ctx.device.type}), {trainable:,} trainable parameters, "
+        f"lr {cfg.lr}" + (f"; stage 1's {cfg.prompt or cfg.lora}, frozen" if frozen else "")
     )
     meter, truncation = cli.StepMeter(run.step, cfg.steps), data.TruncationStats()
     with run_checkpoints.StopRequest() as stop:
@@ -408,8 +410,8 @@ def loop(run):
                 what = f"loss is {loss} at step {run.step + 1}; stopped without updating"
                 raise diverged(run, what)
             run.step += 1
+            meter.step(tokens, time.time() - step_start)  # before the diagnostics' probes
             run.on_step(run.step, run.model, run.prompts, fsdp.unsharded)
-            meter.step(tokens, time.time() - step_start)
             if run.step % cfg.log_every == 0 or run.step == cfg.steps:
                 tps, eta, elapsed = meter.report(run.step)
                 record = {"step": run.step, "loss": loss, "lr": cfg.lr, "tokens_per_s": tps}
@@ -423,23 +425,17 @@ def loop(run):
     return True
 
 
-def micro_batches(run, truncation):
-    """This rank's share of the next global batch (data.Mixture's order), as micro-batches."""
+def micro_batches(run, stats):
+    """This rank's share of the next global batch (data.Mixture's order), as micro-batches;
+    `stats` counts what cutting the inputs removed."""
     cfg, ctx, inputs = run.cfg, run.ctx, run.inputs
     tokenizer, per_rank = inputs["tokenizer"], cfg.batch_size // ctx.world
     micro = cfg.micro_batch_size or per_rank
+    which = dict(rank=ctx.rank, world=ctx.world, shots=cfg.shots[0], seed=cfg.seed)
+    fitting = dict(tokenizer=tokenizer, max_input_tokens=cfg.max_input_tokens, stats=stats)
+    fitting["truncation"] = cfg.truncation
     rows = data.rank_batch(
-        run.mixture,
-        inputs["tasks"],
-        inputs["train_sets"],
-        cfg.batch_size,
-        ctx.rank,
-        ctx.world,
-        cfg.shots[0],
-        cfg.seed,
-        tokenizer,
-        cfg.max_input_tokens,
-        truncation,
+        run.mixture, inputs["tasks"], inputs["train_sets"], cfg.batch_size, **which, **fitting
     )
     lengths = cfg.max_input_tokens, cfg.max_target_tokens
     return [
@@ -512,17 +508,19 @@ def score_and_keep_best(run):
                 task,
                 examples[: cfg.eval_examples],
                 pool=pool,
-                shots=cfg.shots[0],
+                shots=0 if cfg.select_shots == "0" else cfg.shots[0],  # Table 2: 0-shot
                 prompt=run.prompts.get(task.name),
                 num_beams=cfg.num_beams,
                 max_new_tokens=cfg.max_new_tokens,
                 batch_size=cfg.eval_batch_size,
                 seed=cfg.seed,
                 max_input_tokens=cfg.max_input_tokens,
+                truncation=cfg.truncation,
                 distributed=ctx.world > 1,
             )  # and generate's default: the paper's decoding (T5X's length rule, alpha 0.6)
             scores[task.name] = float(result["score"])
-    score = sum(scores.values()) / len(scores)
+    values = list(scores.values())  # multi-task: their mean or minimum (the paper is silent)
+    score = min(values) if cfg.select_score == "min" else sum(values) / len(values)
     improved = best["score"] is None or score > best["score"]
     if improved:
         export(os.path.join(run.stage_dir, "best"), run)
@@ -548,30 +546,26 @@ def export(folder, run):
     adapters = {
         n: fsdp.full_tensor(p).detach().cpu() for n, p in run.adapters.tensors(model).items()
     }
-    if run.ctx.main:
-        if run.trains_model:
-            model_lib.save_pretrained(model, folder, state_dict=state)
-            shutil.copy2(
-                os.path.join(cfg.model, "spiece.model"), os.path.join(folder, "spiece.model")
-            )
-        os.makedirs(folder, exist_ok=True)
-        if run.prompts:
-            with atomic_write(os.path.join(folder, "prompt.safetensors")) as tmp:
-                prompt_formats.save_prompts(run.prompts, tmp)
-        for task, p in run.prompts.items():  # the same prompt as a PEFT prompt-tuning adapter
-            base = folder if run.trains_model else cfg.model
-            prompt_formats.write_peft_adapter(
-                os.path.join(folder, f"peft_{task}"), p.detach(), base
-            )
-        if adapters:
-            with atomic_write(os.path.join(folder, "lora.safetensors")) as tmp:
-                lora.save_lora(model, tmp, state_dict=adapters)
-        # what evaluate.py's table says of the fine-tuned task's rows
-        best = os.path.basename(folder) == "best" and cfg.eval
-        chosen = f"validation score at {cfg.shots[0]}-shot" if best else "the last step"
-        training = {"stage": cfg.stage, "task": cfg.task, "shots": cfg.shots[0], "step": run.step}
-        path = os.path.join(folder, "training.json")
-        run_checkpoints.write_json(path, {**training, "chosen_by": chosen})
+    checkpoints = os.path.join(run.stage_dir, "checkpoints")  # named if a write fails
+    with run_checkpoints.write_or_say(folder, checkpoints):
+        if run.ctx.main:
+            if run.trains_model:
+                model_lib.save_pretrained(model, folder, state_dict=state)
+                shutil.copy2(checks.spiece_in(cfg.model), folder)  # its tokenizer beside it
+            os.makedirs(folder, exist_ok=True)
+            if run.prompts:  # prompt.safetensors, and each prompt as a PEFT adapter, peft_<task>/
+                base = folder if run.trains_model else cfg.model
+                prompt_formats.export_prompts(folder, run.prompts, base)
+            if adapters:
+                with atomic_write(os.path.join(folder, "lora.safetensors")) as tmp:
+                    lora.save_lora(model, tmp, state_dict=adapters)
+            # what evaluate.py's table says of the fine-tuned task's rows
+            best = os.path.basename(folder) == "best" and cfg.eval
+            shots = (0 if cfg.select_shots == "0" else cfg.shots[0]) if best else None
+            chosen = f"validation score at {shots}-shot" if best else "the last step"
+            training = dict(stage=cfg.stage, task=cfg.task, shots=cfg.shots[0], step=run.step)
+            training.update(chosen_by=chosen, chosen_at_shots=shots)
+            run_checkpoints.write_json(os.path.join(folder, "training.json"), training)
     fsdp.barrier()
 
 
@@ -581,7 +575,8 @@ def export(folder, run):
 
 flag, AT_LEAST_0, AT_LEAST_1, RATE = cli.flag, cli.AT_LEAST_0, cli.AT_LEAST_1, cli.RATE
 STAGE_NAMES, PROMPT_INITS = tuple(STAGES), ("uniform", "vocab", "text", "file")
-AT_MOST_0 = (lambda v: v <= 0, "<= 0")
+AT_MOST_0 = (lambda v: -(2**31) <= v <= 0, "<= 0 and >= -2**31")
+SEED = (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")
 TARGET_ROOM = (lambda v: v >= 4, ">= 4 (two sentinels, an answer, EOS)")
 
 
@@ -594,7 +589,7 @@ class Config:
     data_dir: str = flag("", "folder with one sub-folder per task [lab: lab/data]")
     task: str = flag("", "fine-tuned task, or several comma-separated [lab: lab_owns]")
     out: str = flag("", "run folder; each stage writes RUN/<stage>/ [lab: runs/lab]")
-    seed: int = flag(0, "seed of data order, prompt init, dropout and demonstrations")
+    seed: int = flag(0, "seed of data order, prompt init, dropout, demonstrations", valid=SEED)
     steps: int = flag(None, "training steps [1: 5000; else 1000]", valid=AT_LEAST_1)
     batch_size: int = flag(64, "global batch size in examples", valid=AT_LEAST_1)
     micro_batch_size: int = flag(None, "examples per rank per forward pass", valid=AT_LEAST_1)
@@ -608,6 +603,8 @@ class Config:
     keep_checkpoints: int = flag(1, "training checkpoints kept", valid=AT_LEAST_1)
     resume: bool = flag(False, "continue from the latest checkpoint of RUN/<stage>/")
     allow_data_change: bool = flag(False, "with --resume: continue although the data changed")
+    allow_model_change: bool = flag(False, "with --resume: continue although --model changed")
+    hash_weights: bool = flag(False, "fingerprint --model's weights by content, not size and time")
     stop_after_step: int = flag(None, "save and stop after this step", valid=AT_LEAST_1)
     prompt_length: int = flag(100, "soft prompt length", valid=AT_LEAST_1)
     prompt_init: str = flag("uniform", "how to initialise a new prompt", choices=PROMPT_INITS)
@@ -616,13 +613,18 @@ class Config:
     prompt: str = flag("", "stage 2's frozen prompt [RUN/stage1/best/prompt.safetensors]")
     stage1_module: str = flag("prompt", "what stage 1 trains", choices=("prompt", "lora"))
     lora_rank: int = flag(4, "LoRA rank")
-    lora_alpha: float = flag(None, "LoRA alpha [the rank]")
+    lora_alpha: float = flag(None, "LoRA alpha [the rank]", valid=cli.POSITIVE_NUMBER)
     lora_targets: str = flag("q,v", "attention projections that get LoRA adapters")
     lora: str = flag("", "stage 2's frozen LoRA adapters [RUN/stage1/best/lora.safetensors]")
     train_examples: int = flag(None, "train on a seeded sample of N examples", valid=AT_LEAST_1)
-    shots: list = flag("0", "demonstrations before each training and validation input")
+    shots: list = flag("0", 'demonstrations before each training input (1: "+1-shot")')
+    select_shots: str = flag("0", "shots when scoring (train: --shots)", choices=("0", "train"))
+    select_score: str = flag("mean", "multi-task checkpoint score", choices=("mean", "min"))
+    mixing: str = flag("equal", "multi-task mixing rate", choices=data.MIXING_RATES)
+    mixing_cap: int = flag(2**19, "examples-proportional mixing's cap (T5's)", valid=AT_LEAST_1)
     max_input_tokens: int = flag(1024, "input tokens kept, EOS included", valid=AT_LEAST_1)
     max_target_tokens: int = flag(256, "target tokens kept, EOS included", valid=TARGET_ROOM)
+    truncation: str = flag("end", "how long inputs are cut (end: T5X's)", choices=data.TRUNCATIONS)
     dtype: str = flag("float32", "compute dtype", choices=("float32", "bfloat16"))
     device: str = flag("auto", "device to train on", choices=("auto", "cpu", "cuda"))
     activation_checkpointing: bool = flag(False, "recompute each block in backward")
@@ -632,14 +634,17 @@ class Config:
     num_beams: int = flag(4, "beam width when scoring", valid=AT_LEAST_1)
     max_new_tokens: int = flag(None, "longest decoded answer [per metric]", valid=AT_LEAST_1)
     log_every: int = flag(10, "print a progress line every N steps", valid=AT_LEAST_1)
+    dist_timeout_minutes: float = flag(
+        30, "torchrun: end the job when a rank waits this long", valid=cli.POSITIVE_NUMBER
+    )
     # diagnostics.py's flags (--probe-*, --align-*), parsed with these; not a flag itself
     diagnostics: "diagnostics.TrainingFlags" = field(default_factory=diagnostics.TrainingFlags)
 
 
 # Settings that may change between a run and its --resume (diagnostics never change a run).
 RESUMABLE_CHANGES = set(
-    "resume allow_data_change steps log_every stop_after_step eval_batch_size device out lr "
-    "keep_checkpoints".split()
+    "resume allow_data_change allow_model_change steps log_every stop_after_step eval_batch_size "
+    "device out lr keep_checkpoints dist_timeout_minutes".split()
 ) | {f.name for f in fields(diagnostics.TrainingFlags)}
 PATHS = ("model", "data_dir", "prompt", "prompt_init_file", "lora")  # compared as resolved paths
 
@@ -660,8 +665,9 @@ def parse_args(argv=None):
         prog="promot.py",
         formatter_class=cli.HelpFormatter,
         description="ProMoT training (Wang et al., ICLR 2024), one stage per call; defaults "
-        "reproduce the paper's App. B.4, and [1: X; else Y] is --stage 1's default and the "
-        "other stages'. Without --model and --data-dir: the miniature lab.",
+        "reproduce the paper (docs/defaults.md), and [1: X; else Y] is --stage 1's default and the "
+        "other stages'. Without --model and --data-dir: the miniature lab, trained with its "
+        "recipe (lab/tiny-t5/recipe.json) where a flag is not given.",
     )
     cli.add_flags(p, Config, required=("stage",))
     cli.add_flags(p, diagnostics.TrainingFlags)
@@ -670,9 +676,13 @@ def parse_args(argv=None):
     if not args["model"] and not args["data_dir"]:
         # No model and no data: the miniature lab (README), so a newcomer sees ProMoT run.
         args.update({k: args[k] or v for k, v in LAB_DEFAULTS.items()})
+        tuned = "model" if STAGES[args["stage"]].trains_model else args["stage1_module"]
+        recipe = os.path.join(args["model"], "recipe.json")  # lab/run.py's too; given flags win
+        args.update(cli.recipe(recipe, ("every stage", tuned), args, cli.given_flags(p, argv)))
         print(
             f"promot.py: no --model/--data-dir: the miniature lab ({args['model']}, "
-            f"{args['data_dir']}, --task {args['task']}, --out {args['out']})",
+            f"{args['data_dir']}, --task {args['task']}, --out {args['out']}) and its recipe, "
+            f"{recipe}, for the flags not given",
             flush=True,
         )
     missing = [
@@ -707,8 +717,10 @@ def read_inputs(cfg, ctx):
     config and tokenizer, the tasks and their splits, stage 1's prompt or adapters, and that
     --out may hold this run."""
     checks.check_batch_split(cfg.batch_size, cfg.micro_batch_size, ctx.world)
-    checks.check_model_and_data_dir(cfg.model, cfg.data_dir)
+    checks.check_model_and_data_dir(cfg.model, cfg.data_dir, cfg.out)
     config = model_lib.read_config(cfg.model)
+    checks.check_training_memory(cfg, config, what_trains(cfg), ctx.world, ctx.device)
+    checks.check_weight_files(cfg.model, config, model_lib)  # headers and shapes, before writing
     tokenizer = data.Tokenizer(os.path.join(cfg.model, "spiece.model"))
     checks.check_tokenizer_fits(tokenizer, config.vocab_size)
     tasks = data.register_tasks(names(cfg.task), cfg.data_dir)
@@ -732,11 +744,10 @@ def read_inputs(cfg, ctx):
     if source == "new" and cfg.prompt_init == "text":
         for t in tasks:
             checks.check_prompt_words(prompt_words(cfg, t), t.name, cfg.prompt_length)
-    fingerprints = {
-        f"{t.name} {split}": data.fingerprint(x)  # for --resume
-        for split, sets in splits.items()
-        for t, x in zip(tasks, sets)
-    }
+    weights = model_lib.checkpoint_files(cfg.model)[0]
+    files = checks.model_fingerprint(cfg.model, weights, cfg.hash_weights)
+    recorded = checks.fingerprints(tasks, splits, data.fingerprint, files)  # for --resume
+    allowed = [g for g in recorded if getattr(cfg, f"allow_{g.split('_')[0]}_change")]
     run_checkpoints.check_run_folder(
         cfg.out,
         STAGES[cfg.stage].folder,
@@ -744,8 +755,8 @@ def read_inputs(cfg, ctx):
         settings(cfg, ctx.world),
         RESUMABLE_CHANGES,
         PATHS,
-        fingerprints,
-        cfg.allow_data_change,
+        recorded,
+        allowed,
     )
     return dict(
         config=config,
@@ -755,24 +766,14 @@ def read_inputs(cfg, ctx):
         val_sets=splits["validation"] if cfg.eval else None,
         adapters=adapters,
         prompts=prompts,
-        data=fingerprints,
+        recorded=recorded,
     )
 
 
 def main(argv=None):
-    code, message = 0, ""
-    try:
-        train(parse_args(argv))
-    except (BadInput, DamagedFile) as e:
-        code, message = 2, f"promot.py: error: {e}"
-    except Diverged as e:
-        code, message = 1, f"promot.py: {e}"
-    finally:  # on every exit, errors included, so no rank leaves the group behind
-        if message and (not dist.is_initialized() or dist.get_rank() == 0):  # all ranks agree
-            print(message, file=sys.stderr)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return code
+    """Exit 0 when done; 2 on the user's error, 1 when the run diverged, one line each."""
+    errors = {BadInput: 2, DamagedFile: 2, Diverged: 1}
+    return fsdp.main("promot.py", lambda: train(parse_args(argv)), errors)
 
 
 if __name__ == "__main__":

@@ -28,16 +28,18 @@ other eight tasks are scored 1-shot (their Norm. Avg.). The extra row
 "True/False answers" is the paper's Fig. 2 measure: the percent of answers
 whose first word is "True" or "False" on the tasks whose answers are never
 True/False (lab_kind, lab_who, lab_where, lab_zorbish, lab_backwards, lab_news).
-evaluate.py prepends a ProMoT prompt only to the fine-tuned task, lab_owns
-(its default --route fine_tuned_only, the reading of paper §4 that its tables
-show); every other task sees the plain model.
+evaluate.py prepends a ProMoT prompt to the tasks of the fine-tuned task's format
+group (its default --route same_format, paper §4 and §5.3): lab_owns, and lab_both and
+lab_lives as RTE's goes to WiC and CB; every other task sees the plain model.
 
 Settings differ from the paper's App. B.4 where a 1.3M-parameter model and a
 10-minute budget need it (steps, batch, prompt length, greedy decoding, model lr
 1e-2, dropout 0, and the model-tuning stages scored at their last step rather than
 at the best of ten checkpoints: the bundled model does lab_owns at 91% before any
 fine-tuning, so the best-checkpoint rule would stop every run at its first
-checkpoint); they are the constants below and are written into RUN/table.json.
+checkpoint); the training flags are the bundled model's recipe, lab/tiny-t5/recipe.json (the
+one promot.py uses without --model and --data-dir), the rest are the constants below, and all
+are written into RUN/table.json. The commands are numbered ("[3/12] $ ...").
 """
 
 from __future__ import annotations
@@ -66,49 +68,30 @@ OTHER_FORMAT_TASKS = tuple(
 # choice, a short answer and the summary, which standard fine-tuning turns to "True"/"False".
 PROBE_TASKS = ("lab_lives", "lab_kind", "lab_who", "lab_news")
 
-# Full run and --quick run. Stage 1 learns only the prompt, so it gets a high lr (paper: 0.2
-# for 5000 steps). Model tuning (standard fine-tuning, stage 2) uses lr 1e-2, ten times the
-# paper's 1e-3 for mT5 XXL (Adafactor, relative to the parameter RMS): the 1.3M-parameter
-# model learns lab_owns and forgets nothing after 700 steps at 1e-3 or 1000 at 3e-3; the
-# damage starts after ~600 steps at 5e-3 and ~250 at 1e-2 (`--lr 1e-3`; README). The model-
-# tuning stages keep only their last checkpoint (model_save_every = their steps): the model
+# The training flags of every stage are the bundled model's recipe, lab/tiny-t5/recipe.json, which
+# promot.py also uses when run without --model and --data-dir. Stage 1 learns only the prompt, so
+# it gets a high lr (paper: 0.2 for 5000 steps). Model tuning (standard fine-tuning, stage 2) uses
+# lr 1e-2, ten times the paper's 1e-3 for mT5 XXL (Adafactor, relative to the parameter RMS): the
+# 1.3M-parameter model learns lab_owns and forgets nothing after 700 steps at 1e-3 or 1000 at
+# 3e-3; the damage starts after ~600 steps at 5e-3 and ~250 at 1e-2 (`--lr 1e-3`; docs/lab.md).
+# The model-tuning stages keep only their last checkpoint (save_every = their steps): the model
 # does lab_owns at 90-100% before fine-tuning, so the best-checkpoint rule would stop at the
 # first checkpoint, before anything happens. Dropout is 0, not the paper's 0.1: the bundled
 # model was pretrained without dropout (as T5.1.1 was), and with the previous checkpoint
 # standard fine-tuning at 0.1 did not learn lab_owns at all (57.8% after 200 steps).
-SETTINGS = {
-    "full": dict(
-        stage1_steps=200,
-        stage2_steps=400,
-        batch_size=32,
-        prompt_length=20,
-        stage1_lr=0.2,
-        lr=1e-2,
-        dropout=0.0,
-        save_every=100,
-        model_save_every=400,
-        eval_examples=64,
-        limit=64,
-        train_size=4000,
-        probe_every=50,
-        probe_limit=32,
-    ),
-    "quick": dict(
-        stage1_steps=60,
-        stage2_steps=200,
-        batch_size=16,
-        prompt_length=20,
-        stage1_lr=0.2,
-        lr=1e-2,
-        dropout=0.0,
-        save_every=30,
-        model_save_every=200,
-        eval_examples=32,
-        limit=32,
-        train_size=1000,
-        probe_every=50,
-        probe_limit=16,
-    ),
+RECIPE = ROOT / "lab" / "tiny-t5" / "recipe.json"
+SECTIONS = ("every stage", "prompt", "model")
+# --quick (CI): what it changes in the recipe
+QUICK = {
+    "every stage": dict(batch_size=16, eval_examples=32),
+    "prompt": dict(steps=60, save_every=30),
+    "model": dict(steps=200, save_every=200),
+}
+# What lab/run.py adds to the recipe: the examples evaluate.py scores per task (limit), the
+# training examples per task it writes, and the diagnostics' probes during model tuning.
+COMPARISON = {
+    "full": dict(limit=64, train_size=4000, probe_every=50, probe_limit=32),
+    "quick": dict(limit=32, train_size=1000, probe_every=50, probe_limit=16),
 }
 
 METHODS = ("pretrained", "prompt_tuning", "finetune", "promot", "promot_1shot")
@@ -121,35 +104,53 @@ TITLES = {
 }
 
 
-def run(cmd, log_path: Path, quiet: bool) -> None:
-    """Run one program, printing the command; its output goes to log_path (and the screen)."""
-    print("$ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(
-            [str(c) for c in cmd],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        )
-        for line in proc.stdout:
-            log.write(line)
-            if not quiet and "\r" not in line:
-                print("    " + line.rstrip(), flush=True)
-        code = proc.wait()
-    if code != 0:
-        tail = log_path.read_text(encoding="utf-8").splitlines()[-15:]
-        raise SystemExit(
-            f"lab/run.py: command failed (exit {code}); last lines of {log_path}:\n"
-            + "\n".join(tail)
-        )
+class Commands:
+    """Runs the comparison's programs one after another, each announced with its number
+    ("[3/12] $ python promot.py ..."); a program's output goes to its log file and, unless
+    `quiet`, to the screen."""
+
+    def __init__(self, total: int, quiet: bool, stream=None):
+        self.total, self.quiet, self.done, self.stream = total, quiet, 0, stream or sys.stdout
+
+    def __call__(self, cmd, log_path: Path) -> None:
+        self.done += 1
+        command = " ".join(shlex.quote(str(c)) for c in cmd)
+        print(f"[{self.done}/{self.total}] $ {command}", file=self.stream, flush=True)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w", encoding="utf-8") as log:
+            proc = subprocess.Popen(
+                [str(c) for c in cmd],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+            )
+            for line in proc.stdout:
+                log.write(line)
+                if not self.quiet:
+                    print("    " + line.rstrip(), file=self.stream, flush=True)
+            code = proc.wait()
+        if code != 0:
+            tail = log_path.read_text(encoding="utf-8").splitlines()[-15:]
+            raise SystemExit(
+                f"lab/run.py: command {self.done}/{self.total} failed (exit {code}); last lines "
+                f"of {log_path}:\n" + "\n".join(tail)
+            )
+
+
+def recipe(s: dict, stage: str) -> dict:
+    """promot.py's flags for `stage` from the recipe in `s`: every stage's, then stage 1's or
+    the model-tuning stages'."""
+    return {**s["recipe"]["every stage"], **s["recipe"][STAGE_SECTION[stage]]}
+
+
+STAGE_SECTION = {"1": "prompt", "2": "model", "finetune": "model"}
 
 
 def diagnostics_flags(s: dict) -> list:
     """promot.py flags for the paper's §3 measurements during model tuning."""
-    steps = s["stage2_steps"]
+    steps = s["recipe"]["model"]["steps"]
     every = min(s["probe_every"], steps)
     return [
         "--probe-every",
@@ -167,53 +168,16 @@ def diagnostics_flags(s: dict) -> list:
     ]
 
 
-def train(stage, out: Path, s: dict, model: str, data_dir: Path, quiet: bool, extra=()):
-    steps = s["stage1_steps"] if stage == "1" else s["stage2_steps"]
-    lr = s["stage1_lr"] if stage == "1" else s["lr"]
-    save_every = s["save_every"] if stage == "1" else s["model_save_every"]
-    cmd = [
-        sys.executable,
-        "promot.py",
-        "--stage",
-        stage,
-        "--model",
-        model,
-        "--data-dir",
-        data_dir,
-        "--task",
-        FINE_TUNING_TASK,
-        "--out",
-        out,
-        "--steps",
-        steps,
-        "--lr",
-        lr,
-        "--batch-size",
-        s["batch_size"],
-        "--save-every",
-        save_every,
-        "--log-every",
-        25,
-        "--dropout",
-        s["dropout"],
-        "--prompt-length",
-        s["prompt_length"],
-        "--prompt-init",
-        "vocab",
-        "--num-beams",
-        1,
-        "--eval-examples",
-        s["eval_examples"],
-        "--max-new-tokens",
-        16,
-        "--seed",
-        s["seed"],
-        *extra,
-    ]
-    run(cmd, out.parent / "logs" / f"{out.name}_{stage}.txt", quiet)
+def train(run, stage, out: Path, s: dict, model: str, data_dir: Path, extra=()):
+    """promot.py --stage `stage` with the recipe's flags, into the run folder `out`."""
+    cmd = [sys.executable, "promot.py", "--stage", stage, "--model", model, "--data-dir", data_dir]
+    cmd += ["--task", FINE_TUNING_TASK, "--out", out, "--seed", s["seed"]]
+    for name, value in recipe(s, stage).items():
+        cmd += [f"--{name.replace('_', '-')}", value]
+    run([*cmd, *extra], out.parent / "logs" / f"{out.name}_{stage}.txt")
 
 
-def evaluate(name, model, prompt, out: Path, s: dict, data_dir: Path, quiet: bool):
+def evaluate(run, name, model, prompt, out: Path, s: dict, data_dir: Path):
     cmd = [
         sys.executable,
         "evaluate.py",
@@ -240,7 +204,7 @@ def evaluate(name, model, prompt, out: Path, s: dict, data_dir: Path, quiet: boo
     ]
     if prompt:
         cmd += ["--prompt", prompt]
-    run(cmd, out / "eval" / f"{name}.log", quiet)
+    run(cmd, out / "eval" / f"{name}.log")
     return json.loads((out / "eval" / f"{name}.json").read_text(encoding="utf-8"))
 
 
@@ -331,7 +295,7 @@ def figure(table: dict, path: Path) -> bool:
     return True
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="The miniature ProMoT comparison (pretrained, prompt tuning, "
         "fine-tuning, ProMoT, ProMoT + 1-shot) on the bundled tiny T5."
@@ -373,25 +337,13 @@ def main(argv=None):
         "evaluation keeps its demonstrations (seed 0), so the pretrained column does not move",
     )
     p.add_argument("--quiet", action="store_true", help="print only commands and the table")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    s = dict(SETTINGS["quick" if args.quick else "full"])
-    if args.steps:
-        s.update(
-            stage1_steps=args.steps,
-            stage2_steps=args.steps,
-            save_every=args.steps,
-            model_save_every=args.steps,
-        )
-    if args.limit:
-        s.update(limit=args.limit, eval_examples=args.limit)
-    if args.lr is not None:
-        s.update(lr=args.lr)
-    if args.stage1_lr is not None:
-        s.update(stage1_lr=args.stage1_lr)
-    if args.dropout is not None:
-        s.update(dropout=args.dropout)
-    s.update(seed=args.seed)
+
+def main(argv=None):
+    """Every command of the comparison, then RUN/table.md, RUN/table.json and the figures."""
+    args = parse_args(argv)
+    s = settings(args)
     out = Path(args.out)
     if out.exists():
         import shutil
@@ -400,10 +352,10 @@ def main(argv=None):
     out.mkdir(parents=True)
     started = time.time()
     data_dir = out / "data"
+    run = Commands(COMMANDS, args.quiet)
     run(
         [sys.executable, "-m", "lab.tasks", "--out", data_dir, "--train-size", s["train_size"]],
         out / "log_data.txt",
-        args.quiet,
     )
 
     timings, results = {}, {}
@@ -416,85 +368,88 @@ def main(argv=None):
 
     m = args.model
     results["pretrained"] = timed(
-        "eval pretrained", lambda: evaluate("pretrained", m, None, out, s, data_dir, args.quiet)
+        "eval pretrained", lambda: evaluate(run, "pretrained", m, None, out, s, data_dir)
     )
-    timed("stage 1", lambda: train("1", out / "promot", s, m, data_dir, args.quiet))
+    timed("stage 1", lambda: train(run, "1", out / "promot", s, m, data_dir))
     prompt = out / "promot" / "stage1" / "best" / "prompt.safetensors"
     results["prompt_tuning"] = timed(
-        "eval prompt tuning",
-        lambda: evaluate("prompt_tuning", m, prompt, out, s, data_dir, args.quiet),
+        "eval prompt tuning", lambda: evaluate(run, "prompt_tuning", m, prompt, out, s, data_dir)
     )
     diag = diagnostics_flags(s)
-    timed("finetune", lambda: train("finetune", out / "finetune", s, m, data_dir, args.quiet, diag))
+    timed("finetune", lambda: train(run, "finetune", out / "finetune", s, m, data_dir, diag))
+    tuned = out / "finetune" / "finetune" / "best"
     results["finetune"] = timed(
-        "eval finetune",
-        lambda: evaluate(
-            "finetune", out / "finetune" / "finetune" / "best", None, out, s, data_dir, args.quiet
-        ),
+        "eval finetune", lambda: evaluate(run, "finetune", tuned, None, out, s, data_dir)
     )
-    timed("stage 2", lambda: train("2", out / "promot", s, m, data_dir, args.quiet, diag))
+    timed("stage 2", lambda: train(run, "2", out / "promot", s, m, data_dir, diag))
     best = out / "promot" / "stage2" / "best"
     results["promot"] = timed(
         "eval promot",
-        lambda: evaluate("promot", best, best / "prompt.safetensors", out, s, data_dir, args.quiet),
+        lambda: evaluate(run, "promot", best, best / "prompt.safetensors", out, s, data_dir),
+    )
+    one_shot = ["--shots", 1]
+    timed(
+        "stage 1 +1-shot", lambda: train(run, "1", out / "promot_1shot", s, m, data_dir, one_shot)
     )
     timed(
-        "stage 1 +1-shot",
-        lambda: train("1", out / "promot_1shot", s, m, data_dir, args.quiet, ["--shots", 1]),
+        "stage 2 +1-shot", lambda: train(run, "2", out / "promot_1shot", s, m, data_dir, one_shot)
     )
-    timed(
-        "stage 2 +1-shot",
-        lambda: train("2", out / "promot_1shot", s, m, data_dir, args.quiet, ["--shots", 1]),
-    )
-    best = out / "promot_1shot" / "stage2" / "best"
+    best1 = out / "promot_1shot" / "stage2" / "best"
     results["promot_1shot"] = timed(
         "eval promot 1-shot",
         lambda: evaluate(
-            "promot_1shot", best, best / "prompt.safetensors", out, s, data_dir, args.quiet
+            run, "promot_1shot", best1, best1 / "prompt.safetensors", out, s, data_dir
         ),
     )
 
     table = summarize({k: results[k] for k in METHODS})
-    text = markdown(table)
     drew = figure(table, out / "figure.png")
-    timed(
-        "figures",
-        lambda: run(
-            [
-                sys.executable,
-                "diagnostics.py",
-                "plot",
-                out / "finetune",
-                out / "promot",
-                "--out",
-                out / "figures",
-            ],
-            out / "logs" / "plot.txt",
-            args.quiet,
-        ),
-    )
-    minutes = (time.time() - started) / 60
+    plot = [sys.executable, "diagnostics.py", "plot", out / "finetune", out / "promot"]
+    timed("figures", lambda: run([*plot, "--out", out / "figures"], out / "logs" / "plot.txt"))
+    record = dict(table=table, settings=s, model=str(args.model), seconds=timings)
+    write_table(out, record, (time.time() - started) / 60, drew)
+    return table
+
+
+def write_table(out: Path, record: dict, minutes: float, drew: bool) -> None:
+    """RUN/table.md (what docs/lab.md publishes), RUN/table.json (its settings and times), and
+    the table on the screen."""
+    text = markdown(record["table"])
     (out / "table.md").write_text(text + "\n", encoding="utf-8")
-    (out / "table.json").write_text(
-        json.dumps(
-            {
-                "table": table,
-                "settings": s,
-                "model": str(args.model),
-                "seconds": timings,
-                "minutes": round(minutes, 1),
-            },
-            indent=1,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
+    record = dict(record, minutes=round(minutes, 1))
+    (out / "table.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print("\n" + text)
     if drew:
         print(f"figure: {out}/figure.png")
     print(f"diagnostics (CSV, and PNG with matplotlib): {out}/figures/")
     print(f"\n{out}/table.md written in {minutes:.1f} min", flush=True)
-    return table
+
+
+# The programs main() runs: the data, 5 training stages, 5 evaluations, the figures.
+COMMANDS = 12
+
+
+def settings(args) -> dict:
+    """The recipe (lab/tiny-t5/recipe.json; --quick's changes; the override flags) and
+    lab/run.py's own settings, as RUN/table.json records them."""
+    text = json.loads(RECIPE.read_text(encoding="utf-8"))
+    sections = {name: dict(text[name]) for name in SECTIONS}
+    for name, values in (QUICK if args.quick else {}).items():
+        sections[name].update(values)
+    s = dict(COMPARISON["quick" if args.quick else "full"], seed=args.seed, recipe=sections)
+    if args.steps:
+        for name in SECTIONS[1:]:
+            sections[name].update(steps=args.steps, save_every=args.steps)
+    if args.limit:
+        s.update(limit=args.limit)
+        sections["every stage"].update(eval_examples=args.limit)
+    if args.lr is not None:
+        sections["model"].update(lr=args.lr)
+    if args.stage1_lr is not None:
+        sections["prompt"].update(lr=args.stage1_lr)
+    if args.dropout is not None:
+        sections["every stage"].update(dropout=args.dropout)
+    return s
 
 
 if __name__ == "__main__":

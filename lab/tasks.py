@@ -313,6 +313,7 @@ SUITE = {
             metric="accuracy",
             label_words=("True", "False", "Neither"),
             format="true_false_neither",
+            format_group="true_false",  # lab_owns' prompt goes to it, as RTE's to CB (§5.3)
         ),
         gen_lives,
     ),
@@ -445,6 +446,7 @@ def write_suite(out_dir, seed: int = DEFAULT_SEED, sizes: dict | None = None) ->
             "template": "{input}",
             "metric": task.metric,
             "format": task.format,
+            "format_group": task.format_group,
             "eval_split": task.eval_split,
         }
         if task.label_words:

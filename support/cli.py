@@ -6,12 +6,14 @@ one-line progress meter.
 """
 
 import argparse
+import collections
 import dataclasses
+import json
 import math
 import sys
 import time
 
-from support.errors import BadInput
+from support.errors import BadInput, DamagedFile
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -44,10 +46,12 @@ def flag(default, help, **kw):
 
 # What a numeric flag accepts (`valid=`); None, where a flag allows it, means a default or off.
 AT_LEAST_1, AT_LEAST_0 = (
-    (lambda v: v >= 1, ">= 1"),
+    (lambda v: 1 <= v < 2**63, ">= 1 (and < 2**63)"),
     (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
 )
 RATE = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+FINITE = (math.isfinite, "a finite number")
+POSITIVE_NUMBER = (lambda v: 0 < v < math.inf, "a finite number > 0")
 
 
 def add_flags(parser, settings_class, required=()):
@@ -77,6 +81,34 @@ def add_flags(parser, settings_class, required=()):
             choices=f.metadata.get("choices"),
             help=help_,
         )
+
+
+def count(n, noun):
+    """ "1 demonstration", "2 demonstrations": a number and its noun, in agreement."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def given_flags(parser, argv=None):
+    """The dests of the flags present on the command line `argv` (abbreviations included):
+    argparse fills in a default only where the namespace it is given holds no value yet."""
+    unset = object()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions})
+    parser.parse_args(argv, namespace)
+    return {dest for dest, value in vars(namespace).items() if value is not unset}
+
+
+def recipe(path, sections, settings, given=()):
+    """The flag values that the recipe file `path` (JSON: {section: {flag field: value}}) gives in
+    `sections` (later sections win), for the fields of `settings` that are not in `given`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+        values = {k: v for name in sections for k, v in table.get(name, {}).items()}
+    except (OSError, ValueError, AttributeError) as err:
+        raise DamagedFile(f"{path}: expected a JSON object of {{flag: value}} sections ({err})")
+    if unknown := sorted(set(values) - set(settings)):
+        raise DamagedFile(f"{path}: {count(len(unknown), 'unknown flag')}: {', '.join(unknown)}")
+    return {k: v for k, v in values.items() if k not in given}
 
 
 def numbers_flag(flag):
@@ -109,44 +141,42 @@ def out_of_range(settings):
 
 
 class StepMeter:
-    """Tokens/s over the steps since the last report, and the ETA from the time spent in
-    steps so far (checkpoints and scoring excluded), for a loop from `start` to `steps`."""
+    """Tokens/s and the ETA of a loop from `start` to `steps`, both from the last `window` steps
+    (time spent in steps only: checkpoints, scoring and diagnostics excluded), so one slow or
+    fast step moves neither much."""
 
-    def __init__(self, start, steps):
+    def __init__(self, start, steps, window=50):
         self.start, self.steps, self.began = start, steps, time.time()
-        self.window_tokens, self.window_time, self.step_time = 0, 0.0, 0.0
+        self.recent = collections.deque(maxlen=window)  # (tokens, seconds) of the last steps
 
     def step(self, tokens, seconds):
         """One step of `tokens` tokens that took `seconds`."""
-        self.window_tokens, self.window_time = (
-            self.window_tokens + tokens,
-            self.window_time + seconds,
-        )
-        self.step_time += seconds
+        self.recent.append((tokens, seconds))
 
     def report(self, step):
-        """(tokens/s since the last report, ETA in seconds, seconds since the start)."""
-        tps = self.window_tokens / max(self.window_time, 1e-9)
-        eta = self.step_time / (step - self.start) * (self.steps - step)
-        self.window_tokens, self.window_time = 0, 0.0
-        return tps, eta, time.time() - self.began
+        """(tokens/s, ETA in seconds, seconds since the start)."""
+        tokens, seconds = (sum(column) for column in zip(*self.recent)) if self.recent else (0, 0)
+        eta = seconds / max(len(self.recent), 1) * (self.steps - step)
+        return tokens / max(seconds, 1e-9), eta, time.time() - self.began
 
 
-def progress_printer(label, stream=None):
-    """A `progress(done, total)` callback printing one updating line with examples/s and ETA
-    (to `stream`, default stderr)."""
-    start = time.time()
+def progress_printer(label, stream=None, every=10.0):
+    """A `progress(done, total)` callback printing examples/s and the ETA to `stream` (default
+    stderr): on a terminal one line redrawn in place (\\r); elsewhere (a log file, a pipe) one
+    plain line per update, at most one each `every` seconds besides the last."""
+    stream = stream or sys.stderr
+    start = last = time.time()
+    redraw = stream.isatty()
 
     def progress(done, total):
-        elapsed = max(time.time() - start, 1e-9)
-        rate = done / elapsed
+        nonlocal last
+        now = time.time()
+        if not (redraw or done >= total or now - last >= every):
+            return
+        last, rate = now, done / max(now - start, 1e-9)
         eta = (total - done) / rate if rate > 0 else 0.0
-        end = "\n" if done >= total else ""
-        print(
-            f"\r{label}: {done}/{total} examples, {rate:.1f} examples/s, ETA {eta:.0f}s ",
-            end=end,
-            file=stream or sys.stderr,
-            flush=True,
-        )
+        line = f"{label}: {done}/{total} examples, {rate:.1f} examples/s, ETA {eta:.0f}s"
+        end = "\n" if done >= total or not redraw else ""
+        print(f"\r{line} " if redraw else line, end=end, file=stream, flush=True)
 
     return progress

@@ -34,7 +34,6 @@ import json
 import operator
 import os
 import re
-import string
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +89,8 @@ def parse_json_line(path, lineno: int, line: str) -> dict | None:
         raise DamagedFile(
             f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})"
         ) from None
+    except (ValueError, RecursionError) as err:  # a 5000-digit number, nesting too deep
+        raise DamagedFile(f"{path}:{lineno}: unreadable JSON ({str(err)[:80]})") from None
     if not isinstance(record, dict):
         raise DamagedFile(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
     check_surrogates(path, lineno, line, record)
@@ -132,6 +133,8 @@ def read_json(path):
         raise DamagedFile(
             f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})"
         ) from None
+    except (ValueError, RecursionError) as err:  # a 5000-digit number, nesting too deep
+        raise DamagedFile(f"{path}: unreadable JSON ({str(err)[:80]})") from None
     check_surrogates(path, None, text, value)
     return value
 
@@ -155,10 +158,14 @@ def read_parquet(path):
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
         raise DamagedFile(f"{path}: not a readable parquet file ({err})") from None
     row = 0
-    for batch in batches:
-        for record in batch.to_pylist():
-            row += 1
-            yield row, record
+    try:  # a valid footer over corrupt pages fails only here, as the pages are read
+        for batch in batches:
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+    except (OSError, ValueError) as err:
+        why = " ".join(str(err).split())  # pyarrow's messages span lines
+        raise DamagedFile(f"{path}: row {row + 1}: unreadable parquet page ({why})") from None
 
 
 _MISSING = object()
@@ -953,7 +960,8 @@ def jsonl_task_reader(name: str, label_words=None):
 
 def read_task_json(path, accepted_keys, metrics) -> dict:
     """The settings of a generic task from its `task.json`: a JSON object whose keys
-    are among `accepted_keys` and whose "metric", if given, is one of `metrics`."""
+    are among `accepted_keys`, whose "metric", if given, is one of `metrics` and whose
+    "label_words" are words; the other values are checked by checks.check_task_json."""
     spec = read_json(path)
     if not isinstance(spec, dict):
         raise BadInput(f"{path}: expected a JSON object with keys {', '.join(accepted_keys)}")
@@ -972,11 +980,26 @@ def read_task_json(path, accepted_keys, metrics) -> dict:
             f"{path}: label_words is {json.dumps(words)}; expected a list of answer words, "
             'e.g. ["True", "False"]'
         )
-    template = spec.get("template", "{input}")
-    try:  # named fields only: {0} or {} would take an example's fields by position
-        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except (TypeError, ValueError, AttributeError) as e:
-        raise BadInput(f"{path}: template {template!r} is not a format string ({e})") from None
-    if not names or not all(name.isidentifier() for name in names):
-        raise BadInput(f"{path}: template {template!r} needs named fields such as {{input}}")
-    return spec
+    return spec  # its template, split names and bounds: checks.check_task_json
+
+
+def paper_readers() -> dict:
+    """Each of the paper's twelve tasks (data.PAPER_TASKS) -> the reader of its data set's
+    published layouts, above."""
+    nli = ("premise", "hypothesis")
+    wmt = {
+        name: translation_reader(name, "en", name[-2:], WMT_NEWSTEST[name])
+        for name in ("wmt14_enfr", "wmt16_ende", "wmt16_enro")
+    }
+    return {
+        "rte": superglue_reader("rte", nli, RTE_LABELS, GLUE_RTE_FIELDS),
+        "cb": superglue_reader("cb", nli, CB_LABELS),
+        "wic": superglue_reader("wic", ("word", "sentence1", "sentence2"), WIC_LABELS),
+        "snli": snli_reader,
+        "openbookqa": openbookqa_reader,
+        "trivia_qa": trivia_qa_reader,
+        "web_questions": web_questions_reader,
+        **wmt,
+        "xsum": xsum_reader,
+        "wiki_lingua_en": wiki_lingua_reader,
+    }

@@ -15,8 +15,11 @@ and full tensors for saving (`full_state_dict`, `full_tensor`).
 """
 
 import contextlib
+import datetime
+import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +41,13 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device="auto"):
+def setup_distributed(device="auto", timeout_minutes=30):
     """One process without torchrun; under torchrun, a process group and a 1-D mesh.
 
     gloo on CPU, nccl on GPUs. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (also
     across nodes: `torchrun --nnodes N --node_rank i --rdzv_endpoint host:port`).
+    A collective that waits `timeout_minutes` for a stuck or dead rank raises (see `main`),
+    so one stopped rank ends the job in bounded time instead of hanging it.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,9 +62,42 @@ def setup_distributed(device="auto"):
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timeout)
     mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
     return Dist(dist.get_rank(), dist.get_world_size(), dev, mesh)
+
+
+def main(prog, work, errors):
+    """Run `work()` as a command's main; returns its exit code. `errors` maps exception types
+    to exit codes (the user's errors: 2): each becomes one line, printed once (rank 0, all ranks
+    agree), and torchrun's report of the failed rank names that line (its error file) instead
+    of pointing to a traceback. Ctrl-C is one line (exit 130); a collective that timed out
+    (--dist-timeout-minutes: a rank stopped or died) one line naming this rank (exit 1)."""
+    code, line, rank, timed_out = 0, "", int(os.environ.get("RANK", 0)), False
+    try:
+        work()
+    except KeyboardInterrupt:
+        code, line = 130, f"{prog}: interrupted (Ctrl-C); what was saved is intact"
+    except Exception as e:
+        known = [c for t, c in errors.items() if isinstance(e, t)]
+        timed_out = isinstance(e, RuntimeError) and "timed out" in str(e).lower()
+        if not known and not timed_out:
+            raise
+        code, line = (known or [1])[0], f"{prog}: {'error: ' if known == [2] else ''}{e}"
+        if not known:  # a peer never reached the collective this rank waits in
+            code, line = 1, f"{prog}: rank {rank}: {str(e).splitlines()[0][:300]}; a rank is stuck"
+            line += " or died (--dist-timeout-minutes bounds the wait)"
+    finally:  # on every exit, errors included, so no rank leaves the group behind
+        if line and (rank == 0 or timed_out):  # a timeout is this rank's own story
+            print(line, file=sys.stderr)
+        if line and os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w", encoding="utf-8") as f:
+                json.dump({"message": {"message": line, "extraInfo": info}}, f)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return code
 
 
 def exit(code):

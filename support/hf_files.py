@@ -8,6 +8,8 @@ model.py reads safetensors itself and calls `read_bin` for these files.
 Imports only torch and the standard library.
 """
 
+import warnings
+
 import torch
 
 try:
@@ -17,18 +19,32 @@ except ImportError:  # copied alone
 
 
 def read_bin(file, names=None):
-    """Yields (name, tensor) from one pytorch_model*.bin file (only `names` if given)."""
-    try:  # weights_only: never run code stored in the pickle
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise DamagedFile(f"{file}: cannot read ({e})") from None
-        state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as e:
-        raise DamagedFile(
-            f"{file}: refused to load; it is not a plain tensor file that loads without "
-            f"executing pickled code ({type(e).__name__}: {str(e)[:200]})"
-        ) from None
+    """Yields (name, tensor) from one pytorch_model*.bin file (only `names` if given); a file
+    that is not a plain {name: tensor} pickle (empty, truncated, another object, pickled code)
+    is one DamagedFile naming it."""
+    state = _load(file)
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise DamagedFile(f"{file}: expected a state dict of named tensors, got {type(state)}")
     for name, tensor in state.items():
         if names is None or name in names:
             yield name, tensor
+
+
+def _load(file):
+    for mmap in (True, False):  # the zip format maps its tensors; the legacy format loads whole
+        try:  # weights_only: never run code stored in the pickle
+            with warnings.catch_warnings():  # one line for the user, not the unpickler's notes
+                warnings.simplefilter("ignore")
+                return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if mmap and "mmap" in str(e):
+                continue
+            why = e
+        except Exception as e:  # noqa: BLE001  EOFError, UnpicklingError, ...: all one answer
+            why = e
+        raise DamagedFile(
+            f"{file}: refused to load; it is not a plain tensor file that loads without "
+            f"executing pickled code ({type(why).__name__}: {str(why)[:200]})"
+        ) from None

@@ -129,6 +129,14 @@ def save_prompts(prompts, path):
     save_file(tensors, str(path), metadata={"tasks": ",".join(prompts)})
 
 
+def export_prompts(folder, prompts, base_model_name_or_path):
+    """promot.py's export of {task: prompt} into `folder`: prompt.safetensors, and each task's
+    prompt as a PEFT prompt-tuning adapter, peft_<task>/, for `base_model_name_or_path`."""
+    _write_file(Path(folder) / "prompt.safetensors", lambda tmp: save_prompts(prompts, tmp))
+    for task, prompt in prompts.items():
+        write_peft_adapter(Path(folder) / f"peft_{task}", prompt.detach(), base_model_name_or_path)
+
+
 def _prompt_tensors(path):
     """The tensors of a prompt.safetensors, or {"prompt": array} of a T5X .npy."""
     if not os.path.isfile(path):

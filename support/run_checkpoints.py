@@ -16,7 +16,9 @@ support/errors.py): copy it with errors.py into another codebase.
   safetensors (no pickle: a shared or downloaded run folder cannot run code on
   --resume), the non-tensor state and the trainer's bookkeeping (step, data
   position, best score) in JSON, and a SHA-256 per file, checked on load, so a
-  resumed run continues bit for bit or is refused.
+  resumed run continues bit for bit or is refused. A checkpoint counts only when complete
+  (`incomplete`: every file there, of the size and step its record says): pruning keeps the
+  newest complete ones, and --resume names each incomplete one it skips.
 """
 
 import contextlib
@@ -75,11 +77,21 @@ def log(out, record=None, line=None):
 def record_settings(out, stage, settings):
     """RUN/config.json with `settings` recorded under `stage` (the other stages' kept)."""
     path = os.path.join(out, "config.json")
-    saved = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+    saved = read_json(path, "a promot run's settings") if os.path.isfile(path) else {}
     write_json(path, {**saved, stage: settings})
+
+
+def read_json(path, what, kind=dict, keys=()):
+    """The JSON object (or `kind`) in `path`, holding `keys`, else one DamagedFile naming it and
+    `what` it is."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deeply
+        raise DamagedFile(f"{path}: unreadable, expected {what} ({type(e).__name__})") from None
+    if not isinstance(value, kind) or any(k not in value for k in keys):
+        raise DamagedFile(f"{path}: expected {what}, a JSON {kind.__name__} of {list(keys)}")
+    return value
 
 
 class StopRequest:
@@ -111,15 +123,16 @@ def write_json(path, obj, indent=2):
 
 
 def check_run_folder(
-    out, stage, resume, settings, may_change=(), paths=(), data=None, allow_data_change=False
+    out, stage, resume, settings, may_change=(), paths=(), recorded=None, allowed=()
 ):
     """Refuse (BadInput, one line) an `out` folder the run for `stage` must not use.
 
     `out` may be new (its nearest existing parent writable), or a run folder (with a
     config.json) that holds no `stage` yet, or, with `resume`, one whose recorded
     settings for `stage` equal `settings` except `may_change` (`paths` compare as
-    resolved paths) and whose recorded data fingerprints equal `data` (a dict; a
-    changed file would continue the run on other examples), unless `allow_data_change`."""
+    resolved paths) and whose recorded fingerprints equal `recorded` ({"data": {what:
+    fingerprint}, "model_files": ...}; a changed file would continue the run on other examples
+    or weights), except the groups in `allowed` (--allow-data-change, --allow-model-change)."""
     stage_dir, run_config = os.path.join(out, stage), os.path.join(out, "config.json")
     if os.path.exists(out) and not os.path.isdir(out):
         raise BadInput(f"--out {out} exists and is not a directory")
@@ -133,6 +146,8 @@ def check_run_folder(
             f"--out {out} is not empty and holds no promot run (no config.json); "
             "choose a new folder"
         )
+    if os.path.exists(stage_dir) and not os.path.isdir(stage_dir):
+        raise BadInput(f"--out {out}: {stage_dir} is a file, not the stage's folder")
     if os.path.isdir(stage_dir) and os.listdir(stage_dir) and not resume:
         raise BadInput(
             f"--out {out} already holds a {stage} run ({stage_dir}); pass --resume to "
@@ -140,25 +155,26 @@ def check_run_folder(
         )
     if not (resume and os.path.isfile(run_config)):
         return
-    with open(run_config, encoding="utf-8") as f:
-        saved = json.load(f).get(stage)
+    saved = read_json(run_config, "a promot run's settings").get(stage)
     if saved is None:
         return
+    if not isinstance(saved, dict):
+        raise DamagedFile(f"{run_config}: {stage} is not an object of settings")
     diffs = settings_changes(saved, settings, may_change, paths)
     if diffs:
         raise BadInput(
             f"--resume: {run_config} was written by another configuration: " + "; ".join(diffs)
         )
-    changed = [
-        f"{key}: {saved['data'].get(key)} then, {now} now"
-        for key, now in (data or {}).items()
-        if "data" in saved and saved["data"].get(key) != now
-    ]
-    if changed and not allow_data_change:
-        raise BadInput(
-            f"--resume: the data changed since {stage} started ({'; '.join(changed)}); "
-            "restore it, or pass --allow-data-change to continue on the new data"
-        )
+    for group, now in (recorded or {}).items():
+        then = saved.get(group) if isinstance(saved.get(group), dict) else {}
+        # what the run recorded (a run of an older promot recorded less)
+        changed = [f"{k}: {v} then, {now.get(k)} now" for k, v in then.items() if now.get(k) != v]
+        if group in saved and changed and group not in allowed:
+            what, flag = group.replace("_", " "), f"--allow-{group.split('_')[0]}-change"
+            raise BadInput(
+                f"--resume: the {what} changed since {stage} started ({'; '.join(changed)}); "
+                f"restore them, or pass {flag} to continue with the new {what}"
+            )
 
 
 def _ancestors(path):
@@ -243,7 +259,7 @@ def settings_changes(saved, now, may_change=(), paths=()):
     paths, so a trailing slash or a relative path is the same place."""
 
     def norm(key, value):
-        return os.path.realpath(value) if key in paths and value else value
+        return os.path.realpath(value) if key in paths and isinstance(value, str) else value
 
     return [
         f"{_setting_name(k)}: saved {saved.get(k)!r}, now {v!r}"
@@ -316,18 +332,16 @@ def save_checkpoint(folder, step, state, trainer, device, keep=1):
     """Write folder/step_N.tmp, then rename it: a checkpoint exists whole or not at all.
 
     `state` is nested dicts/lists of tensors (DTensors: this rank's shard) and
-    JSON values. Rank r writes rank{r}.safetensors (its tensors and RNG state)
-    and rank{r}.json (the SHA-256 of that file); rank 0 adds trainer.json
-    (`trainer`, plus the non-tensor values of `state`). Only the newest `keep`
-    checkpoints are kept. Returns the checkpoint's path."""
+    JSON values. Rank r writes rank{r}.safetensors (its tensors and RNG state, the step in
+    its metadata) and rank{r}.json (that file's step, size and SHA-256); rank 0 adds
+    trainer.json (`trainer`, plus the non-tensor values of `state`). Then only the newest
+    `keep` complete checkpoints are kept (a damaged newer one never outlives a good older
+    one). A failed write is one BadInput naming the file; the previous checkpoint is kept.
+    Returns the checkpoint's path."""
     from safetensors.torch import save_file
 
     final = os.path.join(folder, f"step_{step:07d}")
     tmp, rank = final + ".tmp", _rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
     tensors, values = {}, {}
     for path, value in _leaves(state):
         if isinstance(value, torch.Tensor):
@@ -337,69 +351,122 @@ def save_checkpoint(folder, step, state, trainer, device, keep=1):
     tensors.update(_rng_state(device))
     file = os.path.join(tmp, f"rank{rank}.safetensors")
     try:
-        save_file(tensors, file)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier()
+        save_file(tensors, file, metadata={"step": str(step)})
+        record = {"step": step, "bytes": os.path.getsize(file), "sha256": _sha256(file)}
         with open(os.path.join(tmp, f"rank{rank}.json"), "w", encoding="utf-8") as f:
-            json.dump({"sha256": _sha256(file)}, f)
+            json.dump(record, f)
         if rank == 0:
             with open(os.path.join(tmp, "trainer.json"), "w", encoding="utf-8") as f:
-                json.dump({**trainer, "values": values}, f, indent=1)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
+                json.dump({**trainer, "step": step, "values": values}, f, indent=1)
+    except Exception as e:  # OSError (a full disk), SafetensorError, ...
         shutil.rmtree(tmp, ignore_errors=True)
-        last = latest_checkpoint(folder)
-        raise BadInput(
-            f"no space left on the device while writing {file}; "
-            + (
-                f"the previous checkpoint {last} is intact"
-                if last
-                else "no checkpoint was saved yet"
-            )
-        ) from None
+        raise write_failed(file, e, latest_checkpoint(folder)) from None
     _barrier()
     if rank == 0:
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
-        for old in sorted(
-            d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")
-        )[:-keep]:
-            shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
+        prune(folder, final, keep)
     _barrier()
     return final
 
 
+@contextlib.contextmanager
+def write_or_say(what, checkpoints):
+    """Inside, a failed write (a full disk's OSError, a SafetensorError, ...) becomes one
+    BadInput naming `what` and the newest complete checkpoint in `checkpoints`, intact."""
+    try:
+        yield
+    except (BadInput, DamagedFile):
+        raise
+    except Exception as e:
+        raise write_failed(what, e, latest_checkpoint(checkpoints)) from None
+
+
+def write_failed(file, error, last):
+    """The BadInput of a write that failed: the file, why, and the checkpoint that is intact."""
+    why = "no space left on the device" if getattr(error, "errno", None) == errno.ENOSPC else error
+    kept = f"the previous checkpoint {last} is intact" if last else "no checkpoint was saved yet"
+    return BadInput(f"cannot write {file} ({why}); {kept}")
+
+
+def prune(folder, newest, keep):
+    """Delete all but the `keep` newest complete checkpoints up to `newest` (just written), and
+    the incomplete ones older than it; an incomplete newer one is left for --resume to name."""
+    complete = [p for p in checkpoints(folder) if p <= newest and not incomplete(p)]
+    for path in checkpoints(folder):
+        if path < newest and (path not in complete or path in complete[:-keep]):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def checkpoints(folder):
-    """The complete checkpoints in `folder`, oldest first."""
+    """Every checkpoint folder (step_N) in `folder`, complete or not, oldest first."""
     if not os.path.isdir(folder):
         return []
-    return [
-        os.path.join(folder, d)
-        for d in sorted(os.listdir(folder))
-        if d.startswith("step_")
-        and not d.endswith(".tmp")
-        and os.path.isfile(os.path.join(folder, d, "trainer.json"))
-    ]
+    names = [d for d in os.listdir(folder) if d.startswith("step_") and d[5:].isdigit()]
+    return [os.path.join(folder, d) for d in sorted(names)]
+
+
+def incomplete(path):
+    """Why checkpoint `path` is not complete (a missing or unreadable file, a file of another
+    size or step than its record says), or "" when complete. Cheap: sizes, not checksums
+    (load_checkpoint checks those)."""
+    step = int(os.path.basename(path)[5:])
+    try:
+        with open(os.path.join(path, "trainer.json"), encoding="utf-8") as f:
+            trainer = json.load(f)
+        world = trainer.get("world_size", 1)
+        if trainer.get("step") != step or not isinstance(world, int) or world < 1:
+            return f"trainer.json is for step {trainer.get('step')!r}, not {step}"
+        for rank in range(world):
+            with open(os.path.join(path, f"rank{rank}.json"), encoding="utf-8") as f:
+                record = json.load(f)
+            size = os.path.getsize(os.path.join(path, f"rank{rank}.safetensors"))
+            if record.get("step", step) != step or record.get("bytes", size) != size:
+                return f"rank{rank}.safetensors is not the one rank{rank}.json records"
+    except FileNotFoundError as e:
+        if os.path.isfile(os.path.join(path, ".metadata")):
+            return (
+                "written by an older promot (torch.distributed.checkpoint, whose metadata is a "
+                "pickle); it is not read, since unpickling can run code: start the stage again"
+            )
+        return f"no {os.path.basename(e.filename)}"
+    except (OSError, ValueError, RecursionError, AttributeError) as e:
+        return f"unreadable ({type(e).__name__}: {str(e)[:80]})"
+    return ""
 
 
 def load_latest(folder, state, device, warn=print):
-    """(path, trainer) of the newest checkpoint in `folder` that loads, filled into `state` as
-    load_checkpoint does, or (None, None) when there is none. A damaged checkpoint is skipped
-    with a warning when an older one is kept (save_checkpoint's `keep`)."""
+    """(path, trainer) of the newest complete checkpoint in `folder` that loads, filled into
+    `state` as load_checkpoint does, or (None, None) when there is no checkpoint. Each newer
+    incomplete or damaged (SHA-256) checkpoint is named in a warning as it is skipped; when
+    none is left to fall back on, the last problem is one DamagedFile."""
     found = checkpoints(folder)
     for i, path in enumerate(reversed(found)):
+        why = incomplete(path)
         try:
+            if why:
+                raise DamagedFile(f"{path}: incomplete checkpoint ({why})")
             return path, load_checkpoint(path, state, device)
         except DamagedFile as e:
-            if i == len(found) - 1 or "SHA-256" not in str(e):
-                raise
-            warn(f"warning: {e}; falling back to the previous checkpoint")
+            if not (why or "SHA-256" in str(e) or "step" in str(e)):
+                raise  # another configuration's checkpoint: no older one would fit either
+            if i == len(found) - 1:
+                raise DamagedFile(
+                    f"{e}; no complete checkpoint is left to resume from (move it away to "
+                    "start the stage over)"
+                ) from None
+            warn(f"warning: {e}; skipped, resuming from an older checkpoint")
     return None, None
 
 
 def latest_checkpoint(folder):
     """The newest complete checkpoint in `folder`, or None."""
-    found = checkpoints(folder)
+    found = [p for p in checkpoints(folder) if not incomplete(p)]
     return found[-1] if found else None
 
 
@@ -411,29 +478,21 @@ def load_checkpoint(path, state, device):
     does not fit `state` (shapes, names), before anything is changed."""
     from safetensors import safe_open
 
-    rank = _rank()
+    rank, step = _rank(), int(os.path.basename(path)[5:])
     file = os.path.join(path, f"rank{rank}.safetensors")
-    if not os.path.isfile(file):
-        old = os.path.isfile(os.path.join(path, ".metadata"))
-        raise DamagedFile(
-            f"{path}: "
-            + (
-                "written by an older promot (torch.distributed.checkpoint, whose metadata is a "
-                "pickle); "
-                "it is not read, since unpickling can run code: start the stage again"
-                if old
-                else f"no {os.path.basename(file)}: the checkpoint is incomplete"
-            )
-        )
-    try:
-        with open(os.path.join(path, f"rank{rank}.json"), encoding="utf-8") as f:
-            expected = json.load(f)["sha256"]
-        with open(os.path.join(path, "trainer.json"), encoding="utf-8") as f:
-            trainer = json.load(f)
-    except (OSError, ValueError, KeyError) as e:
-        raise DamagedFile(f"{path}: unreadable checkpoint bookkeeping ({e})") from None
+    why = incomplete(path)
+    if why:
+        raise DamagedFile(f"{path}: incomplete checkpoint ({why})")
+    with open(os.path.join(path, f"rank{rank}.json"), encoding="utf-8") as f:
+        expected = json.load(f).get("sha256")
+    with open(os.path.join(path, "trainer.json"), encoding="utf-8") as f:
+        trainer = json.load(f)
     if _sha256(file) != expected:
         raise DamagedFile(f"{file}: SHA-256 mismatch, the file was damaged after it was written")
+    with safe_open(file, framework="pt") as f:
+        saved_step = (f.metadata() or {}).get("step", str(step))
+    if saved_step != str(step):  # the files of another step, swapped in together
+        raise DamagedFile(f"{file}: holds step {saved_step}'s state, not step {step}'s")
     live = [
         (name, _local(value)) for name, value in _leaves(state) if isinstance(value, torch.Tensor)
     ]

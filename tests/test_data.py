@@ -250,6 +250,14 @@ def test_check_fits_accepts_padded_model_vocab_and_rejects_small_one(tok):
         checks.check_tokenizer_fits(tok, tok.vocab_size - 1)
 
 
+def test_check_fits_warns_only_when_the_tokenizer_reaches_under_90_percent_of_the_rows(tok, capsys):
+    checks.check_tokenizer_fits(tok, 222)  # 200 ids of 222 rows: 90.1%, like T5's 32,100 of 32,128
+    assert capsys.readouterr().err == ""
+    checks.check_tokenizer_fits(tok, 32128)  # the issue's 315-piece spiece.model beside T5's table
+    err = capsys.readouterr().err
+    assert err.startswith("warning: tokenizer ") and "200 ids for the model's 32128 " in err
+
+
 def test_tokenizer_on_a_missing_file_is_a_bad_input(tmp_path):
     with pytest.raises(BadInput, match="nope.model"):
         data.Tokenizer(tmp_path / "nope.model")
@@ -445,13 +453,20 @@ def test_kshot_with_a_tiny_pool_is_a_clear_error():
     pool = rte_examples(3)
     with pytest.raises(
         BadInput,
-        match="rte: 4-shot inputs need 4 demonstrations but the demonstration pool has 3 examples",
+        match="task rte, split train: 4-shot inputs need 4 demonstrations but the "
+        "demonstration pool has 3 examples",
     ):
         data.kshot_inputs(RTE, pool[:1], pool, 4, seed=0)
-    with pytest.raises(BadInput, match="need 3 demonstrations but the pool has only 2"):
+    with pytest.raises(BadInput, match="task rte, split train: need 3 demonstrations but the pool"):
         data.kshot_inputs(
             RTE, pool[:1], pool, 3, seed=0
         )  # the query itself is never its demonstration
+    with pytest.raises(
+        BadInput,
+        match="^task rte, split train: need 1 demonstration but the pool has only 0 labeled "
+        "examples other than the query$",
+    ):
+        data.kshot_inputs(RTE, pool[:1], pool[:1], 1, seed=0)
 
 
 def test_plus_one_shot_training_pairs_prefix_one_demonstration():
@@ -548,10 +563,11 @@ def test_summarization_defaults_to_1024_tokens_and_short_inputs_are_untouched(to
     assert len(tok.encode(text)) <= 1024 and len(warnings) == 1
 
 
-def test_truncation_budget_below_the_template_is_an_error(tok):
+def test_fair_truncation_with_a_budget_below_the_template_is_an_error(tok):
     query = data.Example({"article": article(10)}, ["s"])
+    fit = dict(tokenizer=tok, max_input_tokens=3, truncation="fair")
     with pytest.raises(BadInput, match="too small for the template"):
-        data.kshot_inputs(XSUM, [query], [], 0, tokenizer=tok, max_input_tokens=3)
+        data.kshot_inputs(XSUM, [query], [], 0, **fit)
 
 
 # ---------------------------------------------------------------------------

@@ -128,7 +128,10 @@ def test_check_prints_split_sizes_beside_table_8(data_dir, capsys):
             ["show", "--task", "nope", "--data-dir", "D"],
             "data.py: error: unknown task 'nope'; known tasks: ",
         ),
-        (["show", "--task", "xsum", "--data-dir", "D"], "data.py: error: D/xsum: folder not found"),
+        (
+            ["show", "--task", "xsum", "--data-dir", "D"],
+            "data.py: error: task xsum, split test: D/xsum: folder not found",
+        ),
         (["check", "--data-dir", "D/missing"], "data.py: error: D/missing: data folder not found"),
     ],
 )

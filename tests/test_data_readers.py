@@ -543,6 +543,15 @@ def test_unknown_label_lists_accepted_values(tmp_path):
         data.load_split("cb", tmp_path, "train")
 
 
+def test_a_data_error_names_its_task_and_split_first(tmp_path):
+    (tmp_path / "cb").mkdir()
+    (tmp_path / "cb/train.jsonl").write_text('{"premise": "a"}\n', encoding="utf-8")
+    with pytest.raises(DamagedFile, match=r"^task cb, split train: .*cb/train.jsonl:1: "):
+        data.load_split("cb", tmp_path, "train")
+    with pytest.raises(BadInput, match=r"^task cb, split validation: .*no file for split"):
+        data.load_split("cb", tmp_path, "validation")
+
+
 def test_empty_split_is_an_error(tmp_path):
     (tmp_path / "xsum").mkdir()
     (tmp_path / "xsum/test.jsonl").write_text("\n\n", encoding="utf-8")
@@ -618,7 +627,7 @@ def test_a_split_without_a_file_is_a_returned_no_split_file_and_load_split_a_bad
     )
     with pytest.raises(BadInput) as err:
         data.load_split("rte", tmp_path, "train")
-    assert str(err.value) == missing.message
+    assert str(err.value) == f"task rte, split train: {missing.message}"
 
 
 def test_the_leaf_raises_the_two_error_types_of_support_errors():

@@ -295,6 +295,122 @@ def test_plot_writes_non_empty_pngs_and_csvs(tmp_path):
     assert rows[0] == "run,stage,step,finetuned_score,unseen_average" and len(rows) == 7
 
 
+def curve_rows(task, scores, ratio=0.0, shared=""):
+    """in_context rows of `tables` for one task, one run, steps 0, 50, 100..."""
+    return [
+        dict(
+            run="ft",
+            stage="finetune",
+            step=50 * i,
+            task=task,
+            shots=1,
+            score=score,
+            metric="accuracy",
+            format_ratio=ratio,
+            format_words="True/False",
+            shared_words=shared,
+        )
+        for i, score in enumerate(scores)
+    ]
+
+
+def test_every_in_context_and_format_ratio_panel_is_on_0_to_100():
+    plt = pytest.importorskip("matplotlib.pyplot")
+    rows = curve_rows("lab_kind", [100.0, 96.9, 88.0]) + curve_rows("lab_news", [100.0, 45.0])
+    figures = diagnostics.in_context_figures(plt, rows)
+    assert sorted(figures) == ["format_ratio.png", "in_context.png"]
+    for name, fig in figures.items():
+        assert [ax.get_ylim() for ax in fig.axes] == [(0.0, 100.0), (0.0, 100.0)], name
+        plt.close(fig)
+
+
+def test_format_ratio_leaves_out_a_task_whose_answers_use_the_format_words():
+    plt = pytest.importorskip("matplotlib.pyplot")
+    rows = curve_rows("lab_kind", [100.0, 90.0]) + curve_rows(
+        "lab_lives", [81.0, 75.0], ratio=56.0, shared="False/True"
+    )
+    figures = diagnostics.in_context_figures(plt, rows)
+    ratio, scores = figures["format_ratio.png"], figures["in_context.png"]
+    assert [ax.get_title() for ax in ratio.axes] == ["lab_kind, 1-shot"]
+    caption = " ".join(t.get_text() for t in ratio.texts)
+    assert "Left out: lab_lives (its answers include False/True)" in caption
+    assert "first word is one of the fine-tuned task's answers (True/False)" in caption
+    # its score is still a score: the in-context figure keeps it
+    assert [ax.get_title() for ax in scores.axes] == [
+        "lab_kind, 1-shot (accuracy)",
+        "lab_lives, 1-shot (accuracy)",
+    ]
+    plt.close("all")
+    only_shared = diagnostics.in_context_figures(plt, curve_rows("x", [1.0], shared="True"))
+    assert only_shared["format_ratio.png"] == (
+        "every probed task's own answers use its words: x (its answers include True)"
+    )
+    plt.close("all")
+
+
+def test_probe_records_name_the_answer_words_they_share_with_the_fine_tuned_task(lab, tmp_path):
+    t5 = model.load_pretrained(lab["model_dir"])
+    flags = diagnostics.TrainingFlags(
+        probe_tasks="toy_tf,toy_copy", probe_every=1, probe_shots="0", probe_limit=2
+    )
+    diag = diagnostics.TrainingDiagnostics(
+        flags, str(tmp_path), "finetune", lab["tokenizer"], lab["data_dir"], "toy_tf"
+    )
+    records = diag.run(0, t5)
+    assert [(r["task"], r["format_words"], r["shared_words"]) for r in records] == [
+        ("toy_tf", ["True", "False"], ["False", "True"]),
+        ("toy_copy", ["True", "False"], []),
+    ]
+
+
+def test_the_tradeoff_figure_is_skipped_with_a_message_on_too_few_checkpoints(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "ft", "finetune", [(0, 40.0, 5.0), (4, 2.0, 99.0)])
+    write_run(tmp_path / "promot", "stage2", [(4, 37.0, 4.0)])
+    written = diagnostics.plot([str(tmp_path / "ft"), str(tmp_path / "promot")], str(tmp_path))
+    assert str(tmp_path / "tradeoff.png") not in written
+    assert str(tmp_path / "tradeoff.csv") in written  # the numbers are still written
+    assert capsys.readouterr().out == (
+        "skipped tradeoff.png: a trade-off needs a run with at least 3 checkpoints that were "
+        "both scored on the validation split and probed at the same step (have ft (finetune): 2, "
+        "promot (stage2): 1); save more checkpoints (--save-every) at steps the probes run "
+        "(--probe-every)\n"
+    )
+
+
+def test_the_tradeoff_figure_with_three_checkpoints_has_both_axes_on_one_range_to_100():
+    plt = pytest.importorskip("matplotlib.pyplot")
+    rows = [
+        dict(run="ft", stage="finetune", step=s, finetuned_score=90 + s, unseen_average=95 - s)
+        for s in (1, 2, 3)
+    ]
+    fig = diagnostics.tradeoff_figure(plt, rows)["tradeoff.png"]
+    # lowest point 91 -> from 80 (a round number at least 5 below it) to 100
+    assert (fig.axes[0].get_xlim(), fig.axes[0].get_ylim()) == ((80, 100), (80, 100))
+    plt.close(fig)
+
+
+def test_alignment_bars_are_sorted_labelled_and_captioned():
+    plt = pytest.importorskip("matplotlib.pyplot")
+    cosines = {"mlp": 0.3, "self_attn.q": 0.9, "cross_attn.k": -0.5, "model": 0.5}
+    rows = [
+        dict(run="ft", stage="finetune", step=step, group=g, cosine=c * scale)
+        for step, scale in ((0, 1.0), (400, 0.5))
+        for g, c in cosines.items()
+    ]
+    assert diagnostics.alignment_order(rows) == ["self_attn.q", "model", "mlp", "cross_attn.k"]
+    fig = diagnostics.alignment_figure(plt, rows)["alignment.png"]
+    ax = fig.axes[0]
+    top_down = sorted(zip(ax.get_yticks(), (t.get_text() for t in ax.get_yticklabels())))[::-1]
+    labels = ["self-attention Q", "whole model", "MLP kernels", "cross-attention K"]
+    assert [text for _, text in top_down] == labels
+    assert sorted(t.get_text() for t in ax.texts)[:2] == ["+0.15", "+0.25"]  # values on bars
+    assert len(ax.patches) == 8
+    caption = " ".join(t.get_text() for t in fig.texts)
+    assert "Higher = the update is mostly format learning" in caption
+    plt.close(fig)
+
+
 def test_plot_on_a_run_without_records(tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "diagnostics.py"), "plot", str(tmp_path)],
@@ -445,7 +561,11 @@ def test_probes_run_at_the_requested_steps_and_leave_training_unchanged(lab, tmp
     # and the figures come out of the recorded run
     pytest.importorskip("matplotlib")
     written = diagnostics.plot([str(tmp_path / "probed")], str(tmp_path / "fig"))
-    assert str(tmp_path / "fig" / "tradeoff.png") in written
+    assert str(tmp_path / "fig" / "in_context.png") in written
+    assert str(tmp_path / "fig" / "alignment.png") in written
+    # two checkpoints (steps 2 and 4) are too few for a trade-off: its table only
+    assert str(tmp_path / "fig" / "tradeoff.csv") in written
+    assert str(tmp_path / "fig" / "tradeoff.png") not in written
 
 
 def test_alignment_flags_are_refused_for_stage_1(lab, tmp_path, capsys):

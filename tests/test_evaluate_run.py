@@ -193,18 +193,20 @@ def test_run_scores_the_fine_tuned_task_0_shot_and_every_task_at_every_shot(prom
     )
 
 
-def test_prompt_is_prepended_only_for_the_fine_tuned_task_by_default(promot_run):
-    _, results, _, _, _ = promot_run
+def test_by_default_the_prompt_goes_to_the_tasks_of_the_fine_tuned_tasks_format(promot_run):
+    _, results, _, stderr, _ = promot_run
     used = {r["task"]: r["prompt"] for r in results["runs"]}
-    # The paper's tables: the prompt-tuning column equals the pretrained one on every unseen task.
+    # §4 and §5.3: CB and WiC "share the same format as the RTE fine-tuning task".
     assert used == {
         "rte": True,
-        "wic": False,
-        "cb": False,
+        "wic": True,
+        "cb": True,
         "trivia_qa": False,
         "wmt16_ende": False,
         "xsum": False,
     }
+    assert {r["route"] for r in results["runs"]} == {"same_format"}  # the rule, on every row
+    assert "evaluate.py: scoring with the prompt " in stderr and "--route same_format" in stderr
 
 
 def test_every_score_can_be_recomputed_from_the_examples_in_the_json(promot_run):
@@ -248,26 +250,30 @@ def test_table_has_the_papers_layout(promot_run):
     _, results, stdout, _, _ = promot_run
     lines = stdout.strip().splitlines()
     assert lines[0] == "| | 0-shot | 1-shot |"
-    assert lines[2].startswith("| Fine-tuning rte (0-shot, accuracy) |")
+    assert lines[2].startswith("| Fine-tuning rte (0-shot, accuracy; prompt) |")
     assert (
         lines[3]
         == f"| Norm. Avg. | {results['norm_avg']['0']:.2f} | {results['norm_avg']['1']:.2f} |"
     )
-    assert [line.split(" |")[0] for line in lines[4:]] == [
-        "| cb (accuracy)",
-        "| wic (accuracy)",
+    assert [line.split(" |")[0] for line in lines[4:9]] == [
+        "| cb (accuracy; prompt)",
+        "| wic (accuracy; prompt)",
         "| trivia_qa (exact_match)",
         "| wmt16_ende (bleu)",
         "| xsum (rouge2)",
+    ]
+    assert lines[9:] == [
+        "",
+        "Note: rows marked prompt or LoRA were scored with it (--route same_format).",
     ]
 
 
 def test_a_plus_1_shot_run_reports_its_task_0_and_1_shot_and_says_which_chose_the_checkpoint(
     setup, tmp_path, capsys
 ):
-    """§5.3's "+1-shot" runs select best/ on 1-shot validation scores: training.json (promot's
-    export)
-    says so, and the table shows the fine-tuned task both ways, marking the one that chose."""
+    """A "+1-shot" run (§5.3) chose best/ on 0-shot validation scores (Table 2: "We use 0-shot in
+    fine-tuning tasks"): training.json (promot's export) says so, and the table shows the
+    fine-tuned task both ways, marking the one that chose."""
     folder = tmp_path / "best"
     folder.mkdir()
     (folder / "prompt.safetensors").write_bytes(setup[2].read_bytes())
@@ -278,7 +284,8 @@ def test_a_plus_1_shot_run_reports_its_task_0_and_1_shot_and_says_which_chose_th
                 "task": "rte",
                 "shots": 1,
                 "step": 3,
-                "chosen_by": "validation score at 1-shot",
+                "chosen_by": "validation score at 0-shot",
+                "chosen_at_shots": 0,
             }
         )
     )
@@ -290,10 +297,10 @@ def test_a_plus_1_shot_run_reports_its_task_0_and_1_shot_and_says_which_chose_th
         for r in results["runs"]
         if r["role"] == "fine-tuned"
     ]
-    assert tuned == [(0, False, True), (1, True, True)]
+    assert tuned == [(0, True, True), (1, False, True)]
     table = capsys.readouterr().out
-    assert "| Fine-tuning rte (0-shot, accuracy) |" in table
-    assert "| Fine-tuning rte (1-shot, accuracy; chose the checkpoint) |" in table
+    assert "| Fine-tuning rte (0-shot, accuracy; prompt; chose the checkpoint) |" in table
+    assert "| Fine-tuning rte (1-shot, accuracy; prompt) |" in table
     cb = {r["shots"]: r["score"] for r in results["runs"] if r["task"] == "cb"}
     assert results["norm_avg"]["1"] == evaluate.normalized_average(
         [cb[1]]
@@ -330,7 +337,8 @@ def with_flag(argv, flag, value):
 
 def test_progress_line_reports_examples_per_second_and_eta(promot_run):
     _, _, _, stderr, _ = promot_run
-    assert "cb 1-shot: 5/5 examples," in stderr and "examples/s, ETA" in stderr
+    assert "trivia_qa 1-shot: 5/5 examples," in stderr and "examples/s, ETA" in stderr
+    assert "cb 1-shot +prompt: 5/5 examples," in stderr
 
 
 def test_baseline_adds_the_norm_avg_difference(setup, promot_run, tmp_path, capsys):
@@ -366,9 +374,13 @@ def test_a_100k_character_input_is_cut_to_the_default_budget_of_1024_tokens(
     )
     huge = data.Example({"question": sentence(random.Random(1), 20000)}, ["Paris"])
     assert len(huge.fields["question"]) > 100_000
-    fair = evaluate.score_task(t5, tokenizer, "trivia_qa", [huge])  # no --max-input-tokens: 1024
-    end = evaluate.score_task(t5, tokenizer, "trivia_qa", [huge], truncation="end")
-    assert 1000 < widths[0] <= 1024 and widths[1] == 1024  # T5X's cut: the first 1023 ids and EOS
+    end = evaluate.score_task(t5, tokenizer, "trivia_qa", [huge])  # no --max-input-tokens: 1024
+    fair = evaluate.score_task(t5, tokenizer, "trivia_qa", [huge], truncation="fair")
+    assert widths[0] == 1024 and 1000 < widths[1] <= 1024  # T5X's cut: the first 1023 ids and EOS
+    cut = {"max_input_tokens": 1024, "inputs": 1, "trimmed": 1}  # the results say what was cut
+    assert end["truncation"] == {**end["truncation"], **cut, "rule": "end"}
+    assert fair["truncation"] == {**fair["truncation"], **cut, "rule": "fair"}
+    assert end["truncation"]["tokens_removed"] > 10_000
     assert (
         fair["examples"][0]["input"].endswith(" A: <extra_id_0>")
         and fair["score"] == end["score"] == 100.0
@@ -376,7 +388,7 @@ def test_a_100k_character_input_is_cut_to_the_default_budget_of_1024_tokens(
     assert capsys.readouterr().err.count("trivia_qa, 0-shot, max 1024 tokens") == 2
 
 
-def test_the_cli_defaults_are_the_papers_decoding_and_the_fair_cut(tmp_path):
+def test_the_cli_defaults_are_the_papers_decoding_cut_and_routing(tmp_path):
     args = evaluate.parse_args(
         ["--model", "m", "--data-dir", "d", "--out", str(tmp_path / "r.json")]
     )
@@ -385,7 +397,7 @@ def test_the_cli_defaults_are_the_papers_decoding_and_the_fair_cut(tmp_path):
         "t5x",
         0.6,
     )  # App. B.4, T5X
-    assert (args.truncation, args.max_input_tokens, args.route) == ("fair", None, "fine_tuned_only")
+    assert (args.truncation, args.max_input_tokens, args.route) == ("end", None, "same_format")
 
 
 def test_score_task_turns_a_fixed_answer_into_the_expected_scores(setup, monkeypatch):
@@ -444,8 +456,9 @@ def test_route_prompt_picks_each_tasks_own_prompt_in_multi_task_promot():
     prompts = {"rte": rte, "wmt14_enfr": wmt}
     assert (
         evaluate.route_prompt("rte", prompts) is rte
-        and evaluate.route_prompt("wic", prompts) is None
+        and evaluate.route_prompt("wic", prompts) is rte
     )
+    assert evaluate.route_prompt("wic", prompts, "fine_tuned_only") is None
     assert evaluate.route_prompt("wmt14_enfr", prompts) is wmt
     assert evaluate.route_prompt("wic", prompts, "same_answers") is rte
     assert (
@@ -492,6 +505,32 @@ def test_unknown_task_is_one_clear_message(setup, tmp_path, capsys):
     err = run_expecting_error(args, capsys)
     assert "unknown task 'trivia'" in err and "trivia_qa" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_missing_task_folders_are_all_named_in_one_message_with_the_eval_tasks_that_would_run(
+    setup, tmp_path, capsys
+):
+    """The data folder holds five of the paper's eight unseen tasks (data.EVALUATION_TASKS)."""
+    args = common_args(setup, tmp_path / "r.json")
+    del args[args.index("--eval-tasks") : args.index("--eval-tasks") + 2]  # the paper's eight
+    err = run_expecting_error(args, capsys)
+    assert err.count("\n") == 1 and "has no folder for 3 evaluation tasks of 8: " in err
+    assert "web_questions, wmt16_enro, wiki_lingua_en." in err
+    assert "--eval-tasks cb,wic,trivia_qa,wmt16_ende,xsum, or pass --skip-missing-tasks" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_skip_missing_tasks_scores_the_others_and_names_the_skipped_in_json_and_table(
+    setup, tmp_path, capsys
+):
+    args = common_args(setup, tmp_path / "r.json", "--skip-missing-tasks", "--shots", "0")
+    args[args.index("--eval-tasks") + 1] = "cb,web_questions"
+    assert evaluate.main(args) == 0
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["skipped_tasks"] == ["web_questions"]
+    assert [r["task"] for r in results["runs"]] == ["cb"]
+    assert "Not scored (no folder): web_questions" in out
 
 
 def test_prompt_of_the_wrong_width_is_one_clear_message(setup, tmp_path, capsys):
@@ -547,7 +586,8 @@ def test_non_positive_beam_width_is_one_clear_message(setup, tmp_path, capsys):
 
 def test_interrupted_run_leaves_the_previous_results_file_untouched(setup, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
-    out.write_text("previous")
+    previous = json.dumps({"format": evaluate.RESULTS_FORMAT, "runs": []})  # --out replaces ours
+    out.write_text(previous)
     real = evaluate.score_task
     calls = []
 
@@ -560,7 +600,7 @@ def test_interrupted_run_leaves_the_previous_results_file_untouched(setup, tmp_p
     monkeypatch.setattr(evaluate, "score_task", interrupted)
     with pytest.raises(KeyboardInterrupt):
         evaluate.main(common_args(setup, out))
-    assert out.read_text() == "previous" and os.listdir(tmp_path) == ["r.json"]
+    assert out.read_text() == previous and os.listdir(tmp_path) == ["r.json"]
 
 
 # --- torchrun: examples split across ranks, then gathered --------------------------------

@@ -3,6 +3,7 @@
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -292,7 +293,7 @@ def test_pretraining_script_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_lab_run_quick_goes_through_stage_1_stage_2_finetune_and_evaluate_and_writes_the_table(
-    tmp_path,
+    tmp_path, capsys
 ):
     from lab import run as lab_run
 
@@ -309,11 +310,25 @@ def test_lab_run_quick_goes_through_stage_1_stage_2_finetune_and_evaluate_and_wr
         ]
     )
     assert list(table) == list(lab_run.METHODS)
+    numbers = [
+        line.split(" $ ")[0] for line in capsys.readouterr().out.splitlines() if " $ " in line
+    ]
+    assert numbers == [f"[{k}/{lab_run.COMMANDS}]" for k in range(1, 13)]  # each command, once
     for row in table.values():
         assert 0 <= row["true_false_ratio"] <= 100 and 0 <= row["norm_avg"] <= 100
         assert set(lab_tasks.TASK_NAMES) <= set(row)
     text = (tmp_path / "run" / "table.md").read_text()
     assert "Norm. Avg." in text and "ProMoT + 1-shot" in text
+    # the table in the form docs/lab.md holds, which bench/lab_table.py compares cell for cell
+    sys.path.insert(0, str(ROOT / "bench"))
+    import lab_table
+
+    assert lab_table.differences(text.splitlines(), text.splitlines()) == []
+    assert lab_table.tables("seed 0:\n\n" + text)[0] == ("seed 0:", text.splitlines())
+    # its recipe (lab/tiny-t5/recipe.json, the flagless promot.py's) with --quick's changes
+    recorded = json.loads((tmp_path / "run" / "table.json").read_text())["settings"]["recipe"]
+    assert recorded["prompt"]["lr"] == 0.2 and recorded["model"]["lr"] == 1e-2
+    assert recorded["model"]["steps"] == 3 and recorded["every stage"]["batch_size"] == 16
     # The diagnostics of standard fine-tuning and ProMoT's stage 2: probes and gradient
     # alignment before the first step and after the last (3), drawn by `evaluate.py plot`.
     figures = tmp_path / "run" / "figures"
@@ -349,3 +364,23 @@ def test_lab_table_shows_the_fine_tuned_task_0_shot_when_a_plus_1_shot_run_also_
     ]
     table = lab_run.summarize({"promot_1shot": {"runs": runs, "norm_avg": {"1": 50.0}}})
     assert table["promot_1shot"]["lab_owns"] == 70.0
+
+
+def test_bench_lab_table_names_each_cell_that_differs_from_the_published_table(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import lab_table
+
+    published = [
+        "| | Pretrained | ProMoT |",
+        "|---|---|---|",
+        "| **Norm. Avg.** | 97.5 | 83.4 |",
+        "| lab_who (exact_match) | 100.0 | 98.4 |",
+    ]
+    run = published[:2] + ["| **Norm. Avg.** | 97.5 | 81.0 |", published[3]]
+    assert lab_table.differences(published, run) == [
+        "**Norm. Avg.** | ProMoT: published 83.4, this run 81.0"
+    ]
+    docs = "Seed 1:\n\n" + "\n".join(run) + "\n\nseed 0:\n\n" + "\n".join(published) + "\n"
+    (tmp_path / "lab.md").write_text(docs, encoding="utf-8")
+    assert lab_table.published(tmp_path / "lab.md", published[0], 0) == published
+    assert lab_table.published(tmp_path / "lab.md", published[0], 1) == run

@@ -273,7 +273,7 @@ def test_without_pyarrow_one_message_gives_the_install_command(tmp_path, monkeyp
     with pytest.raises(BadInput) as err:
         data.load_split("xsum", tmp_path, "test")
     assert str(err.value) == (
-        f"{tmp_path / 'xsum/test.parquet'}: reading parquet files needs the optional "
+        f"task xsum, split test: {tmp_path / 'xsum/test.parquet'}: reading parquet files needs the optional "
         "package pyarrow; install it with `pip install pyarrow`"
     )
 
@@ -315,7 +315,8 @@ def test_check_without_pyarrow_fails_with_the_install_command(tmp_path, capsys, 
     captured = capsys.readouterr()
     assert "test ERROR" in captured.out
     assert (
-        f"error: {tmp_path / 'xsum/data/test-00000-of-00001.parquet'}: reading parquet files needs the "
+        f"error: task xsum, split test: {tmp_path / 'xsum/data/test-00000-of-00001.parquet'}: "
+        "reading parquet files needs the "
         "optional package pyarrow; install it with `pip install pyarrow`"
     ) in captured.err
 

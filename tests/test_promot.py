@@ -218,7 +218,8 @@ def test_multitask_stage1_tunes_each_prompt_apart_with_its_own_best_checkpoint(e
     final = load_file(str(out / "stage1" / "final" / "prompt.safetensors"))
     assert not torch.equal(final["prompt.toy_tf"], final["prompt.toy_copy"])
     training = json.load(open(out / "stage1" / "best" / "training.json"))
-    assert (training["shots"], training["chosen_by"]) == (1, "validation score at 1-shot")
+    chosen = (training["shots"], training["chosen_by"], training["chosen_at_shots"])
+    assert chosen == (1, "validation score at 0-shot", 0)  # Table 2: "0-shot in fine-tuning tasks"
     run2 = train(args(env, out, "2", "--no-eval", task="toy_tf,toy_copy", steps=1, save_every=1))
     for name in ("toy_tf", "toy_copy"):
         assert torch.equal(run2.prompts[name].detach(), saved[f"prompt.{name}"])
@@ -648,17 +649,22 @@ def test_long_inputs_are_cut_in_the_query_text_keeping_template_and_sentinel(env
     long_example = data.Example({"input": " ".join(["dog sat on the mat"] * 20)}, ["False"])
     mixture = data.Mixture({"toy_tf": [long_example]}, seed=0)
     tok = data.Tokenizer(os.path.join(env["model"], "spiece.model"))
-    rows = data.rank_batch(
-        mixture,
-        [task],
-        [train_set],
-        cfg.batch_size,
-        tokenizer=tok,
-        max_input_tokens=cfg.max_input_tokens,
-    )
-    text = rows[0][1]
-    assert len(tok.encode(text)) <= 16
-    assert text.endswith("question: is there a cat? answer: <extra_id_0>")
+    assert cfg.truncation == "end"  # the paper's cut; "fair" keeps the template and sentinel
+    for truncation in ("end", "fair"):
+        rows = data.rank_batch(
+            mixture,
+            [task],
+            [train_set],
+            cfg.batch_size,
+            tokenizer=tok,
+            max_input_tokens=cfg.max_input_tokens,
+            truncation=truncation,
+        )
+        text = rows[0][1]
+        assert len(tok.encode(text)) <= 16
+        kept = text.endswith("question: is there a cat? answer: <extra_id_0>")
+        assert kept == (truncation == "fair")  # "end" keeps the input's first words instead
+        assert text.startswith("dog sat on the mat") == (truncation == "end")
 
 
 def test_train_step_loss_is_token_mean_cross_entropy_plus_t5x_z_loss(env):
@@ -680,3 +686,134 @@ def test_train_step_loss_is_token_mean_cross_entropy_plus_t5x_z_loss(env):
     z = (torch.logsumexp(logits, -1).square() * (labels != -100)).sum()
     assert n == 5 and tokens == 7 + 5
     assert loss == pytest.approx(float((ce + 1e-4 * z) / n), rel=1e-6)
+
+
+# --- the paper's defaults: checkpoint choice, multi-task mixing, scoring an export -------------
+
+
+def scores_by_step(monkeypatch, table):
+    """score_task replaced by {task: [score at its 1st, 2nd, ... call]}; returns the calls' shots."""
+    calls = []
+
+    def fake(model, tokenizer, task, examples, **kw):
+        calls.append((task.name, kw["shots"]))
+        score = table[task.name][sum(name == task.name for name, _ in calls) - 1]
+        return {"score": score}
+
+    monkeypatch.setattr(promot.evaluate, "score_task", fake)
+    return calls
+
+
+@pytest.mark.parametrize("select", [None, "train"])
+def test_a_plus_1_shot_run_chooses_its_best_checkpoint_on_0_shot_scores(env, monkeypatch, select):
+    """Table 2: "We use 0-shot in fine-tuning tasks"; --select-shots train scores at --shots."""
+    out = env["root"] / f"run_select_{select}"
+    calls = scores_by_step(monkeypatch, {"toy_tf": [50.0, 70.0, 60.0]})
+    extra = ("--shots", "1") + (("--select-shots", select) if select else ())
+    run = train(args(env, out, "1", *extra, steps=3, save_every=1))
+    shots = 1 if select else 0
+    assert calls == [("toy_tf", shots)] * 3 and run.best["step"] == 2
+    training = json.load(open(out / "stage1" / "best" / "training.json"))
+    assert training["chosen_by"] == f"validation score at {shots}-shot"
+    assert (training["shots"], training["chosen_at_shots"], training["step"]) == (1, shots, 2)
+
+
+@pytest.mark.parametrize("rule, best_step", [(None, 2), ("min", 1)])
+def test_multitask_best_checkpoint_is_the_tasks_mean_or_with_select_score_min_their_minimum(
+    env, monkeypatch, rule, best_step
+):
+    out = env["root"] / f"run_select_score_{rule}"
+    scores_by_step(monkeypatch, {"toy_tf": [10.0, 90.0], "toy_copy": [60.0, 5.0]})
+    extra = ("--select-score", rule) if rule else ()
+    run = train(args(env, out, "finetune", *extra, task="toy_tf,toy_copy", steps=2, save_every=1))
+    assert run.best["step"] == best_step  # mean: 35 then 47.5; min: 10 then 5
+    assert run.best["score"] == (47.5 if rule is None else 10.0)
+
+
+def test_multitask_mixing_is_equal_by_default_or_examples_proportional_with_t5s_cap(env):
+    import data
+
+    cfg = promot.parse_args(args(env, env["root"] / "unused", "2", task="toy_tf,toy_copy"))
+    assert (cfg.mixing, cfg.mixing_cap) == ("equal", 2**19)  # T5 §3.5.3's K = 2^19
+    pools = {"small": list(range(100)), "large": list(range(900))}
+
+    def share(**rule):
+        names = [n for n, _ in data.Mixture(pools, seed=3, **rule).take(20000)]
+        return names.count("small") / len(names)
+
+    assert abs(share() - 0.5) < 0.02
+    assert abs(share(rates="proportional") - 0.1) < 0.01  # 100 / (100 + 900)
+    assert abs(share(rates="proportional", cap=300) - 0.25) < 0.015  # 100 / (100 + 300)
+    flags = ("--mixing", "proportional", "--mixing-cap", "300")
+    cfg = promot.parse_args(args(env, env["root"] / "unused", "2", *flags, task="toy_tf,toy_copy"))
+    assert (cfg.mixing, cfg.mixing_cap) == ("proportional", 300)
+
+
+@pytest.fixture(scope="module")
+def stage2_best(env, tmp_path_factory):
+    """A real ProMoT run (stage 1, stage 2) and a data folder with toy_tf2, a task of toy_tf's
+    format group (its task.json says so)."""
+    root = tmp_path_factory.mktemp("stage2_export")
+    data_dir = root / "data"
+    shutil.copytree(env["data"], data_dir)
+    shutil.copytree(data_dir / "toy_tf", data_dir / "toy_tf2")
+    spec = json.loads((data_dir / "toy_tf" / "task.json").read_text())
+    (data_dir / "toy_tf2" / "task.json").write_text(json.dumps({**spec, "format_group": "toy_tf"}))
+    local = dict(env, data=str(data_dir))
+    assert promot.main(args(local, root / "run", "1", steps=2, save_every=1)) == 0
+    assert promot.main(args(local, root / "run", "2", steps=2, save_every=1)) == 0
+    return root / "run" / "stage2" / "best", data_dir
+
+
+def evaluate_cli(best, data_dir, out, *extra):
+    import evaluate
+
+    argv = ["--model", str(best), "--data-dir", str(data_dir), "--out", str(out)]
+    argv += ["--eval-tasks", "toy_tf2,toy_copy", "--shots", "0,1", "--eval-examples", "3"]
+    assert evaluate.main(argv + list(extra)) == 0
+    return json.loads(out.read_text())["runs"]
+
+
+def test_evaluate_scores_a_stage2_best_folder_with_its_own_prompt_unless_bare_model(
+    stage2_best, tmp_path, capsys
+):
+    best, data_dir = stage2_best
+    assert (best / "prompt.safetensors").is_file() and (best / "training.json").is_file()
+    runs = evaluate_cli(best, data_dir, tmp_path / "r.json", "--num-beams", "1")
+    used = {(r["task"], r["shots"]): (r["role"], r["prompt"], r["route"]) for r in runs}
+    # training.json names the fine-tuned task; toy_tf2 shares its format group; toy_copy not
+    assert used == {
+        ("toy_tf", 0): ("fine-tuned", True, "same_format"),
+        ("toy_tf2", 0): ("evaluation", True, "same_format"),
+        ("toy_tf2", 1): ("evaluation", True, "same_format"),
+        ("toy_copy", 0): ("evaluation", False, "same_format"),
+        ("toy_copy", 1): ("evaluation", False, "same_format"),
+    }
+    err = capsys.readouterr().err
+    assert f"evaluate.py: scoring with the prompt {best / 'prompt.safetensors'}, routed by" in err
+    bare = evaluate_cli(best, data_dir, tmp_path / "b.json", "--num-beams", "1", "--bare-model")
+    assert [r["task"] for r in bare] == ["toy_tf2", "toy_tf2", "toy_copy", "toy_copy"]
+    assert not any(r["prompt"] for r in bare)
+    assert "evaluate.py: scoring the model alone (--bare-model)" in capsys.readouterr().err
+
+
+def test_score_task_and_evaluate_py_give_the_same_scores_with_no_decoding_arguments(
+    stage2_best, tmp_path
+):
+    """One decoding default everywhere (the paper's: beam 4, T5X's rule, alpha 0.6), one cut."""
+    import data
+    import evaluate
+
+    best, data_dir = stage2_best
+    runs = evaluate_cli(best, data_dir, tmp_path / "r.json")
+    t5 = model_lib.load_pretrained(str(best)).eval()
+    tok = data.Tokenizer(str(best / "spiece.model"))
+    prompts = prompt_formats.read_prompts(str(best / "prompt.safetensors"), 32)
+    for run in runs:
+        task = data.get_task(run["task"], data_dir)
+        examples = data.load_eval_split(task, data_dir)[1][:3]
+        pool = data.load_split(task, data_dir, "train")
+        prompt = evaluate.route_prompt(task, prompts)
+        shots = run["shots"]
+        ours = evaluate.score_task(t5, tok, task, examples, pool=pool, shots=shots, prompt=prompt)
+        assert ours["examples"] == run["examples"] and ours["score"] == run["score"], run["task"]

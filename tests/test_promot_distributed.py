@@ -19,7 +19,7 @@ import promot_fixtures as pf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def torchrun(*argv, nproc=2):
+def torchrun(*argv, nproc=2, code=0):
     env = {
         **os.environ,
         "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -35,8 +35,21 @@ def torchrun(*argv, nproc=2):
         *argv,
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (proc.returncode == 0) == (code == 0), proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def test_a_bad_input_under_torchrun_is_one_line_and_exit_2_on_every_rank(env, tmp_path):
+    """torchrun itself raises ChildFailedError (its own traceback) whenever a rank exits
+    non-zero; promot prints its line on rank 0 (unless torchrun stopped it first, when rank 1
+    failed sooner), and torchrun's report names it (the error file) for each failed rank."""
+    out = tmp_path / "out"
+    argv = ["--stage", "1", "--model", env["model"], "--data-dir", env["data"], "--task", "toy_tf"]
+    proc = torchrun("promot.py", *argv, "--out", str(out), "--lr", "-1", "--no-eval", code=2)
+    line = "promot.py: error: --lr -1.0: expected a finite number >= 0"
+    err = proc.stderr
+    assert err.count(f"{line}\n") - err.count(f"traceback : {line}\n") <= 1, err  # not per rank
+    assert "exitcode  : 2" in err and f"traceback : {line}" in err and not out.exists()
 
 
 def test_sharded_adafactor_takes_the_single_process_steps(tmp_path):

@@ -1,8 +1,10 @@
 """The one prompt-routing rule (evaluate.route_prompt, evaluate.same_format) for every pair of
-the paper's twelve tasks, under each reading of its §4. The default follows the paper's tables:
-the stage-1 prompt goes to the fine-tuned task alone."""
+the paper's twelve tasks, under each reading of its §4. The default is the paper's words: §4
+gives the prompt to "the same format as the fine-tuned target task", and §5.3 says CB and WiC
+"share the same format as the RTE fine-tuning task"."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -42,27 +44,51 @@ def test_the_routing_table_for_every_pair_of_the_twelve_tasks(route):
     for task, fine_tuned in itertools.product(PAPER_TASKS, repeat=2):
         want = expected(task, fine_tuned, READINGS[route])
         assert evaluate.same_format(task, fine_tuned, route) == want, (task, fine_tuned)
-        assert (evaluate.route_prompt(task, {fine_tuned: prompt}, route) is prompt) == want, (
-            task,
-            fine_tuned,
-        )
+        routed = evaluate.route_prompt(task, {fine_tuned: prompt}, route) is prompt
+        assert routed == want, (task, fine_tuned)
 
 
-def test_by_default_the_prompt_goes_to_the_fine_tuned_task_alone():
+def test_by_default_rtes_prompt_goes_to_rte_cb_and_wic_as_section_5_3_says():
     prompt = torch.zeros(2, 4)
+    routed = {t for t in PAPER_TASKS if evaluate.route_prompt(t, {"rte": prompt}) is prompt}
+    assert routed == {"rte", "cb", "wic", "snli"}
+    assert {t for t in data.EVALUATION_TASKS if t in routed} == {"cb", "wic"}  # Table 3's tasks
+
+
+def test_the_default_is_same_format_everywhere_lora_and_probes_included():
     for task, fine_tuned in itertools.product(PAPER_TASKS, repeat=2):
-        routed = evaluate.route_prompt(task, {fine_tuned: prompt}) is prompt
-        assert (
-            routed == (task == fine_tuned) == evaluate.same_format(task, fine_tuned)
-        )  # LoRA and probes alike
+        by_default = evaluate.route_prompt(task, {fine_tuned: True}) is True
+        assert by_default == evaluate.same_format(task, fine_tuned)
+        assert by_default == expected(task, fine_tuned, SAME_FORMAT)
 
 
-def test_prompt_tuning_leaves_every_unseen_task_as_the_pretrained_model_scores_it():
-    # Tables 10, 12-14: the prompt-tuning column equals the pretrained one on all eight tasks,
-    # CB and WiC under an RTE prompt and CB under an SNLI prompt included.
-    for fine_tuned in data.FINE_TUNING_TASKS:
-        for task in data.EVALUATION_TASKS:
-            assert evaluate.route_prompt(task, {fine_tuned: torch.zeros(1, 1)}) is None
+def test_the_format_groups_are_explicit_in_the_task_table():
+    assert {n for n, t in data.TASKS.items() if t.format_group == "true_false"} >= {
+        "rte",
+        "cb",
+        "wic",
+        "snli",
+    }
+    assert data.FORMAT_GROUPS == dict.fromkeys(("rte", "cb", "wic", "snli"), "true_false")
+    for name in PAPER_TASKS:  # every other task: its answer format
+        task = data.TASKS[name]
+        assert task.format_group == data.FORMAT_GROUPS.get(name, task.format)
+
+
+def test_a_generic_task_sets_its_group_in_task_json_or_takes_its_format(tmp_path):
+    for name, spec in {
+        "nli_like": {"label_words": ["True", "False", "Neither"], "format_group": "true_false"},
+        "plain": {"format": "short_answer"},
+        "alone": {},
+    }.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "task.json").write_text(json.dumps(spec))
+    assert "format_group" in data.TASK_JSON_KEYS
+    groups = {n: data.get_task(n, tmp_path).format_group for n in ("nli_like", "plain", "alone")}
+    assert groups == {"nli_like": "true_false", "plain": "short_answer", "alone": "alone"}
+    nli_like, plain = data.get_task("nli_like", tmp_path), data.get_task("plain", tmp_path)
+    assert evaluate.same_format(nli_like, "rte") and evaluate.same_format("trivia_qa", plain)
+    assert not evaluate.same_format(nli_like, "rte", "same_answers")
 
 
 def test_always_and_never_force_the_prompt_and_always_prefers_one_of_the_same_format():
@@ -74,12 +100,12 @@ def test_always_and_never_force_the_prompt_and_always_prefers_one_of_the_same_fo
 
 
 def test_an_unknown_reading_is_a_clear_error():
-    with pytest.raises(BadInput, match="route must be one of fine_tuned_only, same_format"):
+    with pytest.raises(BadInput, match="route must be one of same_format, same_answers"):
         evaluate.route_prompt("rte", {"rte": torch.zeros(1)}, "auto")
 
 
-def test_evaluate_py_offers_the_readings_as_route_and_defaults_to_fine_tuned_only(tmp_path):
+def test_evaluate_py_offers_the_readings_as_route_and_defaults_to_same_format(tmp_path):
     args = evaluate.parse_args(
         ["--model", "m", "--data-dir", "d", "--out", str(tmp_path / "r.json")]
     )
-    assert args.route == "fine_tuned_only"
+    assert args.route == "same_format" and "fine_tuned_only" in evaluate.ROUTES

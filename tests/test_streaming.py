@@ -134,7 +134,8 @@ def test_a_bad_line_fails_at_loading_with_the_eager_reader_s_message(tmp_path):
     lines = path.read_text(encoding="utf-8").split("\n")
     lines[20000] = '{"translation": {"en": "x"}}'
     path.write_text("\n".join(lines), encoding="utf-8")
-    expected = f"{path}:20001: missing field 'translation.fr'"  # line numbers count the blank lines
+    # line numbers count the blank lines
+    expected = f"task wmt14_enfr, split train: {path}:20001: missing field 'translation.fr'"
     with pytest.raises(DamagedFile) as err:
         data.load_split("wmt14_enfr", tmp_path, "train")
     assert str(err.value) == expected
