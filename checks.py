@@ -274,11 +274,11 @@ def check_task(task, root, splits, read_split):
     readable = ", ".join(dataset_files.READABLE_SUFFIXES)
     problems += [
         f"{path}: unknown format; promot reads {readable} files and the official releases "
-        "(README, 'Data sets')"
+        "(docs/data.md)"
         for path in dataset_files.unreadable_files(folder)
     ]
     if missing == len(splits):
-        problems.append(f"{folder}: no split in a layout promot reads (README, 'Data sets')")
+        problems.append(f"{folder}: no split in a layout promot reads (docs/data.md)")
     print(f"{task.name:15s} " + ", ".join(cells))
     for message in [f"error: {p}" for p in problems] + warnings:
         print(message, file=sys.stderr)

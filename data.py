@@ -21,7 +21,6 @@ model in model.py; training in promot.py.
 
 from __future__ import annotations
 
-import argparse
 import array
 import bisect
 import dataclasses
@@ -1028,7 +1027,7 @@ def check(s: CheckSettings) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(
         prog="data.py", description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1044,9 +1043,9 @@ def main(argv=None) -> int:
         sub = commands.add_parser(name, help=help, formatter_class=cli.HelpFormatter)
         cli.add_flags(sub, settings, required=required)
         sub.set_defaults(settings=settings)
-    args = vars(parser.parse_args(argv))
-    command, settings = args.pop("command"), args.pop("settings")(**args)
     try:
+        args = vars(parser.parse_args(argv))
+        command, settings = args.pop("command"), args.pop("settings")(**args)
         if command == "show":
             show(settings)
             return 0

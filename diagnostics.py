@@ -509,7 +509,7 @@ def in_context_figures(plt, curves):
     figures = {}
     scored = [r for r in curves if r["score"] is not None]
     if scored:
-        caption = "In-context score on unseen tasks during training, without the prompt "
+        caption = "In-context score on unseen tasks during training, routed as evaluate.py routes "
         caption += "(paper Fig. 1); every panel on the same 0-100 scale."
         figures["in_context.png"] = curve_panels(plt, scored, "score", "score", caption)
     ratios = [r for r in curves if r["format_ratio"] is not None]
@@ -720,7 +720,7 @@ def main(argv=None):
             for path in plot(args.runs, out):
                 print(f"wrote {path}")
     except (BadInput, DamagedFile) as e:
-        print(f"diagnostics.py: {e}", file=sys.stderr)
+        print(f"diagnostics.py: error: {e}", file=sys.stderr)
         return 2
     return 0
 

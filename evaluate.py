@@ -20,7 +20,6 @@ pick the best checkpoint) to `promot.py`. It reads top to bottom: decoding, post
 metrics, scoring and prompt routing, results, and the command line last.
 """
 
-import argparse
 import dataclasses
 import os
 import re
@@ -571,18 +570,14 @@ class Settings:
 
 
 def parse_args(argv=None):
-    """Command line -> Settings. Without --model and --data-dir: the miniature lab (README)."""
-    p = argparse.ArgumentParser(
+    """Command line -> Settings. Without --model and --data-dir: the miniature lab (docs/lab.md)."""
+    p = cli.Parser(
         prog="evaluate.py",
         formatter_class=cli.HelpFormatter,
-        exit_on_error=False,
         description="Score a (ProMoT-)fine-tuned T5/mT5 on the paper's tasks; print its table.",
     )
     cli.add_flags(p, Settings)
-    try:
-        s = Settings(**vars(p.parse_args(argv)))
-    except argparse.ArgumentError as err:  # one line, like every other bad input
-        raise BadInput(str(err)) from None
+    s = Settings(**vars(p.parse_args(argv)))
     if not s.model and not s.data_dir:  # the miniature lab: the bundled model and suite
         s.model, s.data_dir = os.path.join(LAB, "tiny-t5"), os.path.join(LAB, "data")
         s.out, s.task = s.out or os.path.join("runs", "lab", "eval.json"), s.task or "lab_owns"

@@ -644,7 +644,7 @@ class Config:
 # Settings that may change between a run and its --resume (diagnostics never change a run).
 RESUMABLE_CHANGES = set(
     "resume allow_data_change allow_model_change steps log_every stop_after_step eval_batch_size "
-    "device out lr keep_checkpoints dist_timeout_minutes".split()
+    "device out lr keep_checkpoints dist_timeout_minutes hash_weights".split()
 ) | {f.name for f in fields(diagnostics.TrainingFlags)}
 PATHS = ("model", "data_dir", "prompt", "prompt_init_file", "lora")  # compared as resolved paths
 
@@ -674,7 +674,7 @@ def parse_args(argv=None):
     args = vars(p.parse_args(argv))
     probes = {f.name: args.pop(f.name) for f in fields(diagnostics.TrainingFlags)}
     if not args["model"] and not args["data_dir"]:
-        # No model and no data: the miniature lab (README), so a newcomer sees ProMoT run.
+        # No model and no data: the miniature lab (docs/lab.md), so a newcomer sees ProMoT run.
         args.update({k: args[k] or v for k, v in LAB_DEFAULTS.items()})
         tuned = "model" if STAGES[args["stage"]].trains_model else args["stage1_module"]
         recipe = os.path.join(args["model"], "recipe.json")  # lab/run.py's too; given flags win

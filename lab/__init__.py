@@ -1,1 +1,1 @@
-"""The miniature ProMoT lab: a synthetic task suite and a tiny pretrained T5 (see the "Miniature lab" section of README.md)."""
+"""The miniature ProMoT lab: a synthetic task suite and a tiny pretrained T5 (docs/lab.md)."""

@@ -15,5 +15,5 @@ be copied alone into another codebase:
   hf_files.py         pytorch_model.bin read without running pickled code (model.py reads safetensors)
   dataset_files.py    readers of each data set's published file layout
   prompt_formats.py   the prompt file (prompt.safetensors), PEFT prompt-tuning adapters, T5X's .npy
-  cli.py              command-line plumbing: renamed flags that still work, a progress line
+  cli.py              command-line plumbing: settings dataclasses as flags, one-line errors, progress
 """

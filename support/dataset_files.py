@@ -213,9 +213,7 @@ SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "val", "dev"), 
 def task_folder(data_dir, name) -> Path:
     folder = Path(data_dir) / name
     if not folder.is_dir():
-        raise BadInput(
-            f"{folder}: folder not found; put the {name} files there (README, section 'Data sets')"
-        )
+        raise BadInput(f"{folder}: folder not found; put the {name} files there (docs/data.md)")
     return folder
 
 

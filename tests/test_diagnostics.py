@@ -452,7 +452,7 @@ def test_align_command_prints_cosines(lab, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--align-batch-size", "0"], "diagnostics.py: --align-batch-size 0: expected >= 1"),
+        (["--align-batch-size", "0"], "diagnostics.py: error: --align-batch-size 0: expected >= 1"),
         (["--batch-size", "8"], "unrecognized arguments: --batch-size 8"),  # no renamed-flag alias
         (["--device", "tpu"], "--device invalid choice: 'tpu'"),
     ],
