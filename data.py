@@ -960,7 +960,9 @@ class ShowSettings:
     seed: int = flag(0, "seed for choosing demonstrations")
     spiece: str = flag("", "spiece.model that counts tokens and fits inputs")
     model: str = flag("", "checkpoint folder whose spiece.model counts tokens")
-    max_input_tokens: int = flag(None, "input tokens kept, EOS included [the task's, else 1024]")
+    max_input_tokens: int = flag(
+        None, "input tokens kept, EOS included [the task's, else 1024]", valid=cli.AT_LEAST_1
+    )
     truncation: str = flag(
         "end", "end: cut the end, as T5X does; fair: shorten every text alike", choices=TRUNCATIONS
     )

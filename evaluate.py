@@ -556,7 +556,7 @@ class Settings:
     length_penalty: float = flag(0.6, "alpha of the length rule", valid=cli.FINITE)
     length_rule: str = flag("t5x", "beam search's length rule", choices=decode.LENGTH_RULES)
     max_input_tokens: int = flag(
-        None, "input tokens kept, EOS included [the task's]", valid=POSITIVE
+        None, "input tokens kept, EOS included [the task's, else 1024]", valid=POSITIVE
     )
     truncation: str = flag("end", "how long inputs are cut (end: T5X's)", choices=data.TRUNCATIONS)
     seed: int = flag(0, "seed for choosing demonstrations")
@@ -742,15 +742,9 @@ def run(s):
 
 
 def main(argv=None):
-    try:
-        run(parse_args(argv))
-    except (BadInput, DamagedFile) as err:  # the user's to fix: one line, nothing written
-        print(f"evaluate.py: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
+    """Exit 0 when done; 2, with one line and nothing written, on the user's error."""
+    errors = {BadInput: 2, DamagedFile: 2}
+    return fsdp.main("evaluate.py", lambda: run(parse_args(argv)), errors)
 
 
 if __name__ == "__main__":

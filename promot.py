@@ -622,7 +622,9 @@ class Config:
     select_score: str = flag("mean", "multi-task checkpoint score", choices=("mean", "min"))
     mixing: str = flag("equal", "multi-task mixing rate", choices=data.MIXING_RATES)
     mixing_cap: int = flag(2**19, "examples-proportional mixing's cap (T5's)", valid=AT_LEAST_1)
-    max_input_tokens: int = flag(1024, "input tokens kept, EOS included", valid=AT_LEAST_1)
+    max_input_tokens: int = flag(
+        None, "input tokens kept, EOS included [the task's, else 1024]", valid=AT_LEAST_1
+    )
     max_target_tokens: int = flag(256, "target tokens kept, EOS included", valid=TARGET_ROOM)
     truncation: str = flag("end", "how long inputs are cut (end: T5X's)", choices=data.TRUNCATIONS)
     dtype: str = flag("float32", "compute dtype", choices=("float32", "bfloat16"))

@@ -584,7 +584,9 @@ def test_non_positive_beam_width_is_one_clear_message(setup, tmp_path, capsys):
     assert "--num-beams 0: expected a positive number" in run_expecting_error(args, capsys)
 
 
-def test_interrupted_run_leaves_the_previous_results_file_untouched(setup, tmp_path, monkeypatch):
+def test_interrupted_run_is_one_line_and_leaves_the_previous_results_file_untouched(
+    setup, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "r.json"
     previous = json.dumps({"format": evaluate.RESULTS_FORMAT, "runs": []})  # --out replaces ours
     out.write_text(previous)
@@ -598,8 +600,10 @@ def test_interrupted_run_leaves_the_previous_results_file_untouched(setup, tmp_p
         return real(*args, **kwargs)
 
     monkeypatch.setattr(evaluate, "score_task", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        evaluate.main(common_args(setup, out))
+    assert evaluate.main(common_args(setup, out)) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "evaluate.py: interrupted (Ctrl-C); what was saved is intact"
+    )
     assert out.read_text() == previous and os.listdir(tmp_path) == ["r.json"]
 
 
