@@ -123,3 +123,26 @@ def random_batch(vocab_size, batch=3, src_len=11, tgt_len=7, seed=1, pad_rows=Tr
     dec = torch.randint(2, vocab_size, (batch, tgt_len), generator=g)
     dec[:, 0] = 0
     return ids, mask, dec
+
+
+def train_spiece(folder, lines, vocab_size, **options):
+    """A unigram SentencePiece model with T5's ids (pad 0, EOS 1, UNK 2, no BOS), trained on
+    `lines` (written to FOLDER/corpus.txt) into FOLDER/spiece.model; returns that path."""
+    import sentencepiece
+
+    corpus = os.path.join(folder, "corpus.txt")
+    with open(corpus, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    sentencepiece.SentencePieceTrainer.train(
+        input=corpus,
+        model_prefix=os.path.join(folder, "spiece"),
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+        **options,
+    )
+    return os.path.join(folder, "spiece.model")

@@ -37,26 +37,12 @@ WORDS = [
 
 
 def make_spiece(folder):
-    import sentencepiece
+    from helpers import train_spiece
 
     os.makedirs(folder, exist_ok=True)
     rng = random.Random(0)
     lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(800)]
-    corpus = os.path.join(folder, "corpus.txt")
-    with open(corpus, "w") as f:
-        f.write("\n".join(lines))
-    sentencepiece.SentencePieceTrainer.train(
-        input=corpus,
-        model_prefix=os.path.join(folder, "spiece"),
-        vocab_size=40,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
+    train_spiece(folder, lines, 40, character_coverage=1.0)
     return os.path.join(folder, "spiece.model")
 
 

@@ -5,10 +5,10 @@ import json
 import random
 
 import pytest
-import sentencepiece
 
 import checks
 import data
+from helpers import train_spiece
 from support.errors import BadInput
 
 # ---------------------------------------------------------------------------
@@ -60,19 +60,7 @@ def spiece_dir(tmp_path_factory):
         )
         for _ in range(1500)
     ]
-    (d / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(d / "corpus.txt"),
-        model_prefix=str(d / "spiece"),
-        vocab_size=100,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
+    train_spiece(d, lines, 100, character_coverage=1.0)
     return d
 
 
@@ -183,19 +171,8 @@ def test_encode_and_decode_equal_transformers_on_random_unicode(tmp_path, normal
         " ".join(text(rng.randint(1, 8)).replace("\n", " ") for _ in range(rng.randint(2, 12)))
         for _ in range(1500)
     ]
-    (tmp_path / "corpus.txt").write_text("\n".join(corpus), encoding="utf-8")
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(tmp_path / "corpus.txt"),
-        model_prefix=str(tmp_path / "spiece"),
-        vocab_size=300,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        character_coverage=0.98,
-        normalization_rule_name=normalization,
-        minloglevel=2,
+    train_spiece(
+        tmp_path, corpus, 300, character_coverage=0.98, normalization_rule_name=normalization
     )
     ours = data.Tokenizer(tmp_path / "spiece.model")
     oracle = transformers.T5Tokenizer.from_pretrained(str(tmp_path))

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import sentencepiece
 
 import data
+from helpers import train_spiece
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,20 +40,7 @@ def data_dir(tmp_path):
 @pytest.fixture(scope="module")
 def spiece(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli_spiece")
-    (d / "corpus.txt").write_text(
-        "\n".join(["A cat sat. A dog is true or false question answer"] * 50)
-    )
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(d / "corpus.txt"),
-        model_prefix=str(d / "spiece"),
-        vocab_size=25,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        minloglevel=2,
-    )
+    train_spiece(d, ["A cat sat. A dog is true or false question answer"] * 50, 25)
     return d / "spiece.model"
 
 

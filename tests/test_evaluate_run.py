@@ -10,14 +10,13 @@ import subprocess
 import sys
 
 import pytest
-import sentencepiece
 import torch
 from safetensors.torch import save_file
 
 import data
 import evaluate
 import model as model_lib
-from helpers import make_checkpoint
+from helpers import train_spiece, make_checkpoint
 from support import prompt_formats
 from support.errors import BadInput
 
@@ -53,20 +52,7 @@ def setup(tmp_path_factory):
     rng = random.Random(0)
     model_dir = root / "model"
     model_dir.mkdir()
-    (root / "corpus.txt").write_text(
-        "\n".join(sentence(rng, 12) for _ in range(800)), encoding="utf-8"
-    )
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(root / "corpus.txt"),
-        model_prefix=str(model_dir / "spiece"),
-        vocab_size=100,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        minloglevel=2,
-    )
+    train_spiece(model_dir, [sentence(rng, 12) for _ in range(800)], 100)
     tokenizer = data.Tokenizer(model_dir / "spiece.model")
     make_checkpoint(str(model_dir), kind="mt5", vocab_size=tokenizer.vocab_size)
 

@@ -7,9 +7,9 @@ import json
 import random
 
 import pytest
-import sentencepiece
 
 import data
+from helpers import train_spiece
 from support.errors import BadInput
 
 XSUM, RTE = data.TASKS["xsum"], data.TASKS["rte"]
@@ -36,19 +36,7 @@ def tok(tmp_path_factory):
         )
         for _ in range(3000)
     ]
-    (d / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(d / "corpus.txt"),
-        model_prefix=str(d / "spiece"),
-        vocab_size=250,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
+    train_spiece(d, lines, 250, character_coverage=1.0)
     return data.Tokenizer(d / "spiece.model")
 
 
