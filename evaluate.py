@@ -525,7 +525,6 @@ def read_results(path):
 # The evaluation run (command line)
 # ---------------------------------------------------------------------------------------
 
-POSITIVE = (lambda v: v >= 1, "a positive number")
 LAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab")  # the miniature lab
 
 
@@ -549,19 +548,23 @@ class Settings:
     bare_model: bool = flag(False, "score --model alone, without its prompt or LoRA file")
     route: str = flag("same_format", "which tasks get the prompt or LoRA (§4)", choices=ROUTES)
     baseline: str = flag("", "results JSON of another run, for the Norm. Avg. differences")
-    eval_examples: int = flag(None, "score the first N examples of each task [all]", valid=POSITIVE)
-    eval_batch_size: int = flag(16, "examples per rank per decoding batch", valid=POSITIVE)
-    num_beams: int = flag(4, "beam width (App. B.4); 1 is greedy search", valid=POSITIVE)
-    max_new_tokens: int = flag(None, "longest answer in tokens [the metric's]", valid=POSITIVE)
+    eval_examples: int = flag(
+        None, "score the first N examples of each task [all]", valid=cli.AT_LEAST_1
+    )
+    eval_batch_size: int = flag(16, "examples per rank per decoding batch", valid=cli.AT_LEAST_1)
+    num_beams: int = flag(4, "beam width (App. B.4); 1 is greedy search", valid=cli.AT_LEAST_1)
+    max_new_tokens: int = flag(
+        None, "longest answer in tokens [the metric's]", valid=cli.AT_LEAST_1
+    )
     length_penalty: float = flag(0.6, "alpha of the length rule", valid=cli.FINITE)
     length_rule: str = flag("t5x", "beam search's length rule", choices=decode.LENGTH_RULES)
     max_input_tokens: int = flag(
-        None, "input tokens kept, EOS included [the task's, else 1024]", valid=POSITIVE
+        None, "input tokens kept, EOS included [the task's, else 1024]", valid=cli.AT_LEAST_1
     )
     truncation: str = flag("end", "how long inputs are cut (end: T5X's)", choices=data.TRUNCATIONS)
     seed: int = flag(0, "seed for choosing demonstrations")
     demo_pool: int = flag(
-        None, "draw demonstrations from N training examples [all]", valid=POSITIVE
+        None, "draw demonstrations from N training examples [all]", valid=cli.AT_LEAST_1
     )
     dtype: str = flag("float32", "compute dtype of the model", choices=("float32", "bfloat16"))
     device: str = flag(

@@ -567,7 +567,7 @@ def test_bad_shots_is_one_clear_message(setup, tmp_path, capsys):
 def test_non_positive_beam_width_is_one_clear_message(setup, tmp_path, capsys):
     args = common_args(setup, tmp_path / "r.json")
     args[args.index("--num-beams") + 1] = "0"
-    assert "--num-beams 0: expected a positive number" in run_expecting_error(args, capsys)
+    assert "--num-beams 0: expected >= 1 (and < 2**63)" in run_expecting_error(args, capsys)
 
 
 def test_interrupted_run_is_one_line_and_leaves_the_previous_results_file_untouched(
