@@ -4,6 +4,10 @@ Copy this file alone into another codebase: it imports nothing but torch.
 It is the optimizer of both ProMoT stages (paper App. B.4) and is correct on
 FSDP2-sharded parameters (DTensors), where every mean and RMS is reduced
 across the ranks so N ranks take exactly the step one process takes.
+
+The rule is `Adafactor.update`, T5X's maths one line at a time, with the
+factored second moment in `factored_second_moment`; `Adafactor.update_in_place`
+is the same operations in scratch buffers, the faster path that `step` takes.
 """
 
 import math
@@ -51,19 +55,21 @@ class Adafactor(torch.optim.Optimizer):
     parameter (row/column statistics that lose the sharded dimension are
     replicated).
 
-    How a step runs: one parameter at a time, each statistic computed once,
-    every full-size pass in place in two scratch buffers shared by all
-    parameters (`square` holds X*X, then G2, then U*U; `work` holds U, which
-    becomes step*U), so a step allocates no full-size temporaries. Each
-    operation is the one written above, in the same order, so the result is
-    bit for bit that of the plain tensor expressions (tests/test_speed_paths.py
-    keeps them as its oracle). What bounds the step is its ~23 passes over
-    each tensor's memory (t5-small's 69M parameters: ~170 ms on one CPU
-    thread, half the time of transformers' Adafactor). Fewer passes would
-    change the rounding: G*G + epsilon1 as one multiply-add, a squared norm
-    summed in another order. `torch._foreach_*` batches the launches over
-    tensors, but needs every tensor's U alive at once, a second copy of the
-    model.
+    Two paths, one rule. `update` is the rule above, one tensor expression
+    per line: read that one. `update_in_place` (the default, `in_place=True`)
+    runs the same operations in the same order, every full-size result
+    written into two scratch buffers shared by all parameters, so it gives the
+    same bits (tests/test_speed_paths.py) with no full-size temporaries. On
+    one CPU thread a step over t5-small's 60M parameters took ~130 ms in place
+    and ~540 ms plain (a fresh block that large comes from the kernel page by
+    page; transformers' Adafactor: ~320 ms); tensors of a few thousand
+    elements cost ~0.1 ms either way. On a GPU the in-place path is kept for
+    its memory (two buffers, freed after each step); its speed there was not
+    measured against the plain one. What bounds the in-place step is its ~23
+    passes over each tensor's memory. Fewer passes would change the rounding:
+    G*G + epsilon1 as one multiply-add, a squared norm summed in another
+    order. `torch._foreach_*` batches the launches over tensors, but needs
+    every tensor's U alive at once, a second copy of the model.
 
     To reuse it elsewhere, copy this file; it needs only torch.
     """
@@ -81,6 +87,7 @@ class Adafactor(torch.optim.Optimizer):
         epsilon1=1e-30,
         epsilon2=1e-3,
         step_offset=0,
+        in_place=True,
     ):
         if lr is None or lr < 0:
             raise ValueError(f"Adafactor needs a learning rate >= 0, got {lr!r}")
@@ -99,6 +106,7 @@ class Adafactor(torch.optim.Optimizer):
             step_offset=step_offset,
         )
         super().__init__(params, defaults)
+        self.in_place = in_place  # update_in_place, else update; not a group option, not state
         self._scratch_buffers = {}  # device -> two flat fp32 buffers (see _scratch); not state
 
     @staticmethod
@@ -125,18 +133,110 @@ class Adafactor(torch.optim.Optimizer):
             (p, group) for group in self.param_groups for p in group["params"] if p.grad is not None
         ]
         for p, group in live:
-            self._update(p, group, *self._scratch(live, _local(p)))
+            if _local(p.grad).is_sparse:
+                raise RuntimeError("Adafactor does not support sparse gradients")
+            if self.in_place:
+                self.update_in_place(p, group, *self._scratch(live, _local(p)))
+            else:
+                self.update(p, group)
         if live and _local(live[0][0]).device.type != "cpu":
             self._scratch_buffers.clear()  # see _scratch
         return loss
+
+    def update(self, p, group):
+        """The rule of the class docstring for one parameter, one tensor expression per line
+        (T5X's `apply_param_gradient`). On a DTensor it works on this rank's shard, and `mean`
+        sums across the ranks wherever a statistic spans the sharded dimension."""
+        state = self._state_of(p, group)
+        dims = self.factored_dims(tuple(p.shape), group["min_dim_size_to_factor"])
+        mean = _global_mean(p)
+        x, g = _local(p).float(), _local(p.grad).float()  # the tensors themselves when fp32
+
+        def rms(t):  # over the whole tensor
+            return mean(t * t, tuple(range(t.dim()))).sqrt().reshape(())
+
+        # T5X counts steps from 0; step_offset < 0 continues a count from earlier training.
+        t = int(state["step"]) - group["step_offset"] + 1
+        decay = 1.0 - t ** (-group["decay_rate"])  # 0 at t = 1: the first V is G2 itself
+
+        # The parameter-scale multiplier: each tensor moves by lr times its own RMS.
+        step_size = group["lr"]
+        if group["multiply_by_parameter_scale"]:
+            step_size = step_size * torch.clamp(rms(x), min=group["epsilon2"])
+
+        # The second moment V, factored for large matrices; U = G / sqrt(V).
+        g2 = g * g + group["epsilon1"]
+        if dims is not None:
+            row_factor, col_factor = factored_second_moment(state, g2, dims, decay, mean)
+            u = g * row_factor * col_factor
+        else:
+            v = _local(state["v"])
+            v.mul_(decay).add_((1.0 - decay) * g2)
+            u = g * v.rsqrt()
+
+        # Update clipping: U shrinks until its RMS is at most clipping_threshold.
+        if group["clipping_threshold"] is not None:
+            u = u / torch.clamp(rms(u) / group["clipping_threshold"], min=1.0)
+
+        subtrahend = step_size * u
+        if group["beta1"] is not None:  # momentum over the scaled updates
+            m = _local(state["m"])
+            m.mul_(group["beta1"]).add_((1.0 - group["beta1"]) * subtrahend)
+            subtrahend = m
+        if group["weight_decay_rate"] is not None:  # not multiplied by lr, as in T5X
+            new_x = (1.0 - group["weight_decay_rate"]) * x - subtrahend
+        else:
+            new_x = x - subtrahend
+        _local(p).copy_(new_x)
+        state["step"] += 1
+
+    def update_in_place(self, p, group, work, square):
+        """`update`'s operations in the same order, so the same bits, with every full-size
+        result written into two scratch tensors shaped like p's local tensor: `square` holds
+        X*X, then G2, then U*U; `work` holds U, which becomes step_size*U."""
+        state = self._state_of(p, group)
+        dims = self.factored_dims(tuple(p.shape), group["min_dim_size_to_factor"])
+        mean = _global_mean(p)
+        x, g = _local(p), _local(p.grad)
+        x32, g32 = x.float(), g.float()
+
+        def rms(t):
+            return mean(torch.mul(t, t, out=square), tuple(range(t.dim()))).sqrt().reshape(())
+
+        t = int(state["step"]) - group["step_offset"] + 1
+        decay = 1.0 - t ** (-group["decay_rate"])
+        step_size = group["lr"]
+        if group["multiply_by_parameter_scale"]:
+            step_size = step_size * torch.clamp(rms(x32), min=group["epsilon2"])
+        g2 = torch.mul(g32, g32, out=square).add_(group["epsilon1"])
+        if dims is not None:
+            row_factor, col_factor = factored_second_moment(state, g2, dims, decay, mean)
+            u = torch.mul(g32, row_factor, out=work).mul_(col_factor)
+        else:
+            v = _local(state["v"])
+            v.mul_(decay).add_(g2.mul_(1.0 - decay))
+            u = torch.rsqrt(v, out=work).mul_(g32)
+        if group["clipping_threshold"] is not None:
+            u.div_(torch.clamp(rms(u) / group["clipping_threshold"], min=1.0))
+        subtrahend = u.mul_(step_size)
+        if group["beta1"] is not None:
+            m = _local(state["m"])
+            m.mul_(group["beta1"]).add_(subtrahend.mul_(1.0 - group["beta1"]))
+            subtrahend = m
+        if group["weight_decay_rate"] is not None:
+            x32.mul_(1.0 - group["weight_decay_rate"])
+        x32.sub_(subtrahend)
+        if x32 is not x:
+            x.copy_(x32)
+        state["step"] += 1
 
     def _scratch(self, live, x):
         """Two fp32 scratch tensors shaped like the local tensor `x`: views into two flat buffers
         as large as the largest local parameter, shared by every parameter of the step.
 
-        Every full-size temporary of the rule lives in one of them. On CPU they are kept
-        between steps (a fresh block that large comes from the kernel, page by page); on a
-        GPU they go after each step, and the caching allocator lends them to activations."""
+        Every full-size temporary of `update_in_place` lives in one of them. On CPU they are
+        kept between steps (a fresh block that large comes from the kernel, page by page); on
+        a GPU they go after each step, and the caching allocator lends them to activations."""
         buffers = self._scratch_buffers
         if x.device not in buffers or buffers[x.device][0].numel() < x.numel():
             size = max(_local(p).numel() for p, _ in live if _local(p).device == x.device)
@@ -168,81 +268,37 @@ class Adafactor(torch.optim.Optimizer):
                 state["m"] = _zeros_state(p, x, drop=None)
         return state
 
-    def _update(self, p, group, work, square):
-        """The rule of the class docstring for one parameter, each full-size pass written in place:
-        `square` holds X*X, then G2, then U*U; `work` holds U, which becomes the subtrahend."""
-        # Local views: on a DTensor we work on this rank's shard and reduce
-        # across ranks where a statistic spans the sharded dimension.
-        shape = tuple(p.shape)  # the global shape, also for a DTensor
-        shard_dim, pg = _shard_info(p)
-        x, g = _local(p), _local(p.grad)
-        if g.is_sparse:
-            raise RuntimeError("Adafactor does not support sparse gradients")
 
-        def mean(t, dims, full_shape, sharded):
-            """Mean over `dims` (keepdim) of a tensor whose dim `sharded` is split across ranks."""
-            s = t.sum(dim=dims, keepdim=True)
-            if pg is not None and sharded is not None and sharded in dims:
-                dist.all_reduce(s, group=pg)
-            return s / math.prod(full_shape[d] for d in dims)
+def factored_second_moment(state, g2, dims, decay, mean):
+    """Shazeer & Stern's factored 1/sqrt(V) of a tensor of 2+ dims, from G2 = G*G + epsilon1.
 
-        def rms(t):  # sqrt(mean(t^2)) over the whole tensor; t^2 goes to `square`
-            return (
-                mean(torch.mul(t, t, out=square), tuple(range(t.dim())), shape, shard_dim)
-                .sqrt()
-                .reshape(())
-            )
+    V itself is never kept: its "row" statistic (G2 averaged over the largest dim, col_dim)
+    and "column" statistic (averaged over the second largest, row_dim) are exponential
+    averages in `state`, and V ~ row * col / mean(row). Returns (row_factor, col_factor),
+    each broadcastable against G, whose product is 1/sqrt(V); T5X multiplies G by them in
+    that order."""
+    row_dim, col_dim = dims
+    v_row, v_col = _local(state["v_row"]), _local(state["v_col"])
+    v_row.mul_(decay).add_((1.0 - decay) * mean(g2, (col_dim,)).squeeze(col_dim))
+    v_col.mul_(decay).add_((1.0 - decay) * mean(g2, (row_dim,)).squeeze(row_dim))
+    row = v_row.unsqueeze(col_dim)  # shaped like G with col_dim of size 1
+    return (row / mean(row, (row_dim,))).rsqrt(), v_col.unsqueeze(row_dim).rsqrt()
 
-        state = self._state_of(p, group)
-        dims = self.factored_dims(shape, group["min_dim_size_to_factor"])
-        x32, g32 = x.float(), g.float()  # the tensors themselves for fp32 (master) weights
-        t = int(state["step"]) - group["step_offset"] + 1
-        decay = 1.0 - t ** (-group["decay_rate"])
-        mixing = 1.0 - decay
 
-        update_scale = group["lr"]  # step = lr * max(epsilon2, RMS(X))
-        if group["multiply_by_parameter_scale"]:
-            update_scale = update_scale * torch.clamp(rms(x32), min=group["epsilon2"])
+def _global_mean(p):
+    """mean(t, dims): the mean (keepdim) over `dims` of a tensor laid out like parameter p,
+    over its whole global tensor. On a DTensor sharded along one of `dims`, this rank's sums
+    are all_reduced with the other ranks' before dividing by the global size."""
+    shape = tuple(p.shape)  # the global shape, also for a DTensor
+    shard_dim, group = _shard_info(p)
 
-        g2 = torch.mul(g32, g32, out=square).add_(group["epsilon1"])  # G2 = G*G + epsilon1
-        if dims is not None:  # V ~ row * col / mean(row); U = G * (row/mean(row))^-1/2 * col^-1/2
-            row_dim, col_dim = dims
-            v_row, v_col = _local(state["v_row"]), _local(state["v_col"])
-            v_row.mul_(decay).add_(mixing * mean(g2, (col_dim,), shape, shard_dim).squeeze(col_dim))
-            v_col.mul_(decay).add_(mixing * mean(g2, (row_dim,), shape, shard_dim).squeeze(row_dim))
-            # v_row lost col_dim: the dims after it shift down by one.
-            row_shape = shape[:col_dim] + shape[col_dim + 1 :]
-            row_dim_in_row = row_dim - (1 if col_dim < row_dim else 0)
-            row_sharded = (
-                None
-                if shard_dim in (None, col_dim)
-                else shard_dim - (1 if col_dim < shard_dim else 0)
-            )
-            row_col_mean = mean(v_row, (row_dim_in_row,), row_shape, row_sharded)
-            row_factor = (v_row / row_col_mean).rsqrt()
-            col_factor = v_col.rsqrt()
-            u = torch.mul(g32, row_factor.unsqueeze(col_dim), out=work).mul_(
-                col_factor.unsqueeze(row_dim)
-            )
-        else:  # V = decay*V + (1-decay)*G2; U = G / sqrt(V)
-            v = _local(state["v"])
-            v.mul_(decay).add_(g2.mul_(mixing))
-            u = torch.rsqrt(v, out=work).mul_(g32)
+    def mean(t, dims):
+        s = t.sum(dim=dims, keepdim=True)
+        if shard_dim is not None and shard_dim in dims:
+            dist.all_reduce(s, group=group)
+        return s / math.prod(shape[d] for d in dims)
 
-        if group["clipping_threshold"] is not None:  # U = U / max(1, RMS(U) / clipping_threshold)
-            u.div_(torch.clamp(rms(u) / group["clipping_threshold"], min=1.0))
-
-        subtrahend = u.mul_(update_scale)  # step * U
-        if group["beta1"] is not None:  # M = beta1*M + (1-beta1)*step*U
-            m = _local(state["m"])
-            m.mul_(group["beta1"]).add_(subtrahend.mul_(1.0 - group["beta1"]))
-            subtrahend = m
-        if group["weight_decay_rate"] is not None:  # X = (1 - weight_decay_rate)*X - subtrahend
-            x32.mul_(1.0 - group["weight_decay_rate"])
-        x32.sub_(subtrahend)
-        if x32 is not x:
-            x.copy_(x32)
-        state["step"] += 1
+    return mean
 
 
 def _is_dtensor(t):

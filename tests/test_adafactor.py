@@ -12,6 +12,8 @@
    (`apply_param_gradient` with the heuristic factor rule) where they differ:
    small matrices kept unfactored, weight decay not scaled by lr, momentum,
    step_offset, 3-D tensors factored over their two largest dims.
+Both oracles check both paths of the step: the plain rule (`Adafactor.update`, in_place=False)
+and the in-place one that `step` takes by default (`Adafactor.update_in_place`).
 """
 
 import numpy as np
@@ -37,9 +39,13 @@ def run_ours(shapes, steps, seed=0, **kwargs):
 # --- Oracle 1: transformers -------------------------------------------------
 
 
+PATHS = dict(argnames="in_place", argvalues=[True, False], ids=["in place", "plain"])
+
+
+@pytest.mark.parametrize(**PATHS)
 @pytest.mark.parametrize("scale", [True, False])
 @pytest.mark.parametrize("beta1", [None, 0.9])
-def test_matches_transformers_adafactor_where_rules_coincide(scale, beta1):
+def test_matches_transformers_adafactor_where_rules_coincide(scale, beta1, in_place):
     from transformers.optimization import Adafactor as HFAdafactor
 
     shapes = [
@@ -49,7 +55,7 @@ def test_matches_transformers_adafactor_where_rules_coincide(scale, beta1):
         (7,),
     ]  # factored matrices (both ways round) + a vector
     start, grads, ours = run_ours(
-        shapes, steps=5, lr=0.01, multiply_by_parameter_scale=scale, beta1=beta1
+        shapes, steps=5, lr=0.01, multiply_by_parameter_scale=scale, beta1=beta1, in_place=in_place
     )
     params = [torch.nn.Parameter(s.clone()) for s in start]
     hf = HFAdafactor(
@@ -169,10 +175,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize(**PATHS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_written_out_t5x_rule(case):
+def test_matches_written_out_t5x_rule(case, in_place):
     shapes, kwargs = CASES[case]["shapes"], CASES[case]["kwargs"]
-    start, grads, ours = run_ours(shapes, steps=6, lr=0.05, **kwargs)
+    start, grads, ours = run_ours(shapes, steps=6, lr=0.05, in_place=in_place, **kwargs)
     for i, (s, mine) in enumerate(zip(start, ours)):
         ref = t5x_adafactor(s.numpy(), [g[i].numpy() for g in grads], 0.05, **kwargs)
         np.testing.assert_allclose(mine.numpy(), ref, rtol=2e-5, atol=1e-7)
