@@ -17,14 +17,15 @@ t5x's `beam_search(tokens_to_logits, ...)`, it never sees a model, only two func
 The first call of `step` gets one row per example; beam search then has num_beams rows per
 open example, example-major (the beams of example 0, then of example 1, ...). Finished rows
 and examples leave the batch (`reorder(..., moved=True)`), so the cost follows the rows still
-writing. A T5 plugs in with a few lines (evaluate.py, `generate`); a table of bigram logits
+writing. A T5 plugs in through model.py's `start_decoding`; a table of bigram logits
 `table[previous token, next token]` (tests/test_copy_decode.py) with two:
 
     step = lambda tokens, state: (table[tokens[:, 0]], state)
     ids = generate(step, lambda state, rows, moved: state, None, starts, 20, eos_id=1)
 
-Two length rules, by name (`length_rule`), each dividing a finished hypothesis' summed
-log-probability by a function of its length (EOS included), with alpha = `length_penalty`:
+Two length rules, by name (`length_rule`): two small classes at the bottom, which the search
+asks the same four questions. A finished hypothesis scores its summed log-probability divided
+by a function of its length (EOS included), with alpha = `length_penalty`:
 * "t5x" (the default; T5X's `decoding.beam_search`, which the ProMoT paper decoded with):
   ((5 + length) / 6) ** alpha; any of the 2K best candidates that ends in EOS finishes, none
   finishes by reaching max_new_tokens (the best running beam answers only when nothing
@@ -36,10 +37,11 @@ log-probability by a function of its length (EOS included), with alpha = `length
 The default decoding is the paper's (App. B.4): beam 4, the T5X rule, alpha 0.6.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-LENGTH_RULES = ("t5x", "transformers")
 NEG = -1.0e9  # the score of "impossible" (transformers' value)
 
 
@@ -101,7 +103,7 @@ def beam_search(
     (`generation/utils.py`, `_beam_search`), see above; (batch, length) ids padded with `pad_id`.
     A closed example leaves the batch and the state (transformers decodes it to the end)."""
     K, B, device = num_beams, start_tokens.shape[0], start_tokens.device
-    divisor, t5x = brevity_divisor(length_rule, length_penalty), length_rule == "t5x"
+    rule = rule_named(length_rule, length_penalty)
     tokens = start_tokens.view(B, 1)  # step 1: one row per example, its K beams share it
     # Running beams of the examples still open (`live`: their index in the batch). Only beam 0
     # is live at first, so step 1 does not pick K copies of one token.
@@ -129,24 +131,24 @@ def beam_search(
         flat_scores = (logp.view(n, K, V) + scores[:, :, None]).view(n, K * V)
         cand_scores, flat = flat_scores.topk(2 * K)
         beam, token = flat // V, flat % V
-        # A candidate ends with EOS or, in transformers only, at max_new_tokens. transformers
-        # lets only those ranked in the top K finish (top_num_beam_mask), T5X all 2K; a finished
-        # one scores sum / divisor(length).
-        ends = (token == eos_id) | (length == max_new_tokens and not t5x)
-        finishing = ends if t5x else ends & in_top_k
+        # The rule says which candidates finish (ending in EOS, or at max_new_tokens); a
+        # finished one scores sum / divisor(length).
+        is_eos = token == eos_id
+        finishing = rule.finishing(is_eos, length == max_new_tokens, in_top_k)
         if finishing.any():  # skipped on most steps: nothing to merge
             ids = F.pad(extend(seqs, beam, token), (0, max_new_tokens - length), value=pad_id)
-            score = torch.where(finishing, cand_scores / divisor(length), NEG)
+            score = torch.where(finishing, cand_scores / rule.divisor(length), NEG)
             new = dict(ids=ids, score=score, real=finishing, length=torch.full_like(token, length))
             slots = merge_finished(slots, new)
             some_slots_full = bool(slots["real"].all(1).any())
-        # The next running beams: the K best candidates that did not end.
-        scores, keep = (cand_scores + ends * NEG).topk(K)
+        # The next running beams: the K best candidates that did not end in EOS. (After
+        # max_new_tokens none runs on; what they are then no longer matters.)
+        scores, keep = (cand_scores + is_eos * NEG).topk(K)
         parent = beam.gather(1, keep)
         seqs = extend(seqs, parent, token.gather(1, keep))
         # The state row each running beam continues (step 1's state has one row per example).
         rows = (parent + K * torch.arange(n, device=device)[:, None]) // (K if length == 1 else 1)
-        is_open = still_open(slots, scores, divisor(max_new_tokens + 1 if t5x else length), t5x)
+        is_open = still_open(slots, scores, rule, length, max_new_tokens)
         closing = some_slots_full and not bool(is_open.all())  # a GPU sync only once it can fire
         if closing:  # the best slot is the answer; the example's rows leave the batch
             closed = live[~is_open]
@@ -158,9 +160,8 @@ def beam_search(
                 break
         state = reorder(state, rows.view(-1), closing or length == 1)
         tokens = seqs[:, :, -1].reshape(-1, 1)
-    if t5x and live.numel():  # T5X: with no finished hypothesis, the best running beam answers
-        none = ~slots["real"][:, 0]
-        slots["ids"][none, 0], slots["length"][none, 0] = seqs[none, 0], max_new_tokens
+    if live.numel():
+        rule.answer_unfinished(slots, seqs, max_new_tokens)
     answer[live], answer_len[live] = slots["ids"][:, 0], slots["length"][:, 0]  # open to the end
     return answer[:, : int(answer_len.max())]
 
@@ -171,15 +172,13 @@ def extend(seqs, beams, tokens):
     return torch.cat([parents, tokens[:, :, None]], 2)
 
 
-def still_open(slots, scores, divisor, t5x):
+def still_open(slots, scores, rule, length, max_new_tokens):
     """Which examples stay open (early_stopping=False): an example closes for good once all K
-    slots are finished and its best running beam, scored with `divisor` (at its current length
-    in transformers, at max_new_tokens + 1, the bound of T5X's loop condition), cannot beat the
+    slots are finished and its best running beam, bounded as its rule says, cannot beat the
     worst slot. (transformers also stops when every candidate ended; at most K of the 2K can be
     EOS, so that happens only at max_new_tokens, where the loop ends anyway.)"""
     worst = torch.where(slots["real"], slots["score"].min(1, keepdim=True).values, NEG)
-    best = scores[:, :1] / divisor
-    return (best >= worst if t5x else best > worst).any(1)
+    return rule.may_still_win(scores[:, :1], worst, length, max_new_tokens).any(1)
 
 
 def merge_finished(slots, new):
@@ -191,10 +190,70 @@ def merge_finished(slots, new):
     return {key: torch.cat([t, new[key]], 1)[examples, pick] for key, t in slots.items()}
 
 
+# ----------------------------------------------------------------------------
+# The two length rules: the same four answers, T5X's and transformers'
+
+
+@dataclass
+class T5XRule:
+    """T5X's `decoding.beam_search` (`t5x/decoding.py`), which the paper decoded with (App. B.5);
+    T5X's default alpha is 0.6."""
+
+    alpha: float
+
+    def divisor(self, length):  # T5X's brevity_penalty
+        return ((5 + length) / 6) ** self.alpha
+
+    def finishing(self, is_eos, at_limit, in_top_k):
+        """Any of the 2K best candidates that ends in EOS finishes; none at the length limit."""
+        return is_eos
+
+    def may_still_win(self, best, worst, length, max_new_tokens):
+        """The bound of T5X's loop condition: the best running beam's sum (`best`) scored at
+        max_new_tokens + 1, against the worst finished score, ties staying open."""
+        return best / self.divisor(max_new_tokens + 1) >= worst
+
+    def answer_unfinished(self, slots, seqs, max_new_tokens):
+        """An example that finished nothing answers with its best running beam."""
+        none = ~slots["real"][:, 0]
+        slots["ids"][none, 0], slots["length"][none, 0] = seqs[none, 0], max_new_tokens
+
+
+@dataclass
+class TransformersRule:
+    """transformers' `generate(num_beams=..., length_penalty=..., early_stopping=False)`
+    (`generation/utils.py`, `_beam_search`)."""
+
+    alpha: float
+
+    def divisor(self, length):
+        return length**self.alpha
+
+    def finishing(self, is_eos, at_limit, in_top_k):
+        """Only candidates ranked in the top K finish (`_update_finished_beams`'
+        top_num_beam_mask): those ending in EOS and, at the length limit, all of them."""
+        return (is_eos | at_limit) & in_top_k
+
+    def may_still_win(self, best, worst, length, max_new_tokens):
+        """The best running beam's sum (`best`) scored at its current length, against the
+        worst finished score (`_check_early_stop_heuristic`)."""
+        return best / self.divisor(length) > worst
+
+    def answer_unfinished(self, slots, seqs, max_new_tokens):
+        """Nothing to do: at the length limit every open example's best candidates finished."""
+
+
+RULES = {"t5x": T5XRule, "transformers": TransformersRule}
+LENGTH_RULES = tuple(RULES)  # the names, e.g. for a command line's choices
+
+
+def rule_named(name, length_penalty):
+    """The length rule called `name` ("t5x" or "transformers"), with alpha = length_penalty."""
+    if name not in RULES:
+        raise ValueError(f"length_rule must be one of {', '.join(RULES)}, got {name!r}")
+    return RULES[name](length_penalty)
+
+
 def brevity_divisor(length_rule, length_penalty):
     """What a finished hypothesis' summed log-prob is divided by, as a function of its length."""
-    if length_rule == "transformers":
-        return lambda n: n**length_penalty
-    if length_rule == "t5x":
-        return lambda n: ((5 + n) / 6) ** length_penalty
-    raise ValueError(f"length_rule must be one of {', '.join(LENGTH_RULES)}, got {length_rule!r}")
+    return rule_named(length_rule, length_penalty).divisor

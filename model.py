@@ -7,15 +7,17 @@ mT5 and UMT5 and to run them on the public checkpoints:
 - the network: RMS norm, relative position buckets, attention (with a KV cache
   for incremental decoding), the ReLU / gated-GELU feed-forward, the stacks;
 - soft-prompt prepending (`prompt=`), the only change ProMoT needs;
+- `start_decoding`, a T5 as decode.py's search takes a model (a step and a reorder function);
 - `shift_right`, the decoder input of teacher forcing;
 - `load_pretrained` / `save_pretrained` in the Hugging Face layout, so a fine-tuned model
   goes back to the tools that made the checkpoint: the translation between their parameter
   names and ours, the tied-head rule, and the safetensors files (one, or indexed shards).
 
 The file works copied alone, needing only torch and safetensors. Beside promot it raises
-promot's two error types and reads pytorch_model.bin through support/hf_files.py (without
-running pickled code). LoRA adapters attach from outside (support/lora.py); the prompt file
-is support/prompt_formats.py's, the training loss (T5X's) support/t5x_loss.py's.
+promot's two error types, and support/hf_files.py reads pytorch_model.bin (without running
+pickled code) and replaces a saved folder whole. LoRA adapters attach from outside
+(support/lora.py); the prompt file is support/prompt_formats.py's, the training loss (T5X's)
+support/t5x_loss.py's.
 
 The four variants differ only in config values:
   T5 v1.0  feed_forward_proj="relu", tied embeddings, logits rescaled by d_model**-0.5
@@ -28,8 +30,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -355,19 +355,19 @@ class KVCache:
         entry = self.layers[0]["self"] if self.layers else {}
         return entry["k"].shape[2] if "k" in entry else 0
 
-    def reorder(self, index, sources=False):
-        """Keeps the batch rows given by `index`, in that order (beam search).
+    def reorder(self, rows, moved=False):
+        """Keeps the batch rows given by `rows`, in that order (decode.py's `reorder`).
 
         The self-attention entries move at every call. The cross-attention keys and the
-        source mask move only with `sources=True`: beam search picks rows among the beams of
-        the same source, which share them, except when it drops the rows of finished examples.
+        source mask move only with `moved=True`: the beams of one source share them, so they
+        stay put while beams trade places (`moved` as decode.py defines it).
         """
         for layer in self.layers:
-            for entry in (layer["self"], layer["cross"]) if sources else (layer["self"],):
+            for entry in (layer["self"], layer["cross"]) if moved else (layer["self"],):
                 for key in list(entry):
-                    entry[key] = entry[key].index_select(0, index)
-        if sources and self.source_mask is not None:
-            self.source_mask = self.source_mask.index_select(0, index)
+                    entry[key] = entry[key].index_select(0, rows)
+        if moved and self.source_mask is not None:
+            self.source_mask = self.source_mask.index_select(0, rows)
 
 
 # ----------------------------------------------------------------------------
@@ -449,6 +449,29 @@ class T5(nn.Module):
     ):
         encoded, encoded_mask = self.encode(input_ids, attention_mask, prompt)
         return self.decode(decoder_input_ids, encoded, encoded_mask, None, decoder_attention_mask)
+
+
+def start_decoding(model, input_ids, attention_mask, prompt=None):
+    """(step, reorder, state, start tokens): what decode.py's greedy and beam search take, with
+    `prompt` prepended. The encoder runs once, here; each step feeds one token per row to the
+    decoder, whose keys and values wait in the state's KV cache:
+
+        step, reorder, state, start = model.start_decoding(t5, input_ids, attention_mask)
+        ids = decode.generate(step, reorder, state, start, max_new_tokens, eos_id, pad_id)
+    """
+    hidden, mask = model.encode(input_ids, attention_mask, prompt)
+
+    def step(tokens, state):  # the next token's logits, the cache grown by one position
+        cache, hidden, mask = state
+        return model.decode(tokens, hidden, mask, cache)[:, -1], state
+
+    def reorder(state, rows, moved):  # an example's beams share its encoder output
+        cache, hidden, mask = state
+        cache.reorder(rows, moved)
+        return (cache, hidden[rows], mask[rows]) if moved else state
+
+    start = input_ids.new_full((input_ids.shape[0],), model.config.decoder_start_token_id)
+    return step, reorder, (KVCache(), hidden, mask), start
 
 
 def shift_right(labels, decoder_start_token_id=0, pad_token_id=0):
@@ -698,11 +721,11 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
 
 
 def save_pretrained(model, path, state_dict=None, max_shard_bytes=5 * 10**9):
-    """Writes config.json + safetensors in the Hugging Face layout (sharded with an
-    index above max_shard_bytes), replacing `path` only once complete; other
-    files of an existing directory (spiece.model, a prompt) are kept.
-    Pass `state_dict` (our names, full tensors) when the model is sharded.
-    Adapters are not part of the model (support/lora.py saves them).
+    """Writes config.json + safetensors in the Hugging Face layout (sharded with an index above
+    max_shard_bytes), replacing `path` only once complete and keeping its other files
+    (spiece.model, a prompt); copied alone, into a new folder only. Pass `state_dict` (our
+    names, full tensors) when the model is sharded. Adapters are not part of the model
+    (support/lora.py saves them).
     """
     from safetensors.torch import save_file
 
@@ -728,39 +751,18 @@ def save_pretrained(model, path, state_dict=None, max_shard_bytes=5 * 10**9):
             with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
 
+    try:  # swapped in for `path` once complete, keeping its other files
+        from support.hf_files import replace_folder
+    except ImportError:  # model.py copied alone
+        replace_folder = write_new_folder
     replace_folder(path, write)
 
 
-_OLD_WEIGHTS = re.compile(
-    r"config\.json|model.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?"
-)
-
-
-def replace_folder(path, write):
-    """Runs write(folder) on a new folder beside `path`, then swaps it in for `path`, carrying
-    over the files of an old `path` that are not weights. A failed write leaves `path` as it was."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
-    try:
-        write(tmp)
-        # mkdtemp and safetensors make private (0700/0600) files; give them the usual modes
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-        if os.path.isdir(path):  # carry over spiece.model, a prompt, ...: all but the weights
-
-            def old_weights(folder, names):
-                return [n for n in names if folder == path and _OLD_WEIGHTS.fullmatch(n)]
-
-            shutil.copytree(path, tmp, ignore=old_weights, dirs_exist_ok=True)
-            os.rename(path, tmp + ".old")
-            os.rename(tmp, path)
-            shutil.rmtree(tmp + ".old")
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def write_new_folder(path, write):
+    """Copied alone, model.py saves into a new folder only: replacing one, whole or not at all,
+    is support/hf_files.py's `replace_folder`."""
+    if os.path.exists(path):
+        need = "needs promot's support/hf_files.py beside model.py"
+        raise BadInput(f"{path}: exists; saving over a checkpoint folder {need}")
+    os.makedirs(path)
+    write(path)

@@ -1,13 +1,21 @@
-"""support/hf_files.py: a pytorch_model.bin read without running the code a pickle may hold.
+"""support/hf_files.py: the plumbing of Hugging Face checkpoint files that model.py leaves out.
 
-Older Hugging Face checkpoints store their weights as a pickled state dict
-(pytorch_model.bin, or shards named by pytorch_model.bin.index.json; model.py finds
-the files). `torch.load(weights_only=True)` unpickles only tensors and plain
-containers: a file that needs pickled code to load is refused, never executed.
-model.py reads safetensors itself and calls `read_bin` for these files.
+* `read_bin`: a pytorch_model.bin read without running the code a pickle may hold. Older
+  Hugging Face checkpoints store their weights as a pickled state dict (pytorch_model.bin,
+  or shards named by pytorch_model.bin.index.json; model.py finds the files).
+  `torch.load(weights_only=True)` unpickles only tensors and plain containers: a file that
+  needs pickled code to load is refused, never executed. model.py reads safetensors itself
+  and calls `read_bin` for these files.
+* `replace_folder`: how model.save_pretrained replaces a checkpoint folder, whole or not at
+  all, keeping the files beside the weights (spiece.model, a prompt).
+
 Imports only torch and the standard library.
 """
 
+import os
+import re
+import shutil
+import tempfile
 import warnings
 
 import torch
@@ -48,3 +56,38 @@ def _load(file):
             f"{file}: refused to load; it is not a plain tensor file that loads without "
             f"executing pickled code ({type(why).__name__}: {str(why)[:200]})"
         ) from None
+
+
+_OLD_WEIGHTS = re.compile(
+    r"config\.json|model.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?"
+)
+
+
+def replace_folder(path, write):
+    """Runs write(folder) on a new folder beside `path`, then swaps it in for `path`, carrying
+    over the files of an old `path` that are not weights. A failed write leaves `path` as it was."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
+    try:
+        write(tmp)
+        # mkdtemp and safetensors make private (0700/0600) files; give them the usual modes
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        if os.path.isdir(path):  # carry over spiece.model, a prompt, ...: all but the weights
+
+            def old_weights(folder, names):
+                return [n for n in names if folder == path and _OLD_WEIGHTS.fullmatch(n)]
+
+            shutil.copytree(path, tmp, ignore=old_weights, dirs_exist_ok=True)
+            os.rename(path, tmp + ".old")
+            os.rename(tmp, path)
+            shutil.rmtree(tmp + ".old")
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

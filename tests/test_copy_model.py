@@ -47,6 +47,10 @@ try:
     model.load_pretrained("bin")
 except ValueError as e:
     out["bin"] = str(e)
+try:  # alone, a save never replaces a folder half-way: that needs support/hf_files.py
+    model.save_pretrained(net, "saved")
+except ValueError as e:
+    out["saved again"] = str(e)
 torch.save(out, "out.pt")
 """
 
@@ -89,4 +93,9 @@ def test_model_py_copied_alone_builds_runs_loads_and_saves(tmp_path):
     assert out["bin"] == (
         f"{os.path.join('bin', 'pytorch_model.bin')}: reading pytorch_model.bin needs promot's "
         "support/hf_files.py beside model.py"
+    )
+    # (transformers read "saved" back above: the refused second save left the first as it was)
+    assert out["saved again"] == (
+        "saved: exists; saving over a checkpoint folder needs promot's support/hf_files.py "
+        "beside model.py"
     )
