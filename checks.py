@@ -7,184 +7,42 @@ receives the objects it checks (tasks, configs, settings) and never imports a ma
 every main file may import it.
 """
 
-from support.errors import BadInput, DamagedFile  # noqa: F401
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
 
-# ---- data: tasks, templates, splits, demonstration pools (data.py) ----
+import torch
 
+from support import cli, dataset_files, hf_files
+from support.errors import BadInput, DamagedFile
 
-PLAIN_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"  # a task or split name: never '..', '/x' or 'a/b'
-
-
-def check_task_name(name):
-    """A task name is a folder under --data-dir, never a path."""
-    import re
-
-    if not re.fullmatch(PLAIN_NAME, str(name)):
-        raise BadInput(
-            f"task name {name!r}: expected letters, digits, '_', '-' and '.' (a folder under "
-            "--data-dir), not a path"
-        )
-
-
-def check_task_json(path, spec):
-    """A task.json's values, as support.dataset_files.read_task_json read them: a template of
-    plain named fields, without a format spec or conversion ({input:>9999999999} would pad an
-    input to any width, {input!r} quote it); split names that are plain names like task names
-    (a split is a file of the task folder, never '../x'); a positive max_input_tokens."""
-    import json
-    import string
-
-    template = spec.get("template", "{input}")
-    try:  # named fields only: {0} or {} would take an example's fields by position
-        fields = [f for f in string.Formatter().parse(template) if f[1] is not None]
-    except (TypeError, ValueError, AttributeError) as e:
-        raise BadInput(f"{path}: template {template!r} is not a format string ({e})") from None
-    if not fields or not all(name.isidentifier() for _, name, _, _ in fields):
-        raise BadInput(f"{path}: template {template!r} needs named fields such as {{input}}")
-    for _, name, format_spec, conversion in fields:
-        if format_spec or conversion:
-            raise BadInput(
-                f"{path}: template {template!r}: field {name!r} has a format spec or conversion;"
-                " expected plain fields such as {input}"
-            )
-    for key in ("eval_split", "demo_split"):
-        check_split_name(spec.get(key, "train"), f"{path}: {key}")
-    limit = spec.get("max_input_tokens")
-    if limit is not None and (type(limit) is not int or limit < 1):
-        raise BadInput(f"{path}: max_input_tokens is {json.dumps(limit)}; expected an integer >= 1")
-
-
-def check_split_name(split, where):
-    """A split is a plain name like a task's (its file is <task folder>/<split>.jsonl), never a
-    path such as '../x'; `where` names its source (a task.json key, a flag)."""
-    import json
-    import re
-
-    if not isinstance(split, str) or not re.fullmatch(PLAIN_NAME, split):
-        raise BadInput(
-            f'{where} is {json.dumps(split)}; expected a split name such as "validation" '
-            "(letters, digits, '_', '-' and '.'), not a path"
-        )
-
-
-def check_split_files(data_dir, task_name, split):
-    """Before a split of the task folder <data_dir>/<task_name>/ is read: a plain split name
-    (check_split_name) and no link out of --data-dir (check_links_inside)."""
-    import os
-
-    check_split_name(split, f"task {task_name}: split")
-    check_links_inside(os.path.join(data_dir, task_name), data_dir, "--data-dir")
-
-
-def read_task_json(path, data_dir, accepted_keys, metrics):
-    """The settings of <data_dir>/<task>/task.json, read (support.dataset_files.read_task_json)
-    only if its folder has no link out of --data-dir, and checked (check_task_json)."""
-    from support import dataset_files
-
-    check_links_inside(path.parent, data_dir, "--data-dir")
-    settings = dataset_files.read_task_json(path, accepted_keys, metrics)
-    check_task_json(path, settings)
-    return settings
-
-
-def check_links_inside(folder, root, flag):
-    """The symbolic links among `folder`'s entries and its sub-folders' entries (every file a
-    reader opens: a task folder's splits, a checkpoint folder's files), and `folder` itself,
-    point inside `root`, the folder the user named with `flag`. A Hugging Face cache snapshot
-    (.../snapshots/<hash>/, files linked to ../../blobs/) may point into its repository's blobs."""
-    import os
-
-    named, root = root, os.path.realpath(root)
-    allowed = [root]
-    if os.path.basename(os.path.dirname(root)) == "snapshots":
-        allowed.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
-    entries = [folder] if os.path.islink(folder) else []
-    for place in [folder] + [e.path for e in _entries(folder) if e.is_dir(follow_symlinks=False)]:
-        entries += [e.path for e in _entries(place) if e.is_symlink()]
-    for link in entries:
-        target = os.path.realpath(link)
-        if not any(os.path.commonpath([target, a]) == a for a in allowed):
-            raise BadInput(
-                f"{flag} {named}: {link} is a link to {target}, outside the folder; promot reads "
-                f"only files inside the folders named on its command line (copy the file in)"
-            )
-
-
-def _entries(folder):
-    import os
-
-    try:
-        with os.scandir(folder) as found:
-            return list(found)
-    except OSError:  # not a folder, or unreadable: nothing to follow
-        return []
-
-
-def no_field(task, example, field):
-    """The BadInput for an example that lacks a field its task's template names."""
-    return BadInput(
-        f"task {task.name}: example has no field {field!r} for template "
-        f"{task.template!r} (fields: {', '.join(example.fields)})"
-    )
-
-
-class in_split:  # noqa: N801 (used like a function: `with checks.in_split(task, split):`)
-    """Re-raises a BadInput or DamagedFile with "task T, split S: " in front (in place of a
-    "task T: " it starts with), so that every data error names its task and split; one that
-    starts with its --flag keeps it first."""
-
-    def __init__(self, task_name, split):
-        self.task, self.split = f"task {task_name}", f", split {split}: "
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, trace):
-        message, named = str(err), (self.task + ", ", "--")  # a message led by its flag keeps it
-        if not isinstance(err, (BadInput, DamagedFile)) or message.startswith(named):
-            return False
-        message = message.removeprefix(self.task + ": ")
-        raise type(err)(self.task + self.split + message).with_traceback(trace) from None
+# ---- data: templates, demonstration pools, data folders (data.py) ----
+# What reading a split refuses as it reads (a task or split name that is a path, a link out of
+# --data-dir, a malformed task.json) support/dataset_files.py raises itself; the checks below
+# run once a command has read its data.
 
 
 def check_template(task, examples, split, sample=100_000):
-    """Fill the template with every example (`sample` evenly spaced ones of a larger, streamed
-    set): a field it names that an example lacks is a BadInput before any work, not mid-run."""
+    """Fill the template of `task` (a data.Task, `Task.fill`) with every example (`sample`
+    evenly spaced ones of a larger, streamed set): a field it names that an example lacks is a
+    BadInput naming the example before any work, not mid-run."""
     for i in range(0, len(examples), max(1, len(examples) // sample)):
         try:
-            task.template.format(**examples[i].fields)
-        except KeyError as err:
-            problem = no_field(task, examples[i], err.args[0])
-            raise BadInput(f"{problem}: {split} example {i + 1}") from None
+            task.fill(examples[i])
+        except BadInput as err:
+            raise BadInput(f"{err}: {split} example {i + 1}") from None
 
 
 def check_pool(task, pool, shots):
     """A BadInput unless `pool` holds the `shots` demonstrations a k-shot input needs."""
-    from support.cli import count
-
     if shots and len(pool) < shots:
         raise BadInput(
             f"task {task.name}, split {task.demo_split}: {shots}-shot inputs need "
-            f"{count(shots, 'demonstration')} but the demonstration pool has "
-            f"{count(len(pool), 'example')} (fewer --shots, or more --train-examples)"
-        )
-
-
-def check_mixture(datasets, rates):
-    """A data.Mixture's {task: examples} and {task: rate}."""
-    if not datasets or any(len(items) == 0 for items in datasets.values()):
-        raise BadInput("a mixture needs at least one task, and every task at least one example")
-    names = sorted(datasets)
-    if sorted(rates) != names or any(r < 0 for r in rates.values()) or sum(rates.values()) <= 0:
-        raise BadInput(f"mixture rates {rates} must give a non-negative rate to each of {names}")
-
-
-def check_mixture_state(state, seed, names):
-    """A data.Mixture state_dict to load into a mixture of `seed` over the tasks `names`."""
-    if state.get("seed") != seed or sorted(state.get("positions", {})) != names:
-        raise BadInput(
-            f"mixture state is for seed {state.get('seed')} and tasks "
-            f"{sorted(state.get('positions', {}))}, not seed {seed} and {names}"
+            f"{cli.count(shots, 'demonstration')} but the demonstration pool has "
+            f"{cli.count(len(pool), 'example')} (fewer --shots, or more --train-examples)"
         )
 
 
@@ -200,8 +58,6 @@ def check_tokenizer_fits(tokenizer, model_vocab_size):
             "is the spiece.model from the same checkpoint?"
         )
     if tokenizer.vocab_size < 0.9 * model_vocab_size:  # T5: 32,100 ids, 32,128 rows (padding)
-        import sys
-
         print(
             f"warning: tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids for the "
             f"model's {model_vocab_size} embedding rows, so "
@@ -213,28 +69,24 @@ def check_tokenizer_fits(tokenizer, model_vocab_size):
 
 def spiece_in(model_dir):
     """The spiece.model of a checkpoint folder."""
-    import os
-
     path = os.path.join(model_dir, "spiece.model")
     if not os.path.isfile(path):
         raise BadInput(f"{model_dir}: no spiece.model in this checkpoint folder")
     return path
 
 
-def check_data_folder(data_dir):
-    """`data_dir` as a Path, if it is a folder."""
-    from pathlib import Path
-
-    if not Path(data_dir).is_dir():
+def check_data_folder(data_dir, tasks, splits, read_split, known):
+    """`data.py check`: `data_dir` is a folder with task folders (`tasks`, {name: data.Task};
+    none is a BadInput naming the `known` tasks), each checked by `check_task`. Returns the
+    number of problems found."""
+    root = Path(data_dir)
+    if not root.is_dir():
         raise BadInput(f"{data_dir}: data folder not found")
-    return Path(data_dir)
-
-
-def check_some_task_folder(root, tasks, known):
-    """`data.py check` needs at least one task folder in the data folder."""
     if not tasks:
-        known = ", ".join(sorted(known))
-        raise BadInput(f"{root}: no task folders found; expected some of: {known}")
+        raise BadInput(
+            f"{root}: no task folders found; expected some of: {', '.join(sorted(known))}"
+        )
+    return sum(check_task(tasks[name], root, splits, read_split) for name in sorted(tasks))
 
 
 def check_task(task, root, splits, read_split):
@@ -242,10 +94,6 @@ def check_task(task, root, splits, read_split):
     many problems it has (a split that fails to read, files in a format nothing reads, or no
     split at all). Sizes that differ from Table 8 (`Task.paper_sizes`) are warnings.
     `read_split(task, root, split)` gives the examples, or a NoSplitFile."""
-    import sys
-
-    from support import dataset_files
-
     cells, problems, warnings, missing = [], [], [], 0
     for split in splits:
         paper = (task.paper_sizes or {}).get(split)
@@ -299,8 +147,6 @@ WEIGHT_FILES = (
 
 def holds_checkpoint(folder):
     """Whether `folder` holds a checkpoint: a config.json beside weights (model.py's layout)."""
-    import os
-
     names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
     return "config.json" in names and bool(names & set(WEIGHT_FILES))
 
@@ -308,7 +154,7 @@ def holds_checkpoint(folder):
 def check_model_folder(model, flag="--model"):
     """The files of a checkpoint folder that model.py reads (config.json, spiece.model, weights,
     a sharded index's shards: all directly in the folder) are inside it, links included."""
-    check_links_inside(model, model, flag)
+    dataset_files.check_links_inside(model, model, flag)
 
 
 def model_parameters(config):
@@ -331,10 +177,6 @@ def model_parameters(config):
 def device_memory(device):
     """Bytes of memory on `device` (a torch.device or its name): the GPU's, else the machine's
     RAM."""
-    import os
-
-    import torch
-
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
@@ -396,10 +238,6 @@ def safetensors_shapes(file):
     """{name: shape} from a safetensors file's header alone (8 bytes of length, then JSON), with
     a DamagedFile when the header is malformed or the file is shorter or longer than the
     tensors it describes (a truncated download), without reading a tensor."""
-    import json
-    import math
-    import os
-
     size, damaged = os.path.getsize(file), f"{file}: not a complete safetensors file"
     with open(file, "rb") as f:
         length = int.from_bytes(f.read(8), "little") if size >= 8 else -1
@@ -427,20 +265,13 @@ def safetensors_shapes(file):
     return shapes
 
 
-def check_weight_files(path, config, model_lib):
-    """Every tensor of checkpoint folder `path`'s weight files is one the model of `config`
-    (its T5Config) expects, with its shape, and none is missing; read from the safetensors
-    headers alone (pytorch_model.bin: loaded by support/hf_files.py without running pickled
-    code). Called before a command writes anything. `model_lib`: model.py, whose
-    checkpoint_files, build (on the meta device) and ours_to_hf it uses."""
-    import os
-
-    from support import hf_files
-
-    check_model_numbers(config, os.path.join(path, "config.json"))
-    files, weight_map = model_lib.checkpoint_files(path)
-    model, hf_name = model_lib.build(config, "meta"), model_lib.ours_to_hf
-    expected = {hf_name(n): tuple(p.shape) for n, p in model.named_parameters()}
+def check_weight_files(path, expected, files, weight_map=None):
+    """Every tensor in the weight `files` of checkpoint folder `path` (and, sharded, its index's
+    `weight_map`; both as model.checkpoint_files gives them) is one of `expected`, {Hugging Face
+    name: shape} of the model its config.json builds, with its shape, and none is missing; read
+    from the safetensors headers alone (pytorch_model.bin: loaded by support/hf_files.py without
+    running pickled code). Called before a command writes anything."""
+    expected = {name: tuple(shape) for name, shape in expected.items()}
     shared = expected["shared.weight"]
     aliases = {f"{s}.embed_tokens.weight": shared for s in ("encoder", "decoder")}
     if "lm_head.weight" not in expected:
@@ -475,49 +306,12 @@ def check_weight_files(path, config, model_lib):
         )
 
 
-def model_fingerprint(path, files, contents=False):
-    """{file: fingerprint} of a checkpoint folder for --resume: config.json and spiece.model by
-    their SHA-256, the weight `files` by size and modification time (by SHA-256 with
-    `contents`: reads every byte)."""
-    import hashlib
-    import os
-
-    def sha256(file):
-        digest = hashlib.sha256()
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        return f"sha256 {digest.hexdigest()[:16]}"
-
-    found = {}
-    for file in [os.path.join(path, n) for n in ("config.json", "spiece.model")] + list(files):
-        stat = os.stat(file)
-        small = not contents and file in files
-        found[os.path.basename(file)] = (
-            f"{stat.st_size} bytes, modified {stat.st_mtime_ns}" if small else sha256(file)
-        )
-    return found
-
-
-def fingerprints(tasks, splits, fingerprint, model_files):
-    """What RUN/config.json records for --resume to compare: {"data": each split's
-    `fingerprint` and each task's template and label words, "model_files": model_files}."""
-    data = {f"{t.name} {s}": fingerprint(x) for s in splits for t, x in zip(tasks, splits[s])}
-    for t in tasks:
-        data[f"{t.name} task"] = f"template {t.template!r}, label words {list(t.label_words or ())}"
-    return {"data": data, "model_files": model_files}
-
-
 # ---- training runs (promot.py) ----
 
 
 def check_training_settings(cfg, prompt_source):
     """promot.py's flags on their own (a promot.Config), before anything is read. `prompt_source`
     is the stage's ("new", "stage1" or "")."""
-    import torch
-
-    from support import cli, lora
-
     if problem := cli.out_of_range(cfg):  # each flag's `valid` range
         raise BadInput(problem)
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -535,11 +329,17 @@ def check_training_settings(cfg, prompt_source):
             f"--stage1-module lora belongs to ProMoT's two stages (--stage 1 or 2), "
             f"not --stage {cfg.stage}"
         )
-    if cfg.stage1_module == "lora" and cfg.stage == "1":
-        targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
-        lora.check_settings(cfg.lora_rank, targets, "--lora-rank", "--lora-targets")
-    if prompt_source == "new" and cfg.prompt_init == "file" and not cfg.prompt_init_file:
-        raise BadInput("--prompt-init file needs --prompt-init-file FILE")
+    kind, colon, value = cfg.prompt_init.partition(":")
+    if kind not in ("uniform", "vocab", "text", "file") or (kind in ("uniform", "vocab") and colon):
+        raise BadInput(
+            f"--prompt-init {cfg.prompt_init!r}: expected uniform, vocab, text, text:WORDS or "
+            "file:PATH"
+        )
+    if prompt_source == "new" and kind == "file" and not value:
+        raise BadInput("--prompt-init file needs the prompt file: --prompt-init file:PATH")
+    unknown = set(names(cfg.allow_change)) - {"data", "model"}
+    if unknown:
+        raise BadInput(f"--allow-change {cfg.allow_change}: expected data, model or data,model")
 
 
 def check_training_memory(cfg, config, trains, world, device):
@@ -548,23 +348,22 @@ def check_training_memory(cfg, config, trains, world, device):
     one per task) and one layer's attention scores over the prompt, LoRA's adapters
     (--lora-rank x their width, per target of every attention module), and one decoding step
     when checkpoints are scored. All from config.json's numbers and the flags, before any
-    tensor exists. `trains`: promot.what_trains(cfg)."""
-    import os
-
+    tensor exists, once those numbers are sizes (check_model_numbers). `trains`:
+    promot.what_trains(cfg)."""
+    check_model_numbers(config, os.path.join(cfg.model, "config.json"))
     c, tasks = config, len([t for t in cfg.task.split(",") if t.strip()])
-    weights, (prompt_source, _, model_trains, _) = 4 * model_parameters(c) // world, trains
+    weights, (prompt_source, _, model_trains) = 4 * model_parameters(c) // world, trains
     needs = {f"{cfg.model}/config.json's weights": weights * (2 if model_trains else 1)}
     if prompt_source:
         micro = cfg.micro_batch_size or cfg.batch_size // world
         prompt = f"--prompt-length {cfg.prompt_length}"
         needs[f"{prompt} x d_model {c.d_model}"] = 4 * 3 * tasks * cfg.prompt_length * c.d_model
         needs[f"{prompt}'s attention scores"] = 4 * micro * c.num_heads * cfg.prompt_length**2
-    if cfg.stage1_module == "lora" and cfg.stage == "1":
+    if cfg.stage1_module == "lora" and cfg.stage == "1":  # on q and v
         width = c.d_model + c.num_heads * c.d_kv
         modules = c.num_layers + 2 * c.num_decoder_layers
-        targets = len([t for t in cfg.lora_targets.split(",") if t.strip()])
-        needs[f"--lora-rank {cfg.lora_rank}"] = 4 * 3 * cfg.lora_rank * width * targets * modules
-    beams = decoding_needs(c, cfg.eval_batch_size, cfg.num_beams, cfg.max_new_tokens or 0)
+        needs[f"--lora-rank {cfg.lora_rank}"] = 4 * 3 * cfg.lora_rank * width * 2 * modules
+    beams = decoding_needs(c, cfg.micro_batch_size or 16, cfg.num_beams, cfg.max_new_tokens or 0)
     needs = {**needs, **(beams if cfg.eval else {})}
     if str(device).startswith("cpu"):  # the ranks of one machine share its memory
         ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -574,13 +373,11 @@ def check_training_memory(cfg, config, trains, world, device):
 
 def check_batch_split(batch_size, micro_batch_size, world):
     """--batch-size splits evenly over the ranks, and each rank's share into micro-batches."""
-    from support.cli import count
-
     per_rank, rest = divmod(batch_size, world)
     if rest or per_rank % (micro_batch_size or per_rank):
         micro = micro_batch_size or per_rank
         raise BadInput(
-            f"--batch-size {batch_size} must split evenly over {count(world, 'rank')} and then "
+            f"--batch-size {batch_size} must split evenly over {cli.count(world, 'rank')} and then "
             f"into micro-batches of --micro-batch-size {micro} examples"
         )
 
@@ -588,8 +385,6 @@ def check_batch_split(batch_size, micro_batch_size, world):
 def check_model_and_data_dir(model, data_dir, out):
     """--model is a checkpoint folder with config.json and spiece.model, every file inside it
     (check_model_folder); --data-dir a folder; --out a run folder of its own (check_run_out)."""
-    import os
-
     if not os.path.isdir(model):
         raise BadInput(f"--model {model}: no such checkpoint directory")
     for name in ("config.json", "spiece.model"):
@@ -608,8 +403,6 @@ def check_run_out(out, model, data_dir):
     """promot.py writes RUN/config.json, RUN/log.jsonl and RUN/<stage>/ into --out: never the
     model or data folder or a folder inside them, nor a folder that holds a checkpoint, whose
     config.json it would change."""
-    import os
-
     where = os.path.realpath(out)
     for flag, folder in (("--model", model), ("--data-dir", data_dir)):
         if os.path.commonpath([where, os.path.realpath(folder)]) == os.path.realpath(folder):
@@ -626,16 +419,14 @@ def check_run_out(out, model, data_dir):
 
 def stage1_file(cfg, prompt_source):
     """The file a promot.py run reads besides the model: stage 1's adapters or prompt (stage 2:
-    --lora / --prompt, else RUN/stage1/best/, then set as cfg.lora / cfg.prompt),
-    --prompt-init-file, or None."""
-    import os
-
+    --prompt, else RUN/stage1/best/, then set as cfg.prompt), --prompt-init file:PATH's, or
+    None."""
     if cfg.stage1_module == "lora" and cfg.stage == "2":
-        given, name, what, flag = cfg.lora, "lora.safetensors", "adapters", "--lora"
+        given, name, what, flag = cfg.prompt, "lora.safetensors", "adapters", "--prompt"
     elif prompt_source == "stage1":
         given, name, what, flag = cfg.prompt, "prompt.safetensors", "prompt", "--prompt"
-    elif prompt_source == "new" and cfg.prompt_init == "file":
-        return cfg.prompt_init_file
+    elif prompt_source == "new" and cfg.prompt_init.startswith("file:"):
+        return cfg.prompt_init.partition(":")[2]
     else:
         return None
     path = given or os.path.join(cfg.out, "stage1", "best", name)
@@ -668,12 +459,6 @@ def check_evaluation(settings, tasks, results_format):
     """evaluate.py's flags (an evaluate.Settings) before any work, `tasks` the evaluation tasks
     they name: ranges, paths, --device, and that there is something to score; --out may be
     written as a file of `results_format` (check_results_out)."""
-    import os
-
-    import torch
-
-    from support import cli
-
     if problem := cli.out_of_range(settings):  # each flag's `valid` range
         raise BadInput(problem)
     if settings.device == "cuda" and not torch.cuda.is_available():
@@ -699,9 +484,6 @@ def check_results_out(out, results_format):
     """--out is a new file, or a results file of `results_format` (evaluate.RESULTS_FORMAT,
     the first key evaluate.py writes, recognized from the file's first bytes), in a folder that
     is, or can be made, writable: never a model's weights, a data file or a folder."""
-    import os
-    import re
-
     if os.path.isdir(out):
         raise BadInput(f"--out {out}: is a folder; expected a results file (e.g. {out}/eval.json)")
     if os.path.exists(out):
@@ -722,7 +504,9 @@ def check_results_out(out, results_format):
 
 def check_evaluation_memory(settings, config, device):
     """evaluate.py's run fits its device: the weights in --dtype and one decoding step
-    (decoding_needs), from config.json's numbers and the flags before anything is read."""
+    (decoding_needs), from config.json's numbers (first checked: check_model_numbers) and the
+    flags before anything is read."""
+    check_model_numbers(config, os.path.join(settings.model, "config.json"))
     weights = (2 if settings.dtype == "bfloat16" else 4) * model_parameters(config)
     needs = {f"{settings.model}/config.json's weights": weights}
     beams = decoding_needs(
@@ -735,10 +519,6 @@ def check_task_folders(names, data_dir, skip):
     """(tasks of `names` whose folder is in `data_dir`, those whose folder is not): every missing
     folder in one BadInput that says which --eval-tasks would run, unless `skip`
     (--skip-missing-tasks)."""
-    import os
-
-    from support.cli import count
-
     if not os.path.isdir(data_dir):
         raise BadInput(f"--data-dir {data_dir}: no such directory")
     missing = [n for n in names if not os.path.isdir(os.path.join(data_dir, n))]
@@ -746,7 +526,7 @@ def check_task_folders(names, data_dir, skip):
     if missing and not skip:
         others = f", score the others with --eval-tasks {','.join(present)}" if present else ""
         raise BadInput(
-            f"--data-dir {data_dir} has no folder for {count(len(missing), 'evaluation task')} "
+            f"--data-dir {data_dir} has no folder for {cli.count(len(missing), 'evaluation task')} "
             f"of {len(names)}: {', '.join(missing)}. Put their files there (docs/data.md)"
             f"{others}, or pass --skip-missing-tasks"
         )
@@ -789,27 +569,29 @@ def check_results_file(path, results, results_format):
 def check_training_flags(flags, stage, num_tasks):
     """promot.py's --probe-* / --align-* flags (a diagnostics.TrainingFlags): their ranges, their
     number lists, and that gradient alignment has a model gradient and one task to shuffle."""
-    from support import cli
-
     if problem := cli.out_of_range(flags):
         raise BadInput(problem)
     for name, may_be_empty in (("probe_shots", False), ("align_steps", True)):
         parts = [part.strip() for part in getattr(flags, name).split(",") if part.strip()]
-        if not all(part.isdigit() for part in parts) or not (parts or may_be_empty):
-            text = getattr(flags, name)
+        every = [p[6:] for p in parts if p.startswith("every:") and name == "align_steps"]
+        steps = [p for p in parts if not p.startswith("every:")] + every
+        if not all(p.isdigit() for p in steps) or not (parts or may_be_empty) or "0" in every:
+            text, also = getattr(flags, name), " (steps), or every:N" if every else ""
             raise BadInput(
-                f"--{name.replace('_', '-')} {text!r}: expected comma-separated integers"
+                f"--{name.replace('_', '-')} {text!r}: expected comma-separated integers{also}"
             )
     probe_tasks = [part for part in flags.probe_tasks.split(",") if part.strip()]
     if flags.probe_every and not probe_tasks:
         raise BadInput("--probe-every needs --probe-tasks (comma-separated unseen tasks)")
-    if flags.align_every or any(part.strip() for part in flags.align_steps.split(",")):
+    if any(part.strip() for part in flags.align_steps.split(",")):
         if stage == "1":
             raise BadInput(
-                "--align-steps/--align-every measure the model's gradient; "
-                "stage 1 trains only the prompt"
+                "--align-steps measures the model's gradient; stage 1 trains only the prompt"
             )
         if num_tasks > 1:
-            raise BadInput(
-                "--align-steps/--align-every need a single --task (its labels are shuffled)"
-            )
+            raise BadInput("--align-steps needs a single --task (its labels are shuffled)")
+
+
+def names(text):
+    """The comma-separated names in `text`, stripped, empty ones dropped."""
+    return [t.strip() for t in (text or "").split(",") if t.strip()]

@@ -13,10 +13,10 @@ It holds
   * batching: one batch encoder (`encode_batch`), length-sorted evaluation
     batches and a deterministic, resumable multi-task mixture;
   * a small CLI: `python data.py show ...` and `python data.py check ...`.
-The readers of each data set's published files (JSON Lines exports, the
-official releases) live in support/dataset_files.py, the input checks in
-checks.py. Decoding, post-processing and metrics live in evaluate.py; the
-model in model.py; training in promot.py.
+The readers of each data set's published files live in support/dataset_files.py
+(which refuses a task or split name that is a path, or a link out of --data-dir),
+the checks a command runs after reading in checks.py. Decoding, post-processing
+and metrics live in evaluate.py; the model in model.py; training in promot.py.
 """
 
 from __future__ import annotations
@@ -205,6 +205,17 @@ class Task:
         """The `{field}` names of the template, in order."""
         return [f for _, f, _, _ in string.Formatter().parse(self.template) if f]
 
+    def fill(self, example) -> str:
+        """The template with the example's fields; a BadInput names a field it lacks (a command
+        tries every example before its work: checks.check_template)."""
+        try:
+            return self.template.format(**example.fields)
+        except KeyError as err:
+            raise BadInput(
+                f"task {self.name}: example has no field {err.args[0]!r} for template "
+                f"{self.template!r} (fields: {', '.join(example.fields)})"
+            ) from None
+
 
 @dataclass
 class Example:
@@ -264,7 +275,7 @@ def get_task(task, data_dir=None) -> Task:
     nothing; a command registers the folder tasks it names once, up front (`register_tasks`)."""
     if isinstance(task, Task):
         return task
-    checks.check_task_name(task)
+    dataset_files.check_task_name(task)
     return TASKS[task] if task in TASKS else load_task(task, data_dir)
 
 
@@ -275,7 +286,7 @@ def load_task(name: str, data_dir) -> Task:
     if spec is None or not spec.is_file():
         folder = f" (or a folder {Path(data_dir) / name}/ with a task.json)" if data_dir else ""
         raise BadInput(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}{folder}")
-    return jsonl_task(name, checks.read_task_json(spec, data_dir, TASK_JSON_KEYS, METRICS))
+    return jsonl_task(name, dataset_files.read_task_json(spec, data_dir, TASK_JSON_KEYS, METRICS))
 
 
 def register_tasks(names, data_dir) -> list[Task]:
@@ -391,8 +402,8 @@ def read_split(task, data_dir, split: str):
     """One split of `task` as its reader gives it, labeled or not, or the reader's
     NoSplitFile when the task folder holds no file for the split."""
     task = get_task(task, data_dir)
-    with checks.in_split(task.name, split):  # every error names the task and split
-        checks.check_split_files(data_dir, task.name, split)
+    with dataset_files.in_split(task.name, split):  # every error names the task and split
+        dataset_files.check_split_files(data_dir, task.name, split)
         examples = task.load(data_dir, split)
         if not isinstance(examples, NoSplitFile) and not examples:
             raise DamagedFile(f"{Path(data_dir) / task.name}: no examples")
@@ -409,7 +420,7 @@ def unlabeled(task, data_dir, split: str, examples) -> str | None:
 
 def labeled(task, data_dir, split: str, examples):
     """`examples`, unless they are a NoSplitFile or unlabeled: then a BadInput saying so."""
-    with checks.in_split(task.name, split):
+    with dataset_files.in_split(task.name, split):
         if isinstance(examples, NoSplitFile):
             raise BadInput(examples.message)
         if message := unlabeled(task, data_dir, split, examples):
@@ -499,11 +510,8 @@ END_SENTINEL = "<extra_id_1>"
 
 
 def fill_template(task: Task, example: Example) -> str:
-    """The template with the example's fields; `checks.check_template` tries every example."""
-    try:
-        return task.template.format(**example.fields)
-    except KeyError as err:
-        raise checks.no_field(task, example, err.args[0]) from None
+    """The template with the example's fields (`Task.fill`)."""
+    return task.fill(example)
 
 
 def make_demonstration(task: Task, example: Example) -> str:
@@ -738,7 +746,7 @@ def kshot_inputs(
     before = stats.trimmed
     results = []
     for query in queries:
-        with checks.in_split(task.name, task.demo_split):  # the demonstrations' split
+        with dataset_files.in_split(task.name, task.demo_split):  # the demonstrations' split
             demos = choose_demonstrations(query, pool, shots, seed)
         if tokenizer is not None:
             text = fit_input(task, query, demos, tokenizer, max_tokens, stats, truncation)
@@ -852,7 +860,12 @@ class Mixture:
         if rates in MIXING_RATES:
             sizes = {name: min(len(datasets[name]), cap) for name in self.names}
             rates = sizes if rates == "proportional" else dict.fromkeys(self.names, 1.0)
-        checks.check_mixture(datasets, rates)
+        if not datasets or any(len(items) == 0 for items in datasets.values()):
+            raise BadInput("a mixture needs at least one task, and every task at least one example")
+        if sorted(rates) != self.names or min(rates.values()) < 0 or sum(rates.values()) <= 0:
+            raise BadInput(
+                f"mixture rates {rates} must give a non-negative rate to each of {self.names}"
+            )
         total = sum(rates.values())
         self.cumulative, running = [], 0.0
         for name in self.names:
@@ -896,7 +909,12 @@ class Mixture:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        checks.check_mixture_state(state, self.seed, self.names)
+        seed, names = state.get("seed"), sorted(state.get("positions", {}))
+        if (seed, names) != (self.seed, self.names):
+            raise BadInput(
+                f"mixture state is for seed {seed} and tasks {names}, not seed {self.seed} and "
+                f"{self.names}"
+            )
         self.draws = int(state["draws"])
         self.positions = {name: list(p) for name, p in state["positions"].items()}
 
@@ -992,18 +1010,8 @@ def show(s: ShowSettings) -> None:
 
     for shots in s.shots:
         stats = TruncationStats()
-        inputs = kshot_inputs(
-            task,
-            queries,
-            pool,
-            shots,
-            s.seed,
-            tokenizer,
-            budget,
-            stats,
-            lambda message: None,
-            s.truncation,
-        )
+        fit = dict(tokenizer=tokenizer, max_input_tokens=budget, stats=stats, warn=lambda m: None)
+        inputs = kshot_inputs(task, queries, pool, shots, s.seed, truncation=s.truncation, **fit)
         for i, ((text, references), query) in enumerate(zip(inputs, queries)):
             print(f"=== {task.name} {split} #{i}, {shots}-shot, metric {task.metric} ===")
             print(f"input{count(text, budget)}:\n{text}")
@@ -1019,13 +1027,11 @@ def show(s: ShowSettings) -> None:
 
 def check(s: CheckSettings) -> int:
     """Print each task folder's split sizes beside Table 8; 1 if any has a problem, else 0."""
-    root = checks.check_data_folder(s.data_dir)
+    root = Path(s.data_dir)
     tasks = {name: task for name, task in TASKS.items() if (root / name).is_dir()}
     for spec in root.glob("*/task.json"):  # generic task folders, read but not registered
         tasks[spec.parent.name] = get_task(spec.parent.name, root)
-    checks.check_some_task_folder(root, tasks, known=TASKS)
-    problems = [checks.check_task(tasks[name], root, SPLITS, read_split) for name in sorted(tasks)]
-    return 1 if any(problems) else 0
+    return 1 if checks.check_data_folder(s.data_dir, tasks, SPLITS, read_split, TASKS) else 0
 
 
 def main(argv=None) -> int:

@@ -169,6 +169,9 @@ def gradient_alignment(t5, batch, shuffled_batch, prompt=None, layer=-1, label_s
 flag, AT_LEAST_0, AT_LEAST_1 = cli.flag, cli.AT_LEAST_0, cli.AT_LEAST_1
 
 
+TITLE = "the paper's §3 measurements during training (docs/diagnostics.md)"
+
+
 @dataclass
 class TrainingFlags:
     """promot.py's diagnostics flags (docs/diagnostics.md); all off by default."""
@@ -177,10 +180,8 @@ class TrainingFlags:
     probe_tasks: str = flag("", "comma-separated unseen tasks the probes score")
     probe_shots: str = flag("1", "comma-separated demonstration counts of the probes")
     probe_limit: int = flag(100, "examples scored per probe task", valid=AT_LEAST_1)
-    align_steps: str = flag("", "comma-separated steps at which to record the gradient alignment")
-    align_every: int = flag(0, "record the alignment every N steps (0: off)", valid=AT_LEAST_0)
+    align_steps: str = flag("", "steps that record the gradient alignment: 0,100 and/or every:N")
     align_batch_size: int = flag(32, "examples in the gradient-alignment batch", valid=AT_LEAST_1)
-    diagnostics_strict: bool = flag(False, "stop the run when a probe fails instead of logging it")
 
 
 def training_hook(flags, cfg, tasks, tokenizer, stage):
@@ -190,7 +191,7 @@ def training_hook(flags, cfg, tasks, tokenizer, stage):
     num_beams and stage; `stage` names the records' stage (the stage's folder)."""
     checks.check_training_flags(flags, cfg.stage, len(tasks))
     probes = flags.probe_every and comma_separated(flags.probe_tasks)
-    if not (probes or comma_separated(flags.align_steps) or flags.align_every):
+    if not (probes or comma_separated(flags.align_steps)):
         return None
     args = (cfg.out, stage, tokenizer, cfg.data_dir, tasks[0], cfg.seed, cfg.num_beams)
     return TrainingDiagnostics(flags, *args).run
@@ -206,7 +207,7 @@ class TrainingDiagnostics:
     Probes and alignment run with the RNG state saved and restored, dropout
     off, and gradients cleared afterwards, so a run with diagnostics ends with
     the same weights as one without. A failing probe is logged and training
-    goes on, unless --diagnostics-strict.
+    goes on (unless `strict`, as the tests set it).
     """
 
     align_layer = -1  # the decoder layer of the per-kind groups: the last, as in the paper
@@ -215,12 +216,14 @@ class TrainingDiagnostics:
         self, flags, out_dir, stage, tokenizer, data_dir, finetune_task, seed=0, num_beams=1
     ):
         self.path = os.path.join(out_dir, "diagnostics.jsonl")
-        self.stage, self.tokenizer, self.strict = stage, tokenizer, flags.diagnostics_strict
+        self.stage, self.tokenizer, self.strict = stage, tokenizer, False
         self.finetune_task = data.get_task(finetune_task, data_dir)
         self.label_words = self.finetune_task.label_words or ()
-        self.probe_every, self.align_every = flags.probe_every, flags.align_every
+        self.probe_every = flags.probe_every
         self.probe_shots = tuple(int(shots) for shots in comma_separated(flags.probe_shots))
-        self.align_steps = {int(step) for step in comma_separated(flags.align_steps)}
+        steps = comma_separated(flags.align_steps)  # "every:N" records every N steps
+        self.align_every = max([int(s[6:]) for s in steps if s.startswith("every:")], default=0)
+        self.align_steps = {int(step) for step in steps if not step.startswith("every:")}
         self.seed, self.num_beams = seed, num_beams
         self.probe_sets = dict(
             probe_set(name, data_dir, self.probe_shots, flags.probe_limit)
@@ -260,7 +263,7 @@ class TrainingDiagnostics:
                     {"kind": "error", "stage": self.stage, "step": step, "error": message}
                 )
                 print(
-                    message + " (training continues; --diagnostics-strict to stop instead)",
+                    message + " (training continues)",
                     flush=True,
                 )
                 traceback.print_exc(limit=3)
@@ -692,6 +695,7 @@ def align_command(args):
     tokenizer = data.Tokenizer(os.path.join(args.model, "spiece.model"))
     task = data.register_tasks([args.task], args.data_dir)[0]
     train = data.load_split(task, args.data_dir, "train")
+    checks.check_template(task, train, "train")  # every example's fields, before the gradients
     size = args.align_batch_size
     batch, shuffled = alignment_batches(task, train, tokenizer, size, args.seed, device)
     prompt = None

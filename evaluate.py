@@ -67,23 +67,16 @@ def generate(
     cfg, was_training = model.config, model.training
     model.eval()  # dropout off: decoding is deterministic
     try:
-        hidden, mask = model.encode(input_ids, attention_mask, prompt)
-
-        def step(tokens, state):  # state: (KV cache, encoder output, its mask)
-            return model.decode(tokens, state[1], state[2], state[0])[:, -1], state
-
-        def reorder(state, rows, moved):  # an example's beams share its cross-attention keys
-            cache, hidden, mask = state
-            cache.reorder(rows, sources=moved)
-            return (cache, hidden[rows], mask[rows]) if moved else state
-
-        start = input_ids.new_full((input_ids.shape[0],), cfg.decoder_start_token_id)
+        step, reorder, state, start = model_lib.start_decoding(
+            model, input_ids, attention_mask, prompt
+        )
         # Rows padded after EOS as transformers pads them: greedy with pad, beam search with EOS
         # (its fill value is `pad_token_id or eos_token_id`, and T5's pad id 0 is falsy).
         pad = cfg.pad_token_id if num_beams == 1 else cfg.eos_token_id
-        state, eos = (model_lib.KVCache(), hidden, mask), cfg.eos_token_id
         rule = dict(num_beams=num_beams, length_penalty=length_penalty, length_rule=length_rule)
-        return decode.generate(step, reorder, state, start, max_new_tokens, eos, pad, **rule)
+        return decode.generate(
+            step, reorder, state, start, max_new_tokens, cfg.eos_token_id, pad, **rule
+        )
     finally:
         model.train(was_training)
 
@@ -430,8 +423,8 @@ def route_prompt(task, prompts, route="same_format"):
     to the tasks of the fine-tuned task's format group (`data.FORMAT_GROUPS`): RTE's to RTE, CB
     and WiC. Other readings, by name: "same_answers" (the same answer set: RTE -> WiC) and
     "fine_tuned_only" (the task alone, as the prompt-tuning columns of Tables 10 and 12-14 are
-    reported); "always" or "never" force it (ablations; "always" prefers a prompt of the same
-    format).
+    reported; evaluate.py's reading for a stage-1 prompt, `route_by_stage`); "always" or "never"
+    force it (ablations; "always" prefers a prompt of the same format).
     """
     if route not in ROUTES:
         raise BadInput(f"route must be one of {', '.join(ROUTES)}, not {route!r}")
@@ -441,6 +434,19 @@ def route_prompt(task, prompts, route="same_format"):
         if same_format(task, name, "same_format" if route == "always" else route):
             return prompt
     return next(iter(prompts.values())) if route == "always" else None
+
+
+def route_by_stage(stage):
+    """The reading of `route_prompt` that scores a prompt trained by promot.py's `stage`
+    (training.json's "stage"): evaluate.py's default, --route by_stage.
+
+    A stage-1 prompt (the prompt-tuning baseline, on the pretrained model it left unchanged) is
+    removed on every task but its own: §5.1 compares prompt tuning with the pretrained model
+    "when the prompt is removed", and Tables 10 and 12-14 report its columns equal to the
+    pretrained ones on every unseen task, CB and WiC included. A prompt tuned with its model
+    (ProMoT's stage 2, the joint and random-prompt ablations) keeps §4's same-format rule.
+    """
+    return "fine_tuned_only" if str(stage) == "1" else "same_format"
 
 
 # ---------------------------------------------------------------------------------------
@@ -495,7 +501,8 @@ def results_table(results, baseline=None):
         lines.append(f"| {task} ({first['metric']}{routed(first)}) | " + " | ".join(row) + " |")
     if any(routed(r) for r in runs):
         rule = next(r.get("route") for r in runs if routed(r))
-        lines.append(f"\nNote: rows marked prompt or LoRA were scored with it (--route {rule}).")
+        rule = route_named(results.get("settings", {}).get("route", rule), rule)
+        lines.append(f"\nNote: rows marked prompt or LoRA were scored with it ({rule}).")
     if results.get("skipped_tasks"):
         lines.append(f"\nNot scored (no folder): {', '.join(results['skipped_tasks'])}")
     if baseline is not None:
@@ -507,6 +514,11 @@ def results_table(results, baseline=None):
                 "the differences compare unlike averages."
             )
     return "\n".join(lines)
+
+
+def route_named(flag, route):
+    """The rule as the log and the table name it: --route, and the reading by_stage chose."""
+    return f"--route {flag}" if flag == route else f"--route {flag}: {route}"
 
 
 def routed(run):
@@ -546,7 +558,11 @@ class Settings:
     prompt: str = flag("", "soft prompt file (prompt.safetensors, T5X .npy) [--model's own]")
     lora: str = flag("", "LoRA adapter file of promot.py --stage1-module lora [--model's own]")
     bare_model: bool = flag(False, "score --model alone, without its prompt or LoRA file")
-    route: str = flag("same_format", "which tasks get the prompt or LoRA (§4)", choices=ROUTES)
+    route: str = flag(
+        "by_stage",
+        "tasks that get the prompt or LoRA [by_stage: stage 1's fine_tuned_only, else same_format]",
+        choices=("by_stage", *ROUTES),
+    )
     baseline: str = flag("", "results JSON of another run, for the Norm. Avg. differences")
     eval_examples: int = flag(
         None, "score the first N examples of each task [all]", valid=cli.AT_LEAST_1
@@ -616,8 +632,9 @@ def training_record(s):
     return record
 
 
-def stage1_files(s, training):
-    """Settle which prompt and LoRA files score the model; returns the line that names them.
+def stage1_files(s, training, route):
+    """Settle which prompt and LoRA files score the model; returns the line that names them and
+    the reading of the rule (`route`) that routes them.
 
     --prompt and --lora, else the files that promot.py exports beside a model it tuned
     (RUN/stage2/best/prompt.safetensors or lora.safetensors): a ProMoT checkpoint is scored as
@@ -634,7 +651,7 @@ def stage1_files(s, training):
     ]
     if not files:
         return "scoring the model alone" + (" (--bare-model)" if s.bare_model else "")
-    return f"scoring with {' and '.join(files)}, routed by --route {s.route}"
+    return f"scoring with {' and '.join(files)}, routed by {route_named(s.route, route)}"
 
 
 def load(s, device):
@@ -642,7 +659,9 @@ def load(s, device):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[s.dtype]
     config = model_lib.T5Config.from_json(os.path.join(s.model, "config.json"))
     checks.check_evaluation_memory(s, config, device)
-    checks.check_weight_files(s.model, config, model_lib)  # every header, before any tensor
+    meta = model_lib.build(config)  # no memory: the tensors config.json implies, by name
+    shapes = {model_lib.ours_to_hf(n): p.shape for n, p in meta.named_parameters()}
+    checks.check_weight_files(s.model, shapes, *model_lib.checkpoint_files(s.model))
     t5 = model_lib.load_pretrained(s.model, dtype=dtype, device=device).eval()
     tokenizer = data.Tokenizer(os.path.join(s.model, "spiece.model"))
     checks.check_tokenizer_fits(tokenizer, t5.config.vocab_size)
@@ -669,7 +688,10 @@ def read_splits(s, plan, say):
                 task, s.data_dir, task.demo_split, limit=s.demo_pool, seed=s.seed
             )
         checks.check_pool(task, pool, max(shot_list) if pool is not None else 0)
-        loaded.append((task, role, shot_list, split, examples[: s.eval_examples], pool))
+        examples = examples[: s.eval_examples]
+        checks.check_template(task, examples, split)  # every input it fills, before scoring
+        checks.check_template(task, pool or [], task.demo_split)
+        loaded.append((task, role, shot_list, split, examples, pool))
     return loaded
 
 
@@ -680,7 +702,10 @@ def run(s):
     checks.check_evaluation(s, tasks, RESULTS_FORMAT)
     baseline = read_results(s.baseline) if s.baseline else None
     training = training_record(s)
-    using = stage1_files(s, training)
+    # The default, --route by_stage: a stage-1 prompt alone on its task, ProMoT's by format. A
+    # prompt with no training.json was given for a model promot did not tune: prompt tuning's.
+    route = route_by_stage(training.get("stage", "1")) if s.route == "by_stage" else s.route
+    using = stage1_files(s, training, route)
     task_shots = s.task_shots or sorted({0, training.get("shots", 0)})  # "+1-shot" runs (§5.3)
     ctx = fsdp.setup_distributed(s.device)
     t5, tokenizer, prompts, fine_tuned = load(s, ctx.device)
@@ -706,9 +731,9 @@ def run(s):
     )
     runs = []
     for task, role, shot_list, split, examples, pool in loaded:
-        prompt = route_prompt(task, prompts, s.route)
+        prompt = route_prompt(task, prompts, route)
         # LoRA adapters follow the same rule as the prompt: one function decides both
-        use_lora = bool(s.lora and route_prompt(task, dict.fromkeys(fine_tuned, True), s.route))
+        use_lora = bool(s.lora and route_prompt(task, dict.fromkeys(fine_tuned, True), route))
         lora.set_lora_enabled(t5, use_lora)
         for k in shot_list:
             label = f"{task.name} {k}-shot{' +prompt' if prompt is not None else ''}"
@@ -725,7 +750,7 @@ def run(s):
                 **common,
             )
             chose = role == "fine-tuned" and k == training.get("chosen_at_shots")  # training.json
-            result.update(role=role, split=split, lora=use_lora, route=s.route)
+            result.update(role=role, split=split, lora=use_lora, route=route)
             result.update(chose_checkpoint=chose)
             say(f"{label}: {task.metric} {result['score']:.2f} on {len(examples)} {split} examples")
             runs.append(result)

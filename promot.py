@@ -12,7 +12,7 @@ the paper is silent); each improvement or reading of ours is a named option, doc
 docs/defaults.md beside the paper's words it departs from. The network is in model.py,
 tasks in data.py, decoding and metrics in evaluate.py, the paper's §3 measurements in
 diagnostics.py (one hook called after each step), the input checks in checks.py; Adafactor,
-FSDP2, run-folder checkpoints and LoRA are plumbing in support/.
+FSDP2, run-folder checkpoints and App. C.7's stage-1 module are plumbing in support/.
 """
 
 import datetime
@@ -33,7 +33,6 @@ import model as model_lib
 from support import cli, fsdp, lora, prompt_formats, run_checkpoints, t5x_loss
 from support.adafactor import Adafactor
 from support.errors import BadInput, DamagedFile
-from support.run_checkpoints import atomic_write
 
 # ---------------------------------------------------------------------------
 # 1. The method
@@ -67,22 +66,17 @@ STAGES = {  # folder          prompt    trains: prompt  model   lr    smooth  de
 # 1 = ProMoT stage 1 and the "prompt tuning" baseline; 2 = ProMoT stage 2; finetune = standard
 # fine-tuning; joint and random-prompt are Table 6's ablations. The other variants are flags on
 # these rows: "+1-shot" (§5.3) is --shots 1, multi-task (Table 5) is --task a,b (one prompt per
-# task), and --stage1-module lora (App. C.7) puts LoRA adapters where the prompt would be.
+# task), and --stage1-module lora (App. C.7) trains low-rank adapters in the prompt's place.
 
 
-def what_trains(cfg, adapters=(None, None)):
-    """(prompt source, trains prompt, trains model, the LoRA adapters) of this run.
-
-    With --stage1-module lora the adapters take the prompt's place: there is no prompt, and
-    the adapters train where the table says the prompt does (stage 1 trains fresh ones,
-    stage 2 keeps stage 1's frozen and applied). `adapters`: (tensors or None, settings)."""
+def what_trains(cfg):
+    """(prompt source, trains prompt, trains model): the run's row of STAGES. When App. C.7's
+    module takes the prompt's place, the run has no prompt; the module trains where the row
+    says the prompt does (read_inputs makes it)."""
     stage = STAGES[cfg.stage]
     if cfg.stage1_module == "prompt":
-        return stage.prompt, stage.trains_prompt, stage.trains_model, lora.Adapters()
-    tensors, lora_settings = adapters
-    source = cfg.lora or "the stage-1 adapters"
-    module = lora.Adapters(lora_settings, tensors, stage.trains_prompt, cfg.seed, source)
-    return "", False, stage.trains_model, module
+        return stage.prompt, stage.trains_prompt, stage.trains_model
+    return "", False, stage.trains_model
 
 
 def init_prompt(cfg, d_model, tokenizer, task, generator):
@@ -91,18 +85,18 @@ def init_prompt(cfg, d_model, tokenizer, task, generator):
     uniform: flax `initializers.uniform(0.5)`, i.e. U[0, 0.5) (prompt-tuning's
     t5_1_1_prompt.gin); vocab: rows of the embedding table sampled from the
     5000 most frequent pieces (SentencePiece ids are frequency-ordered); text:
-    one row per word of the text (the mean of its pieces' embeddings, like
-    prompt-tuning's `from_class_labels`), the rest sampled from the vocabulary;
-    file: the prompt in --prompt-init-file.
+    one row per word (text:WORDS, else the task's label words), the mean of its
+    pieces' embeddings, like prompt-tuning's `from_class_labels`, the rest sampled
+    from the vocabulary; file:PATH: the prompt in that file.
     """
-    p = cfg.prompt_length
-    if cfg.prompt_init == "uniform":
+    p, (kind, _, path) = cfg.prompt_length, cfg.prompt_init.partition(":")
+    if kind == "uniform":
         return torch.rand(p, d_model, generator=generator) * 0.5
-    if cfg.prompt_init == "file":
-        return prompt_formats.read_prompts(cfg.prompt_init_file, d_model, [task.name], p)[task.name]
+    if kind == "file":
+        return prompt_formats.read_prompts(path, d_model, [task.name], p)[task.name]
     table = model_lib.read_embedding(cfg.model).float()
     rows = table[torch.randint(0, min(5000, table.shape[0]), (p,), generator=generator)]
-    if cfg.prompt_init == "text":
+    if kind == "text":
         for i, word in enumerate(prompt_words(cfg, task)):
             ids = tokenizer.encode(word, add_eos=False)
             rows[i] = table[ids].mean(0)
@@ -110,8 +104,8 @@ def init_prompt(cfg, d_model, tokenizer, task, generator):
 
 
 def prompt_words(cfg, task):
-    """The words of --prompt-init text: --prompt-init-text, else the task's label words."""
-    return names(cfg.prompt_init_text) or list(task.label_words or ())
+    """The words of --prompt-init text:WORDS, or of plain `text`: the task's label words."""
+    return names(cfg.prompt_init.partition(":")[2]) or list(task.label_words or ())
 
 
 def train_step(t5, batches, prompts, optimizer, cfg, ctx):
@@ -179,7 +173,7 @@ class Diverged(RuntimeError):
 def train(cfg):
     """Run one stage as `cfg` says; returns its Run (live model and prompts, step, best)."""
     checks.check_training_settings(cfg, what_trains(cfg)[0])
-    ctx = fsdp.setup_distributed(cfg.device, cfg.dist_timeout_minutes)
+    ctx = fsdp.setup_distributed(cfg.device)
     inputs = read_inputs(cfg, ctx)
     stage = STAGES[cfg.stage].folder
     on_step = diagnostics.training_hook(
@@ -188,38 +182,44 @@ def train(cfg):
     # multi-task stage 1: one prompt-tuning run per task
     apart = cfg.stage == "1" and cfg.stage1_module == "prompt" and len(inputs["tasks"]) > 1
     fsdp.barrier()  # every rank has checked --out before rank 0 writes into it
-    lock = run_checkpoints.lock_run_folder(cfg.out)  # one run per folder; rank 0 holds it
-    try:
-        run = open_run(cfg, ctx, inputs, on_step or (lambda *args: None))
+    recorded = {**settings(cfg, ctx.world), **inputs["recorded"]}
+    with run_checkpoints.stage_folder(cfg.out, stage, recorded, ctx.main) as stage_dir:
+        run = Run(cfg, ctx, inputs, stage_dir, on_step or (lambda *args: None))
         return tune_prompts_apart(run) if apart else run_stage(run)
-    finally:
-        if lock:
-            run_checkpoints.unlock_run_folder(lock)
 
 
 def run_stage(run):
-    """Load, build, resume, train, export: the stage's steps in order."""
+    """One stage, whole: load, make the prompts, build the optimizer, resume, loop, export."""
     cfg, ctx, inputs = run.cfg, run.ctx, run.inputs
     torch.manual_seed(cfg.seed + ctx.rank)  # dropout masks differ across ranks
-    run.model = load_model(cfg, ctx, run.adapters)
+    run.model = load_model(cfg, ctx, inputs["module"])
     run.prompts = make_prompts(cfg, ctx, inputs, run.prompt_source, run.trains_prompt)
     run.optimizer = build_optimizer(cfg, run)
     pools = {t.name: x for t, x in zip(inputs["tasks"], inputs["train_sets"])}
-    run.mixture = data.Mixture(pools, cfg.mixing, seed=cfg.seed, cap=cfg.mixing_cap)
+    run.mixture = data.Mixture(pools, cfg.mixing, seed=cfg.seed)  # T5's cap, 2**19
     if cfg.resume:
         resume(run)
     if run.step == 0:
         run.on_step(0, run.model, run.prompts, fsdp.unsharded)
-    if not loop(run):
-        return run  # stopped early (SIGTERM, --stop-after-step)
+    meter, truncation = cli.StepMeter(run.step, cfg.steps), data.TruncationStats()
+    run.log(line=describe(run))
+    with run_checkpoints.StopRequest() as stop:
+        while run.step < cfg.steps:
+            started = time.time()
+            batches = micro_batches(run, truncation)
+            loss, tokens = train_step(run.model, batches, run.prompts, run.optimizer, cfg, ctx)
+            if not math.isfinite(loss):
+                what = f"loss is {loss} at step {run.step + 1}; stopped without updating"
+                raise diverged(run, what)
+            run.step += 1
+            meter.step(tokens, time.time() - started)  # before the diagnostics' probes
+            run.on_step(run.step, run.model, run.prompts, fsdp.unsharded)
+            report(run, meter, loss)
+            if not checkpoint_if_due(run, stop.agreed(ctx.device)):
+                return run  # stopped early (SIGTERM, --stop-after-step): --resume goes on
     for name in ("final",) if cfg.eval else ("final", "best"):  # no scores: best/ is the last
         export(os.path.join(run.stage_dir, name), run)
-    best, done = run.best, f"done: {run.stage_dir}/final"
-    if best["step"] is not None:
-        done += f"; best checkpoint step {best['step']} ({best['score']:.2f}) in "
-        done += f"{run.stage_dir}/best"
-    record = {"event": "done", "step": run.step, "best_step": best["step"]}
-    run.log({**record, "best_score": best["score"]}, done)
+    say_done(run)
     return run
 
 
@@ -256,10 +256,6 @@ class Run:
     inputs: dict
     stage_dir: str
     on_step: object  # diagnostics.training_hook's on_step, or a no-op
-    prompt_source: str
-    trains_prompt: bool
-    trains_model: bool
-    adapters: lora.Adapters  # LoRA as the stage-1 module; without it, one that does nothing
     model: torch.nn.Module = None
     prompts: dict = None
     optimizer: Adafactor = None
@@ -269,6 +265,9 @@ class Run:
         default_factory=lambda: {"step": None, "score": None, "scores": None, "evaluated": []}
     )
 
+    def __post_init__(self):
+        self.prompt_source, self.trains_prompt, self.trains_model = what_trains(self.cfg)
+
     def log(self, record=None, line=None):
         """A record in RUN/log.jsonl and/or a progress line (rank 0 only)."""
         if self.ctx.main:
@@ -276,21 +275,9 @@ class Run:
             run_checkpoints.log(self.cfg.out, record and {"stage": stage, **record}, line)
 
 
-def open_run(cfg, ctx, inputs, on_step):
-    """The stage's folder, after its settings in RUN/config.json (a kill leaves a run --resume
-    knows)."""
-    stage_dir = os.path.join(cfg.out, STAGES[cfg.stage].folder)
-    if ctx.main:
-        record = {**settings(cfg, ctx.world), **inputs["recorded"]}
-        run_checkpoints.record_settings(cfg.out, STAGES[cfg.stage].folder, record)
-        os.makedirs(stage_dir, exist_ok=True)
-        run_checkpoints.remove_partial_writes(stage_dir)
-    return Run(cfg, ctx, inputs, stage_dir, on_step, *what_trains(cfg, inputs["adapters"]))
-
-
-def load_model(cfg, ctx, adapters):
-    """The pretrained model on this device (sharded under torchrun), LoRA adapters attached,
-    the run's dropout.
+def load_model(cfg, ctx, module):
+    """The pretrained model on this device (sharded under torchrun), the stage-1 `module`
+    attached when it is not the prompt, the run's dropout.
 
     One process loads the checkpoint directly. Under torchrun the model is
     built on the meta device, sharded, and each rank copies only its slice of
@@ -299,7 +286,7 @@ def load_model(cfg, ctx, adapters):
         t5 = model_lib.load_pretrained(cfg.model, dtype=torch.float32, device=ctx.device)
     else:
         t5 = model_lib.build(model_lib.read_config(cfg.model), "meta")
-    tensors = adapters.attach(t5)  # before sharding: FSDP shards them with their block
+    tensors = module.attach(t5)  # before sharding: FSDP shards its tensors with their block
     blocks = list(t5.encoder.blocks) + list(t5.decoder.blocks)
 
     def copy(name, tensor):
@@ -338,19 +325,18 @@ def make_prompts(cfg, ctx, inputs, source, trains):
 def build_optimizer(cfg, run):
     """Freeze what this stage keeps fixed; Adafactor (T5X's rule) on the rest.
 
-    The prompt and LoRA adapters step without the parameter-scale multiplier:
-    prompt-tuning's config, and LoRA's B starts at 0, where a scaled step would be ~0."""
+    The prompt (and a stage-1 module in its place) steps without the parameter-scale
+    multiplier: prompt-tuning's config."""
     for p in run.model.parameters():
         p.requires_grad_(run.trains_model)
-    adapters = run.adapters.trainable(run.model)  # stage 2 keeps them frozen
+    module = run.inputs["module"].trainable(run.model)  # trains where the prompt would
     prompts = list(run.prompts.values()) if run.trains_prompt else []
     weights = [p for p in run.model.parameters() if p.requires_grad] if run.trains_model else []
-    groups = [(adapters, False), (prompts, False), (weights, True)]
+    groups = [(module, False), (prompts, False), (weights, True)]
     optimizer = Adafactor(
         [dict(params=ps, multiply_by_parameter_scale=scaled) for ps, scaled in groups if ps],
         lr=cfg.lr,
         weight_decay_rate=cfg.weight_decay or None,
-        step_offset=cfg.adafactor_step_offset,
     )
     optimizer.init_state()
     run.model.train()
@@ -361,7 +347,8 @@ def training_state(run):
     """What a checkpoint holds; tensors are the live ones, so loading fills them in place."""
     prompts = {n: p.detach() for n, p in run.prompts.items()}
     state = {"prompts": prompts, "optimizer": run.optimizer.state_dict()}
-    weights = run.model.state_dict() if run.trains_model else run.adapters.state(run.model)
+    module = run.inputs["module"]
+    weights = run.model.state_dict() if run.trains_model else module.state(run.model)
     if weights:
         state["model"] = weights
     return state
@@ -369,60 +356,56 @@ def training_state(run):
 
 def resume(run):
     """The latest checkpoint's weights, optimizer, RNG and data position (--resume)."""
-    state, folder = training_state(run), os.path.join(run.stage_dir, "checkpoints")
-    ckpt, trainer = run_checkpoints.load_latest(
-        folder, state, run.ctx.device, lambda m: run.log(line=m)
+    state, say = training_state(run), lambda m: run.log(line=m)
+    ckpt, trainer = run_checkpoints.resume_stage(
+        run.stage_dir, state, run.ctx.device, run.best, say
     )
     if ckpt is None:
-        return run.log(line=f"--resume: no checkpoint in {folder} yet; starting from step 0")
+        return say(f"--resume: no checkpoint in {run.stage_dir}/checkpoints yet; from step 0")
     run.optimizer.load_state_dict(state["optimizer"])
     for group in run.optimizer.param_groups:
         group["lr"] = run.cfg.lr  # --lr may change on --resume (after a NaN, say)
     run.step = trainer["step"]
     run.mixture.load_state_dict(trainer["data_position"])
-    best_path = os.path.join(run.stage_dir, "best.json")
-    if os.path.isfile(best_path):  # a dict of the keys of Run.best
-        run.best = run_checkpoints.read_json(best_path, "the best step's record", keys=run.best)
     record = {"event": "resume", "step": run.step, "checkpoint": ckpt}
     run.log(record, f"resumed from {ckpt} (step {run.step})")
     if run.step % run.cfg.save_every == 0:
         score_and_keep_best(run)  # in case the run stopped between saving and scoring
 
 
-def loop(run):
-    """Train until --steps; checkpoint and score every --save-every steps. False when stopped
-    early (SIGTERM, --stop-after-step)."""
+def describe(run):
+    """The stage's first progress line: what trains, on what, for how long."""
     cfg, ctx, folder = run.cfg, run.ctx, STAGES[run.cfg.stage].folder
     frozen = STAGES[cfg.stage].prompt == "stage1"  # stage 2: it names stage 1's file
     trainable = sum(p.numel() for g in run.optimizer.param_groups for p in g["params"])
-    run.log(
-        line=f"{folder}: {cfg.steps} steps of {cfg.batch_size} examples on "
+    return (
+        f"{folder}: {cfg.steps} steps of {cfg.batch_size} examples on "
         f"{cli.count(ctx.world, 'rank')} ({ctx.device.type}), {trainable:,} trainable parameters, "
-        f"lr {cfg.lr}" + (f"; stage 1's {cfg.prompt or cfg.lora}, frozen" if frozen else "")
+        f"lr {cfg.lr}" + (f"; stage 1's {cfg.prompt}, frozen" if frozen else "")
     )
-    meter, truncation = cli.StepMeter(run.step, cfg.steps), data.TruncationStats()
-    with run_checkpoints.StopRequest() as stop:
-        while run.step < cfg.steps:
-            step_start = time.time()
-            batches = micro_batches(run, truncation)
-            loss, tokens = train_step(run.model, batches, run.prompts, run.optimizer, cfg, ctx)
-            if not math.isfinite(loss):
-                what = f"loss is {loss} at step {run.step + 1}; stopped without updating"
-                raise diverged(run, what)
-            run.step += 1
-            meter.step(tokens, time.time() - step_start)  # before the diagnostics' probes
-            run.on_step(run.step, run.model, run.prompts, fsdp.unsharded)
-            if run.step % cfg.log_every == 0 or run.step == cfg.steps:
-                tps, eta, elapsed = meter.report(run.step)
-                record = {"step": run.step, "loss": loss, "lr": cfg.lr, "tokens_per_s": tps}
-                run.log(
-                    {**record, "elapsed_s": elapsed},
-                    f"{folder} step {run.step}/{cfg.steps} | loss {loss:.4f} | lr {cfg.lr:.2e} "
-                    f"| {tps:,.0f} tok/s | ETA {datetime.timedelta(seconds=round(eta))}",
-                )
-            if not checkpoint_if_due(run, stop.agreed(ctx.device)):
-                return False
-    return True
+
+
+def report(run, meter, loss):
+    """A progress line (and log.jsonl record) every --log-every steps and at the last."""
+    cfg, folder = run.cfg, STAGES[run.cfg.stage].folder
+    if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+        tps, eta, elapsed = meter.report(run.step)
+        record = {"step": run.step, "loss": loss, "lr": cfg.lr, "tokens_per_s": tps}
+        run.log(
+            {**record, "elapsed_s": elapsed},
+            f"{folder} step {run.step}/{cfg.steps} | loss {loss:.4f} | lr {cfg.lr:.2e} "
+            f"| {tps:,.0f} tok/s | ETA {datetime.timedelta(seconds=round(eta))}",
+        )
+
+
+def say_done(run):
+    """The stage's last line: where final/ and best/ are."""
+    best, done = run.best, f"done: {run.stage_dir}/final"
+    if best["step"] is not None:
+        done += f"; best checkpoint step {best['step']} ({best['score']:.2f}) in "
+        done += f"{run.stage_dir}/best"
+    record = {"event": "done", "step": run.step, "best_step": best["step"]}
+    run.log({**record, "best_score": best["score"]}, done)
 
 
 def micro_batches(run, stats):
@@ -508,11 +491,11 @@ def score_and_keep_best(run):
                 task,
                 examples[: cfg.eval_examples],
                 pool=pool,
-                shots=0 if cfg.select_shots == "0" else cfg.shots[0],  # Table 2: 0-shot
+                shots=selection_shots(cfg),
                 prompt=run.prompts.get(task.name),
                 num_beams=cfg.num_beams,
                 max_new_tokens=cfg.max_new_tokens,
-                batch_size=cfg.eval_batch_size,
+                batch_size=cfg.micro_batch_size or 16,
                 seed=cfg.seed,
                 max_input_tokens=cfg.max_input_tokens,
                 truncation=cfg.truncation,
@@ -520,7 +503,7 @@ def score_and_keep_best(run):
             )  # and generate's default: the paper's decoding (T5X's length rule, alpha 0.6)
             scores[task.name] = float(result["score"])
     values = list(scores.values())  # multi-task: their mean or minimum (the paper is silent)
-    score = min(values) if cfg.select_score == "min" else sum(values) / len(values)
+    score = min(values) if cfg.select.endswith("-min") else sum(values) / len(values)
     improved = best["score"] is None or score > best["score"]
     if improved:
         export(os.path.join(run.stage_dir, "best"), run)
@@ -538,14 +521,10 @@ def score_and_keep_best(run):
 
 def export(folder, run):
     """A directory evaluate.py, transformers and PEFT read: the model in the public layout
-    (when it trained) with spiece.model, prompt.safetensors (+ peft_<task>/ adapters),
-    lora.safetensors."""
+    (when it trained) with spiece.model, prompt.safetensors (+ peft_<task>/ for PEFT), the
+    stage-1 module in the prompt's place, training.json."""
     cfg, model = run.cfg, run.model
-    state = fsdp.full_state_dict(model) if run.trains_model else None
-    # full tensors (a collective under FSDP)
-    adapters = {
-        n: fsdp.full_tensor(p).detach().cpu() for n, p in run.adapters.tensors(model).items()
-    }
+    state = fsdp.full_state_dict(model) if run.trains_model else None  # a collective
     checkpoints = os.path.join(run.stage_dir, "checkpoints")  # named if a write fails
     with run_checkpoints.write_or_say(folder, checkpoints):
         if run.ctx.main:
@@ -553,20 +532,21 @@ def export(folder, run):
                 model_lib.save_pretrained(model, folder, state_dict=state)
                 shutil.copy2(checks.spiece_in(cfg.model), folder)  # its tokenizer beside it
             os.makedirs(folder, exist_ok=True)
-            if run.prompts:  # prompt.safetensors, and each prompt as a PEFT adapter, peft_<task>/
+            if run.prompts:  # prompt.safetensors, and each prompt in PEFT's format, peft_<task>/
                 base = folder if run.trains_model else cfg.model
                 prompt_formats.export_prompts(folder, run.prompts, base)
-            if adapters:
-                with atomic_write(os.path.join(folder, "lora.safetensors")) as tmp:
-                    lora.save_lora(model, tmp, state_dict=adapters)
-            # what evaluate.py's table says of the fine-tuned task's rows
+        run.inputs["module"].save(model, folder, fsdp.full_tensor, run.ctx.main)
+        if run.ctx.main:  # what evaluate.py's table says of the fine-tuned task's rows
             best = os.path.basename(folder) == "best" and cfg.eval
-            shots = (0 if cfg.select_shots == "0" else cfg.shots[0]) if best else None
-            chosen = f"validation score at {shots}-shot" if best else "the last step"
-            training = dict(stage=cfg.stage, task=cfg.task, shots=cfg.shots[0], step=run.step)
-            training.update(chosen_by=chosen, chosen_at_shots=shots)
-            run_checkpoints.write_json(os.path.join(folder, "training.json"), training)
+            shots = selection_shots(cfg) if best else None
+            info = dict(stage=cfg.stage, task=cfg.task, shots=cfg.shots[0], step=run.step)
+            run_checkpoints.write_training_record(folder, **info, chosen_at_shots=shots)
     fsdp.barrier()
+
+
+def selection_shots(cfg):
+    """Demonstrations when scoring checkpoints for best/: 0 (Table 2), or --shots'."""
+    return 0 if cfg.select.startswith("0-shot") else cfg.shots[0]
 
 
 # ---------------------------------------------------------------------------
@@ -574,8 +554,8 @@ def export(folder, run):
 # ---------------------------------------------------------------------------
 
 flag, AT_LEAST_0, AT_LEAST_1, RATE = cli.flag, cli.AT_LEAST_0, cli.AT_LEAST_1, cli.RATE
-STAGE_NAMES, PROMPT_INITS = tuple(STAGES), ("uniform", "vocab", "text", "file")
-AT_MOST_0 = (lambda v: -(2**31) <= v <= 0, "<= 0 and >= -2**31")
+STAGE_NAMES, SELECT = tuple(STAGES), ("0-shot", "0-shot-min", "train-shots", "train-shots-min")
+C7 = "stage 1 with low-rank updates (LoRA) instead of a prompt (App. C.7)"
 SEED = (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")
 TARGET_ROOM = (lambda v: v >= 4, ">= 4 (two sentinels, an answer, EOS)")
 
@@ -592,36 +572,26 @@ class Config:
     seed: int = flag(0, "seed of data order, prompt init, dropout, demonstrations", valid=SEED)
     steps: int = flag(None, "training steps [1: 5000; else 1000]", valid=AT_LEAST_1)
     batch_size: int = flag(64, "global batch size in examples", valid=AT_LEAST_1)
-    micro_batch_size: int = flag(None, "examples per rank per forward pass", valid=AT_LEAST_1)
+    micro_batch_size: int = flag(
+        None, "examples per rank per forward pass [training: all; scoring: 16]", valid=AT_LEAST_1
+    )
     lr: float = flag(None, "learning rate [1: 0.2, LoRA 1e-3; else 1e-3]", valid=AT_LEAST_0)
     label_smoothing: float = flag(None, "label smoothing [1: 0; else 0.1]", valid=RATE)
     weight_decay: float = flag(None, "Adafactor weight decay [1: 1e-5; else 0]", valid=RATE)
-    z_loss: float = flag(1e-4, "T5X's z-loss coefficient (0: off)", valid=AT_LEAST_0)
     dropout: float = flag(0.1, "dropout rate", valid=RATE)
-    adafactor_step_offset: int = flag(0, "Adafactor's step_offset", valid=AT_MOST_0)
     save_every: int = flag(None, "save, score every N steps [1: 1000; else 100]", valid=AT_LEAST_1)
-    keep_checkpoints: int = flag(1, "training checkpoints kept", valid=AT_LEAST_1)
     resume: bool = flag(False, "continue from the latest checkpoint of RUN/<stage>/")
-    allow_data_change: bool = flag(False, "with --resume: continue although the data changed")
-    allow_model_change: bool = flag(False, "with --resume: continue although --model changed")
+    allow_change: str = flag("", "with --resume: go on although these changed: data, model")
+    keep_checkpoints: int = flag(1, "training checkpoints kept", valid=AT_LEAST_1)
     hash_weights: bool = flag(False, "fingerprint --model's weights by content, not size and time")
     stop_after_step: int = flag(None, "save and stop after this step", valid=AT_LEAST_1)
     prompt_length: int = flag(100, "soft prompt length", valid=AT_LEAST_1)
-    prompt_init: str = flag("uniform", "how to initialise a new prompt", choices=PROMPT_INITS)
-    prompt_init_text: str = flag("", "words for --prompt-init text [the label words]")
-    prompt_init_file: str = flag("", "prompt file for --prompt-init file")
-    prompt: str = flag("", "stage 2's frozen prompt [RUN/stage1/best/prompt.safetensors]")
-    stage1_module: str = flag("prompt", "what stage 1 trains", choices=("prompt", "lora"))
-    lora_rank: int = flag(4, "LoRA rank")
-    lora_alpha: float = flag(None, "LoRA alpha [the rank]", valid=cli.POSITIVE_NUMBER)
-    lora_targets: str = flag("q,v", "attention projections that get LoRA adapters")
-    lora: str = flag("", "stage 2's frozen LoRA adapters [RUN/stage1/best/lora.safetensors]")
+    prompt_init: str = flag("uniform", "a new prompt: uniform, vocab, text[:WORDS] or file:PATH")
+    prompt: str = flag("", "stage 2's frozen stage-1 file [RUN/stage1/best/]")
     train_examples: int = flag(None, "train on a seeded sample of N examples", valid=AT_LEAST_1)
     shots: list = flag("0", 'demonstrations before each training input (1: "+1-shot")')
-    select_shots: str = flag("0", "shots when scoring (train: --shots)", choices=("0", "train"))
-    select_score: str = flag("mean", "multi-task checkpoint score", choices=("mean", "min"))
+    select: str = flag("0-shot", "best/ by the tasks' mean (or -min) score", choices=SELECT)
     mixing: str = flag("equal", "multi-task mixing rate", choices=data.MIXING_RATES)
-    mixing_cap: int = flag(2**19, "examples-proportional mixing's cap (T5's)", valid=AT_LEAST_1)
     max_input_tokens: int = flag(
         None, "input tokens kept, EOS included [the task's, else 1024]", valid=AT_LEAST_1
     )
@@ -632,23 +602,22 @@ class Config:
     activation_checkpointing: bool = flag(False, "recompute each block in backward")
     eval: bool = flag(True, "do not score checkpoints; best/ is the last")
     eval_examples: int = flag(None, "score the first N examples of each task", valid=AT_LEAST_1)
-    eval_batch_size: int = flag(16, "examples per rank per decoding batch", valid=AT_LEAST_1)
     num_beams: int = flag(4, "beam width when scoring", valid=AT_LEAST_1)
     max_new_tokens: int = flag(None, "longest decoded answer [per metric]", valid=AT_LEAST_1)
     log_every: int = flag(10, "print a progress line every N steps", valid=AT_LEAST_1)
-    dist_timeout_minutes: float = flag(
-        30, "torchrun: end the job when a rank waits this long", valid=cli.POSITIVE_NUMBER
-    )
-    # diagnostics.py's flags (--probe-*, --align-*), parsed with these; not a flag itself
+    z_loss: float = 1e-4  # T5X's z-loss; not a flag (bench/train.py turns it off to compare)
+    # App. C.7's module in the prompt's place, and diagnostics.py's flags: under their own headings
+    stage1_module: str = flag("prompt", "what stage 1 trains", choices=("prompt", "lora"), group=C7)
+    lora_rank: int = flag(4, "the rank of its q and v updates", valid=AT_LEAST_1, group=C7)
     diagnostics: "diagnostics.TrainingFlags" = field(default_factory=diagnostics.TrainingFlags)
 
 
 # Settings that may change between a run and its --resume (diagnostics never change a run).
 RESUMABLE_CHANGES = set(
-    "resume allow_data_change allow_model_change steps log_every stop_after_step eval_batch_size "
-    "device out lr keep_checkpoints dist_timeout_minutes hash_weights".split()
+    "resume allow_change steps log_every stop_after_step device out lr keep_checkpoints "
+    "hash_weights".split()
 ) | {f.name for f in fields(diagnostics.TrainingFlags)}
-PATHS = ("model", "data_dir", "prompt", "prompt_init_file", "lora")  # compared as resolved paths
+PATHS = ("model", "data_dir", "prompt")  # compared as resolved paths
 
 # The bundled tiny T5 and its synthetic suite (lab/): what runs when no model and data are given.
 _LAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab")
@@ -672,7 +641,7 @@ def parse_args(argv=None):
         "recipe (lab/tiny-t5/recipe.json) where a flag is not given.",
     )
     cli.add_flags(p, Config, required=("stage",))
-    cli.add_flags(p, diagnostics.TrainingFlags)
+    cli.add_flags(p, diagnostics.TrainingFlags, title=diagnostics.TITLE)
     args = vars(p.parse_args(argv))
     probes = {f.name: args.pop(f.name) for f in fields(diagnostics.TrainingFlags)}
     if not args["model"] and not args["data_dir"]:
@@ -696,8 +665,8 @@ def parse_args(argv=None):
             "(omit both --model and --data-dir to run the miniature lab)"
         )
     cfg = Config(**args, diagnostics=diagnostics.TrainingFlags(**probes))
-    if cfg.stage == "1" and cfg.stage1_module == "lora" and cfg.lr is None:
-        cfg.lr = 1e-3  # App. C.7 gives no LoRA rate; the prompt's 0.2 would swamp a rank-4 update
+    if cfg.stage == "1" and cfg.stage1_module != "prompt" and cfg.lr is None:
+        cfg.lr = 1e-3  # C.7 gives no rate for it; the prompt's 0.2 would swamp a rank-4 update
     for k in ("steps", "save_every", "lr", "label_smoothing", "weight_decay"):
         if getattr(cfg, k) is None:
             setattr(cfg, k, getattr(STAGES[cfg.stage], k))
@@ -716,13 +685,15 @@ def settings(cfg, world):
 
 def read_inputs(cfg, ctx):
     """What the stage reads, checked before anything is written (checks.py): the checkpoint's
-    config and tokenizer, the tasks and their splits, stage 1's prompt or adapters, and that
+    config and tokenizer, the tasks and their splits, stage 1's file, and that
     --out may hold this run."""
     checks.check_batch_split(cfg.batch_size, cfg.micro_batch_size, ctx.world)
     checks.check_model_and_data_dir(cfg.model, cfg.data_dir, cfg.out)
     config = model_lib.read_config(cfg.model)
     checks.check_training_memory(cfg, config, what_trains(cfg), ctx.world, ctx.device)
-    checks.check_weight_files(cfg.model, config, model_lib)  # headers and shapes, before writing
+    meta = model_lib.build(config)  # no memory: the tensors config.json implies, by name
+    shapes = {model_lib.ours_to_hf(n): p.shape for n, p in meta.named_parameters()}
+    checks.check_weight_files(cfg.model, shapes, *model_lib.checkpoint_files(cfg.model))
     tokenizer = data.Tokenizer(os.path.join(cfg.model, "spiece.model"))
     checks.check_tokenizer_fits(tokenizer, config.vocab_size)
     tasks = data.register_tasks(names(cfg.task), cfg.data_dir)
@@ -736,20 +707,18 @@ def read_inputs(cfg, ctx):
         for t, x in zip(tasks, sets):
             checks.check_template(t, x, split)
     source = what_trains(cfg)[0]
-    path = checks.stage1_file(cfg, source)  # stage 1's prompt or adapters, or --prompt-init's
-    adapters = None, dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=names(cfg.lora_targets))
+    path = checks.stage1_file(cfg, source)  # stage 1's file, or --prompt-init's
     prompts, task_names = None, [t.name for t in tasks]
-    if path and cfg.stage1_module == "lora":
-        adapters = lora.read_lora(path, config.d_model)
-    elif path:  # its width, length and tasks are checked
+    module = lora.stage1_module(cfg.stage1_module, cfg.stage, path, config.d_model, cfg.lora_rank)
+    if path and cfg.stage1_module == "prompt":  # its width, length and tasks are checked
         prompts = prompt_formats.read_prompts(path, config.d_model, task_names, cfg.prompt_length)
-    if source == "new" and cfg.prompt_init == "text":
+    if source == "new" and cfg.prompt_init.startswith("text"):
         for t in tasks:
             checks.check_prompt_words(prompt_words(cfg, t), t.name, cfg.prompt_length)
     weights = model_lib.checkpoint_files(cfg.model)[0]
-    files = checks.model_fingerprint(cfg.model, weights, cfg.hash_weights)
-    recorded = checks.fingerprints(tasks, splits, data.fingerprint, files)  # for --resume
-    allowed = [g for g in recorded if getattr(cfg, f"allow_{g.split('_')[0]}_change")]
+    seen = tasks, splits, data.fingerprint, cfg.model, weights, cfg.hash_weights
+    recorded = run_checkpoints.inputs_record(*seen)  # for --resume to compare
+    allowed = [g for g in recorded if g.split("_")[0] in names(cfg.allow_change)]
     run_checkpoints.check_run_folder(
         cfg.out,
         STAGES[cfg.stage].folder,
@@ -766,7 +735,7 @@ def read_inputs(cfg, ctx):
         tasks=tasks,
         train_sets=splits["train"],
         val_sets=splits["validation"] if cfg.eval else None,
-        adapters=adapters,
+        module=module,
         prompts=prompts,
         recorded=recorded,
     )

@@ -29,8 +29,9 @@ other eight tasks are scored 1-shot (their Norm. Avg.). The extra row
 whose first word is "True" or "False" on the tasks whose answers are never
 True/False (lab_kind, lab_who, lab_where, lab_zorbish, lab_backwards, lab_news).
 evaluate.py prepends a ProMoT prompt to the tasks of the fine-tuned task's format
-group (its default --route same_format, paper §4 and §5.3): lab_owns, and lab_both and
-lab_lives as RTE's goes to WiC and CB; every other task sees the plain model.
+group (its default --route by_stage, paper §4 and §5.3): lab_owns, and lab_both and
+lab_lives as RTE's goes to WiC and CB; every other task sees the plain model. A stage-1
+prompt goes to lab_owns alone (§5.1).
 
 Settings differ from the paper's App. B.4 where a 1.3M-parameter model and a
 10-minute budget need it (steps, batch, prompt length, greedy decoding, model lr

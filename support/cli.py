@@ -54,17 +54,23 @@ FINITE = (math.isfinite, "a finite number")
 POSITIVE_NUMBER = (lambda v: 0 < v < math.inf, "a finite number > 0")
 
 
-def add_flags(parser, settings_class, required=()):
+def add_flags(parser, settings_class, required=(), title=None):
     """One --flag-name per field of the dataclass `settings_class`. A boolean that is off by
     default is switched on by --flag-name; one that is on by default is switched off by
-    --no-flag-name. A field whose type is `list` takes comma-separated numbers ("0,1,4")."""
+    --no-flag-name. A field whose type is `list` takes comma-separated numbers ("0,1,4").
+    --help lists them under `title`, and a field with `group=` under that heading."""
+    groups = {None: parser.add_argument_group(title) if title else parser}
     for f in dataclasses.fields(settings_class):
         if "help" not in f.metadata:
             continue  # a field that is not a flag
         name, help_ = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        heading = f.metadata.get("group")
+        if heading not in groups:
+            groups[heading] = parser.add_argument_group(heading)
+        group = groups[heading]
         if f.type in (bool, "bool"):
             on = not f.default
-            parser.add_argument(
+            group.add_argument(
                 name if on else "--no-" + name[2:],
                 dest=f.name,
                 action="store_true" if on else "store_false",
@@ -73,7 +79,7 @@ def add_flags(parser, settings_class, required=()):
             continue
         kind = {"list": numbers_flag(name), list: numbers_flag(name)}.get(f.type, f.type)
         kind = {"int": int, "float": float, "str": str}.get(kind, kind)
-        parser.add_argument(
+        group.add_argument(
             name,
             type=kind,
             required=f.name in required,

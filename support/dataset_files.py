@@ -10,13 +10,17 @@ target; [] for an unlabeled example, e.g. a hidden test split). It holds
   * the low-level readers: `read_lines`, `read_jsonl`, `read_json`, `read_parquet`
     (pyarrow, optional, is imported only when a parquet file is met);
   * field access with clear errors: `get_field`, `get_text`, `label_word`;
+  * reading only what the user named: plain task and split names, no symbolic link out
+    of the folder (`check_links_inside`, also for checkpoint folders), and `in_split`, which
+    puts the task and split in front of an error's message;
   * file finding: `SPLIT_STEMS`, `task_folder`, `split_files` (JSONL, or parquet
     files and the Hub's shards), `read_split`, `unreadable_files` (for `data.py check`);
   * large files without holding them: `LazySequence`, a list whose items are
     read on demand, and `indexed_lines`, a byte-offset index of a file's lines
     cached beside it (WMT14 En-Fr's 40.8M pairs would take ~30 GB as objects);
   * one reader per data set (SuperGLUE or GLUE RTE, CB, WiC, SNLI, OpenBookQA,
-    TriviaQA, WebQuestions, WMT, XSum, WikiLingua) and the generic JSONL task.
+    TriviaQA, WebQuestions, WMT, XSum, WikiLingua) and the generic JSONL task with its
+    task.json (`read_task_json`).
 Every user-caused problem is one `BadInput` (a folder or setting the user chose) or
 `DamagedFile` (a file that does not hold what its format says), naming the file, the line
 (or parquet row) and what was expected; a split with no file is not an error here but a
@@ -34,6 +38,7 @@ import json
 import operator
 import os
 import re
+import string
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +204,88 @@ def label_word(value, mapping: dict, where: str, field_name: str = "label") -> s
         accepted = ", ".join(json.dumps(k[1] if isinstance(k, tuple) else k) for k in mapping)
         raise DamagedFile(f"{where}: {field_name} {json.dumps(value)} is not one of {accepted}")
     return mapping[key]
+
+
+# --------------------------------------------------------------------------
+# Reading only what the user named: plain task and split names, no link out of the
+# folder, and every error naming its task and split
+# --------------------------------------------------------------------------
+
+PLAIN_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"  # a task or split name: never '..', '/x' or 'a/b'
+
+
+def check_task_name(name):
+    """A task name is a folder under --data-dir, never a path."""
+    if not re.fullmatch(PLAIN_NAME, str(name)):
+        raise BadInput(
+            f"task name {name!r}: expected letters, digits, '_', '-' and '.' (a folder under "
+            "--data-dir), not a path"
+        )
+
+
+def check_split_name(split, where):
+    """A split is a plain name like a task's (its file is <task folder>/<split>.jsonl), never a
+    path such as '../x'; `where` names its source (a task.json key, a flag)."""
+    if not isinstance(split, str) or not re.fullmatch(PLAIN_NAME, split):
+        raise BadInput(
+            f'{where} is {json.dumps(split)}; expected a split name such as "validation" '
+            "(letters, digits, '_', '-' and '.'), not a path"
+        )
+
+
+def check_split_files(data_dir, task_name, split):
+    """Before a split of the task folder <data_dir>/<task_name>/ is read: a plain split name
+    (check_split_name) and no link out of --data-dir (check_links_inside)."""
+    check_split_name(split, f"task {task_name}: split")
+    check_links_inside(os.path.join(data_dir, task_name), data_dir, "--data-dir")
+
+
+def check_links_inside(folder, root, flag):
+    """The symbolic links among `folder`'s entries and its sub-folders' entries (every file a
+    reader opens: a task folder's splits, a checkpoint folder's files), and `folder` itself,
+    point inside `root`, the folder the user named with `flag`. A Hugging Face cache snapshot
+    (.../snapshots/<hash>/, files linked to ../../blobs/) may point into its repository's blobs."""
+    named, root = root, os.path.realpath(root)
+    allowed = [root]
+    if os.path.basename(os.path.dirname(root)) == "snapshots":
+        allowed.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+    entries = [folder] if os.path.islink(folder) else []
+    for place in [folder] + [e.path for e in _entries(folder) if e.is_dir(follow_symlinks=False)]:
+        entries += [e.path for e in _entries(place) if e.is_symlink()]
+    for link in entries:
+        target = os.path.realpath(link)
+        if not any(os.path.commonpath([target, a]) == a for a in allowed):
+            raise BadInput(
+                f"{flag} {named}: {link} is a link to {target}, outside the folder; promot reads "
+                f"only files inside the folders named on its command line (copy the file in)"
+            )
+
+
+def _entries(folder):
+    try:
+        with os.scandir(folder) as found:
+            return list(found)
+    except OSError:  # not a folder, or unreadable: nothing to follow
+        return []
+
+
+class in_split:  # noqa: N801 (used like a function: `with in_split(task, split):`)
+    """Re-raises a BadInput or DamagedFile with "task T, split S: " in front (in place of a
+    "task T: " it starts with), so that every data error names its task and split; one that
+    starts with its --flag keeps it first."""
+
+    def __init__(self, task_name, split):
+        self.task, self.split = f"task {task_name}", f", split {split}: "
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, trace):
+        message, named = str(err), (self.task + ", ", "--")  # a message led by its flag keeps it
+        if not isinstance(err, (BadInput, DamagedFile)) or message.startswith(named):
+            return False
+        message = message.removeprefix(self.task + ": ")
+        raise type(err)(self.task + self.split + message).with_traceback(trace) from None
 
 
 # --------------------------------------------------------------------------
@@ -956,10 +1043,12 @@ def jsonl_task_reader(name: str, label_words=None):
     return lambda data_dir, split: read_split(name, data_dir, split, convert)
 
 
-def read_task_json(path, accepted_keys, metrics) -> dict:
-    """The settings of a generic task from its `task.json`: a JSON object whose keys
-    are among `accepted_keys`, whose "metric", if given, is one of `metrics` and whose
-    "label_words" are words; the other values are checked by checks.check_task_json."""
+def read_task_json(path, data_dir, accepted_keys, metrics) -> dict:
+    """The settings of a generic task from its `task.json` (read only if its folder has no link
+    out of `data_dir`, `check_links_inside`): a JSON object whose keys are among
+    `accepted_keys`, whose "metric", if given, is one of `metrics`, whose "label_words" are
+    words, and whose template, split names and input bound pass `check_task_json`."""
+    check_links_inside(Path(path).parent, data_dir, "--data-dir")
     spec = read_json(path)
     if not isinstance(spec, dict):
         raise BadInput(f"{path}: expected a JSON object with keys {', '.join(accepted_keys)}")
@@ -978,7 +1067,33 @@ def read_task_json(path, accepted_keys, metrics) -> dict:
             f"{path}: label_words is {json.dumps(words)}; expected a list of answer words, "
             'e.g. ["True", "False"]'
         )
-    return spec  # its template, split names and bounds: checks.check_task_json
+    check_task_json(path, spec)
+    return spec
+
+
+def check_task_json(path, spec):
+    """A task.json's template, split names and input bound: a template of plain named fields,
+    without a format spec or conversion ({input:>9999999999} would pad an input to any width,
+    {input!r} quote it); split names that are plain names like task names (a split is a file
+    of the task folder, never '../x'); a positive max_input_tokens."""
+    template = spec.get("template", "{input}")
+    try:  # named fields only: {0} or {} would take an example's fields by position
+        fields = [f for f in string.Formatter().parse(template) if f[1] is not None]
+    except (TypeError, ValueError, AttributeError) as e:
+        raise BadInput(f"{path}: template {template!r} is not a format string ({e})") from None
+    if not fields or not all(name.isidentifier() for _, name, _, _ in fields):
+        raise BadInput(f"{path}: template {template!r} needs named fields such as {{input}}")
+    for _, name, format_spec, conversion in fields:
+        if format_spec or conversion:
+            raise BadInput(
+                f"{path}: template {template!r}: field {name!r} has a format spec or conversion;"
+                " expected plain fields such as {input}"
+            )
+    for key in ("eval_split", "demo_split"):
+        check_split_name(spec.get(key, "train"), f"{path}: {key}")
+    limit = spec.get("max_input_tokens")
+    if limit is not None and (type(limit) is not int or limit < 1):
+        raise BadInput(f"{path}: max_input_tokens is {json.dumps(limit)}; expected an integer >= 1")
 
 
 def paper_readers() -> dict:

@@ -17,6 +17,7 @@ and full tensors for saving (`full_state_dict`, `full_tensor`).
 import contextlib
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -41,14 +42,29 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device="auto", timeout_minutes=30):
+def dist_timeout_minutes():
+    """$PROMOT_DIST_TIMEOUT_MINUTES (a number > 0), else 30; ValueError naming it."""
+    text = os.environ.get("PROMOT_DIST_TIMEOUT_MINUTES", "30")
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = math.nan
+    if not 0 < minutes < math.inf:
+        raise ValueError(f"PROMOT_DIST_TIMEOUT_MINUTES={text!r}: expected a number of minutes > 0")
+    return minutes
+
+
+def setup_distributed(device="auto", timeout_minutes=None):
     """One process without torchrun; under torchrun, a process group and a 1-D mesh.
 
     gloo on CPU, nccl on GPUs. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (also
     across nodes: `torchrun --nnodes N --node_rank i --rdzv_endpoint host:port`).
-    A collective that waits `timeout_minutes` for a stuck or dead rank raises (see `main`),
-    so one stopped rank ends the job in bounded time instead of hanging it.
+    A collective that waits `timeout_minutes` (None: $PROMOT_DIST_TIMEOUT_MINUTES, else 30) for
+    a stuck or dead rank raises (see `main`), so one stopped rank ends the job in bounded time
+    instead of hanging it.
     """
+    if timeout_minutes is None:
+        timeout_minutes = dist_timeout_minutes()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:

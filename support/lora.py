@@ -18,6 +18,7 @@ export the adapters. Imports only torch, safetensors and support/errors.py.
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -265,3 +266,25 @@ class Adapters:
         if self.settings is None or model is None:
             return {}
         return {n: p for n, p in model.named_parameters() if ".lora." in n}
+
+    def save(self, model, folder, full_tensor=lambda p: p, main=True):
+        """lora.safetensors in `folder`, atomically (a temporary file, then renamed).
+        `full_tensor` gathers a sharded parameter (a collective: call it on every rank);
+        only `main` writes."""
+        tensors = {n: full_tensor(p).detach().cpu() for n, p in self.tensors(model).items()}
+        if tensors and main:
+            path = os.path.join(folder, "lora.safetensors")
+            save_lora(model, path + ".tmp", state_dict=tensors)
+            os.replace(path + ".tmp", path)
+
+
+def stage1_module(stage1_module, stage, path, d_model, rank=4, seed=0):
+    """What ProMoT's stage 1 trains in the prompt's place (App. C.7), as a trainer uses it:
+    with `stage1_module` "lora", adapters of `rank` on q and v, fresh in stage 1 (`path` None),
+    stage 1's read from `path` and frozen in stage 2. With "prompt", an Adapters that does
+    nothing, so the trainer calls it without asking which module it has."""
+    if stage1_module != "lora":
+        return Adapters()
+    fresh = None, dict(rank=rank, alpha=None, targets=["q", "v"])
+    tensors, settings = read_lora(path, d_model) if path else fresh
+    return Adapters(settings, tensors, stage == "1", seed, path or "the adapters")

@@ -81,6 +81,76 @@ def record_settings(out, stage, settings):
     write_json(path, {**saved, stage: settings})
 
 
+@contextlib.contextmanager
+def stage_folder(out, stage, settings, main=True):
+    """RUN/<stage>/ of one training run, yielded once the run holds RUN's lock (one run per
+    folder), RUN/config.json records `settings` under `stage` (so a kill leaves a run that
+    --resume knows) and a killed run's partial writes are gone. Call it on every rank; only
+    `main` (rank 0) writes."""
+    lock = lock_run_folder(out)
+    try:
+        stage_dir = os.path.join(out, stage)
+        if main:
+            record_settings(out, stage, settings)
+            os.makedirs(stage_dir, exist_ok=True)
+            remove_partial_writes(stage_dir)
+        yield stage_dir
+    finally:
+        if lock:
+            unlock_run_folder(lock)
+
+
+def resume_stage(stage_dir, state, device, best, say=print):
+    """--resume: fills `state` from the newest complete checkpoint in RUN/<stage>/checkpoints/
+    (load_latest), and `best` (a dict) from RUN/<stage>/best.json. Returns (checkpoint path,
+    trainer record), or (None, None) when there is no checkpoint yet."""
+    ckpt, trainer = load_latest(os.path.join(stage_dir, "checkpoints"), state, device, say)
+    best_path = os.path.join(stage_dir, "best.json")
+    if ckpt and os.path.isfile(best_path):
+        best.update(read_json(best_path, "the best step's record", keys=best))
+    return ckpt, trainer
+
+
+def write_training_record(folder, stage, task, shots, step, chosen_at_shots=None):
+    """training.json in an export folder: what evaluate.py's table says of it (the stage, the
+    fine-tuned task, the training shots, and how the checkpoint was chosen: by its validation
+    score at `chosen_at_shots` shots, or None: the last step)."""
+    chosen = "the last step" if chosen_at_shots is None else ""
+    chosen = chosen or f"validation score at {chosen_at_shots}-shot"
+    record = dict(stage=stage, task=task, shots=shots, step=step, chosen_by=chosen)
+    write_json(
+        os.path.join(folder, "training.json"), {**record, "chosen_at_shots": chosen_at_shots}
+    )
+
+
+def inputs_record(tasks, splits, fingerprint, model_dir, weight_files, contents=False):
+    """What RUN/config.json records of a run's inputs for --resume to compare: {"data": each
+    split's `fingerprint` and each task's template and label words, "model_files":
+    model_fingerprint}. `splits`: {split: [examples of each of `tasks`]}."""
+    data = {f"{t.name} {s}": fingerprint(x) for s in splits for t, x in zip(tasks, splits[s])}
+    for t in tasks:
+        data[f"{t.name} task"] = f"template {t.template!r}, label words {list(t.label_words or ())}"
+    return {"data": data, "model_files": model_fingerprint(model_dir, weight_files, contents)}
+
+
+def model_fingerprint(path, files, contents=False):
+    """{file: fingerprint} of a checkpoint folder for --resume: config.json and its tokenizer
+    file by their SHA-256, the weight `files` by size and modification time (by SHA-256 with
+    `contents`: reads every byte)."""
+    found = {}
+    names = ("config.json", "spiece.model", "tokenizer.model", "tokenizer.json")
+    small = [os.path.join(path, n) for n in names]
+    for file in [f for f in small if os.path.isfile(f)] + list(files):
+        stat = os.stat(file)
+        by_size = not contents and file in files
+        found[os.path.basename(file)] = (
+            f"{stat.st_size} bytes, modified {stat.st_mtime_ns}"
+            if by_size
+            else f"sha256 {_sha256(file)[:16]}"
+        )
+    return found
+
+
 def read_json(path, what, kind=dict, keys=()):
     """The JSON object (or `kind`) in `path`, holding `keys`, else one DamagedFile naming it and
     `what` it is."""
@@ -132,7 +202,7 @@ def check_run_folder(
     settings for `stage` equal `settings` except `may_change` (`paths` compare as
     resolved paths) and whose recorded fingerprints equal `recorded` ({"data": {what:
     fingerprint}, "model_files": ...}; a changed file would continue the run on other examples
-    or weights), except the groups in `allowed` (--allow-data-change, --allow-model-change)."""
+    or weights), except the groups in `allowed` (--allow-change data, model)."""
     stage_dir, run_config = os.path.join(out, stage), os.path.join(out, "config.json")
     if os.path.exists(out) and not os.path.isdir(out):
         raise BadInput(f"--out {out} exists and is not a directory")
@@ -170,7 +240,7 @@ def check_run_folder(
         # what the run recorded (a run of an older promot recorded less)
         changed = [f"{k}: {v} then, {now.get(k)} now" for k, v in then.items() if now.get(k) != v]
         if group in saved and changed and group not in allowed:
-            what, flag = group.replace("_", " "), f"--allow-{group.split('_')[0]}-change"
+            what, flag = group.replace("_", " "), f"--allow-change {group.split('_')[0]}"
             raise BadInput(
                 f"--resume: the {what} changed since {stage} started ({'; '.join(changed)}); "
                 f"restore them, or pass {flag} to continue with the new {what}"

@@ -84,19 +84,16 @@ PROMOT_BAD = [  # (flags, words the message must hold)
     (["--label-smoothing", "2"], ["--label-smoothing"]),
     (["--label-smoothing", "-1"], ["--label-smoothing -1.0"]),
     (["--weight-decay", "2"], ["--weight-decay"]),
-    (["--z-loss", "-1"], ["--z-loss"]),
     (["--shots", "-1"], ["--shots -1"]),
     (["--train-examples", "-1"], ["--train-examples -1"]),
     (["--max-target-tokens", "1"], ["--max-target-tokens 1", ">= 4"]),
     (["--max-input-tokens", "0"], ["--max-input-tokens 0"]),
     (["--max-input-length", "0"], ["unrecognized arguments: --max-input-length"]),  # no aliases
     (["--shots", "0,1"], ["--shots 0,1", "one number of demonstrations"]),
-    (["--adafactor-step-offset", "1000000"], ["--adafactor-step-offset", "<= 0"]),
     (["--steps", "0"], ["--steps 0"]),
     (["--batch-size", "0"], ["--batch-size 0"]),
     (["--micro-batch-size", "0"], ["--micro-batch-size 0"]),
     (["--micro-batch-size", "3"], ["--micro-batch-size 3"]),
-    (["--eval-batch-size", "0"], ["--eval-batch-size 0"]),
     (["--num-beams", "0"], ["--num-beams 0"]),
     (["--max-new-tokens", "-1"], ["--max-new-tokens -1"]),
     (["--keep-checkpoints", "0"], ["--keep-checkpoints 0"]),
@@ -105,8 +102,9 @@ PROMOT_BAD = [  # (flags, words the message must hold)
     (["--task", "../toy_tf"], ["'../toy_tf'", "not a path"]),
     (["--task", "/etc"], ["'/etc'", "not a path"]),
     (["--lora-rank", "0", "--stage1-module", "lora"], ["--lora-rank"]),
-    (["--lora-alpha", "-5", "--stage1-module", "lora"], ["--lora-alpha -5.0", "> 0"]),
-    (["--adafactor-step-offset", "-100000000000000000000"], ["--adafactor-step-offset", "-2**31"]),
+    (["--prompt-init", "file"], ["--prompt-init file needs the prompt file"]),
+    (["--prompt-init", "vocab:x"], ["--prompt-init 'vocab:x': expected uniform, vocab, text"]),
+    (["--allow-change", "weights"], ["--allow-change weights: expected data, model"]),
     (["--seed", "1e23"], ["--seed invalid int value: '1e23'"]),
     (["--seed", str(10**23)], ["--seed 1000", "[0, 2**63)"]),
     (["--device", "tpu"], ["--device invalid choice: 'tpu'"]),
@@ -459,9 +457,9 @@ def test_changed_training_data_on_resume_is_refused_unless_allowed(env, tmp_path
     assert promot.main(argv + ["--resume"]) == 2
     err = capsys.readouterr().err
     one_line_error(err, "promot.py: error: --resume: the data changed")
-    assert "toy_tf train" in err and "--allow-data-change" in err
+    assert "toy_tf train" in err and "--allow-change data" in err
     assert sorted(os.listdir(out / "stage1" / "checkpoints")) == before
-    assert promot.main(argv + ["--resume", "--allow-data-change"]) == 0  # the user's call; recorded
+    assert promot.main(argv + ["--resume", "--allow-change", "data"]) == 0  # the user's; recorded
     saved = json.load(open(out / "config.json"))["stage1"]
     assert saved["data"]["toy_tf train"].startswith(f"{len(lines)} examples")
 
@@ -848,10 +846,10 @@ def test_resume_refuses_a_changed_task_or_model_in_one_line(env, tmp_path, capsy
         err = capsys.readouterr().err
         one_line_error(err, "promot.py: error: --resume:")
         assert words.replace("toy_tf", task) in err, err
-        allow = "--allow-model-change" if "model" in words else "--allow-data-change"
+        allow = "--allow-change " + ("model" if "model" in words else "data")
         assert allow in err
         data.TASKS.pop(task, None)
-        assert promot.main(argv + ["--resume", allow]) == 0
+        assert promot.main(argv + ["--resume", *allow.split()]) == 0
     finally:
         data.TASKS.pop(task, None)
 

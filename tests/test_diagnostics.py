@@ -181,8 +181,7 @@ def test_the_training_hook_measures_exactly_the_steps_asked_for(lab, tmp_path):
         probe_tasks="toy_copy",
         probe_shots="0",
         probe_limit=2,
-        align_steps="1",
-        align_every=3,
+        align_steps="1,every:3",
         align_batch_size=8,
     )
     t5 = model.load_pretrained(lab["model_dir"])
@@ -203,7 +202,7 @@ def test_the_training_hook_measures_exactly_the_steps_asked_for(lab, tmp_path):
     "stage, tasks, flags, message",
     [
         ("1", ("toy_tf",), dict(align_steps="0"), "stage 1 trains only the prompt"),
-        ("finetune", ("toy_tf", "toy_copy"), dict(align_every=2), "need a single --task"),
+        ("finetune", ("toy_tf", "toy_copy"), dict(align_steps="every:2"), "needs a single --task"),
         ("finetune", ("toy_tf",), dict(probe_every=2), "--probe-every needs --probe-tasks"),
         (
             "finetune",

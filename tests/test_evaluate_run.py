@@ -116,6 +116,8 @@ def setup(tmp_path_factory):
     prompt_file = root / "prompt.safetensors"
     prompt = torch.rand(3, 32, generator=torch.Generator().manual_seed(0))
     save_file({"prompt.rte": prompt, "prompt": prompt.clone()}, str(prompt_file))
+    # ProMoT's prompt (stage 2), routed by §4's rule (a stage-1 prompt: tests/test_route_by_stage.py)
+    (root / "training.json").write_text(json.dumps({"stage": "2", "task": "rte", "shots": 0}))
     return model_dir, d, prompt_file
 
 
@@ -192,7 +194,8 @@ def test_by_default_the_prompt_goes_to_the_tasks_of_the_fine_tuned_tasks_format(
         "xsum": False,
     }
     assert {r["route"] for r in results["runs"]} == {"same_format"}  # the rule, on every row
-    assert "evaluate.py: scoring with the prompt " in stderr and "--route same_format" in stderr
+    assert "evaluate.py: scoring with the prompt " in stderr
+    assert "--route by_stage: same_format" in stderr
 
 
 def test_every_score_can_be_recomputed_from_the_examples_in_the_json(promot_run):
@@ -250,7 +253,7 @@ def test_table_has_the_papers_layout(promot_run):
     ]
     assert lines[9:] == [
         "",
-        "Note: rows marked prompt or LoRA were scored with it (--route same_format).",
+        "Note: rows marked prompt or LoRA were scored with it (--route by_stage: same_format).",
     ]
 
 
@@ -383,7 +386,7 @@ def test_the_cli_defaults_are_the_papers_decoding_cut_and_routing(tmp_path):
         "t5x",
         0.6,
     )  # App. B.4, T5X
-    assert (args.truncation, args.max_input_tokens, args.route) == ("end", None, "same_format")
+    assert (args.truncation, args.max_input_tokens, args.route) == ("end", None, "by_stage")
 
 
 def test_score_task_turns_a_fixed_answer_into_the_expected_scores(setup, monkeypatch):

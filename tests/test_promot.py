@@ -4,6 +4,7 @@ What each stage may change (bit for bit), exact resume, SIGTERM, NaN, every
 bad input of the issue, and stage 1 -> stage 2 -> evaluate end to end.
 """
 
+import inspect
 import json
 import os
 import shutil
@@ -704,12 +705,12 @@ def scores_by_step(monkeypatch, table):
     return calls
 
 
-@pytest.mark.parametrize("select", [None, "train"])
+@pytest.mark.parametrize("select", [None, "train-shots"])
 def test_a_plus_1_shot_run_chooses_its_best_checkpoint_on_0_shot_scores(env, monkeypatch, select):
-    """Table 2: "We use 0-shot in fine-tuning tasks"; --select-shots train scores at --shots."""
+    """Table 2: "We use 0-shot in fine-tuning tasks"; --select train-shots scores at --shots."""
     out = env["root"] / f"run_select_{select}"
     calls = scores_by_step(monkeypatch, {"toy_tf": [50.0, 70.0, 60.0]})
-    extra = ("--shots", "1") + (("--select-shots", select) if select else ())
+    extra = ("--shots", "1") + (("--select", select) if select else ())
     run = train(args(env, out, "1", *extra, steps=3, save_every=1))
     shots = 1 if select else 0
     assert calls == [("toy_tf", shots)] * 3 and run.best["step"] == 2
@@ -718,13 +719,13 @@ def test_a_plus_1_shot_run_chooses_its_best_checkpoint_on_0_shot_scores(env, mon
     assert (training["shots"], training["chosen_at_shots"], training["step"]) == (1, shots, 2)
 
 
-@pytest.mark.parametrize("rule, best_step", [(None, 2), ("min", 1)])
-def test_multitask_best_checkpoint_is_the_tasks_mean_or_with_select_score_min_their_minimum(
+@pytest.mark.parametrize("rule, best_step", [(None, 2), ("0-shot-min", 1)])
+def test_multitask_best_checkpoint_is_the_tasks_mean_or_with_select_min_their_minimum(
     env, monkeypatch, rule, best_step
 ):
     out = env["root"] / f"run_select_score_{rule}"
     scores_by_step(monkeypatch, {"toy_tf": [10.0, 90.0], "toy_copy": [60.0, 5.0]})
-    extra = ("--select-score", rule) if rule else ()
+    extra = ("--select", rule) if rule else ()
     run = train(args(env, out, "finetune", *extra, task="toy_tf,toy_copy", steps=2, save_every=1))
     assert run.best["step"] == best_step  # mean: 35 then 47.5; min: 10 then 5
     assert run.best["score"] == (47.5 if rule is None else 10.0)
@@ -734,7 +735,7 @@ def test_multitask_mixing_is_equal_by_default_or_examples_proportional_with_t5s_
     import data
 
     cfg = promot.parse_args(args(env, env["root"] / "unused", "2", task="toy_tf,toy_copy"))
-    assert (cfg.mixing, cfg.mixing_cap) == ("equal", 2**19)  # T5 §3.5.3's K = 2^19
+    assert cfg.mixing == "equal"
     pools = {"small": list(range(100)), "large": list(range(900))}
 
     def share(**rule):
@@ -742,11 +743,12 @@ def test_multitask_mixing_is_equal_by_default_or_examples_proportional_with_t5s_
         return names.count("small") / len(names)
 
     assert abs(share() - 0.5) < 0.02
-    assert abs(share(rates="proportional") - 0.1) < 0.01  # 100 / (100 + 900)
+    assert abs(share(rates="proportional") - 0.1) < 0.01  # 100 / (100 + 900), under T5's cap
+    assert inspect.signature(data.Mixture).parameters["cap"].default == 2**19  # T5 §3.5.3's K
     assert abs(share(rates="proportional", cap=300) - 0.25) < 0.015  # 100 / (100 + 300)
-    flags = ("--mixing", "proportional", "--mixing-cap", "300")
+    flags = ("--mixing", "proportional")
     cfg = promot.parse_args(args(env, env["root"] / "unused", "2", *flags, task="toy_tf,toy_copy"))
-    assert (cfg.mixing, cfg.mixing_cap) == ("proportional", 300)
+    assert cfg.mixing == "proportional"
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """The one prompt-routing rule (evaluate.route_prompt, evaluate.same_format) for every pair of
-the paper's twelve tasks, under each reading of its §4. The default is the paper's words: §4
-gives the prompt to "the same format as the fine-tuned target task", and §5.3 says CB and WiC
-"share the same format as the RTE fine-tuning task"."""
+the paper's twelve tasks, under each reading of its §4. route_prompt's default is the paper's
+words: §4 gives the prompt to "the same format as the fine-tuned target task", and §5.3 says CB
+and WiC "share the same format as the RTE fine-tuning task". evaluate.py's default, by_stage,
+keeps that rule for ProMoT's prompt and removes a stage-1 prompt on every other task
+(evaluate.route_by_stage; end to end on the lab: tests/test_route_by_stage.py)."""
 
 import itertools
 import json
@@ -104,8 +106,29 @@ def test_an_unknown_reading_is_a_clear_error():
         evaluate.route_prompt("rte", {"rte": torch.zeros(1)}, "auto")
 
 
-def test_evaluate_py_offers_the_readings_as_route_and_defaults_to_same_format(tmp_path):
+def test_evaluate_py_offers_the_readings_as_route_and_defaults_to_by_stage(tmp_path):
     args = evaluate.parse_args(
         ["--model", "m", "--data-dir", "d", "--out", str(tmp_path / "r.json")]
     )
-    assert args.route == "same_format" and "fine_tuned_only" in evaluate.ROUTES
+    assert args.route == "by_stage" and "fine_tuned_only" in evaluate.ROUTES
+    for route in evaluate.ROUTES:  # each reading stays a choice by name
+        argv = ["--model", "m", "--data-dir", "d", "--out", str(tmp_path / "r.json")]
+        assert evaluate.parse_args(argv + ["--route", route]).route == route
+
+
+def test_by_stage_removes_the_prompt_of_every_stage_that_left_the_model_pretrained():
+    """§5.1 and Tables 10, 12-14: prompt tuning's unseen-task columns are the pretrained model's,
+    so a prompt whose model was not tuned goes to its own task alone; a prompt tuned with its
+    model (ProMoT's stage 2 and the ablations, promot.STAGES) keeps §4's same-format rule."""
+    import promot
+
+    for name, stage in promot.STAGES.items():
+        want = "same_format" if stage.trains_model else "fine_tuned_only"
+        assert evaluate.route_by_stage(name) == want, name
+    assert evaluate.route_by_stage("1") == "fine_tuned_only"
+    assert evaluate.route_by_stage("2") == "same_format"
+
+
+def test_by_stage_is_no_reading_of_route_prompt_itself():  # evaluate.py resolves it first
+    with pytest.raises(BadInput, match="route must be one of"):
+        evaluate.route_prompt("rte", {"rte": torch.zeros(1)}, "by_stage")
