@@ -39,10 +39,11 @@ import sentencepiece
 import torch
 
 import checks
-from support import cli, dataset_files
+from support import causal_tokenizer, cli, dataset_files
 from support.cli import flag
 from support.dataset_files import NoSplitFile
 from support.errors import BadInput, DamagedFile
+from support.mixture import MIXING_RATES, Mixture  # noqa: F401 (T5's mixing; promot --mixing)
 
 
 # --------------------------------------------------------------------------
@@ -75,6 +76,8 @@ class Tokenizer:
         word ("a<extra_id_0>b" -> ▁a, <extra_id_0>, ▁b).
       * `encode` appends EOS (id 1), like T5's preprocessing and the oracle.
     """
+
+    causal, bos_id = False, None  # an encoder-decoder's conventions; load_tokenizer: a decoder's
 
     def __init__(self, spiece_model_path):
         self.path = str(spiece_model_path)
@@ -137,6 +140,14 @@ class Tokenizer:
         return "".join(
             p.replace("▁", "") if k == 0 else p.replace("▁", " ") for k, p in enumerate(pieces)
         )
+
+
+def load_tokenizer(model_dir):
+    """A checkpoint folder's tokenizer: T5's spiece.model (`Tokenizer`), else a decoder-only
+    model's tokenizer.json or tokenizer.model (support/causal_tokenizer.py, `causal` True:
+    no sentinels, BOS and EOS as the checkpoint's files say)."""
+    spiece = Path(model_dir) / "spiece.model"
+    return Tokenizer(spiece) if spiece.is_file() else causal_tokenizer.load(model_dir)
 
 
 # --------------------------------------------------------------------------
@@ -293,6 +304,7 @@ def register_tasks(names, data_dir) -> list[Task]:
     """The Tasks called `names`, for a command to call once before its work: a task folder
     under `data_dir` that defines a task (`load_task`) is registered, so that every later
     lookup by name (`get_task`) finds it."""
+    dataset_files.check_known_tasks(names, data_dir, TASKS)  # every unknown name at once
     tasks = [get_task(name, data_dir) for name in names]
     return [TASKS.get(task.name) or register_task(task) for task in tasks]
 
@@ -514,26 +526,38 @@ def fill_template(task: Task, example: Example) -> str:
     return task.fill(example)
 
 
+# A decoder-only model (App. C.6) reads PaLM's few-shot prompt as it is: the demonstrations and
+# the query joined by blank lines, no sentinels; the target follows the input after a space
+# and ends with EOS, and only the target and EOS are learned (`encode_batch`).
+CAUSAL_JOIN = "\n\n"
+
+
 def make_demonstration(task: Task, example: Example) -> str:
     if not example.targets:
         raise BadInput(f"task {task.name}: a demonstration needs a labeled example")
     return f"{fill_template(task, example)} {example.targets[0]}"
 
 
-def make_input(task: Task, query: Example, demonstrations=()) -> str:
-    """The exact model input: k demonstrations, then the query with the answer sentinel."""
+def make_input(task: Task, query: Example, demonstrations=(), causal=False) -> str:
+    """The exact model input: k demonstrations, then the query with the answer sentinel (a
+    decoder-only model's: without it, the pieces joined by blank lines)."""
     task = get_task(task)
     parts = [make_demonstration(task, d) for d in demonstrations]
+    if causal:
+        return CAUSAL_JOIN.join(parts + [fill_template(task, query)])
     parts.append(f"{fill_template(task, query)} {ANSWER_SENTINEL}")
     return " ".join(parts)
 
 
-def make_target(task: Task, example: Example) -> str:
-    """The training target: targets[0] inside the sentinel span (see the rule above)."""
+def make_target(task: Task, example: Example, causal=False) -> str:
+    """The training target: targets[0] inside the sentinel span (see the rule above), or, for
+    a decoder-only model, targets[0] alone."""
     task = get_task(task)
     if not example.targets:
         raise BadInput(f"task {task.name}: cannot train on an unlabeled example {example.fields}")
-    return f"{ANSWER_SENTINEL} {example.targets[0]} {END_SENTINEL}"
+    return (
+        example.targets[0] if causal else f"{ANSWER_SENTINEL} {example.targets[0]} {END_SENTINEL}"
+    )
 
 
 def choose_demonstrations(query: Example, pool: list[Example], shots: int, seed) -> list[Example]:
@@ -631,8 +655,12 @@ def cut_ids(ids: list[int], max_tokens: int | None) -> list[int]:
 
 def encode_cut(tokenizer: Tokenizer, text: str, max_tokens: int | None) -> list[int]:
     """The ids of `text` (EOS included), cut to `max_tokens` (`cut_ids`), tokenizing no more
-    than `cut_text` keeps."""
-    return cut_ids(tokenizer.encode(cut_text(text, max_tokens)), max_tokens)
+    than `cut_text` keeps. A decoder-only model's input keeps its end instead, the query (BOS,
+    when it has one, stays first), and gets no EOS: its answer follows."""
+    if not getattr(tokenizer, "causal", False):
+        return cut_ids(tokenizer.encode(cut_text(text, max_tokens)), max_tokens)
+    keep = max_tokens and max_tokens * CHARS_PER_TOKEN
+    return cut_input(tokenizer.encode(text[-keep:] if keep else text), max_tokens, tokenizer.bos_id)
 
 
 def _word_token_counts(tokenizer: Tokenizer, words: list[str]) -> list[int]:
@@ -679,20 +707,23 @@ def fit_input(
     """
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, not {truncation!r}")
-    stats = stats if stats is not None else TruncationStats()
+    stats, causal = (
+        stats if stats is not None else TruncationStats(),
+        getattr(tokenizer, "causal", False),
+    )
     pieces = [cut_example(e, max_tokens) for e in list(demonstrations) + [query]]
-    text = make_input(task, pieces[-1], pieces[:-1])
+    text = make_input(task, pieces[-1], pieces[:-1], causal)
     length = len(tokenizer.encode(text))
     if length <= max_tokens or truncation == "end":
         stats.add(length - max_tokens)
-        if length > max_tokens:
+        if length > max_tokens and not causal:  # a decoder's keeps its end: encode_cut
             words = list(_WORD.finditer(text))
             ends = itertools.accumulate(_word_token_counts(tokenizer, [w.group() for w in words]))
             text = text[: words[next(i for i, n in enumerate(ends) if n >= max_tokens - 1)].end()]
         return text
     names = [f for f in task.fields() if f in query.fields]
     empty = [Example({**e.fields, **dict.fromkeys(names, "")}, e.targets) for e in pieces]
-    fixed = len(tokenizer.encode(make_input(task, empty[-1], empty[:-1])))
+    fixed = len(tokenizer.encode(make_input(task, empty[-1], empty[:-1], causal)))
     if fixed > max_tokens:
         raise BadInput(
             f"task {task.name}: max_input_tokens={max_tokens} is too small for the template: with "
@@ -713,7 +744,7 @@ def fit_input(
             if keep < len(words):
                 cut[i][name] = str(cut[i][name])[: words[keep - 1].end()] if keep else ""
         cut = [Example(f, e.targets) for f, e in zip(cut, pieces)]
-        text = make_input(task, cut[-1], cut[:-1])
+        text = make_input(task, cut[-1], cut[:-1], causal)
         fitted = len(tokenizer.encode(text))
         if fitted <= max_tokens:
             stats.add(length - fitted)
@@ -768,7 +799,8 @@ def training_pairs(task: Task, examples, shots=0, pool=None, seed=0, **fitting) 
     `fitting`: kshot_inputs' tokenizer, max_input_tokens, stats and warn."""
     task, pool = get_task(task), examples if pool is None else pool
     inputs = kshot_inputs(task, examples, pool, shots, seed, **fitting)
-    return [(text, make_target(task, example)) for (text, _), example in zip(inputs, examples)]
+    causal = getattr(fitting.get("tokenizer"), "causal", False)
+    return [(x, make_target(task, example, causal)) for (x, _), example in zip(inputs, examples)]
 
 
 def shuffle_labels(examples, seed) -> list[Example]:
@@ -784,8 +816,9 @@ def shuffle_labels(examples, seed) -> list[Example]:
 # --------------------------------------------------------------------------
 
 
-def pad_batch(seqs, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id lists to the longest one (dynamic padding, no fixed length).
+def pad_batch(seqs, pad_id: int = 0, left=False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists to the longest one (dynamic padding, no fixed length); `left` pads
+    before them, as a decoder-only model's batch needs (its rows end where decoding starts).
     Returns (ids, mask), both LongTensor (batch, longest); mask is 1 on real tokens.
     Use pad_id=-100 for labels, which cross-entropy then ignores."""
     if len(seqs) == 0:
@@ -794,8 +827,9 @@ def pad_batch(seqs, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[row, : len(seq)] = 1
+        where = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, where] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, where] = 1
     return ids, mask
 
 
@@ -814,13 +848,20 @@ def encode_batch(
     row's soft prompt). An id list longer than its max is cut to max - 1 ids plus
     the final EOS, like seqio's append_eos_after_trim (`cut_ids`). Tensors go to
     `device` when given.
+
+    A decoder-only model's row is one left-padded sequence, input then target then EOS
+    (`causal_pair`); its labels are the row's ids on the target and EOS, -100 elsewhere, aligned
+    with input_ids (the logits at position j are scored against labels[j + 1]).
     """
-    input_ids, attention_mask = pad_batch(
-        [encode_cut(tokenizer, x, max_input_tokens) for x, _ in pairs]
-    )
-    labels, _ = pad_batch(
-        [encode_cut(tokenizer, y, max_target_tokens) for _, y in pairs], pad_id=-100
-    )
+    if getattr(tokenizer, "causal", False):
+        rows = [causal_pair(tokenizer, x, y, max_input_tokens, max_target_tokens) for x, y in pairs]
+        input_ids, attention_mask = pad_batch([x + y for x, y in rows], left=True)
+        labels, _ = pad_batch([[-100] * len(x) + y for x, y in rows], pad_id=-100, left=True)
+    else:
+        inputs = [encode_cut(tokenizer, x, max_input_tokens) for x, _ in pairs]
+        input_ids, attention_mask = pad_batch(inputs)
+        targets = [encode_cut(tokenizer, y, max_target_tokens) for _, y in pairs]
+        labels, _ = pad_batch(targets, pad_id=-100)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     if device is not None:
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
@@ -829,94 +870,31 @@ def encode_batch(
     return batch
 
 
+def causal_pair(tokenizer, text, target, max_input_tokens=None, max_target_tokens=None):
+    """(input ids, target ids + EOS) of a decoder-only row: `text + " " + target` tokenized as
+    one text, split where the input's own ids end (so the target's first token is the one the
+    model reads after the input); the input keeps its end (`encode_cut`), the target its start."""
+    x = encode_cut(tokenizer, text, None)
+    both = tokenizer.encode(f"{text} {target}")
+    y = both[len(x) :] if both[: len(x)] == x else tokenizer.encode(f" {target}", add_bos=False)
+    keep = max_target_tokens - 1 if max_target_tokens else len(y)
+    return cut_input(x, max_input_tokens, tokenizer.bos_id), y[:keep] + [tokenizer.eos_id]
+
+
+def cut_input(ids, max_tokens, bos_id=None):
+    """A decoder-only input cut to its last `max_tokens` ids, BOS (when first) kept first."""
+    bos = ids[:1] if ids and ids[0] == bos_id else []
+    return (
+        ids if not max_tokens or len(ids) <= max_tokens else bos + ids[-(max_tokens - len(bos)) :]
+    )
+
+
 def eval_batches(lengths, batch_size: int) -> list[list[int]]:
     """Index lists that group similar lengths: sorted longest first (an
     out-of-memory shows at once, and padding is small), at most `batch_size`
     rows each. Put results back in the original order with the indices."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-MIXING_RATES = ("equal", "proportional")  # Mixture's rules; promot.py --mixing
-
-
-class Mixture:
-    """Endless stream of (task name, item) drawn from several tasks' lists.
-
-    Mixing rule: draw d picks task t with probability rates[t] / sum(rates), using
-    a random number that depends only on (seed, d). `rates`: a dict, or "equal" (the
-    default: the paper's RTE + WMT14 En-Fr mixture, §5.4, does not state its rule), or
-    "proportional", T5's examples-proportional mixing (Raffel et al. 2020, §3.5.2):
-    rates[t] = min(len(t), cap), with §3.5.3's cap K = 2**19 by default (RTE then gets
-    0.5% of the draws beside WMT14's 40.8M pairs). Within a task the items come in a
-    seeded permutation, a new one each epoch, so every item is seen once per epoch. The
-    whole position is `state_dict()`: load it into a Mixture built from the same lists and
-    seed to continue exactly where it was. With one task this is plain epoch shuffling.
-    """
-
-    def __init__(self, datasets: dict[str, list], rates="equal", seed: int = 0, cap: int = 2**19):
-        self.datasets, self.seed = datasets, seed
-        self.names = sorted(datasets)
-        if rates in MIXING_RATES:
-            sizes = {name: min(len(datasets[name]), cap) for name in self.names}
-            rates = sizes if rates == "proportional" else dict.fromkeys(self.names, 1.0)
-        if not datasets or any(len(items) == 0 for items in datasets.values()):
-            raise BadInput("a mixture needs at least one task, and every task at least one example")
-        if sorted(rates) != self.names or min(rates.values()) < 0 or sum(rates.values()) <= 0:
-            raise BadInput(
-                f"mixture rates {rates} must give a non-negative rate to each of {self.names}"
-            )
-        total = sum(rates.values())
-        self.cumulative, running = [], 0.0
-        for name in self.names:
-            running += rates[name] / total
-            self.cumulative.append(running)
-        self.draws = 0
-        self.positions = {name: [0, 0] for name in self.names}  # name -> [epoch, index in epoch]
-        self._orders = {}
-
-    def _order(self, name: str, epoch: int) -> list[int]:
-        if self._orders.get(name, (None,))[0] != epoch:
-            # 4 bytes an index, where a list takes ~36
-            order = array.array("I", range(len(self.datasets[name])))
-            random.Random(f"{self.seed}/{name}/{epoch}").shuffle(order)
-            self._orders[name] = (epoch, order)
-        return self._orders[name][1]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        u = random.Random(f"{self.seed}/draw/{self.draws}").random()
-        name = next((n for n, c in zip(self.names, self.cumulative) if u < c), self.names[-1])
-        epoch, index = self.positions[name]
-        item = self.datasets[name][self._order(name, epoch)[index]]
-        index += 1
-        self.positions[name] = (
-            [epoch + 1, 0] if index == len(self.datasets[name]) else [epoch, index]
-        )
-        self.draws += 1
-        return name, item
-
-    def take(self, n: int) -> list:
-        return [next(self) for _ in range(n)]
-
-    def state_dict(self) -> dict:
-        return {
-            "seed": self.seed,
-            "draws": self.draws,
-            "positions": {name: list(p) for name, p in self.positions.items()},
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        seed, names = state.get("seed"), sorted(state.get("positions", {}))
-        if (seed, names) != (self.seed, self.names):
-            raise BadInput(
-                f"mixture state is for seed {seed} and tasks {names}, not seed {self.seed} and "
-                f"{self.names}"
-            )
-        self.draws = int(state["draws"])
-        self.positions = {name: list(p) for name, p in state["positions"].items()}
 
 
 def rank_batch(
@@ -997,7 +975,7 @@ def show(s: ShowSettings) -> None:
     """Print the first examples of a split as the model reads them, for each shot count."""
     task = get_task(s.task, s.data_dir)
     spiece = s.spiece or (s.model and checks.spiece_in(s.model))
-    tokenizer = Tokenizer(spiece) if spiece else None
+    tokenizer = (Tokenizer(spiece) if s.spiece else load_tokenizer(s.model)) if spiece else None
     if s.split:
         split, queries = s.split, load_split(task, s.data_dir, s.split)
     else:
