@@ -1,13 +1,12 @@
 """causal_lm.py: a Llama-family decoder-only model, written out by hand (the paper's App. C.6).
 
-One file holds what ProMoT needs from a Llama, Mistral, Qwen2 or Qwen3 checkpoint:
-`CausalLMConfig` (from config.json, transformers 4 or 5 spelling); RMS norm; rotary embeddings
-from one precomputed table (Llama 3's frequency scaling included); grouped-query attention that
-repeats keys only where heads share them, with Qwen2's q/k/v biases, Qwen3's per-head q/k norms
-and Mistral's sliding window; the SwiGLU MLP; a KV cache that is a plain (keys, values) pair per
-layer and `start_decoding`, the glue to decode.py's greedy and beam search; soft-prompt
-placement (`prompt=`), the only change ProMoT needs; `load_pretrained` / `save_pretrained` in
-the Hugging Face layout, whose tensor names are ours (model.layers.0.self_attn.q_proj.weight).
+What ProMoT needs of a Llama, Mistral, Qwen2 or Qwen3 checkpoint: `CausalLMConfig` (from
+config.json, transformers 4 or 5 spelling); RMS norm; rotary embeddings from one precomputed
+table (Llama 3's scaling included); grouped-query attention that repeats keys only where heads
+share them, with Qwen2's q/k/v biases, Qwen3's per-head q/k norms and Mistral's sliding window;
+SwiGLU; a KV cache of plain (keys, values) pairs and `start_decoding`, the glue to decode.py;
+soft-prompt placement (`prompt=`), the only change ProMoT needs; `load_pretrained` /
+`save_pretrained` in the Hugging Face layout, whose tensor names are ours.
 
 Where the prompt goes. `model(input_ids, attention_mask, prompt)` puts P right before each
 row's first real token, and positions count from there: a left-padded row reads
@@ -16,8 +15,7 @@ alone. (PEFT's prompt tuning puts the virtual tokens before the pads, huggingfac
 and #1212, so a row's output depends on the batch it sits in.) The output has p + L positions
 in that order; for every row, logits[:, p + j] is the prediction after input_ids[:, j].
 
-Works copied alone, needing only torch and safetensors. Training, data and the search loops
-live elsewhere (promot.py, data.py, decode.py).
+Copied alone it needs only torch and safetensors; training, data, search: promot, data, decode.
 """
 
 import json
@@ -36,8 +34,7 @@ except ImportError:  # causal_lm.py copied alone
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")  # LlamaForCausalLM, ... Qwen3ForCausalLM
 
 
-# ----------------------------------------------------------------------------
-# Configuration
+# ---- Configuration ----
 
 
 @dataclass
@@ -62,6 +59,10 @@ class CausalLMConfig:
     bos_token_id: int | list | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
+
+    @property
+    def d_model(self):  # the width of a soft prompt's rows (T5's name for it)
+        return self.hidden_size
 
     def window(self, layer):
         """The sliding window of a layer (Mistral: all; Qwen: those layer_types name), or None."""
@@ -140,8 +141,7 @@ def read_config(path):
     return CausalLMConfig.from_dict(d, source=file)
 
 
-# ----------------------------------------------------------------------------
-# Building blocks
+# ---- Building blocks ----
 
 
 class RMSNorm(nn.Module):
@@ -267,8 +267,7 @@ class KVCache:
         self.mask = self.mask[rows]
 
 
-# ----------------------------------------------------------------------------
-# The model
+# ---- The model ----
 
 
 class Decoder(nn.Module):
@@ -379,8 +378,7 @@ def start_decoding(model, input_ids, attention_mask, prompt=None):
     return step, reorder, cache, input_ids[:, -1]
 
 
-# ----------------------------------------------------------------------------
-# Checkpoints in the Hugging Face layout (our parameter names are transformers')
+# ---- Checkpoints in the Hugging Face layout (our parameter names are transformers') ----
 
 SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
 
@@ -424,19 +422,15 @@ def build(config, device="meta"):
 
 
 @torch.no_grad()
-def load_pretrained(path, dtype=torch.float32, device="cpu"):
-    """Reads a Hugging Face Llama/Mistral/Qwen2/Qwen3 checkpoint folder into our model.
-
-    Built on the meta device and filled one tensor at a time, each checked by name and shape,
-    so peak memory is the model plus about one tensor in flight (an 8B model loads in 16 GB
-    of bf16, not twice that)."""
-    config = read_config(path)
-    model = build(config, "meta")
+def load_weights(model, path, copy):
+    """Fills `model` (built on meta) from a checkpoint folder one tensor at a time, each checked
+    by name and shape before `copy(name, tensor)` puts it in place: a new parameter
+    (load_pretrained) or, under FSDP2, this rank's slice of it."""
     expected, loaded = dict(model.named_parameters()), set()
     for file in checkpoint_files(path):
         for name, tensor in read_file(file):
             if name == "lm_head.weight" and model.lm_head is None:  # tied, yet a head is stored
-                model.lm_head = build_head(config)
+                model.lm_head = build_head(model.config)
                 expected[name] = model.lm_head.weight
             if name not in expected:
                 raise DamagedFile(
@@ -447,30 +441,44 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
                     f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}; config.json "
                     f"implies {tuple(expected[name].shape)}"
                 )
-            module_name, _, leaf = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            module._parameters[leaf] = nn.Parameter(tensor.to(device=device, dtype=dtype))
+            copy(name, tensor)
             loaded.add(name)
     missing = [n for n in expected if n not in loaded]
     if missing:
         raise DamagedFile(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
-    if model.lm_head is not None and config.tie_word_embeddings:
-        # transformers 5 keeps a stored head that differs from the embedding: tensors beat flags
-        if torch.equal(model.lm_head.weight, model.model.embed_tokens.weight):
-            model.lm_head = None
-        else:
-            config.tie_word_embeddings = False
+
+
+def load_pretrained(path, dtype=torch.float32, device="cpu"):
+    """A checkpoint folder read into our model (load_weights): 8B params in 16 GB of bf16."""
+    config = read_config(path)
+    model = build(config, "meta")
+
+    def put(name, tensor):
+        module_name, _, leaf = name.rpartition(".")
+        parameter = nn.Parameter(tensor.to(device=device, dtype=dtype))
+        model.get_submodule(module_name)._parameters[leaf] = parameter
+
+    load_weights(model, path, put)
+    config.tie_word_embeddings = model.lm_head is None  # a stored head wins, as in transformers
     model.rope = rope_table(config, device)
     return model
 
 
-def save_pretrained(model, path):
+def read_embedding(path):
+    """The input embedding table, read from the checkpoint's files (and the tensors before it)."""
+    files = checkpoint_files(path)
+    return next(t for f in files for n, t in read_file(f) if n == "model.embed_tokens.weight")
+
+
+def save_pretrained(model, path, state_dict=None):
     """Writes config.json + model.safetensors that transformers' AutoModelForCausalLM reads
-    back with the same logits (a tied model stores no lm_head.weight)."""
+    back with the same logits (a tied model stores no lm_head.weight). Pass `state_dict` (full
+    tensors) when the model is sharded."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    state = model.state_dict() if state_dict is None else state_dict
+    state = {name: t.detach().cpu().contiguous() for name, t in state.items()}
     save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(model.config.to_dict(), f, indent=2)

@@ -51,11 +51,12 @@ def check_tokenizer_fits(tokenizer, model_vocab_size):
     warning when it reaches fewer than 90% of the rows. Checkpoints pad their vocabulary (mT5:
     250100 ids used, 250112 rows), so <= is the test."""
     if tokenizer.vocab_size > model_vocab_size:
+        pieces = getattr(tokenizer, "piece_count", tokenizer.vocab_size)  # T5's: + sentinels
         raise BadInput(
-            f"tokenizer {tokenizer.path} has {tokenizer.piece_count} pieces + "
-            f"{tokenizer.vocab_size - tokenizer.piece_count} sentinels = {tokenizer.vocab_size} "
+            f"tokenizer {tokenizer.path} has {pieces} pieces + "
+            f"{tokenizer.vocab_size - pieces} sentinels = {tokenizer.vocab_size} "
             f"ids, but the model's vocab_size is {model_vocab_size}; "
-            "is the spiece.model from the same checkpoint?"
+            "is the tokenizer from the same checkpoint?"
         )
     if tokenizer.vocab_size < 0.9 * model_vocab_size:  # T5: 32,100 ids, 32,128 rows (padding)
         print(
@@ -68,11 +69,15 @@ def check_tokenizer_fits(tokenizer, model_vocab_size):
 
 
 def spiece_in(model_dir):
-    """The spiece.model of a checkpoint folder."""
-    path = os.path.join(model_dir, "spiece.model")
-    if not os.path.isfile(path):
-        raise BadInput(f"{model_dir}: no spiece.model in this checkpoint folder")
-    return path
+    """The tokenizer file of a checkpoint folder: T5's spiece.model, or a decoder-only model's
+    tokenizer.json or tokenizer.model."""
+    for name in ("spiece.model", "tokenizer.json", "tokenizer.model"):
+        if os.path.isfile(os.path.join(model_dir, name)):
+            return os.path.join(model_dir, name)
+    raise BadInput(
+        f"{model_dir}: no spiece.model in this checkpoint folder (nor a decoder-only model's "
+        "tokenizer.json or tokenizer.model)"
+    )
 
 
 def check_data_folder(data_dir, tasks, splits, read_split, known):
@@ -161,6 +166,11 @@ def model_parameters(config):
     """The parameter count a T5Config implies (model.T5's tensors), from its numbers alone:
     what building the model would allocate, known before anything is built."""
     c = config
+    if hasattr(c, "hidden_size"):  # causal_lm.CausalLMConfig (App. C.6): attention, SwiGLU, norms
+        q, kv, d = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.d_model
+        layer = d * (2 * q + 2 * kv) + 3 * d * c.intermediate_size + 2 * d
+        head = 0 if c.tie_word_embeddings else c.vocab_size * d
+        return c.vocab_size * d + head + c.num_hidden_layers * layer + d
     attention = 4 * c.d_model * c.num_heads * c.d_kv  # q, k, v, o
     ff = (3 if c.feed_forward_proj == "gated-gelu" else 2) * c.d_model * c.d_ff
     bias = c.num_heads * c.relative_attention_num_buckets  # one table per stack, or per layer
@@ -212,12 +222,36 @@ def decoding_needs(config, batch_size, num_beams, max_new_tokens):
     return {f"{what} x {config.vocab_size} ids": step + 8 * batch_size * num_beams * max_new_tokens}
 
 
+MAX_LAYERS = 1000  # per stack; T5-XXL and mT5-XXL have 24
+
+
+def check_memory_and_layers(needs, device, config, path):
+    """check_memory, then the layer count: 20,000 one-wide layers fit in memory but take
+    minutes to build (each layer is modules), so the estimate bounds them too."""
+    check_memory(needs, device)
+    for key in ("num_layers", "num_decoder_layers", "num_hidden_layers"):  # T5's, a decoder's
+        if getattr(config, key, 0) > MAX_LAYERS:
+            raise BadInput(
+                f"{path}: {key} is {getattr(config, key)}; expected at most {MAX_LAYERS} (T5-XXL "
+                "has 24; more would take minutes to build)"
+            )
+
+
 def check_model_numbers(config, path):
     """The sizes in config.json that the network divides or indexes by are >= 1 (num_heads 0
-    would build empty attention; 1 bucket would halve to none)."""
+    would build empty attention; 1 bucket would halve to none). causal_lm's reader checks its
+    own."""
+    if hasattr(config, "hidden_size"):
+        return
     for key in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers"):
         if getattr(config, key) < 1:
             raise BadInput(f"{path}: {key} is {getattr(config, key)}; expected an integer >= 1")
+    for key in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):  # rows of the table
+        if not 0 <= getattr(config, key) < config.vocab_size:
+            raise BadInput(
+                f"{path}: {key} is {getattr(config, key)}; expected an id below vocab_size "
+                f"{config.vocab_size}"
+            )
     if not config.layer_norm_epsilon < 1:
         raise BadInput(f"{path}: layer_norm_epsilon is {config.layer_norm_epsilon}; expected < 1")
     buckets = config.relative_attention_num_buckets
@@ -276,7 +310,7 @@ def check_weight_files(path, expected, files, weight_map=None):
     aliases = {f"{s}.embed_tokens.weight": shared for s in ("encoder", "decoder")}
     if "lm_head.weight" not in expected:
         aliases["lm_head.weight"] = shared  # tied: read_config found it equal to the embedding
-    found = set()
+    found, holders = set(), {}
     for file in files:
         if not os.path.isfile(file):
             raise DamagedFile(f"{file}: listed in the checkpoint index but missing")
@@ -284,6 +318,7 @@ def check_weight_files(path, expected, files, weight_map=None):
             shapes = safetensors_shapes(file)
         else:
             shapes = {n: tuple(t.shape) for n, t in hf_files.read_bin(file)}
+        check_one_copy(path, file, shapes, holders, weight_map)
         for name, shape in shapes.items():
             want = expected.get(name, aliases.get(name))
             if want is None:
@@ -304,6 +339,28 @@ def check_weight_files(path, expected, files, weight_map=None):
             f"{path}: the weight files lack {len(missing)} tensor(s) config.json implies, "
             f"e.g. {missing[:3]}"
         )
+
+
+def check_one_copy(path, file, names, found, weight_map):
+    """Each tensor of a sharded checkpoint is in one shard, the one its index names for it: a
+    loader that meets a second copy keeps one of the two, and a zeroed copy scores 0.00 without
+    a word. `found`: {name: file} of the files read so far (filled here)."""
+    kind = "model.safetensors" if file.endswith(".safetensors") else "pytorch_model.bin"
+    index = os.path.join(path, f"{kind}.index.json")
+    for name in names:
+        if name in found:
+            raise DamagedFile(
+                f"{found[name]} and {file} both hold tensor {name!r}; a checkpoint holds each "
+                "tensor once (which copy is meant?)"
+            )
+        named = (weight_map or {}).get(name, file if weight_map is None else None)
+        if named != file:
+            where = f"maps it to {named}" if named else "does not name it"
+            raise DamagedFile(
+                f"{file}: holds tensor {name!r}, but {index} {where}; a shard holds the "
+                "tensors its index names for it"
+            )
+        found[name] = file
 
 
 # ---- training runs (promot.py) ----
@@ -358,7 +415,10 @@ def check_training_memory(cfg, config, trains, world, device):
         micro = cfg.micro_batch_size or cfg.batch_size // world
         prompt = f"--prompt-length {cfg.prompt_length}"
         needs[f"{prompt} x d_model {c.d_model}"] = 4 * 3 * tasks * cfg.prompt_length * c.d_model
-        needs[f"{prompt}'s attention scores"] = 4 * micro * c.num_heads * cfg.prompt_length**2
+        heads = getattr(c, "num_heads", None) or c.num_attention_heads  # T5's, or a decoder's
+        needs[f"{prompt}'s attention scores"] = 4 * micro * heads * cfg.prompt_length**2
+    if cfg.stage1_module == "lora" and hasattr(c, "hidden_size"):
+        raise BadInput("--stage1-module lora: App. C.7's adapters are for T5 checkpoints here")
     if cfg.stage1_module == "lora" and cfg.stage == "1":  # on q and v
         width = c.d_model + c.num_heads * c.d_kv
         modules = c.num_layers + 2 * c.num_decoder_layers
@@ -368,7 +428,7 @@ def check_training_memory(cfg, config, trains, world, device):
     if str(device).startswith("cpu"):  # the ranks of one machine share its memory
         ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         needs = {what: size * ranks for what, size in needs.items()}
-    check_memory(needs, device)
+    check_memory_and_layers(needs, device, c, os.path.join(cfg.model, "config.json"))
 
 
 def check_batch_split(batch_size, micro_batch_size, world):
@@ -387,12 +447,18 @@ def check_model_and_data_dir(model, data_dir, out):
     (check_model_folder); --data-dir a folder; --out a run folder of its own (check_run_out)."""
     if not os.path.isdir(model):
         raise BadInput(f"--model {model}: no such checkpoint directory")
-    for name in ("config.json", "spiece.model"):
-        if not os.path.isfile(os.path.join(model, name)):
-            raise BadInput(
-                f"--model {model}: no {name}; expected a Hugging Face T5/mT5 checkpoint "
-                "directory with its SentencePiece vocabulary (spiece.model)"
-            )
+    tokenizers = ("spiece.model", "tokenizer.json", "tokenizer.model")  # T5's, a decoder's
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise BadInput(
+            f"--model {model}: no config.json; expected a Hugging Face T5/mT5 checkpoint "
+            "directory with its SentencePiece vocabulary (spiece.model)"
+        )
+    if not any(os.path.isfile(os.path.join(model, name)) for name in tokenizers):
+        raise BadInput(
+            f"--model {model}: no spiece.model; expected a Hugging Face T5/mT5 checkpoint "
+            "directory with its SentencePiece vocabulary (spiece.model), or a decoder-only one "
+            "with tokenizer.json or tokenizer.model"
+        )
     if not os.path.isdir(data_dir):
         raise BadInput(f"--data-dir {data_dir}: no such directory")
     check_model_folder(model)
@@ -471,6 +537,13 @@ def check_evaluation(settings, tasks, results_format):
     spiece_in(settings.model)  # the tokenizer, before the weights are read
     check_model_folder(settings.model)
     check_results_out(settings.out, results_format)
+    for flag in ("baseline", "prompt", "lora"):  # read first, then replaced by the results
+        given = getattr(settings, flag)
+        if given and os.path.realpath(given) == os.path.realpath(settings.out):
+            raise BadInput(
+                f"--out {settings.out}: is --{flag} {given}, an input of this evaluation; "
+                "name a new results file"
+            )
     if settings.baseline and not os.path.isfile(settings.baseline):
         raise BadInput(f"--baseline {settings.baseline}: no such results file")
     if not tasks and not settings.task and not settings.prompt:
@@ -512,25 +585,47 @@ def check_evaluation_memory(settings, config, device):
     beams = decoding_needs(
         config, settings.eval_batch_size, settings.num_beams, settings.max_new_tokens or 0
     )
-    check_memory({**needs, **beams}, device)
+    config_json = os.path.join(settings.model, "config.json")
+    check_memory_and_layers({**needs, **beams}, device, config, config_json)
 
 
-def check_task_folders(names, data_dir, skip):
-    """(tasks of `names` whose folder is in `data_dir`, those whose folder is not): every missing
-    folder in one BadInput that says which --eval-tasks would run, unless `skip`
-    (--skip-missing-tasks)."""
+def check_task_folders(names, data_dir, skip, known=()):
+    """(the --eval-tasks `names` to score, those skipped), checked at once before any is read:
+    each a plain name named once (a second mention would be scored and averaged twice), each one
+    of the `known` tasks (data.TASKS) or a folder of `data_dir` with a task.json, each with its
+    folder unless `skip` (--skip-missing-tasks). Every unknown name and missing folder goes in
+    one BadInput that says which --eval-tasks would run the rest."""
     if not os.path.isdir(data_dir):
         raise BadInput(f"--data-dir {data_dir}: no such directory")
-    missing = [n for n in names if not os.path.isdir(os.path.join(data_dir, n))]
-    present = [n for n in names if n not in missing]
-    if missing and not skip:
-        others = f", score the others with --eval-tasks {','.join(present)}" if present else ""
+    for name in names:
+        dataset_files.check_task_name(name)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
         raise BadInput(
-            f"--data-dir {data_dir} has no folder for {cli.count(len(missing), 'evaluation task')} "
-            f"of {len(names)}: {', '.join(missing)}. Put their files there (docs/data.md)"
-            f"{others}, or pass --skip-missing-tasks"
+            f"--eval-tasks {','.join(names)}: names {', '.join(twice)} more than once; each task "
+            "is scored once and counts once in the Norm. Avg.: name it once"
+        )
+    unknown = [n for n in names if n not in known and not dataset_files.has_task_json(data_dir, n)]
+    missing = [n for n in names if n in known and not os.path.isdir(os.path.join(data_dir, n))]
+    present = [n for n in names if n not in unknown + missing]
+    if unknown or (missing and not skip):
+        raise BadInput(
+            unknown_or_missing(names, unknown, [] if skip else missing, present, data_dir, known)
         )
     return present, missing
+
+
+def unknown_or_missing(names, unknown, missing, present, data_dir, known):
+    """The one message of check_task_folders: what is unknown, what has no folder, what runs."""
+    parts = [dataset_files.unknown_tasks(unknown, data_dir, known)] if unknown else []
+    if missing:
+        parts.append(
+            f"--data-dir {data_dir} has no folder for {cli.count(len(missing), 'evaluation task')} "
+            f"of {len(names)}: {', '.join(missing)}. Put their files there (docs/data.md)"
+        )
+    ways = [f"score the others with --eval-tasks {','.join(present)}"] if present else []
+    ways += ["or pass --skip-missing-tasks"] if missing else []
+    return (", " if missing else "; ").join(["; ".join(parts), *ways])
 
 
 def check_stage1_files(settings):
@@ -565,6 +660,46 @@ def check_results_file(path, results, results_format):
 
 # ---- diagnostics during training (diagnostics.py) ----
 
+_TEXT = (lambda v: isinstance(v, str), "a string")
+_STEP = (lambda v: type(v) is int and v >= 0, "an integer >= 0")
+_NUMBER = (lambda v: type(v) in (int, float), "a number")
+_SCORE = (lambda v: v is None or type(v) in (int, float), "a number or null")
+_WORDS = (lambda v: v is None or isinstance(v, list) and all(map(_TEXT[0], v)), "a list of words")
+_COSINES = (lambda v: isinstance(v, dict) and all(map(_NUMBER[0], v.values())), "{group: cosine}")
+# What `diagnostics.py plot` reads of each record: diagnostics.jsonl's kinds (diagnostics.py's
+# docstring) and log.jsonl's checkpoint scores ("event": "eval"); other keys may be absent.
+RECORD_FIELDS = {
+    "probe": dict(stage=_TEXT, step=_STEP, task=_TEXT, shots=_STEP, score=_SCORE),
+    "alignment": dict(stage=_TEXT, step=_STEP, cosines=_COSINES),
+    "error": {},
+    "eval": dict(stage=_TEXT, step=_STEP, score=_NUMBER),
+}
+OPTIONAL_FIELDS = {  # read when present (records written before them lack them)
+    "probe": dict(metric=_TEXT, format_ratio=_SCORE, format_words=_WORDS, shared_words=_WORDS)
+}
+
+
+def check_diagnostics_record(path, lineno, record, kind_key="kind"):
+    """A record of RUN/diagnostics.jsonl (`kind_key` "kind") or RUN/log.jsonl ("event", of
+    which only "eval" is read) holds the fields the figures read, of their types: else one
+    DamagedFile naming the file, line and field, as a results file is checked."""
+    kind = record.get(kind_key)
+    if kind_key == "event" and kind != "eval":
+        return
+    kinds = [k for k in RECORD_FIELDS if (k == "eval") == (kind_key == "event")]
+    if not isinstance(kind, str) or kind not in kinds:
+        raise DamagedFile(
+            f'{path}:{lineno}: "{kind_key}" is {str(kind)[:40]!r}; expected one of '
+            f"{', '.join(kinds)}"
+        )
+    required = RECORD_FIELDS[kind]
+    for name, (ok, expected) in {**OPTIONAL_FIELDS.get(kind, {}), **required}.items():
+        if (name in record and not ok(record[name])) or (name in required and name not in record):
+            raise DamagedFile(
+                f"{path}:{lineno}: a {kind} record's {name!r} is "
+                f"{str(record.get(name, 'missing'))[:40]}; expected {expected}"
+            )
+
 
 def check_training_flags(flags, stage, num_tasks):
     """promot.py's --probe-* / --align-* flags (a diagnostics.TrainingFlags): their ranges, their
@@ -595,3 +730,21 @@ def check_training_flags(flags, stage, num_tasks):
 def names(text):
     """The comma-separated names in `text`, stripped, empty ones dropped."""
     return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def read_results(path, results_format):
+    """A results file written by evaluate.py (for --baseline), checked for its format."""
+    results = dataset_files.read_json(path)
+    check_results_file(path, results, results_format)
+    return results
+
+
+def read_training_record(model, prompt="", lora=""):
+    """training.json (promot.py's export: stage, task, shots, how best/ was chosen) beside the
+    checkpoint, the prompt or the LoRA file; {} for a checkpoint promot did not write."""
+    folders = [f for f in (model, os.path.dirname(prompt), os.path.dirname(lora)) if f]
+    paths = [os.path.join(f, "training.json") for f in folders]
+    path = next((p for p in paths if os.path.isfile(p)), None)
+    record = dataset_files.read_json(path) if path else {}
+    check_training_record(path, record)
+    return record

@@ -374,9 +374,13 @@ def run_records(run_dir):
             f"{run_dir}: no diagnostics.jsonl; train with --probe-every N --probe-tasks ... "
             "or --align-steps ... to record diagnostics"
         )
-    evals = [r for _, r in dataset_files.read_jsonl(log)] if os.path.isfile(log) else []
-    records = [r for _, r in dataset_files.read_jsonl(path)]
-    return records, [e for e in evals if e.get("event") == "eval"]
+    evals = list(dataset_files.read_jsonl(log)) if os.path.isfile(log) else []
+    records = list(dataset_files.read_jsonl(path))
+    for lineno, record in records:  # the fields the figures read, as results files are checked
+        checks.check_diagnostics_record(path, lineno, record)
+    for lineno, record in evals:
+        checks.check_diagnostics_record(log, lineno, record, kind_key="event")
+    return [r for _, r in records], [e for _, e in evals if e.get("event") == "eval"]
 
 
 def tables(run_dirs):
@@ -400,6 +404,7 @@ def tables(run_dirs):
         for e in evals:  # one point per scored checkpoint that also has probes at its step
             at = (e["step"], e["stage"])
             unseen = [p["score"] for p in probes if (p["step"], p["stage"]) == at]
+            unseen = [score for score in unseen if score is not None]  # null: not scored
             if unseen:
                 point = dict(run=run, stage=e["stage"], step=e["step"], finetuned_score=e["score"])
                 tradeoff.append({**point, "unseen_average": sum(unseen) / len(unseen)})

@@ -21,6 +21,7 @@ metrics, scoring and prompt routing, results, and the command line last.
 """
 
 import dataclasses
+import json
 import os
 import re
 import string
@@ -30,11 +31,12 @@ import sacrebleu
 import torch
 from rouge_score import rouge_scorer
 
+import causal_lm
 import checks
 import data
 import decode
 import model as model_lib
-from support import cli, dataset_files, fsdp, lora, prompt_formats, run_checkpoints
+from support import cli, fsdp, lora, prompt_formats, run_checkpoints
 from support.cli import flag
 from support.errors import BadInput, DamagedFile
 
@@ -42,6 +44,25 @@ from support.errors import BadInput, DamagedFile
 # ---------------------------------------------------------------------------------------
 # Decoding
 # ---------------------------------------------------------------------------------------
+
+
+def model_family(path):
+    """The module that holds a checkpoint's network: causal_lm.py for a decoder-only one (App.
+    C.6; config.json's model_type llama, mistral, qwen2 or qwen3), else model.py (T5, mT5)."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            kind = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        kind = None  # model.py's reader says what is wrong with the file
+    return causal_lm if kind in causal_lm.SUPPORTED else model_lib
+
+
+def special_ids(model):
+    """(EOS, pad) ids decoding uses: the config's (a decoder's first EOS; its pad, else EOS)."""
+    eos = model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    pad = model.config.pad_token_id
+    return eos, eos if pad is None else pad
 
 
 @torch.inference_mode()
@@ -55,28 +76,29 @@ def generate(
     length_penalty=0.6,
     length_rule="t5x",
 ):
-    """Greedy (num_beams=1) or beam search with `model` (a `model.T5`); returns (batch, length)
-    generated ids without the decoder start token. `prompt` (p or batch x p, x d_model) is
-    prepended to the embedded input.
+    """Greedy (num_beams=1) or beam search with `model` (a `model.T5`, or a
+    `causal_lm.CausalLM` given left-padded rows); returns (batch, length) generated ids without
+    the decoder start token (or the input). `prompt` (p or batch x p, x d_model) is prepended
+    to the embedded input.
 
     The default is the paper's decoding (App. B.4: beam 4; T5X's length rule, alpha 0.6).
     With length_rule="transformers" it is token for token `transformers`' `generate(num_beams=...,
     length_penalty=..., early_stopping=False, do_sample=False, max_new_tokens=...)` on the same
     weights, with `prompt` in the place of `inputs_embeds=[P; embed(x)]` (decode.py: the rules).
     """
-    cfg, was_training = model.config, model.training
+    was_training, (eos, pad), family = model.training, special_ids(model), model_lib
+    if isinstance(model, causal_lm.CausalLM):
+        family = causal_lm
     model.eval()  # dropout off: decoding is deterministic
     try:
-        step, reorder, state, start = model_lib.start_decoding(
+        step, reorder, state, start = family.start_decoding(
             model, input_ids, attention_mask, prompt
         )
         # Rows padded after EOS as transformers pads them: greedy with pad, beam search with EOS
         # (its fill value is `pad_token_id or eos_token_id`, and T5's pad id 0 is falsy).
-        pad = cfg.pad_token_id if num_beams == 1 else cfg.eos_token_id
+        pad = pad if num_beams == 1 else eos
         rule = dict(num_beams=num_beams, length_penalty=length_penalty, length_rule=length_rule)
-        return decode.generate(
-            step, reorder, state, start, max_new_tokens, cfg.eos_token_id, pad, **rule
-        )
+        return decode.generate(step, reorder, state, start, max_new_tokens, eos, pad, **rule)
     finally:
         model.train(was_training)
 
@@ -98,7 +120,9 @@ def postprocess(text, label_words=None, cut_prefixes=CUT_PREFIXES):
     2. Cut at the next example: the text from the first task prefix (`Q:`, `Translate`,
        `Article:`) that is not at the very start and stands as a word of its own. B.2 says
        "the second prefix token": an output that begins by echoing a prefix keeps that
-       first one, and "IQ:" or "Translated" inside an answer is no prefix.
+       first one, and "IQ:" or "Translated" inside an answer is no prefix. A decoder-only
+       model, which runs on past its answer, starts its next example after a blank line
+       (data.CAUSAL_JOIN): the text is cut there too (T5 never writes one).
     3. Classification (`label_words` given, e.g. True/False/Neither, or OpenbookQA's
        A/B/C/D): the first word, with punctuation around it removed ("True." -> "True",
        "B)" -> "B"). Case is kept: the references are the label words themselves.
@@ -106,7 +130,7 @@ def postprocess(text, label_words=None, cut_prefixes=CUT_PREFIXES):
     if "<extra_id_0>" in text:
         text = text.split("<extra_id_0>", 1)[1]
     text = text.split("<extra_id_1>", 1)[0]
-    text = text.strip()
+    text = text.strip().split(data.CAUSAL_JOIN, 1)[0]
     # A prefix is a whole word after whitespace (the start itself never cuts, it was stripped).
     cuts = [
         m.start()
@@ -383,10 +407,16 @@ def decode_inputs(
     prompt = prompt.to(device) if prompt is not None else None
     outputs, done, total = {}, 0, sum(len(b) for b in mine)
     for batch in mine:
-        ids, mask = data.pad_batch([encoded[i] for i in batch])
+        ids, mask = data.pad_batch(
+            [encoded[i] for i in batch], left=getattr(tokenizer, "causal", False)
+        )
         out = generate(model, ids.to(device), mask.to(device), prompt=prompt, **generating)
         for i, row in zip(batch, out.tolist()):
-            outputs[i] = decode_with_sentinels(tokenizer, row)
+            outputs[i] = (
+                tokenizer.decode(row)
+                if getattr(tokenizer, "causal", False)
+                else decode_with_sentinels(tokenizer, row)
+            )
         done += len(batch)
         if progress is not None:
             progress(done, total)
@@ -526,13 +556,6 @@ def routed(run):
     return "; prompt" if run.get("prompt") else "; LoRA" if run.get("lora") else ""
 
 
-def read_results(path):
-    """A results file written by this program (for --baseline), checked for its format."""
-    results = dataset_files.read_json(path)
-    checks.check_results_file(path, results, RESULTS_FORMAT)
-    return results
-
-
 # ---------------------------------------------------------------------------------------
 # The evaluation run (command line)
 # ---------------------------------------------------------------------------------------
@@ -621,17 +644,6 @@ def task_names(text, data_dir):
     return [task.name for task in data.register_tasks(names, data_dir)]
 
 
-def training_record(s):
-    """training.json (promot.py's export: stage, task, shots, how best/ was chosen) beside the
-    checkpoint, the prompt or the LoRA file; {} for a checkpoint promot did not write."""
-    folders = [f for f in (s.model, os.path.dirname(s.prompt), os.path.dirname(s.lora)) if f]
-    paths = [os.path.join(f, "training.json") for f in folders]
-    path = next((p for p in paths if os.path.isfile(p)), None)
-    record = dataset_files.read_json(path) if path else {}
-    checks.check_training_record(path, record)
-    return record
-
-
 def stage1_files(s, training, route):
     """Settle which prompt and LoRA files score the model; returns the line that names them and
     the reading of the rule (`route`) that routes them.
@@ -654,17 +666,29 @@ def stage1_files(s, training, route):
     return f"scoring with {' and '.join(files)}, routed by {route_named(s.route, route)}"
 
 
+def open_checkpoint(path, check_memory):
+    """(model.py or causal_lm.py, config, tokenizer) of a checkpoint folder, checked before
+    anything is loaded or written: `check_memory(config)` (before building even on the meta
+    device), a T5's weight files by name and shape from their headers (causal_lm checks its own
+    as it loads), the tokenizer against the embedding rows."""
+    lm = model_family(path)
+    config = lm.read_config(path)
+    check_memory(config)
+    if lm is model_lib:
+        meta = model_lib.build(config)  # no memory: the tensors config.json implies, by name
+        shapes = {model_lib.ours_to_hf(n): p.shape for n, p in meta.named_parameters()}
+        checks.check_weight_files(path, shapes, *model_lib.checkpoint_files(path))
+    tokenizer = data.load_tokenizer(path)
+    checks.check_tokenizer_fits(tokenizer, config.vocab_size)
+    return lm, config, tokenizer
+
+
 def load(s, device):
     """(model, tokenizer, {fine-tuned task: prompt}, fine-tuned tasks) as the settings say."""
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[s.dtype]
-    config = model_lib.T5Config.from_json(os.path.join(s.model, "config.json"))
-    checks.check_evaluation_memory(s, config, device)
-    meta = model_lib.build(config)  # no memory: the tensors config.json implies, by name
-    shapes = {model_lib.ours_to_hf(n): p.shape for n, p in meta.named_parameters()}
-    checks.check_weight_files(s.model, shapes, *model_lib.checkpoint_files(s.model))
-    t5 = model_lib.load_pretrained(s.model, dtype=dtype, device=device).eval()
-    tokenizer = data.Tokenizer(os.path.join(s.model, "spiece.model"))
-    checks.check_tokenizer_fits(tokenizer, t5.config.vocab_size)
+    memory = lambda config: checks.check_evaluation_memory(s, config, device)  # noqa: E731
+    lm, config, tokenizer = open_checkpoint(s.model, memory)
+    t5 = lm.load_pretrained(s.model, dtype=dtype, device=device).eval()
     fine_tuned = task_names(s.task, s.data_dir)
     prompts = {}
     if s.prompt:
@@ -697,11 +721,12 @@ def read_splits(s, plan, say):
 
 def run(s):
     """The whole evaluation; returns the results dict (written and printed on rank 0)."""
-    tasks = task_names(s.eval_tasks, s.data_dir)
-    tasks, skipped = checks.check_task_folders(tasks, s.data_dir, s.skip_missing_tasks)
+    names = checks.names(s.eval_tasks)  # every unknown name and missing folder in one line
+    tasks, skipped = checks.check_task_folders(names, s.data_dir, s.skip_missing_tasks, data.TASKS)
+    tasks = task_names(",".join(tasks), s.data_dir)
     checks.check_evaluation(s, tasks, RESULTS_FORMAT)
-    baseline = read_results(s.baseline) if s.baseline else None
-    training = training_record(s)
+    baseline = checks.read_results(s.baseline, RESULTS_FORMAT) if s.baseline else None
+    training = checks.read_training_record(s.model, s.prompt, s.lora)
     # The default, --route by_stage: a stage-1 prompt alone on its task, ProMoT's by format. A
     # prompt with no training.json was given for a model promot did not tune: prompt tuning's.
     route = route_by_stage(training.get("stage", "1")) if s.route == "by_stage" else s.route

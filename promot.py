@@ -18,19 +18,19 @@ FSDP2, run-folder checkpoints and App. C.7's stage-1 module are plumbing in supp
 import datetime
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.distributed as dist
 
+import causal_lm
 import checks
 import data
 import diagnostics
 import evaluate
 import model as model_lib
-from support import cli, fsdp, lora, prompt_formats, run_checkpoints, t5x_loss
+from support import cli, fsdp, hf_files, lora, prompt_formats, run_checkpoints, t5x_loss
 from support.adafactor import Adafactor
 from support.errors import BadInput, DamagedFile
 
@@ -94,11 +94,11 @@ def init_prompt(cfg, d_model, tokenizer, task, generator):
         return torch.rand(p, d_model, generator=generator) * 0.5
     if kind == "file":
         return prompt_formats.read_prompts(path, d_model, [task.name], p)[task.name]
-    table = model_lib.read_embedding(cfg.model).float()
+    table = evaluate.model_family(cfg.model).read_embedding(cfg.model).float()
     rows = table[torch.randint(0, min(5000, table.shape[0]), (p,), generator=generator)]
     if kind == "text":
         for i, word in enumerate(prompt_words(cfg, task)):
-            ids = tokenizer.encode(word, add_eos=False)
+            ids = [i for i in tokenizer.encode(word, add_eos=False) if i != tokenizer.bos_id]
             rows[i] = table[ids].mean(0)
     return rows.clone()
 
@@ -141,9 +141,8 @@ def train_step(t5, batches, prompts, optimizer, cfg, ctx):
         # one process: autocast; under FSDP the MixedPrecisionPolicy casts instead
         bf16 = cfg.dtype == "bfloat16" and ctx.world == 1
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
-            decoder_ids = model_lib.shift_right(b["labels"])
-            logits = t5(b["input_ids"], b["attention_mask"], decoder_ids, prompt=prompt)
-        loss, _ = t5x_loss.cross_entropy(logits, b["labels"], cfg.label_smoothing, cfg.z_loss)
+            logits, labels = forward(t5, b, prompt)
+        loss, _ = t5x_loss.cross_entropy(logits, labels, cfg.label_smoothing, cfg.z_loss)
         # Divided by the global token count; times the world size because FSDP
         # averages gradients over ranks, and the true gradient is their sum.
         (loss * (ctx.world / global_targets)).backward()
@@ -159,6 +158,17 @@ def train_step(t5, batches, prompts, optimizer, cfg, ctx):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return mean_loss, global_tokens
+
+
+def forward(model, batch, prompt):
+    """(logits, labels) of one micro-batch. T5 reads [P; input] and writes the target (teacher
+    forcing); a decoder-only model (App. C.6) reads [P; input; target], and the logits after
+    each token are scored against the next one (data.encode_batch: labels on target and EOS)."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if isinstance(model, causal_lm.CausalLM):
+        logits = model(ids, mask, prompt=prompt)[:, -ids.shape[1] :]  # P's positions dropped
+        return logits[:, :-1], labels[:, 1:]
+    return model(ids, mask, model_lib.shift_right(labels), prompt=prompt), labels
 
 
 # ---------------------------------------------------------------------------
@@ -192,7 +202,7 @@ def run_stage(run):
     """One stage, whole: load, make the prompts, build the optimizer, resume, loop, export."""
     cfg, ctx, inputs = run.cfg, run.ctx, run.inputs
     torch.manual_seed(cfg.seed + ctx.rank)  # dropout masks differ across ranks
-    run.model = load_model(cfg, ctx, inputs["module"])
+    run.model = load_model(cfg, ctx, inputs)
     run.prompts = make_prompts(cfg, ctx, inputs, run.prompt_source, run.trains_prompt)
     run.optimizer = build_optimizer(cfg, run)
     pools = {t.name: x for t, x in zip(inputs["tasks"], inputs["train_sets"])}
@@ -275,19 +285,21 @@ class Run:
             run_checkpoints.log(self.cfg.out, record and {"stage": stage, **record}, line)
 
 
-def load_model(cfg, ctx, module):
-    """The pretrained model on this device (sharded under torchrun), the stage-1 `module`
-    attached when it is not the prompt, the run's dropout.
+def load_model(cfg, ctx, inputs):
+    """The pretrained model (model.py's T5 or causal_lm.py's decoder) on this device (sharded
+    under torchrun), the stage-1 module attached when it is not the prompt, the run's dropout.
 
     One process loads the checkpoint directly. Under torchrun the model is
     built on the meta device, sharded, and each rank copies only its slice of
     every tensor as the file streams by (support/fsdp.py)."""
+    lm = inputs["lm"]
     if ctx.world == 1:
-        t5 = model_lib.load_pretrained(cfg.model, dtype=torch.float32, device=ctx.device)
+        t5 = lm.load_pretrained(cfg.model, dtype=torch.float32, device=ctx.device)
     else:
-        t5 = model_lib.build(model_lib.read_config(cfg.model), "meta")
-    tensors = module.attach(t5)  # before sharding: FSDP shards its tensors with their block
-    blocks = list(t5.encoder.blocks) + list(t5.decoder.blocks)
+        t5 = lm.build(inputs["config"], "meta")
+    tensors = inputs["module"].attach(t5)  # before sharding: FSDP shards them with their block
+    decoder_only = lm is causal_lm  # its layers; T5's encoder and decoder blocks
+    blocks = list(t5.model.layers if decoder_only else [*t5.encoder.blocks, *t5.decoder.blocks])
 
     def copy(name, tensor):
         fsdp.copy_into_shard(t5.get_parameter(name), tensor)
@@ -296,13 +308,16 @@ def load_model(cfg, ctx, module):
         bf16, recompute = cfg.dtype == "bfloat16", cfg.activation_checkpointing
         fsdp.shard_model(t5, ctx.mesh, blocks, bf16=bf16, activation_checkpointing=recompute)
         t5.to_empty(device=ctx.device)
-        model_lib.load_weights(t5, cfg.model, copy=copy)
+        lm.load_weights(t5, cfg.model, copy=copy)
+        if decoder_only:  # a computed buffer, in no checkpoint
+            t5.rope = causal_lm.rope_table(inputs["config"], ctx.device)
     elif cfg.activation_checkpointing:
         for block in blocks:
             fsdp.checkpoint_block(block)
     for name, tensor in tensors.items():
         copy(name, tensor)
-    model_lib.set_dropout(t5, cfg.dropout)
+    if not decoder_only:  # Llama-family models train without dropout
+        model_lib.set_dropout(t5, cfg.dropout)
     return t5
 
 
@@ -529,8 +544,8 @@ def export(folder, run):
     with run_checkpoints.write_or_say(folder, checkpoints):
         if run.ctx.main:
             if run.trains_model:
-                model_lib.save_pretrained(model, folder, state_dict=state)
-                shutil.copy2(checks.spiece_in(cfg.model), folder)  # its tokenizer beside it
+                run.inputs["lm"].save_pretrained(model, folder, state_dict=state)
+                hf_files.copy_tokenizer(cfg.model, folder)  # its tokenizer beside it
             os.makedirs(folder, exist_ok=True)
             if run.prompts:  # prompt.safetensors, and each prompt in PEFT's format, peft_<task>/
                 base = folder if run.trains_model else cfg.model
@@ -556,6 +571,7 @@ def selection_shots(cfg):
 flag, AT_LEAST_0, AT_LEAST_1, RATE = cli.flag, cli.AT_LEAST_0, cli.AT_LEAST_1, cli.RATE
 STAGE_NAMES, SELECT = tuple(STAGES), ("0-shot", "0-shot-min", "train-shots", "train-shots-min")
 C7 = "stage 1 with low-rank updates (LoRA) instead of a prompt (App. C.7)"
+PROMPT_LENGTH = 100  # B.4; App. C.6 gives a decoder-only model 50
 SEED = (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")
 TARGET_ROOM = (lambda v: v >= 4, ">= 4 (two sentinels, an answer, EOS)")
 
@@ -575,7 +591,9 @@ class Config:
     micro_batch_size: int = flag(
         None, "examples per rank per forward pass [training: all; scoring: 16]", valid=AT_LEAST_1
     )
-    lr: float = flag(None, "learning rate [1: 0.2, LoRA 1e-3; else 1e-3]", valid=AT_LEAST_0)
+    lr: float = flag(
+        None, "learning rate [1: 0.2, decoder 0.3, LoRA 1e-3; else 1e-3]", valid=AT_LEAST_0
+    )
     label_smoothing: float = flag(None, "label smoothing [1: 0; else 0.1]", valid=RATE)
     weight_decay: float = flag(None, "Adafactor weight decay [1: 1e-5; else 0]", valid=RATE)
     dropout: float = flag(0.1, "dropout rate", valid=RATE)
@@ -585,7 +603,7 @@ class Config:
     keep_checkpoints: int = flag(1, "training checkpoints kept", valid=AT_LEAST_1)
     hash_weights: bool = flag(False, "fingerprint --model's weights by content, not size and time")
     stop_after_step: int = flag(None, "save and stop after this step", valid=AT_LEAST_1)
-    prompt_length: int = flag(100, "soft prompt length", valid=AT_LEAST_1)
+    prompt_length: int = flag(None, "soft prompt length [100; decoder-only: 50]", valid=AT_LEAST_1)
     prompt_init: str = flag("uniform", "a new prompt: uniform, vocab, text[:WORDS] or file:PATH")
     prompt: str = flag("", "stage 2's frozen stage-1 file [RUN/stage1/best/]")
     train_examples: int = flag(None, "train on a seeded sample of N examples", valid=AT_LEAST_1)
@@ -667,6 +685,11 @@ def parse_args(argv=None):
     cfg = Config(**args, diagnostics=diagnostics.TrainingFlags(**probes))
     if cfg.stage == "1" and cfg.stage1_module != "prompt" and cfg.lr is None:
         cfg.lr = 1e-3  # C.7 gives no rate for it; the prompt's 0.2 would swamp a rank-4 update
+    decoder_only = evaluate.model_family(cfg.model) is causal_lm  # App. C.6: length 50, lr 0.3
+    if cfg.prompt_length is None:
+        cfg.prompt_length = 50 if decoder_only else PROMPT_LENGTH
+    if decoder_only and cfg.stage == "1" and cfg.lr is None:
+        cfg.lr = 0.3
     for k in ("steps", "save_every", "lr", "label_smoothing", "weight_decay"):
         if getattr(cfg, k) is None:
             setattr(cfg, k, getattr(STAGES[cfg.stage], k))
@@ -689,13 +712,10 @@ def read_inputs(cfg, ctx):
     --out may hold this run."""
     checks.check_batch_split(cfg.batch_size, cfg.micro_batch_size, ctx.world)
     checks.check_model_and_data_dir(cfg.model, cfg.data_dir, cfg.out)
-    config = model_lib.read_config(cfg.model)
-    checks.check_training_memory(cfg, config, what_trains(cfg), ctx.world, ctx.device)
-    meta = model_lib.build(config)  # no memory: the tensors config.json implies, by name
-    shapes = {model_lib.ours_to_hf(n): p.shape for n, p in meta.named_parameters()}
-    checks.check_weight_files(cfg.model, shapes, *model_lib.checkpoint_files(cfg.model))
-    tokenizer = data.Tokenizer(os.path.join(cfg.model, "spiece.model"))
-    checks.check_tokenizer_fits(tokenizer, config.vocab_size)
+    trains, world, device = what_trains(cfg), ctx.world, ctx.device
+    lm, config, tokenizer = evaluate.open_checkpoint(
+        cfg.model, lambda c: checks.check_training_memory(cfg, c, trains, world, device)
+    )
     tasks = data.register_tasks(names(cfg.task), cfg.data_dir)
     splits = {"train": [], "validation": []}
     for t in tasks:
@@ -715,7 +735,7 @@ def read_inputs(cfg, ctx):
     if source == "new" and cfg.prompt_init.startswith("text"):
         for t in tasks:
             checks.check_prompt_words(prompt_words(cfg, t), t.name, cfg.prompt_length)
-    weights = model_lib.checkpoint_files(cfg.model)[0]
+    weights = model_lib.checkpoint_files(cfg.model)[0]  # (a decoder's names the same files)
     seen = tasks, splits, data.fingerprint, cfg.model, weights, cfg.hash_weights
     recorded = run_checkpoints.inputs_record(*seen)  # for --resume to compare
     allowed = [g for g in recorded if g.split("_")[0] in names(cfg.allow_change)]
@@ -730,6 +750,7 @@ def read_inputs(cfg, ctx):
         allowed,
     )
     return dict(
+        lm=lm,
         config=config,
         tokenizer=tokenizer,
         tasks=tasks,

@@ -18,6 +18,9 @@ Copied alone (nothing of promot beside it):
                       its errors are ValueErrors
   prompt_formats.py   the prompt file (prompt.safetensors), PEFT prompt-tuning adapters, T5X's
                       .npy; without errors.py its errors are ValueErrors
+  causal_tokenizer.py a decoder-only checkpoint's tokenizer.json (through `tokenizers`) or
+                      tokenizer.model, as transformers' AutoTokenizer reads them; without
+                      errors.py its errors are ValueErrors
 
 Copied with support/errors.py beside it (as support/errors.py, an importable folder):
   run_checkpoints.py  a run folder: atomic writes, its lock, exactly-resumable checkpoints
@@ -26,4 +29,5 @@ Copied with support/errors.py beside it (as support/errors.py, an importable fol
   dataset_files.py    readers of each data set's published file layout; names and links refused
   cli.py              command-line plumbing: settings dataclasses as flags, one-line errors,
                       progress
+  mixture.py          several tasks' examples as one endless, resumable stream (T5's mixing)
 """

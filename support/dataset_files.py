@@ -212,24 +212,57 @@ def label_word(value, mapping: dict, where: str, field_name: str = "label") -> s
 # --------------------------------------------------------------------------
 
 PLAIN_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"  # a task or split name: never '..', '/x' or 'a/b'
+MAX_NAME = 100  # characters of a task name (a folder, and a key in every results file)
 
 
 def check_task_name(name):
-    """A task name is a folder under --data-dir, never a path."""
+    """A task name is a folder under --data-dir, never a path, and short enough to be one
+    (a file system refuses a name over 255 bytes with a traceback, not a message)."""
     if not re.fullmatch(PLAIN_NAME, str(name)):
         raise BadInput(
-            f"task name {name!r}: expected letters, digits, '_', '-' and '.' (a folder under "
-            "--data-dir), not a path"
+            f"task name {str(name)[:MAX_NAME]!r}: expected letters, digits, '_', '-' and '.' "
+            "(a folder under --data-dir), not a path"
         )
+    if len(str(name)) > MAX_NAME:
+        raise BadInput(
+            f"task name {str(name)[:40]}... ({len(str(name))} characters): expected at most "
+            f"{MAX_NAME}"
+        )
+
+
+def check_known_tasks(names, data_dir, known):
+    """Every name of `names` is a plain task name (check_task_name), and one of the
+    `known` tasks (data.TASKS) or a folder of `data_dir` with a task.json: every unknown one in
+    one BadInput (data.register_tasks calls this for each command), not the first of them."""
+    names = [n for n in names if isinstance(n, str)]  # a data.Task is known
+    for name in names:
+        check_task_name(name)
+    unknown = [n for n in names if n not in known and not has_task_json(data_dir, n)]
+    if unknown:
+        raise BadInput(unknown_tasks(unknown, data_dir, known))
+
+
+def has_task_json(data_dir, name):
+    """Whether <data_dir>/<name>/task.json defines a task (data.load_task reads it)."""
+    return data_dir is not None and os.path.isfile(os.path.join(data_dir, name, "task.json"))
+
+
+def unknown_tasks(unknown, data_dir, known):
+    """The message that names the `unknown` task names, all of them, and what is known."""
+    folder = f" (or a folder {data_dir}/<name>/ with a task.json)" if data_dir else ""
+    return (
+        f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+        f"known tasks: {', '.join(sorted(known))}{folder}"
+    )
 
 
 def check_split_name(split, where):
     """A split is a plain name like a task's (its file is <task folder>/<split>.jsonl), never a
     path such as '../x'; `where` names its source (a task.json key, a flag)."""
-    if not isinstance(split, str) or not re.fullmatch(PLAIN_NAME, split):
+    if not isinstance(split, str) or not re.fullmatch(PLAIN_NAME, split) or len(split) > MAX_NAME:
         raise BadInput(
-            f'{where} is {json.dumps(split)}; expected a split name such as "validation" '
-            "(letters, digits, '_', '-' and '.'), not a path"
+            f"{where} is {json.dumps(split)[:MAX_NAME]}; expected a split name such as "
+            f"\"validation\" (letters, digits, '_', '-' and '.', at most {MAX_NAME}), not a path"
         )
 
 

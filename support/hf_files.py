@@ -91,3 +91,21 @@ def replace_folder(path, write):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+TOKENIZER_FILES = (
+    "spiece.model",  # T5, mT5
+    "tokenizer.model",  # SentencePiece: Llama 2, Mistral, TinyLlama
+    "tokenizer.json",  # Llama 3, Qwen, SmolLM
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+
+
+def copy_tokenizer(source, folder):
+    """Copies a checkpoint folder's tokenizer files (those of TOKENIZER_FILES it has) into
+    `folder`, so a model saved there is read with its own tokenizer."""
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy2(os.path.join(source, name), folder)

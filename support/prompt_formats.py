@@ -68,9 +68,14 @@ ADAPTER_FILES = (
 
 
 def _as_prompt(prompt, where) -> torch.Tensor:
+    """`prompt` as a (p, d_model) fp32 tensor on the CPU; at least one row, finite values."""
     if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
         shape = tuple(prompt.shape) if hasattr(prompt, "shape") else type(prompt).__name__
         raise BadInput(f"{where}: a prompt is a (p, d_model) tensor, got {shape}")
+    if 0 in prompt.shape:  # scored "+prompt" with nothing prepended: the model alone
+        raise BadInput(f"{where}: the prompt is {tuple(prompt.shape)}; expected p, d_model >= 1")
+    if not prompt.dtype.is_floating_point or not torch.isfinite(prompt).all():
+        raise DamagedFile(f"{where}: the prompt holds NaN or inf values, or is not a float array")
     return prompt.detach().to("cpu", torch.float32).contiguous()
 
 
@@ -166,6 +171,8 @@ def _prompt_of(tensors, task, path, d_model=None, length=None):
         raise BadInput(
             f"{path}: prompt {key!r} has shape {tuple(prompt.shape)}; the model needs {need}"
         )
+    if prompt.shape[0] == 0:  # scored "+prompt" with nothing prepended: the model alone
+        raise BadInput(f"{path}: prompt {key!r} has 0 rows; a prompt has at least one")
     if not torch.isfinite(prompt).all():
         raise DamagedFile(f"{path}: prompt {key!r} holds NaN or inf values")
     if length is not None and prompt.shape[0] != length:
@@ -186,6 +193,7 @@ def peft_adapter_config(
     base_model_name_or_path,
     num_layers=None,
     num_attention_heads=None,
+    task_type="SEQ_2_SEQ_LM",
 ) -> dict:
     """adapter_config.json of a PEFT PromptTuningConfig for a seq2seq model, with the
     fields PEFT itself writes; the prompt was trained, so `prompt_tuning_init` is
@@ -203,7 +211,7 @@ def peft_adapter_config(
         "prompt_tuning_init": "RANDOM",
         "prompt_tuning_init_text": None,
         "revision": None,
-        "task_type": "SEQ_2_SEQ_LM",
+        "task_type": task_type,  # CAUSAL_LM: the prompt goes before a decoder's input (App. C.6)
         "token_dim": token_dim,
         "tokenizer_kwargs": None,
         "tokenizer_name_or_path": None,
@@ -236,13 +244,19 @@ def write_peft_adapter(
             "write the adapter to a folder of its own"
         )
     config = base_model_config(base_model_name_or_path)
-    _check_width(prompt, config.get("d_model"), Path(str(base_model_name_or_path)) / "config.json")
+    causal = "hidden_size" in config and "d_model" not in config  # a Llama-family decoder
+    width = config.get("hidden_size" if causal else "d_model")
+    _check_width(prompt, width, Path(str(base_model_name_or_path)) / "config.json")
+    layers, heads = (
+        ("num_hidden_layers", "num_attention_heads") if causal else ("num_layers", "num_heads")
+    )
     adapter = peft_adapter_config(
         prompt.shape[0],
         prompt.shape[1],
         base_model_name_or_path,
-        num_layers if num_layers is not None else config.get("num_layers"),
-        num_attention_heads if num_attention_heads is not None else config.get("num_heads"),
+        num_layers if num_layers is not None else config.get(layers),
+        num_attention_heads if num_attention_heads is not None else config.get(heads),
+        "CAUSAL_LM" if causal else "SEQ_2_SEQ_LM",
     )
 
     def write(tmp):
@@ -276,6 +290,10 @@ def read_peft_adapter(folder, d_model=None) -> torch.Tensor:
             f"{config_path}: task_type is {config['task_type']!r}; promot's prompts are "
             "SEQ_2_SEQ_LM prompts, prepended to T5's encoder"
         )
+    for key in ("num_virtual_tokens", "token_dim", "num_transformer_submodules"):
+        value = config.get(key)  # "5", 2.5 or -1 would fail later, or take other rows
+        if value is not None and (type(value) is not int or value < 1):
+            raise BadInput(f"{config_path}: {key} is {value!r}; expected an integer >= 1")
     embeddings = _peft_embeddings(folder)
     rows = config.get("num_virtual_tokens") or embeddings.shape[0]
     if embeddings.dim() != 2 or embeddings.shape[0] < rows:
@@ -288,7 +306,7 @@ def read_peft_adapter(folder, d_model=None) -> torch.Tensor:
         raise DamagedFile(
             f"{folder}: {PEFT_KEY} is {embeddings.shape[1]} wide but token_dim is {token_dim}"
         )
-    prompt = embeddings[:rows].float().contiguous()
+    prompt = _as_prompt(embeddings[:rows], folder)
     _check_width(prompt, d_model, folder)
     return prompt
 
@@ -340,6 +358,8 @@ def read_t5x_npy(path, d_model=None) -> torch.Tensor:
         array = numpy.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise DamagedFile(f"{path}: cannot read a .npy prompt ({err})") from None
+    if array.dtype.kind != "f":  # a string or object array has no prompt in it
+        raise BadInput(f"{path}: a .npy prompt holds floats, got dtype {array.dtype}")
     prompt = _as_prompt(torch.from_numpy(numpy.asarray(array, dtype=numpy.float32)), path)
     _check_width(prompt, d_model, path)
     return prompt

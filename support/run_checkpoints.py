@@ -7,7 +7,11 @@ support/errors.py): copy it with errors.py into another codebase.
   after a kill, a full disk, a Ctrl-C) sees the old file or the new one, never
   a half-written one that looks complete.
 - `lock_run_folder(folder)`: one process per run folder; a second one is
-  refused with the PID and host that hold it, a dead holder's lock is taken over.
+  refused with the PID and host that hold it, a dead holder's lock is taken over, and so is
+  one left empty by a write that failed (a full disk).
+- `check_run_folder`: what a run folder holds is input too. A link in it is refused (an
+  append or an export would go through it); the settings recorded there must match, paths
+  inside the folder by their place in it (a moved or copied run folder resumes).
 - `StopRequest`: SIGTERM (a scheduler's preemption notice) turned into a
   request the training loop reads after a step, agreed by every rank, so the
   run saves a checkpoint before it exits.
@@ -16,24 +20,35 @@ support/errors.py): copy it with errors.py into another codebase.
   safetensors (no pickle: a shared or downloaded run folder cannot run code on
   --resume), the non-tensor state and the trainer's bookkeeping (step, data
   position, best score) in JSON, and a SHA-256 per file, checked on load, so a
-  resumed run continues bit for bit or is refused. A checkpoint counts only when complete
-  (`incomplete`: every file there, of the size and step its record says): pruning keeps the
-  newest complete ones, and --resume names each incomplete one it skips.
+  resumed run continues bit for bit or is refused; trainer.json and best.json carry the
+  SHA-256 of their own JSON (`seal`) and are read back against a schema. A checkpoint counts
+  only when complete (`incomplete`: every file there, of the size and step its record says,
+  trainer.json sealed): pruning keeps the newest complete ones, and --resume names each
+  incomplete one it skips.
 """
 
 import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
 import socket
+import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 from support.errors import BadInput, DamagedFile
+
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # open() flag: a link is an error, not followed
+# The bookkeeping that --resume trusts carries a SHA-256 of its JSON (seal), like the rank files:
+# a hand edit of a best score or a data position (a checkpoint's trainer.json, sealed by
+# save_checkpoint) is a DamagedFile, not a run on other data. write_json seals these names:
+SEALED_FILES = ("best.json",)
 
 
 @contextlib.contextmanager
@@ -66,9 +81,15 @@ def remove_partial_writes(folder):
 
 
 def log(out, record=None, line=None):
-    """Appends `record` (a dict) to RUN/log.jsonl and prints `line`; either may be None."""
+    """Appends `record` (a dict) to RUN/log.jsonl and prints `line`; either may be None. The file
+    is opened without following a link (check_run_folder refuses links in a run folder)."""
     if record:
-        with open(os.path.join(out, "log.jsonl"), "a", encoding="utf-8") as f:
+        path = os.path.join(out, "log.jsonl")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW, 0o666)
+        except OSError as e:
+            raise BadInput(f"cannot write {path} ({e.strerror}); is it a link?") from None
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
     if line:
         print(line, flush=True)
@@ -107,8 +128,68 @@ def resume_stage(stage_dir, state, device, best, say=print):
     ckpt, trainer = load_latest(os.path.join(stage_dir, "checkpoints"), state, device, say)
     best_path = os.path.join(stage_dir, "best.json")
     if ckpt and os.path.isfile(best_path):
-        best.update(read_json(best_path, "the best step's record", keys=best))
+        best.update(read_best(best_path, keys=best))
     return ckpt, trainer
+
+
+def read_best(path, keys):
+    """RUN/<stage>/best.json, the best step so far (`keys`: step, score, scores, evaluated),
+    checked: its SHA-256 (seal) and its schema, else one DamagedFile naming it."""
+    record = read_json(path, "the best step's record", keys=keys)
+    problem = seal_problem(record) or _best_problem(
+        *(record[k] for k in ("step", "score", "scores", "evaluated"))
+    )
+    if problem:
+        raise DamagedFile(
+            f"{path}: {problem}; expected the best step's record as promot wrote it (delete it, "
+            "and best/, to choose the best checkpoint afresh)"
+        )
+    return {k: v for k, v in record.items() if k != "sha256"}
+
+
+def _best_problem(step, score, scores, evaluated):
+    """What is wrong with best.json's values, or ""."""
+    if not (step is None and score is None or _is_count(step) and _is_score(score)):
+        return (
+            f"step {_short(step)}, score {_short(score)}: expected an integer step and a "
+            "finite score, or both null"
+        )
+    if not (scores is None or isinstance(scores, dict) and all(map(_is_score, scores.values()))):
+        return f"scores {_short(scores)}: expected {{task: a finite score}}"
+    if not (isinstance(evaluated, list) and all(map(_is_count, evaluated))):
+        return f"evaluated {_short(evaluated)}: expected a list of steps"
+    return ""
+
+
+def _short(value):
+    return repr(value)[:40]
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_score(value):
+    """A finite number (a bool is not one)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and math.isfinite(value)
+
+
+def seal(record):
+    """`record` (a JSON object) with "sha256": the SHA-256 of its canonical JSON (sorted keys),
+    so re-indenting the file keeps it valid and an edit of any value does not."""
+    record = {k: v for k, v in record.items() if k != "sha256"}
+    canonical = json.dumps(record, sort_keys=True, allow_nan=True).encode()
+    return {**record, "sha256": hashlib.sha256(canonical).hexdigest()}
+
+
+def seal_problem(record):
+    """Why `record` (read back) is not what seal() wrote, or ""."""
+    if not isinstance(record, dict) or "sha256" not in record:
+        return "no SHA-256 (written by an older promot, or edited)"
+    if seal(record)["sha256"] != record["sha256"]:
+        return "SHA-256 mismatch, the file was changed after it was written"
+    return ""
 
 
 def write_training_record(folder, stage, task, shots, step, chosen_at_shots=None):
@@ -187,7 +268,8 @@ class StopRequest:
 
 
 def write_json(path, obj, indent=2):
-    """`obj` as JSON at `path`, atomically."""
+    """`obj` as JSON at `path`, atomically; sealed (seal) when its name is in SEALED_FILES."""
+    obj = seal(obj) if os.path.basename(path) in SEALED_FILES else obj
     with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=indent, ensure_ascii=False)
 
@@ -206,6 +288,7 @@ def check_run_folder(
     stage_dir, run_config = os.path.join(out, stage), os.path.join(out, "config.json")
     if os.path.exists(out) and not os.path.isdir(out):
         raise BadInput(f"--out {out} exists and is not a directory")
+    check_no_links(out)
     parent = next(p for p in _ancestors(os.path.abspath(out)) if os.path.exists(p))
     if not os.path.isdir(parent):
         raise BadInput(f"--out {out}: {parent} is a file, not a folder")
@@ -230,7 +313,7 @@ def check_run_folder(
         return
     if not isinstance(saved, dict):
         raise DamagedFile(f"{run_config}: {stage} is not an object of settings")
-    diffs = settings_changes(saved, settings, may_change, paths)
+    diffs = settings_changes(saved, settings, may_change, paths, (saved.get("out"), out))
     if diffs:
         raise BadInput(
             f"--resume: {run_config} was written by another configuration: " + "; ".join(diffs)
@@ -245,6 +328,20 @@ def check_run_folder(
                 f"--resume: the {what} changed since {stage} started ({'; '.join(changed)}); "
                 f"restore them, or pass {flag} to continue with the new {what}"
             )
+
+
+def check_no_links(out):
+    """A run folder holds its own files: a symbolic link anywhere in it (log.jsonl to a system
+    file, final/ to a folder elsewhere) is refused in one line, since an append would write
+    through it and an export would copy what it leads to."""
+    for folder, dirs, files in os.walk(out):  # links to folders are listed, not entered
+        for name in sorted(dirs + files):
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                raise BadInput(
+                    f"--out {out}: {path} is a link (to {os.readlink(path)}); promot reads and "
+                    "writes a run folder's own files only: replace the link with a copy"
+                )
 
 
 def _ancestors(path):
@@ -280,62 +377,105 @@ def lock_run_folder(folder):
     return path
 
 
+LOCK_WRITE_S = 2.0  # a live run writes its lock at once; one empty for this long is left over
+
+
 def _take_lock(folder):
     path = os.path.join(folder, ".lock")
     me = {"pid": os.getpid(), "host": socket.gethostname()}
     for _ in range(3):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | NO_FOLLOW, 0o644)
         except FileExistsError:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    holder = json.load(f)
-            except (OSError, ValueError):
-                holder = {}  # being written this instant, or garbage: look again
-            if (
-                holder.get("host") == me["host"]
-                and isinstance(holder.get("pid"), int)
-                and not _alive(holder["pid"])
-            ):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)  # stale: its process is gone
-                continue
-            if holder:
+            holder = _lock_holder(path)
+            if holder is None:
+                continue  # released this instant: try again
+            if holder and (holder["host"] != me["host"] or _alive(holder["pid"])):
                 raise BadInput(
-                    f"{folder} is in use by process {holder.get('pid')} on {holder.get('host')} "
+                    f"{folder} is in use by process {holder['pid']} on {holder['host']} "
                     f"(lock {path}); "
                     "wait for it to finish, or delete the lock file if that process is gone"
                 ) from None
+            gone = f"process {holder['pid']} is gone" if holder else "it is empty or unreadable"
+            print(f"warning: {path}: {gone} and no run holds it; taken over", file=sys.stderr)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
             continue
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(me, f)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(me, f)
+        except OSError as e:  # a full disk: leave no empty lock behind to block the next run
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            raise BadInput(f"{folder}: cannot write its lock {path} ({e.strerror})") from None
         return path
     raise BadInput(
         f"{path}: cannot take the run folder's lock; delete the file if no run uses {folder}"
     )
 
 
+def _lock_holder(path):
+    """{"pid", "host"} of the lock at `path`; None when it is gone; {} when it is empty or
+    unreadable and has stayed so for LOCK_WRITE_S since it was last written (a write that
+    failed, e.g. on a full disk), which no live run is doing."""
+    for _ in range(2):
+        try:
+            with open(path, encoding="utf-8") as f:
+                holder = json.load(f)
+            pid = holder.get("pid") if isinstance(holder, dict) else None
+            if type(pid) is int and 0 < pid < 2**31:  # a bool, 0 or -1 would name others
+                return {"pid": pid, "host": str(holder.get("host"))}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, RecursionError):
+            pass  # being written this instant, or left empty: look at its age
+        try:
+            age = time.time() - os.stat(path, follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            return None
+        if age >= LOCK_WRITE_S:
+            return {}
+        time.sleep(LOCK_WRITE_S - age)
+    return {}
+
+
 def unlock_run_folder(path):
     """Remove a lock taken by this process."""
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         with open(path, encoding="utf-8") as f:
             if json.load(f).get("pid") == os.getpid():
                 os.remove(path)
 
 
-def settings_changes(saved, now, may_change=(), paths=()):
+def settings_changes(saved, now, may_change=(), paths=(), runs=(None, None)):
     """["--name: saved X, now Y"] for every setting of `now` that differs from `saved` (a run's
     recorded settings), except those in `may_change`; the settings in `paths` compare as resolved
-    paths, so a trailing slash or a relative path is the same place."""
+    paths, so a trailing slash or a relative path is the same place, and a path inside the run
+    folder (`runs`: the saved run's --out and this one's) by its place in it, so a moved or
+    copied run folder resumes (stage 2 reads RUN/stage1/best/)."""
 
-    def norm(key, value):
-        return os.path.realpath(value) if key in paths and isinstance(value, str) else value
+    def norm(key, value, out):
+        if key not in paths or not isinstance(value, str) or not value:
+            return value
+        return _place_in_run(value, out) or os.path.realpath(value)
 
     return [
         f"{_setting_name(k)}: saved {saved.get(k)!r}, now {v!r}"
         for k, v in now.items()
-        if k not in may_change and norm(k, saved.get(k)) != norm(k, v)
+        if k not in may_change and norm(k, saved.get(k), runs[0]) != norm(k, v, runs[1])
     ]
+
+
+def _place_in_run(path, out):
+    """ "RUN/<path relative to out>" when `path` is inside the run folder `out`, else None. A saved
+    path is compared with the saved --out as written (both relative to the same old folder)."""
+    if not isinstance(out, str) or not out:
+        return None
+    for resolve in (os.path.abspath, os.path.realpath):
+        inside = os.path.relpath(resolve(path), resolve(out))
+        if inside != os.pardir and not inside.startswith(os.pardir + os.sep):
+            return os.path.join("RUN", inside)
+    return None
 
 
 def _setting_name(key):  # the saved world size is how many ranks (processes) ran
@@ -431,7 +571,7 @@ def save_checkpoint(folder, step, state, trainer, device, keep=1):
             json.dump(record, f)
         if rank == 0:
             with open(os.path.join(tmp, "trainer.json"), "w", encoding="utf-8") as f:
-                json.dump({**trainer, "step": step, "values": values}, f, indent=1)
+                json.dump(seal({**trainer, "step": step, "values": values}), f, indent=1)
     except Exception as e:  # OSError (a full disk), SafetensorError, ...
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_failed(file, e, latest_checkpoint(folder)) from None
@@ -489,9 +629,13 @@ def incomplete(path):
     try:
         with open(os.path.join(path, "trainer.json"), encoding="utf-8") as f:
             trainer = json.load(f)
+        if seal_problem(trainer):
+            return f"trainer.json: {seal_problem(trainer)}"
         world = trainer.get("world_size", 1)
-        if trainer.get("step") != step or not isinstance(world, int) or world < 1:
+        if trainer.get("step") != step or not _is_count(world) or world < 1:
             return f"trainer.json is for step {trainer.get('step')!r}, not {step}"
+        if not isinstance(trainer.get("values", {}), dict):
+            return "trainer.json's values are not a JSON object"
         for rank in range(world):
             with open(os.path.join(path, f"rank{rank}.json"), encoding="utf-8") as f:
                 record = json.load(f)
@@ -580,7 +724,7 @@ def load_checkpoint(path, state, device):
         if "rng/cuda" in stored:
             torch.cuda.set_rng_state(f.get_tensor("rng/cuda"), device)
     _set_values(state, trainer.pop("values", {}))
-    return trainer
+    return {k: v for k, v in trainer.items() if k != "sha256"}
 
 
 def _set_values(tree, values, prefix=""):

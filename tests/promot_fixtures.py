@@ -95,3 +95,65 @@ def make_data_dir(folder, n_train=48, n_val=12):
         copy,
     )
     return folder
+
+
+def make_llama_dir(folder, **overrides):
+    """A tiny random Llama checkpoint (transformers writes it) with a Llama-style SentencePiece
+    tokenizer.model (unk 0, BOS 1, EOS 2) trained on the toy tasks' words, and Llama 2's
+    tokenizer_config.json: a decoder-only model as the public ones are laid out (App. C.6)."""
+    import sentencepiece
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(800)]
+    corpus = os.path.join(folder, "corpus.txt")
+    with open(corpus, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines + ["?", ":"]))
+    sentencepiece.SentencePieceTrainer.train(
+        input=corpus,
+        model_prefix=os.path.join(folder, "tokenizer"),
+        vocab_size=60,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=False,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    os.remove(corpus)
+    os.remove(os.path.join(folder, "tokenizer.vocab"))
+    special = {"__type": "AddedToken", "lstrip": False, "rstrip": False, "normalized": False}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "legacy": False,
+                "bos_token": {**special, "content": "<s>"},
+                "eos_token": {**special, "content": "</s>"},
+                "unk_token": {**special, "content": "<unk>"},
+                "pad_token": None,
+            },
+            f,
+        )
+    settings = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    settings.update(overrides)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**settings)).save_pretrained(folder)
+    return folder
