@@ -417,9 +417,10 @@ def check_training_memory(cfg, config, trains, world, device):
         needs[f"{prompt} x d_model {c.d_model}"] = 4 * 3 * tasks * cfg.prompt_length * c.d_model
         heads = getattr(c, "num_heads", None) or c.num_attention_heads  # T5's, or a decoder's
         needs[f"{prompt}'s attention scores"] = 4 * micro * heads * cfg.prompt_length**2
-    if cfg.stage1_module == "lora" and hasattr(c, "hidden_size"):
-        raise BadInput("--stage1-module lora: App. C.7's adapters are for T5 checkpoints here")
-    if cfg.stage1_module == "lora" and cfg.stage == "1":  # on q and v
+    if cfg.stage1_module == "lora" and cfg.stage == "1" and hasattr(c, "hidden_size"):
+        width, modules = c.d_model + c.num_attention_heads * c.head_dim, c.num_hidden_layers
+        needs[f"--lora-rank {cfg.lora_rank}"] = 4 * 3 * cfg.lora_rank * width * 2 * modules
+    elif cfg.stage1_module == "lora" and cfg.stage == "1":  # on q and v
         width = c.d_model + c.num_heads * c.d_kv
         modules = c.num_layers + 2 * c.num_decoder_layers
         needs[f"--lora-rank {cfg.lora_rank}"] = 4 * 3 * cfg.lora_rank * width * 2 * modules

@@ -540,6 +540,8 @@ def export(folder, run):
     stage-1 module in the prompt's place, training.json."""
     cfg, model = run.cfg, run.model
     state = fsdp.full_state_dict(model) if run.trains_model else None  # a collective
+    for name in run.inputs["module"].tensors(model) if state else ():  # saved on their own
+        state.pop(name, None)
     checkpoints = os.path.join(run.stage_dir, "checkpoints")  # named if a write fails
     with run_checkpoints.write_or_say(folder, checkpoints):
         if run.ctx.main:

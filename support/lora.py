@@ -3,7 +3,8 @@
 ProMoT's stage 1 can train a removable low-rank adapter instead of a soft
 prompt (paper App. C.7). This module adds one to the chosen projections of
 every attention layer without changing the layer's code: any module with
-nn.Linear children named q, k, v and o counts as attention. The adapters live
+nn.Linear children named q, k, v and o (T5) or q_proj ... o_proj (Llama, Mistral,
+Qwen) counts as attention. The adapters live
 in `module.lora` (a ModuleDict), so their parameters are named
 `<attention>.lora.<target>.a` / `.b` and a `fully_shard(block)` shards them
 with their block; a forward hook on each target Linear adds the adapter's
@@ -48,12 +49,18 @@ class LoRA(nn.Module):
         return F.linear(F.linear(x, self.a), self.b) * self.scale
 
 
+def projection(attention, target):
+    """The nn.Linear of `target` ("q", "k", "v" or "o"): T5's `q`, or a Llama-family `q_proj`."""
+    for name in (target, f"{target}_proj"):
+        if isinstance(getattr(attention, name, None), nn.Linear):
+            return getattr(attention, name)
+    return None
+
+
 def attention_modules(model):
-    """Every module of `model` with nn.Linear children named q, k, v and o."""
+    """Every module of `model` with nn.Linear children named q, k, v and o (or q_proj, ...)."""
     return [
-        m
-        for m in model.modules()
-        if all(isinstance(getattr(m, name, None), nn.Linear) for name in LORA_TARGETS)
+        m for m in model.modules() if all(projection(m, name) is not None for name in LORA_TARGETS)
     ]
 
 
@@ -91,7 +98,7 @@ def add_lora(model, rank, alpha=None, targets=("q", "v")):
         if not hasattr(attention, "lora"):
             attention.lora = nn.ModuleDict()
         for name in targets:
-            linear = getattr(attention, name)
+            linear = projection(attention, name)
             w = linear.weight
             if name not in attention.lora:  # the hook finds whichever adapter is attached now
                 linear.register_forward_hook(
@@ -132,7 +139,7 @@ def lora_info(model):
 def _d_model(model):
     """The width the adapters read: the input width of the first attention's q."""
     attentions = attention_modules(model)
-    return attentions[0].q.in_features if attentions else None
+    return projection(attentions[0], "q").in_features if attentions else None
 
 
 def init_lora_tensors(model, generator=None):

@@ -175,6 +175,24 @@ def test_evaluate_scores_a_decoder_only_promot_checkpoint_with_its_prompt(env, r
     assert one_shot.count("\n\nQ: last word of") == 1  # PaLM's few-shot join: a blank line
 
 
+def test_lora_in_the_prompts_place_runs_both_stages_on_a_decoder(env, tmp_path):
+    """App. C.7 on a Llama: stage 1 trains only adapters on q_proj and v_proj (every model
+    tensor stays as it was); stage 2's export is a plain checkpoint transformers loads, the
+    adapters beside it in lora.safetensors."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    for stage in ("1", "2"):
+        assert promot.main(train_args(env, out, stage, "--stage1-module", "lora")) == 0
+    adapters = load_file(str(out / "stage1" / "best" / "lora.safetensors"))
+    assert sorted({k.split(".lora.")[1] for k in adapters}) == ["q.a", "q.b", "v.a", "v.b"]
+    assert any(v.abs().sum() > 0 for k, v in adapters.items() if k.endswith(".b"))  # trained
+    best = out / "stage2" / "best"
+    tuned = load_file(str(best / "model.safetensors"))
+    assert not any(".lora." in k for k in tuned) and (best / "lora.safetensors").is_file()
+    AutoModelForCausalLM.from_pretrained(str(best))  # loads: no stray tensor names
+
+
 def test_two_ranks_train_a_decoder_like_one_process(env):
     """FSDP2 shards each decoder layer; stage 2 under torchrun ends with the one-process
     weights (to float32 rounding: the reduction order differs)."""
