@@ -54,6 +54,11 @@ def model_family(path):
             kind = json.load(f).get("model_type")
     except (OSError, ValueError, AttributeError, RecursionError):
         kind = None  # model.py's reader says what is wrong with the file
+    if kind not in (None, "t5", "mt5", "umt5", *causal_lm.SUPPORTED):
+        raise BadInput(
+            f"{path}/config.json: model_type {kind!r} is not supported; promot reads t5, mt5 "
+            f"and umt5 (model.py) and {', '.join(causal_lm.SUPPORTED)} (causal_lm.py) checkpoints"
+        )
     return causal_lm if kind in causal_lm.SUPPORTED else model_lib
 
 

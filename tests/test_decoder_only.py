@@ -214,3 +214,35 @@ def test_two_ranks_train_a_decoder_like_one_process(env):
     assert sorted(a) == sorted(b)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "gpt2", "mixtral"])
+def test_an_unsupported_architecture_is_refused_in_one_line_naming_the_supported(
+    env, tmp_path, capsys, model_type
+):
+    import shutil
+
+    model = tmp_path / model_type
+    shutil.copytree(env["model"], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    argv = train_args(env, tmp_path / "out", "1")
+    argv[argv.index("--model") + 1] = str(model)
+    assert promot.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"model_type {model_type!r} is not supported" in err
+    assert "llama, mistral, qwen2, qwen3" in err and not (tmp_path / "out").exists()
+
+
+def test_a_decoder_checkpoint_without_a_tokenizer_file_is_one_line(env, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "bare"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(env["model"], name), model / name)
+    argv = train_args(env, tmp_path / "out", "1")
+    argv[argv.index("--model") + 1] = str(model)
+    assert promot.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "tokenizer.json or tokenizer.model" in err
