@@ -590,30 +590,31 @@ def check_evaluation_memory(settings, config, device):
     check_memory_and_layers({**needs, **beams}, device, config, config_json)
 
 
-def check_task_folders(names, data_dir, skip, known=()):
-    """(the --eval-tasks `names` to score, those skipped), checked at once before any is read:
-    each a plain name named once (a second mention would be scored and averaged twice), each one
-    of the `known` tasks (data.TASKS) or a folder of `data_dir` with a task.json, each with its
-    folder unless `skip` (--skip-missing-tasks). Every unknown name and missing folder goes in
-    one BadInput that says which --eval-tasks would run the rest."""
+def check_task_folders(settings, known=()):
+    """(the tasks of evaluate.py's --eval-tasks to score, those skipped), checked at once before
+    any is read: each a plain name named once (a second mention would be scored and averaged
+    twice), each one of the `known` tasks (data.TASKS) or a folder of --data-dir with a
+    task.json, each with its folder unless --skip-missing-tasks. Every unknown name and missing
+    folder goes in one BadInput that says which --eval-tasks would run the rest."""
+    asked, data_dir = names(settings.eval_tasks), settings.data_dir
     if not os.path.isdir(data_dir):
         raise BadInput(f"--data-dir {data_dir}: no such directory")
-    for name in names:
+    for name in asked:
         dataset_files.check_task_name(name)
-    twice = sorted({n for n in names if names.count(n) > 1})
+    twice = sorted({n for n in asked if asked.count(n) > 1})
     if twice:
         raise BadInput(
-            f"--eval-tasks {','.join(names)}: names {', '.join(twice)} more than once; each task "
+            f"--eval-tasks {','.join(asked)}: names {', '.join(twice)} more than once; each task "
             "is scored once and counts once in the Norm. Avg.: name it once"
         )
-    unknown = [n for n in names if n not in known and not dataset_files.has_task_json(data_dir, n)]
-    missing = [n for n in names if n in known and not os.path.isdir(os.path.join(data_dir, n))]
-    present = [n for n in names if n not in unknown + missing]
-    if unknown or (missing and not skip):
-        raise BadInput(
-            unknown_or_missing(names, unknown, [] if skip else missing, present, data_dir, known)
-        )
-    return present, missing
+    unknown = [n for n in asked if n not in known and not dataset_files.has_task_json(data_dir, n)]
+    missing = [n for n in asked if n in known and not os.path.isdir(os.path.join(data_dir, n))]
+    present = [n for n in asked if n not in unknown + missing]
+    skip = settings.skip_missing_tasks
+    if not unknown and (skip or not missing):
+        return present, missing
+    missing = [] if skip else missing  # skipped, not wrong: only the unknown names are named
+    raise BadInput(unknown_or_missing(asked, unknown, missing, present, data_dir, known))
 
 
 def unknown_or_missing(names, unknown, missing, present, data_dir, known):

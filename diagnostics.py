@@ -696,8 +696,15 @@ def align_command(args):
         raise BadInput("--device cuda: this machine has no CUDA GPU; use --device cpu")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
-    t5 = model_lib.load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=device)
-    tokenizer = data.Tokenizer(os.path.join(args.model, "spiece.model"))
+
+    def memory(config):  # before anything is built: the weights, and config.json's sizes
+        checks.check_model_numbers(config, os.path.join(args.model, "config.json"))
+        weights = 4 * checks.model_parameters(config)
+        needs = {f"{args.model}/config.json's weights": weights}
+        checks.check_memory_and_layers(needs, device, config, args.model)
+
+    lm, _, tokenizer = evaluate.open_checkpoint(args.model, memory)  # shards checked too
+    t5 = lm.load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=device)
     task = data.register_tasks([args.task], args.data_dir)[0]
     train = data.load_split(task, args.data_dir, "train")
     checks.check_template(task, train, "train")  # every example's fields, before the gradients

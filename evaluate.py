@@ -726,8 +726,7 @@ def read_splits(s, plan, say):
 
 def run(s):
     """The whole evaluation; returns the results dict (written and printed on rank 0)."""
-    names = checks.names(s.eval_tasks)  # every unknown name and missing folder in one line
-    tasks, skipped = checks.check_task_folders(names, s.data_dir, s.skip_missing_tasks, data.TASKS)
+    tasks, skipped = checks.check_task_folders(s, data.TASKS)  # all unknown/missing at once
     tasks = task_names(",".join(tasks), s.data_dir)
     checks.check_evaluation(s, tasks, RESULTS_FORMAT)
     baseline = checks.read_results(s.baseline, RESULTS_FORMAT) if s.baseline else None

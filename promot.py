@@ -381,7 +381,7 @@ def resume(run):
     for group in run.optimizer.param_groups:
         group["lr"] = run.cfg.lr  # --lr may change on --resume (after a NaN, say)
     run.step = trainer["step"]
-    run.mixture.load_state_dict(trainer["data_position"])
+    run.mixture.load_state_dict(trainer.get("data_position"))  # checked: one line if wrong
     record = {"event": "resume", "step": run.step, "checkpoint": ckpt}
     run.log(record, f"resumed from {ckpt} (step {run.step})")
     if run.step % run.cfg.save_every == 0:

@@ -82,11 +82,26 @@ class Mixture:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        seed, names = state.get("seed"), sorted(state.get("positions", {}))
+        """Continue from `state` (state_dict's). A position past the end of a task's list (the
+        data shrank, --allow-change data) starts that task's next epoch."""
+        if not isinstance(state, dict) or not isinstance(state.get("positions"), dict):
+            raise BadInput(f"mixture state {str(state)[:80]!r}: expected seed, draws, positions")
+        seed, names = state.get("seed"), sorted(state["positions"])
         if (seed, names) != (self.seed, self.names):
             raise BadInput(
                 f"mixture state is for seed {seed} and tasks {names}, not seed {self.seed} and "
                 f"{self.names}"
             )
-        self.draws = int(state["draws"])
-        self.positions = {name: list(p) for name, p in state["positions"].items()}
+        numbers = [state.get("draws"), *(n for p in state["positions"].values() for n in p)]
+        shapes = [len(p) == 2 for p in state["positions"].values() if isinstance(p, list)]
+        if len(shapes) != len(names) or not all(shapes) or not all(_count(n) for n in numbers):
+            raise BadInput("mixture state: draws and each [epoch, index] must be integers >= 0")
+        self.draws = state["draws"]
+        self.positions = {
+            name: [epoch + 1, 0] if index >= len(self.datasets[name]) else [epoch, index]
+            for name, (epoch, index) in state["positions"].items()
+        }
+
+
+def _count(n):
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
