@@ -80,7 +80,7 @@ PROBE_TASKS = ("lab_lives", "lab_kind", "lab_who", "lab_news")
 # first checkpoint, before anything happens. Dropout is 0, not the paper's 0.1: the bundled
 # model was pretrained without dropout (as T5.1.1 was), and with the previous checkpoint
 # standard fine-tuning at 0.1 did not learn lab_owns at all (57.8% after 200 steps).
-RECIPE = ROOT / "lab" / "tiny-t5" / "recipe.json"
+RECIPE = "recipe.json"  # in the --model folder: lab/tiny-t5/'s, or lab/tiny-llama/'s
 SECTIONS = ("every stage", "prompt", "model")
 # --quick (CI): what it changes in the recipe
 QUICK = {
@@ -251,7 +251,7 @@ def markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
-def figure(table: dict, path: Path) -> bool:
+def figure(table: dict, path: Path, title: str = "") -> bool:
     """Two bar charts: the fine-tuned task and the unseen tasks' Norm. Avg. per method, and the
     True/False answer ratio on other-format tasks (the paper's Fig. 2 measure, at the end of
     training). Needs matplotlib (requirements-dev.txt); returns False without it."""
@@ -290,6 +290,8 @@ def figure(table: dict, path: Path) -> bool:
         ax.set_ylim(0, 118 if ax is left else 100)
         ax.set_title(title, fontsize=10)
     left.legend(fontsize=8, loc="upper center", ncol=2)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -299,14 +301,19 @@ def figure(table: dict, path: Path) -> bool:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="The miniature ProMoT comparison (pretrained, prompt tuning, "
-        "fine-tuning, ProMoT, ProMoT + 1-shot) on the bundled tiny T5."
+        "fine-tuning, ProMoT, ProMoT + 1-shot) on a bundled tiny model: lab/tiny-t5 (T5.1.1), "
+        "or lab/tiny-llama (decoder-only, App. C.6), each trained with its recipe.json."
     )
     p.add_argument(
         "--out",
         default=str(ROOT / "runs" / "lab_comparison"),
         help="run folder (replaced); not runs/lab, which the flagless promot.py uses",
     )
-    p.add_argument("--model", default=str(ROOT / "lab" / "tiny-t5"), help="pretrained checkpoint")
+    p.add_argument(
+        "--model",
+        default=str(ROOT / "lab" / "tiny-t5"),
+        help="pretrained checkpoint with a recipe.json: lab/tiny-t5, lab/tiny-llama",
+    )
     p.add_argument(
         "--quick", action="store_true", help="fewer steps and examples: a couple of minutes"
     )
@@ -338,14 +345,21 @@ def parse_args(argv=None):
         "evaluation keeps its demonstrations (seed 0), so the pretrained column does not move",
     )
     p.add_argument("--quiet", action="store_true", help="print only commands and the table")
+    p.add_argument(
+        "--figures-only",
+        action="store_true",
+        help="redraw --out's figure.png and figures/ from its table.json and runs, train nothing",
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None):
     """Every command of the comparison, then RUN/table.md, RUN/table.json and the figures."""
     args = parse_args(argv)
-    s = settings(args)
     out = Path(args.out)
+    if args.figures_only:
+        return redraw(out)
+    s = settings(args)
     if out.exists():
         import shutil
 
@@ -404,12 +418,32 @@ def main(argv=None):
     )
 
     table = summarize({k: results[k] for k in METHODS})
-    drew = figure(table, out / "figure.png")
+    drew = figure(table, out / "figure.png", model_name(args.model))
     plot = [sys.executable, "diagnostics.py", "plot", out / "finetune", out / "promot"]
     timed("figures", lambda: run([*plot, "--out", out / "figures"], out / "logs" / "plot.txt"))
     record = dict(table=table, settings=s, model=str(args.model), seconds=timings)
     write_table(out, record, (time.time() - started) / 60, drew)
     return table
+
+
+def redraw(out: Path) -> dict:
+    """--figures-only: figure.png from RUN/table.json, figures/ from the runs' diagnostics."""
+    path = out / "table.json"
+    if not path.is_file():
+        raise SystemExit(f"lab/run.py: {path}: no such file; run lab/run.py --out {out} first")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if not figure(record["table"], out / "figure.png", model_name(record["model"])):
+        raise SystemExit("lab/run.py: --figures-only needs matplotlib (pip install matplotlib)")
+    plot = [sys.executable, "diagnostics.py", "plot", out / "finetune", out / "promot"]
+    Commands(1, True)([*plot, "--out", out / "figures"], out / "logs" / "plot.txt")
+    print(f"figure: {out}/figure.png; diagnostics: {out}/figures/", flush=True)
+    return record["table"]
+
+
+def model_name(model) -> str:
+    """The figure's name for a model folder: its config.json's model_type and size."""
+    config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    return f"{Path(model).name} ({config.get('model_type', 't5')})"
 
 
 def write_table(out: Path, record: dict, minutes: float, drew: bool) -> None:
@@ -431,9 +465,12 @@ COMMANDS = 12
 
 
 def settings(args) -> dict:
-    """The recipe (lab/tiny-t5/recipe.json; --quick's changes; the override flags) and
+    """The recipe (the model folder's recipe.json; --quick's changes; the override flags) and
     lab/run.py's own settings, as RUN/table.json records them."""
-    text = json.loads(RECIPE.read_text(encoding="utf-8"))
+    path = Path(args.model) / RECIPE
+    if not path.is_file():
+        raise SystemExit(f"lab/run.py: {path}: no such file; --model needs a recipe.json")
+    text = json.loads(path.read_text(encoding="utf-8"))
     sections = {name: dict(text[name]) for name in SECTIONS}
     for name, values in (QUICK if args.quick else {}).items():
         sections[name].update(values)
