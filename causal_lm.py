@@ -217,9 +217,12 @@ class Attention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         kv, repeat = (k, v), self.heads // self.kv_heads
-        if repeat > 1:  # query heads h*repeat .. h*repeat + repeat - 1 share key head h
+        if repeat > 1 and T == 1:  # decoding: key head h's query heads as its rows, no cache copy
+            q = q.reshape(B, self.kv_heads, repeat, self.head_dim)
+        elif repeat > 1:  # query heads h*repeat .. h*repeat + repeat - 1 share key head h
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale: head_dim**-0.5
+        out = out.reshape(B, self.heads, T, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), kv
 
 
@@ -263,7 +266,7 @@ class KVCache:
 
     def reorder(self, rows):
         """Keeps the batch rows `rows`, in that order (beam search; finished rows leaving)."""
-        self.kv = [(k[rows], v[rows]) for k, v in self.kv]
+        self.kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.kv]
         self.mask = self.mask[rows]
 
 
@@ -280,17 +283,13 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def build_head(config):
-    """The output projection; None in a tied model, whose logits use the input embedding."""
-    return nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-
-
 class CausalLM(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.model = Decoder(config)
-        self.lm_head = None if config.tie_word_embeddings else build_head(config)
+        tied = config.tie_word_embeddings  # a tied model's logits use the input embedding
+        self.lm_head = None if tied else nn.Linear(config.hidden_size, config.vocab_size, False)
         self.register_buffer("rope", rope_table(config), persistent=False)
 
     def embed(self, input_ids, attention_mask, prompt=None):
@@ -350,16 +349,16 @@ class CausalLM(nn.Module):
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight)
 
-    def forward(self, input_ids, attention_mask, prompt=None):
-        """(B, p + L, V) logits over [P; x], P placed per row as the module docstring says."""
-        x, mask = self.embed(input_ids, attention_mask, prompt)
-        return self.logits(self.run(x, mask))
+    def forward(self, input_ids, attention_mask, prompt=None, keep=None):
+        """(B, p + L, V) logits over [P; x], P placed per row as the module docstring says; with
+        `keep`, a (B, p + L) bool mask (a loss's positions), only those: (kept, V)."""
+        hidden = self.run(*self.embed(input_ids, attention_mask, prompt))
+        return self.logits(hidden if keep is None else hidden[keep])
 
 
 def start_decoding(model, input_ids, attention_mask, prompt=None):
-    """(step, reorder, state, start) for decode.generate: the model reads [P; x] but its last
-    token, which is each row's start token. The rows must be left-padded (their last token
-    real); each then decodes as it would alone, whatever the batch."""
+    """(step, reorder, state, start) for decode.generate: [P; x] is read but its last token, each
+    row's start token. Rows are left-padded (last token real); each decodes as it would alone."""
     if not attention_mask[:, -1].all():
         raise BadInput("decoding needs left-padded rows: each row's last token must be real")
     cache = KVCache(len(model.model.layers), input_ids.shape[0], input_ids.device)
@@ -423,14 +422,13 @@ def build(config, device="meta"):
 
 @torch.no_grad()
 def load_weights(model, path, copy):
-    """Fills `model` (built on meta) from a checkpoint folder one tensor at a time, each checked
-    by name and shape before `copy(name, tensor)` puts it in place: a new parameter
-    (load_pretrained) or, under FSDP2, this rank's slice of it."""
+    """Fills `model` (on meta) one tensor at a time, each checked by name and shape, then put in
+    place by `copy(name, tensor)`: a new parameter, or under FSDP2 this rank's slice of it."""
     expected, loaded = dict(model.named_parameters()), set()
     for file in checkpoint_files(path):
         for name, tensor in read_file(file):
             if name == "lm_head.weight" and model.lm_head is None:  # tied, yet a head is stored
-                model.lm_head = build_head(model.config)
+                model.lm_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, False)
                 expected[name] = model.lm_head.weight
             if name not in expected:
                 raise DamagedFile(

@@ -82,15 +82,20 @@ def spiece_in(model_dir):
 
 def check_data_folder(data_dir, tasks, splits, read_split, known):
     """`data.py check`: `data_dir` is a folder with task folders (`tasks`, {name: data.Task};
-    none is a BadInput naming the `known` tasks), each checked by `check_task`. Returns the
-    number of problems found."""
+    none is a BadInput naming what the folder holds, what a task of your own needs and the
+    `known` tasks), each checked by `check_task`. Returns the number of problems found."""
     root = Path(data_dir)
     if not root.is_dir():
         raise BadInput(f"{data_dir}: data folder not found")
     if not tasks:
         raise BadInput(
-            f"{root}: no task folders found; expected some of: {', '.join(sorted(known))}"
+            f"{root}: no task folders found; it holds {dataset_files.folder_listing(root, known)}; "
+            f"{dataset_files.TASK_FOLDER_NEEDS.format(data_dir=root)}; or a folder named after "
+            f"one of the known tasks: {', '.join(sorted(known))}"
         )
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name[:1] != "."):
+        if folder.name not in tasks:
+            print(f"warning: {folder}/: no task.json, so not a task", file=sys.stderr)
     return sum(check_task(tasks[name], root, splits, read_split) for name in sorted(tasks))
 
 
@@ -124,18 +129,30 @@ def check_task(task, root, splits, read_split):
             where = f"{task.name} {split}"
             warnings.append(f"warning: {where}: {found}, the paper's Table 8 has {paper}")
     folder = root / task.name
-    readable = ", ".join(dataset_files.READABLE_SUFFIXES)
+    own = task.source == dataset_files.GENERIC_SOURCE  # a task of your own reads CSV and TSV too
     problems += [
-        f"{path}: unknown format; promot reads {readable} files and the official releases "
-        "(docs/data.md)"
-        for path in dataset_files.unreadable_files(folder)
+        unknown_format(path, own) for path in dataset_files.unreadable_files(folder, tables=own)
     ]
     if missing == len(splits):
-        problems.append(f"{folder}: no split in a layout promot reads (docs/data.md)")
+        problems.append(
+            f"{folder}: no split in a layout promot reads (docs/data.md); "
+            f"it holds {dataset_files.folder_listing(folder)}"
+        )
     print(f"{task.name:15s} " + ", ".join(cells))
     for message in [f"error: {p}" for p in problems] + warnings:
         print(message, file=sys.stderr)
     return len(problems)
+
+
+def unknown_format(path, own):
+    """What `data.py check` says of a file no reader of its task folder reads."""
+    readable = dataset_files.READABLE_SUFFIXES + (dataset_files.TABLE_SUFFIXES if own else ())
+    tables = path.suffix in dataset_files.TABLE_SUFFIXES and not own
+    return (
+        f"{path}: unknown format; promot reads {', '.join(readable)} files and the official "
+        "releases (docs/data.md)"
+        + ("; .csv and .tsv only in a task folder of your own, with a task.json" if tables else "")
+    )
 
 
 # ---- model folders and checkpoints (model.py) ----
@@ -658,6 +675,118 @@ def check_results_file(path, results, results_format):
             f"{path}: not an evaluate.py results file (format {found!r}, expected "
             f"{results_format!r})"
         )
+
+
+# ---- several --data-dir folders, and what the scored inputs hold (evaluate.py) ----
+
+
+def data_folders(data_dir):
+    """The folders of evaluate.py's --data-dir: one, or several comma-separated, in order."""
+    return [d.strip() for d in data_dir.split(",") if d.strip()] or [data_dir]
+
+
+def task_folder(data_dir, name):
+    """The --data-dir folder that holds task `name`'s folder, the first when none does (its
+    messages name it). A name in two folders is refused: what is scored would hang on order."""
+    dataset_files.check_task_name(name)
+    folders = data_folders(data_dir)
+    holders = [d for d in folders if os.path.isdir(os.path.join(d, name))]
+    if len(holders) > 1:
+        raise BadInput(
+            f"--data-dir {data_dir}: task {name!r} has a folder in {holders[0]} and in "
+            f"{holders[1]}; rename or remove one"
+        )
+    return holders[0] if holders else folders[0]
+
+
+def folder_tasks(data_dir):
+    """The task folders (with a task.json) of --data-dir's folders, in order, each sorted."""
+    found = [
+        name
+        for folder in data_folders(data_dir)
+        if os.path.isdir(folder)
+        for name in sorted(os.listdir(folder))
+        if dataset_files.has_task_json(folder, name)
+    ]
+    return list(dict.fromkeys(found))  # a name in two folders: task_folder refuses it
+
+
+def check_tasks_in_folders(settings, known=()):
+    """check_task_folders over each of --data-dir's folders, each task in the folder that
+    holds it (`task_folder`): (the tasks to score, those skipped), in --eval-tasks' order."""
+    for folder in data_folders(settings.data_dir):
+        if not os.path.isdir(folder):
+            raise BadInput(f"--data-dir {folder}: no such directory")
+    asked, groups = names(settings.eval_tasks), {}
+    for name in asked:
+        groups.setdefault(task_folder(settings.data_dir, name), []).append(name)
+    found = set()
+    for folder, group in groups.items():
+        one = dict(vars(settings), data_dir=folder, eval_tasks=",".join(group))
+        present, skipped = check_task_folders(type(settings)(**one), known)
+        found |= set(present)
+    return [n for n in asked if n in found], [n for n in asked if n not in found]
+
+
+def default_eval_tasks(data_dir, tuned, paper):
+    """(evaluate.py's --eval-tasks when not given, the line that says why): the `paper`'s tasks;
+    in --data-dir folders that hold none of them, their task folders but the fine-tuned
+    (`tuned`)."""
+    present = folder_tasks(data_dir)
+    folders = data_folders(data_dir)
+    if not present or any(os.path.isdir(os.path.join(d, t)) for d in folders for t in paper):
+        return ",".join(paper), ""
+    tasks = ",".join(n for n in present if n not in tuned)
+    return tasks, f"--eval-tasks: --data-dir holds none of the paper's tasks; its own: {tasks}"
+
+
+def input_warnings(scored, tokenizer, limit=0.05):
+    """A warning per (task, split, examples) of `scored` whose inputs are more than `limit`
+    <unk> tokens: text the model's tokenizer cannot spell (the lab model's 215 pieces spell
+    little but the lab's words) scores as noise."""
+    warnings = {}
+    for task, split, examples in scored:
+        found = unknown_share(tokenizer, [task.fill(x) for x in examples])
+        if found and found[0] > limit:
+            warnings[task.name] = (
+                f"warning: {found[0]:.0%} of the tokens of {task.name}'s {split} inputs are <unk> "
+                f"({found[1]}): the model's tokenizer cannot spell them; their scores say little"
+            )
+    return list(warnings.values())
+
+
+def score_warnings(runs, training, model):
+    """A warning when a checkpoint promot.py trained (it wrote `training`, training.json) scores
+    0 on its fine-tuned task (`runs`, evaluate.py's results): the training did not take."""
+    return [
+        f"warning: {model} scores 0 on its fine-tuned task {r['task']} ({r['shots']}-shot, "
+        f"{r['split']}): the training did not learn it; see its log, try more steps or another lr"
+        for r in runs
+        if training and r["role"] == "fine-tuned" and r["score"] == 0
+    ]
+
+
+def results_match(path, settings, results_format):
+    """Whether `path` holds evaluate.py's results for `settings` (each one set, neither None nor
+    "", as recorded): the flagless run's baseline is scored once, then reused."""
+    try:
+        recorded = read_results(path, results_format).get("settings", {})
+    except (OSError, BadInput, DamagedFile):
+        return False
+    return all(recorded.get(k) == v for k, v in vars(settings).items() if v not in (None, ""))
+
+
+def unknown_share(tokenizer, texts):
+    """(share of `texts`' tokens that are <unk>, count): text the tokenizer cannot spell. None
+    for a tokenizer with no <unk> (byte-level BPE spells everything)."""
+    special = getattr(tokenizer, "special", None)  # data.Tokenizer: {"<unk>": 2, ...}
+    sp = getattr(getattr(tokenizer, "backend", None), "sp", None)  # a decoder's SentencePiece
+    unk = special.get("<unk>") if isinstance(special, dict) else sp.unk_id() if sp else None
+    if unk is None:
+        return None
+    ids = [i for text in texts for i in tokenizer.encode(text)]
+    count = sum(i == unk for i in ids)
+    return count / max(len(ids), 1), count
 
 
 # ---- diagnostics during training (diagnostics.py) ----

@@ -43,7 +43,7 @@ from support import causal_tokenizer, cli, dataset_files
 from support.cli import flag
 from support.dataset_files import NoSplitFile
 from support.errors import BadInput, DamagedFile
-from support.mixture import MIXING_RATES, Mixture  # noqa: F401 (T5's mixing; promot --mixing)
+from support.mixture import MIXING_RATES, Mixture  # noqa: F401 (T5's mixing; a recipe's "mixing")
 
 
 # --------------------------------------------------------------------------
@@ -291,12 +291,11 @@ def get_task(task, data_dir=None) -> Task:
 
 
 def load_task(name: str, data_dir) -> Task:
-    """The generic JSONL task that `<data_dir>/<name>/task.json` describes (see `jsonl_task`),
-    read afresh and not registered. BadInput, naming the known tasks, when there is none."""
+    """The generic task that `<data_dir>/<name>/task.json` describes (see `jsonl_task`), read
+    afresh and not registered. BadInput, naming the known tasks and folders, when there is none."""
     spec = None if data_dir is None else Path(data_dir) / name / "task.json"
     if spec is None or not spec.is_file():
-        folder = f" (or a folder {Path(data_dir) / name}/ with a task.json)" if data_dir else ""
-        raise BadInput(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}{folder}")
+        raise BadInput(dataset_files.unknown_tasks([name], data_dir, TASKS))
     return jsonl_task(name, dataset_files.read_task_json(spec, data_dir, TASK_JSON_KEYS, METRICS))
 
 
@@ -309,27 +308,28 @@ def register_tasks(names, data_dir) -> list[Task]:
     return [TASKS.get(task.name) or register_task(task) for task in tasks]
 
 
-# The keys a task.json may hold: the Task fields that say how a task is shown and scored.
+# The keys a task.json may hold: the Task fields that say how a task is shown and scored, and
+# "fields", which maps the template's fields to the columns of the task's files.
 TASK_JSON_KEYS = tuple(
     f.name
     for f in dataclasses.fields(Task)
     if f.name not in ("name", "paper_sizes", "source", "load")
-)
+) + ("fields",)
 
 
 def jsonl_task(name: str, settings: dict) -> Task:
-    """A task read from <data_dir>/<name>/{train,validation,test}.jsonl (generic layout) with
-    the `settings` of its task.json (TASK_JSON_KEYS), e.g. {"template": "Q: {input} A:"}.
-    Defaults: template "{input}", metric exact_match, format the name, format_group the format,
-    scored on validation."""
+    """A task read from <data_dir>/<name>/{train,validation,test}.jsonl (or .csv, .tsv: generic
+    layout) with the `settings` of its task.json (TASK_JSON_KEYS), e.g. {"template": "Q: {input}
+    A:"}. Defaults: template "{input}", metric exact_match, format the name, format_group the
+    format, scored on validation."""
     defaults = dict(template="{input}", metric="exact_match", eval_split="validation")
     settings = {**defaults, **settings}
     words = tuple(settings.pop("label_words", None) or ()) or None
     settings["format"] = settings.get("format") or name
-    reader = examples_reader(dataset_files.jsonl_task_reader(name, words))
-    return Task(
-        name, label_words=words, source="generic JSONL (input/target)", load=reader, **settings
-    )
+    columns = settings.pop("fields", None)
+    files = dataset_files.jsonl_task_reader(name, words, columns, settings["template"])
+    source = dataset_files.GENERIC_SOURCE
+    return Task(name, label_words=words, source=source, load=examples_reader(files), **settings)
 
 
 # The paper's twelve tasks (§5.1, App. C): four fine-tuned, eight evaluated; any of them can

@@ -42,6 +42,7 @@ import checks
 import data
 import evaluate
 import model as model_lib
+from flags import TrainingFlags  # noqa: F401 (promot.py's flags for the hook below)
 from support import cli, dataset_files, lora, prompt_formats, run_checkpoints, t5x_loss
 from support.errors import BadInput, DamagedFile
 
@@ -167,21 +168,8 @@ def gradient_alignment(t5, batch, shuffled_batch, prompt=None, layer=-1, label_s
 # During training: probes and alignment at chosen steps
 
 flag, AT_LEAST_0, AT_LEAST_1 = cli.flag, cli.AT_LEAST_0, cli.AT_LEAST_1
-
-
-TITLE = "the paper's §3 measurements during training (docs/diagnostics.md)"
-
-
-@dataclass
-class TrainingFlags:
-    """promot.py's diagnostics flags (docs/diagnostics.md); all off by default."""
-
-    probe_every: int = flag(0, "probe at step 0 and every N steps (0: off)", valid=AT_LEAST_0)
-    probe_tasks: str = flag("", "comma-separated unseen tasks the probes score")
-    probe_shots: str = flag("1", "comma-separated demonstration counts of the probes")
-    probe_limit: int = flag(100, "examples scored per probe task", valid=AT_LEAST_1)
-    align_steps: str = flag("", "steps that record the gradient alignment: 0,100 and/or every:N")
-    align_batch_size: int = flag(32, "examples in the gradient-alignment batch", valid=AT_LEAST_1)
+# promot.py's flags for what follows (probe_* and align_*) are flags.TrainingFlags, defined
+# without torch so that promot.py --help answers at once.
 
 
 def training_hook(flags, cfg, tasks, tokenizer, stage):

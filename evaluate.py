@@ -17,7 +17,8 @@ This room holds everything between a trained model and the paper's Tables 3-5:
 It leaves the model to `model.py`, the search itself to `decode.py`, task templates and data
 files to `data.py`, the input checks to `checks.py`, and training (which calls `score_task` to
 pick the best checkpoint) to `promot.py`. It reads top to bottom: decoding, post-processing,
-metrics, scoring and prompt routing, results, and the command line last.
+metrics, scoring and prompt routing, results, and the command line last (its flags, `Settings`,
+are in flags.py, without torch, so that --help answers at once).
 """
 
 import dataclasses
@@ -26,6 +27,11 @@ import os
 import re
 import string
 import sys
+
+import flags
+
+if __name__ == "__main__":  # --help answers from flags.py, before torch loads (seconds)
+    flags.answer_help(flags.evaluate_parser, sys.argv[1:])
 
 import sacrebleu
 import torch
@@ -37,7 +43,6 @@ import data
 import decode
 import model as model_lib
 from support import cli, fsdp, lora, prompt_formats, run_checkpoints
-from support.cli import flag
 from support.errors import BadInput, DamagedFile
 
 
@@ -504,12 +509,12 @@ def results_table(results, baseline=None):
     """Markdown in the paper's layout (Tables 3-5): the fine-tuned task(s) scored 0-shot (and
     k-shot for a "+1-shot" run, marked where its score chose the checkpoint), then Norm. Avg.
     (with its difference from `baseline`'s, as the paper's parentheses), then one row per
-    evaluation task; one column per number of shots. A row scored with the prompt (or LoRA)
-    says so, and a note names the rule that routed it."""
+    evaluation task; one column per number of shots, and the split each row scored. A row
+    scored with the prompt (or LoRA) says so, and a note names the rule that routed it."""
     runs = results["runs"]
     shots = sorted({r["shots"] for r in runs if r["role"] == "evaluation"})
-    head = "| | " + " | ".join(f"{k}-shot" for k in shots) + " |"
-    lines = [head, "|---" * (len(shots) + 1) + "|"]
+    head = "| | " + " | ".join(f"{k}-shot" for k in shots) + " | split |"
+    lines = [head, "|---" * (len(shots) + 2) + "|"]
     blank = [""] * max(len(shots) - 1, 0)
     for run in runs:  # "chose the checkpoint": its validation score picked best/ (training.json)
         if run["role"] == "fine-tuned":
@@ -517,7 +522,7 @@ def results_table(results, baseline=None):
             chose = routed(run) + chose
             lines.append(
                 f"| Fine-tuning {run['task']} ({run['shots']}-shot, {run['metric']}{chose}) | "
-                + " | ".join([f"{run['score']:.2f}"] + blank)
+                + " | ".join([f"{run['score']:.2f}"] + blank + [run.get("split", "")])
                 + " |"
             )
     cells = []
@@ -528,11 +533,12 @@ def results_table(results, baseline=None):
         if avg is not None and base is not None:
             cell += f" ({avg - base:+.2f})"
         cells.append(cell)
-    lines.append("| Norm. Avg. | " + " | ".join(cells) + " |")
+    lines.append("| Norm. Avg. | " + " | ".join(cells) + " | |")
     scores = {(r["task"], r["shots"]): r for r in runs if r["role"] == "evaluation"}
     for task in dict.fromkeys(r["task"] for r in runs if r["role"] == "evaluation"):
         row = [f"{scores[task, k]['score']:.2f}" if (task, k) in scores else "" for k in shots]
         first = next(r for r in runs if r["task"] == task)
+        row.append(first.get("split", ""))
         lines.append(f"| {task} ({first['metric']}{routed(first)}) | " + " | ".join(row) + " |")
     if any(routed(r) for r in runs):
         rule = next(r.get("route") for r in runs if routed(r))
@@ -565,71 +571,15 @@ def routed(run):
 # The evaluation run (command line)
 # ---------------------------------------------------------------------------------------
 
-LAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab")  # the miniature lab
-
-
-@dataclasses.dataclass
-class Settings:
-    """Every flag of evaluate.py; a bracket says what an unset flag means. The defaults are the
-    paper's (App. B.4: beam 4, T5X's decoding); docs/evaluation.md explains each flag."""
-
-    model: str = flag("", "checkpoint folder with its spiece.model [lab: lab/tiny-t5]")
-    data_dir: str = flag("", "folder with one sub-folder per task [lab: lab/data]")
-    out: str = flag("", "results JSON to write, every example included [lab: runs/lab/eval.json]")
-    task: str = flag("", "fine-tuned task(s), scored first [training.json's, the prompt file's]")
-    eval_tasks: str = flag(None, "tasks to score, comma-separated [the paper's eight]")
-    skip_missing_tasks: bool = flag(False, "skip evaluation tasks without a folder; name them")
-    shots: list = flag("1,4", "numbers of demonstrations, comma-separated: the table's columns")
-    task_shots: list = flag(
-        None, "demonstrations for the fine-tuned task(s) [0 and the training's]"
-    )
-    prompt: str = flag("", "soft prompt file (prompt.safetensors, T5X .npy) [--model's own]")
-    lora: str = flag("", "LoRA adapter file of promot.py --stage1-module lora [--model's own]")
-    bare_model: bool = flag(False, "score --model alone, without its prompt or LoRA file")
-    route: str = flag(
-        "by_stage",
-        "tasks that get the prompt or LoRA [by_stage: stage 1's fine_tuned_only, else same_format]",
-        choices=("by_stage", *ROUTES),
-    )
-    baseline: str = flag("", "results JSON of another run, for the Norm. Avg. differences")
-    eval_examples: int = flag(
-        None, "score the first N examples of each task [all]", valid=cli.AT_LEAST_1
-    )
-    eval_batch_size: int = flag(16, "examples per rank per decoding batch", valid=cli.AT_LEAST_1)
-    num_beams: int = flag(4, "beam width (App. B.4); 1 is greedy search", valid=cli.AT_LEAST_1)
-    max_new_tokens: int = flag(
-        None, "longest answer in tokens [the metric's]", valid=cli.AT_LEAST_1
-    )
-    length_penalty: float = flag(0.6, "alpha of the length rule", valid=cli.FINITE)
-    length_rule: str = flag("t5x", "beam search's length rule", choices=decode.LENGTH_RULES)
-    max_input_tokens: int = flag(
-        None, "input tokens kept, EOS included [the task's, else 1024]", valid=cli.AT_LEAST_1
-    )
-    truncation: str = flag("end", "how long inputs are cut (end: T5X's)", choices=data.TRUNCATIONS)
-    seed: int = flag(0, "seed for choosing demonstrations")
-    demo_pool: int = flag(
-        None, "draw demonstrations from N training examples [all]", valid=cli.AT_LEAST_1
-    )
-    dtype: str = flag("float32", "compute dtype of the model", choices=("float32", "bfloat16"))
-    device: str = flag(
-        "auto", "auto: cuda when available, else cpu", choices=("auto", "cpu", "cuda")
-    )
+Settings = flags.Settings  # every flag: in flags.py, without torch, so --help answers at once
 
 
 def parse_args(argv=None):
-    """Command line -> Settings. Without --model and --data-dir: the miniature lab (docs/lab.md)."""
-    p = cli.Parser(
-        prog="evaluate.py",
-        formatter_class=cli.HelpFormatter,
-        description="Score a (ProMoT-)fine-tuned T5/mT5 on the paper's tasks; print its table.",
-    )
-    cli.add_flags(p, Settings)
-    s = Settings(**vars(p.parse_args(argv)))
-    if not s.model and not s.data_dir:  # the miniature lab: the bundled model and suite
-        s.model, s.data_dir = os.path.join(LAB, "tiny-t5"), os.path.join(LAB, "data")
-        s.out, s.task = s.out or os.path.join("runs", "lab", "eval.json"), s.task or "lab_owns"
-        if s.eval_tasks is None and os.path.isdir(s.data_dir):
-            s.eval_tasks = ",".join(sorted(set(os.listdir(s.data_dir)) - {"lab_owns"}))
+    """Command line -> Settings. Without --model and --data-dir: the miniature lab (docs/lab.md,
+    `lab_settings`)."""
+    s = Settings(**vars(flags.evaluate_parser().parse_args(argv)))
+    if not s.model and not s.data_dir:
+        lab_settings(s)
     missing = [
         f"--{n.replace('_', '-')}" for n in ("model", "data_dir", "out") if not getattr(s, n)
     ]
@@ -638,15 +588,39 @@ def parse_args(argv=None):
             f"the following arguments are required: {', '.join(missing)} (omit both "
             "--model and --data-dir to evaluate the miniature lab)"
         )
-    if s.eval_tasks is None:
-        s.eval_tasks = ",".join(data.EVALUATION_TASKS)
     return s
 
 
+def lab_settings(s):
+    """The flagless run: what the flagless promot.py --stage 1 and --stage 2 trained (RUN/stage2/
+    best/), against the pretrained lab model as --baseline (scored once into RUN/, then reused);
+    the pretrained model alone while there is none. Said in one line."""
+    trained, lab = os.path.join(flags.LAB["out"], "stage2", "best"), flags.LAB
+    s.data_dir, s.task = lab["data_dir"], s.task or lab["task"]
+    s.out = s.out or os.path.join(lab["out"], "eval.json")
+    s.model = trained if os.path.isdir(trained) else lab["model"]
+    what = f"{trained}, what promot.py --stage 1 and 2 trained, against --baseline "
+    if s.model == lab["model"]:
+        what = f"the pretrained {s.model} (after promot.py --stage 1 and 2: {trained})"
+    elif s.baseline:
+        what += s.baseline
+    else:
+        s.baseline = os.path.join(lab["out"], "eval_pretrained.json")
+        s.baseline_model = lab["model"]
+        what += f"{s.baseline}, the pretrained {lab['model']}'s (scored once, reused while the "
+        what += "flags match)"
+    if os.environ.get("RANK", "0") == "0":
+        print(f"evaluate.py: no --model/--data-dir: the miniature lab; scoring {what}", flush=True)
+
+
 def task_names(text, data_dir):
-    """The tasks a comma-separated flag names (through the data folder: it may define tasks)."""
+    """The tasks a comma-separated flag names, each registered from the --data-dir folder that
+    holds it (checks.task_folder; its task.json may define the task)."""
     names = [n.strip() for n in (text or "").split(",") if n.strip()]
-    return [task.name for task in data.register_tasks(names, data_dir)]
+    folders = {n: checks.task_folder(data_dir, n) for n in names}
+    for folder in dict.fromkeys(folders.values()):
+        data.register_tasks([n for n in names if folders[n] == folder], folder)
+    return names
 
 
 def stage1_files(s, training, route):
@@ -706,16 +680,15 @@ def load(s, device):
 
 def read_splits(s, plan, say):
     """Each (task, role, shots) of `plan` with its split's name, examples and demonstration
-    pool: every file read and checked before any scoring."""
+    pool: every file read and checked before any scoring, each from its --data-dir folder."""
     loaded = []
     for name, role, shot_list in plan:
-        task = data.get_task(name, s.data_dir)
-        split, examples = data.load_eval_split(task, s.data_dir, warn=say)
+        folder = checks.task_folder(s.data_dir, name)
+        task = data.get_task(name, folder)
+        split, examples = data.load_eval_split(task, folder, warn=say)
         pool = None
         if any(shot_list):
-            pool = data.load_split(
-                task, s.data_dir, task.demo_split, limit=s.demo_pool, seed=s.seed
-            )
+            pool = data.load_split(task, folder, task.demo_split, limit=s.demo_pool, seed=s.seed)
         checks.check_pool(task, pool, max(shot_list) if pool is not None else 0)
         examples = examples[: s.eval_examples]
         checks.check_template(task, examples, split)  # every input it fills, before scoring
@@ -726,11 +699,20 @@ def read_splits(s, plan, say):
 
 def run(s):
     """The whole evaluation; returns the results dict (written and printed on rank 0)."""
-    tasks, skipped = checks.check_task_folders(s, data.TASKS)  # all unknown/missing at once
+    if s.baseline_model:  # the flagless run: the pretrained lab model first, as the baseline
+        lab = dict(model=s.baseline_model, out=s.baseline, baseline="", baseline_model="")
+        lab = dataclasses.replace(s, **lab)
+        if not checks.results_match(s.baseline, lab, RESULTS_FORMAT):  # else scored before
+            run(lab)
+    training = checks.read_training_record(s.model, s.prompt, s.lora)
+    chosen = ""
+    if s.eval_tasks is None:  # the paper's eight, else --data-dir's own tasks
+        tuned = checks.names(s.task) + checks.names(training.get("task", ""))
+        s.eval_tasks, chosen = checks.default_eval_tasks(s.data_dir, tuned, data.EVALUATION_TASKS)
+    tasks, skipped = checks.check_tasks_in_folders(s, data.TASKS)  # unknown/missing at once
     tasks = task_names(",".join(tasks), s.data_dir)
     checks.check_evaluation(s, tasks, RESULTS_FORMAT)
     baseline = checks.read_results(s.baseline, RESULTS_FORMAT) if s.baseline else None
-    training = checks.read_training_record(s.model, s.prompt, s.lora)
     # The default, --route by_stage: a stage-1 prompt alone on its task, ProMoT's by format. A
     # prompt with no training.json was given for a model promot did not tune: prompt tuning's.
     route = route_by_stage(training.get("stage", "1")) if s.route == "by_stage" else s.route
@@ -743,9 +725,37 @@ def run(s):
         (n, "evaluation", s.shots) for n in tasks
     ]
     loaded = read_splits(s, plan, say)  # every split read and checked before the first score
-    say(f"evaluate.py: {using}")
+    warnings = checks.input_warnings([(t, split, x) for t, _, _, split, x, _ in loaded], tokenizer)
+    for line in [f"evaluate.py: {using}", chosen, *warnings]:
+        if line:
+            say(line)
     if skipped:
         say(f"--skip-missing-tasks: no folder in --data-dir for {', '.join(skipped)}; not scored")
+    routing = (prompts, fine_tuned, route)
+    runs = score_all(s, t5, tokenizer, loaded, routing, training, ctx, say)
+    for line in checks.score_warnings(runs, training, s.model):
+        warnings.append(line)
+        say(line)
+    results = {
+        "format": RESULTS_FORMAT,
+        "model": s.model,
+        "settings": dict(vars(s), world_size=ctx.world),
+        "norm_avg": norm_avg_by_shots(runs),
+        "skipped_tasks": skipped,  # --skip-missing-tasks: no folder in --data-dir
+        "warnings": warnings,
+        "runs": runs,
+    }
+    if ctx.main:
+        os.makedirs(os.path.dirname(os.path.abspath(s.out)), exist_ok=True)
+        run_checkpoints.write_json(s.out, results, indent=1)
+        print(results_table(results, baseline))
+    return results
+
+
+def score_all(s, t5, tokenizer, loaded, routing, training, ctx, say):
+    """The result of each (task, shots) read (`read_splits`), with the prompt or LoRA where
+    `routing` ({fine-tuned task: prompt}, the fine-tuned tasks, the rule) sends them."""
+    prompts, fine_tuned, route = routing
     label_words = sorted({w for n in fine_tuned for w in (data.get_task(n).label_words or ())})
     common = dict(
         num_beams=s.num_beams,
@@ -783,19 +793,7 @@ def run(s):
             result.update(chose_checkpoint=chose)
             say(f"{label}: {task.metric} {result['score']:.2f} on {len(examples)} {split} examples")
             runs.append(result)
-    results = {
-        "format": RESULTS_FORMAT,
-        "model": s.model,
-        "settings": dict(vars(s), world_size=ctx.world),
-        "norm_avg": norm_avg_by_shots(runs),
-        "skipped_tasks": skipped,  # --skip-missing-tasks: no folder in --data-dir
-        "runs": runs,
-    }
-    if ctx.main:
-        os.makedirs(os.path.dirname(os.path.abspath(s.out)), exist_ok=True)
-        run_checkpoints.write_json(s.out, results, indent=1)
-        print(results_table(results, baseline))
-    return results
+    return runs
 
 
 def main(argv=None):

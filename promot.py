@@ -6,7 +6,8 @@ Run it:
     torchrun --nproc_per_node 8 promot.py ...      # the same, sharded with FSDP2
 
 Read it top to bottom: 1. the method (`STAGES`, `init_prompt`, `train_step`);
-2. `train`, one stage from named steps; 3. the command line (`Config`, `main`).
+2. `train`, one stage from named steps; 3. the command line (`parse_args`: the flags of
+flags.Config, a recipe's values, the stage's defaults; `main`).
 The defaults reproduce the paper (App. B.4, and the prompt-tuning code base's gin files where
 the paper is silent); each improvement or reading of ours is a named option, documented in
 docs/defaults.md beside the paper's words it departs from. The network is in model.py,
@@ -18,8 +19,14 @@ FSDP2, run-folder checkpoints and App. C.7's stage-1 module are plumbing in supp
 import datetime
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+
+import flags
+
+if __name__ == "__main__":  # --help answers from flags.py, before torch loads (seconds)
+    flags.answer_help(flags.promot_parser, sys.argv[1:])
 
 import torch
 import torch.distributed as dist
@@ -165,9 +172,11 @@ def forward(model, batch, prompt):
     forcing); a decoder-only model (App. C.6) reads [P; input; target], and the logits after
     each token are scored against the next one (data.encode_batch: labels on target and EOS)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    if isinstance(model, causal_lm.CausalLM):
-        logits = model(ids, mask, prompt=prompt)[:, -ids.shape[1] :]  # P's positions dropped
-        return logits[:, :-1], labels[:, 1:]
+    if isinstance(model, causal_lm.CausalLM):  # the logits only where the next token is learned
+        learned, none = labels[:, 1:] != -100, labels.new_zeros(len(ids), 1, dtype=torch.bool)
+        p = 0 if prompt is None else prompt.shape[-2]
+        keep = torch.cat([none.expand(-1, p), learned, none], dim=1)  # over [P; x]
+        return model(ids, mask, prompt=prompt, keep=keep), labels[:, 1:][learned]
     return model(ids, mask, model_lib.shift_right(labels), prompt=prompt), labels
 
 
@@ -570,112 +579,28 @@ def selection_shots(cfg):
 # 3. The command line: settings (defaults = App. B.4), inputs, main
 # ---------------------------------------------------------------------------
 
-flag, AT_LEAST_0, AT_LEAST_1, RATE = cli.flag, cli.AT_LEAST_0, cli.AT_LEAST_1, cli.RATE
-STAGE_NAMES, SELECT = tuple(STAGES), ("0-shot", "0-shot-min", "train-shots", "train-shots-min")
-C7 = "stage 1 with low-rank updates (LoRA) instead of a prompt (App. C.7)"
-PROMPT_LENGTH = 100  # B.4; App. C.6 gives a decoder-only model 50
-SEED = (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")
-TARGET_ROOM = (lambda v: v >= 4, ">= 4 (two sentinels, an answer, EOS)")
+# The settings are flags.Config (every flag, defaults = App. B.4) with diagnostics.py's
+# TrainingFlags: a module without torch, so that --help answers at once.
+Config, PROMPT_LENGTH = flags.Config, flags.PROMPT_LENGTH
 
-
-@dataclass
-class Config:
-    """Every setting (docs/training.md explains each). None: the stage's default [in brackets]."""
-
-    stage: str = flag("1", "ProMoT stage 1 or 2, or a baseline (STAGES)", choices=STAGE_NAMES)
-    model: str = flag("", "pretrained checkpoint folder [lab: lab/tiny-t5]")
-    data_dir: str = flag("", "folder with one sub-folder per task [lab: lab/data]")
-    task: str = flag("", "fine-tuned task, or several comma-separated [lab: lab_owns]")
-    out: str = flag("", "run folder; each stage writes RUN/<stage>/ [lab: runs/lab]")
-    seed: int = flag(0, "seed of data order, prompt init, dropout, demonstrations", valid=SEED)
-    steps: int = flag(None, "training steps [1: 5000; else 1000]", valid=AT_LEAST_1)
-    batch_size: int = flag(64, "global batch size in examples", valid=AT_LEAST_1)
-    micro_batch_size: int = flag(
-        None, "examples per rank per forward pass [training: all; scoring: 16]", valid=AT_LEAST_1
-    )
-    lr: float = flag(
-        None, "learning rate [1: 0.2, decoder 0.3, LoRA 1e-3; else 1e-3]", valid=AT_LEAST_0
-    )
-    label_smoothing: float = flag(None, "label smoothing [1: 0; else 0.1]", valid=RATE)
-    weight_decay: float = flag(None, "Adafactor weight decay [1: 1e-5; else 0]", valid=RATE)
-    dropout: float = flag(0.1, "dropout rate", valid=RATE)
-    save_every: int = flag(None, "save, score every N steps [1: 1000; else 100]", valid=AT_LEAST_1)
-    resume: bool = flag(False, "continue from the latest checkpoint of RUN/<stage>/")
-    allow_change: str = flag("", "with --resume: go on although these changed: data, model")
-    keep_checkpoints: int = flag(1, "training checkpoints kept", valid=AT_LEAST_1)
-    hash_weights: bool = flag(False, "fingerprint --model's weights by content, not size and time")
-    stop_after_step: int = flag(None, "save and stop after this step", valid=AT_LEAST_1)
-    prompt_length: int = flag(None, "soft prompt length [100; decoder-only: 50]", valid=AT_LEAST_1)
-    prompt_init: str = flag("uniform", "a new prompt: uniform, vocab, text[:WORDS] or file:PATH")
-    prompt: str = flag("", "stage 2's frozen stage-1 file [RUN/stage1/best/]")
-    train_examples: int = flag(None, "train on a seeded sample of N examples", valid=AT_LEAST_1)
-    shots: list = flag("0", 'demonstrations before each training input (1: "+1-shot")')
-    select: str = flag("0-shot", "best/ by the tasks' mean (or -min) score", choices=SELECT)
-    mixing: str = flag("equal", "multi-task mixing rate", choices=data.MIXING_RATES)
-    max_input_tokens: int = flag(
-        None, "input tokens kept, EOS included [the task's, else 1024]", valid=AT_LEAST_1
-    )
-    max_target_tokens: int = flag(256, "target tokens kept, EOS included", valid=TARGET_ROOM)
-    truncation: str = flag("end", "how long inputs are cut (end: T5X's)", choices=data.TRUNCATIONS)
-    dtype: str = flag("float32", "compute dtype", choices=("float32", "bfloat16"))
-    device: str = flag("auto", "device to train on", choices=("auto", "cpu", "cuda"))
-    activation_checkpointing: bool = flag(False, "recompute each block in backward")
-    eval: bool = flag(True, "do not score checkpoints; best/ is the last")
-    eval_examples: int = flag(None, "score the first N examples of each task", valid=AT_LEAST_1)
-    num_beams: int = flag(4, "beam width when scoring", valid=AT_LEAST_1)
-    max_new_tokens: int = flag(None, "longest decoded answer [per metric]", valid=AT_LEAST_1)
-    log_every: int = flag(10, "print a progress line every N steps", valid=AT_LEAST_1)
-    z_loss: float = 1e-4  # T5X's z-loss; not a flag (bench/train.py turns it off to compare)
-    # App. C.7's module in the prompt's place, and diagnostics.py's flags: under their own headings
-    stage1_module: str = flag("prompt", "what stage 1 trains", choices=("prompt", "lora"), group=C7)
-    lora_rank: int = flag(4, "the rank of its q and v updates", valid=AT_LEAST_1, group=C7)
-    diagnostics: "diagnostics.TrainingFlags" = field(default_factory=diagnostics.TrainingFlags)
-
-
-# Settings that may change between a run and its --resume (diagnostics never change a run).
+# Settings that may change between a run and its --resume (diagnostics never change a run; a
+# recipe's values are compared one by one).
 RESUMABLE_CHANGES = set(
     "resume allow_change steps log_every stop_after_step device out lr keep_checkpoints "
-    "hash_weights".split()
-) | {f.name for f in fields(diagnostics.TrainingFlags)}
+    "hash_weights recipe".split()
+) | {f.name for f in fields(flags.TrainingFlags)}
 PATHS = ("model", "data_dir", "prompt")  # compared as resolved paths
-
-# The bundled tiny T5 and its synthetic suite (lab/): what runs when no model and data are given.
-_LAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab")
-LAB_DEFAULTS = {
-    "model": os.path.join(_LAB, "tiny-t5"),
-    "data_dir": os.path.join(_LAB, "data"),
-    "task": "lab_owns",
-    "out": os.path.join("runs", "lab"),
-}
 
 
 def parse_args(argv=None):
-    """Command line -> Config, diagnostics' flags in its `diagnostics` field. None defaults come
-    from the stage's row of STAGES."""
-    p = cli.Parser(
-        prog="promot.py",
-        formatter_class=cli.HelpFormatter,
-        description="ProMoT training (Wang et al., ICLR 2024), one stage per call; defaults "
-        "reproduce the paper (docs/defaults.md), and [1: X; else Y] is --stage 1's default and the "
-        "other stages'. Without --model and --data-dir: the miniature lab, trained with its "
-        "recipe (lab/tiny-t5/recipe.json) where a flag is not given.",
-    )
-    cli.add_flags(p, Config, required=("stage",))
-    cli.add_flags(p, diagnostics.TrainingFlags, title=diagnostics.TITLE)
-    args = vars(p.parse_args(argv))
-    probes = {f.name: args.pop(f.name) for f in fields(diagnostics.TrainingFlags)}
-    if not args["model"] and not args["data_dir"]:
-        # No model and no data: the miniature lab (docs/lab.md), so a newcomer sees ProMoT run.
-        args.update({k: args[k] or v for k, v in LAB_DEFAULTS.items()})
-        tuned = "model" if STAGES[args["stage"]].trains_model else args["stage1_module"]
-        recipe = os.path.join(args["model"], "recipe.json")  # lab/run.py's too; given flags win
-        args.update(cli.recipe(recipe, ("every stage", tuned), args, cli.given_flags(p, argv)))
-        print(
-            f"promot.py: no --model/--data-dir: the miniature lab ({args['model']}, "
-            f"{args['data_dir']}, --task {args['task']}, --out {args['out']}) and its recipe, "
-            f"{recipe}, for the flags not given",
-            flush=True,
-        )
+    """Command line -> Config, diagnostics' flags in its `diagnostics` field. A setting is the
+    flag given, else the recipe's (`flags.recipe_path`), else the stage's default (STAGES; App.
+    C.6's for a decoder-only checkpoint; stage 2's prompt length is stage 1's file's)."""
+    p = flags.promot_parser(argv)
+    args, given = vars(p.parse_args(argv)), cli.given_flags(p, argv)
+    lab = not args["model"] and not args["data_dir"]
+    if lab:  # the miniature lab (docs/lab.md), so a newcomer sees ProMoT run
+        args.update({k: args[k] or v for k, v in flags.LAB.items()})
     missing = [
         f"--{n.replace('_', '-')}" for n in ("model", "data_dir", "task", "out") if not args[n]
     ]
@@ -684,10 +609,19 @@ def parse_args(argv=None):
             f"the following arguments are required: {', '.join(missing)} "
             "(omit both --model and --data-dir to run the miniature lab)"
         )
-    cfg = Config(**args, diagnostics=diagnostics.TrainingFlags(**probes))
+    args["recipe"] = flags.recipe_path(args["recipe"], args["model"])
+    values = recipe_values(args, given) if args["recipe"] else {}
+    args.update(values)
+    say_recipe(args, values, lab)
+    probes = {f.name: args.pop(f.name) for f in fields(flags.TrainingFlags)}
+    cfg = Config(**args, diagnostics=flags.TrainingFlags(**probes))
     if cfg.stage == "1" and cfg.stage1_module != "prompt" and cfg.lr is None:
         cfg.lr = 1e-3  # C.7 gives no rate for it; the prompt's 0.2 would swamp a rank-4 update
     decoder_only = evaluate.model_family(cfg.model) is causal_lm  # App. C.6: length 50, lr 0.3
+    path, length = prompt_file_length(cfg) if "prompt_length" not in given else ("", None)
+    if length:  # a prompt read from a file keeps its length
+        cfg.prompt_length = length
+        say(f"promot.py: --prompt-length {length}, the length of the prompt in {path}")
     if cfg.prompt_length is None:
         cfg.prompt_length = 50 if decoder_only else PROMPT_LENGTH
     if decoder_only and cfg.stage == "1" and cfg.lr is None:
@@ -696,6 +630,52 @@ def parse_args(argv=None):
         if getattr(cfg, k) is None:
             setattr(cfg, k, getattr(STAGES[cfg.stage], k))
     return cfg
+
+
+def recipe_values(args, given):
+    """The recipe's values for the flags not `given`: every stage's, then those of what the
+    stage tunes (its section "prompt", "lora" or "model"), each checked as its flag would be."""
+    tuned = "model" if STAGES[args["stage"]].trains_model else args["stage1_module"]
+    settings = {f.name: f for c in (Config, flags.TrainingFlags) for f in fields(c)}
+    settings.pop("diagnostics")
+    sections = ("every stage", tuned)
+    return cli.recipe(args["recipe"], sections, settings, given, flags.RECIPE_SECTIONS)
+
+
+def say(line):
+    """Print `line` once: under torchrun, on rank 0 (parse_args runs before the process group)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, flush=True)
+
+
+def say_recipe(args, values, lab):
+    """The run's first line: the lab it falls back to, and the recipe in force with its values."""
+    if not (lab or args["recipe"]):
+        return
+    said = ", ".join(
+        f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in values.items()
+    )
+    line = f"the recipe {args['recipe']} for the flags not given: {said or 'none left'}"
+    if not args["recipe"]:
+        line = "no recipe (the defaults)"
+    if lab:
+        where = f"{args['model']}, {args['data_dir']}, --task {args['task']}, --out {args['out']}"
+        line = f"no --model/--data-dir: the miniature lab ({where}); {line}"
+    say(f"promot.py: {line}")
+
+
+def prompt_file_length(cfg):
+    """(path, length) of the prompt a run reads from a file (stage 2's stage-1 file: --prompt,
+    else RUN/stage1/best/; --prompt-init file:PATH); (path, None) when there is none (yet)."""
+    source = what_trains(cfg)[0]
+    path = cfg.prompt or os.path.join(cfg.out, "stage1", "best", "prompt.safetensors")
+    if source == "new" and cfg.prompt_init.startswith("file:"):
+        path = cfg.prompt_init.partition(":")[2]
+    elif source != "stage1" or not os.path.isfile(path):
+        return path, None  # read_inputs says what is missing
+    prompts = prompt_formats.read_prompts(path, tasks=names(cfg.task) or None)
+    return path, next(iter(prompts.values())).shape[0]
 
 
 def names(text):

@@ -103,18 +103,77 @@ def given_flags(parser, argv=None):
     return {dest for dest, value in vars(namespace).items() if value is not unset}
 
 
-def recipe(path, sections, settings, given=()):
-    """The flag values that the recipe file `path` (JSON: {section: {flag field: value}}) gives in
-    `sections` (later sections win), for the fields of `settings` that are not in `given`."""
+def read_recipe(path, sections):
+    """The recipe file `path`: JSON {section: {setting: value}}, its sections among `sections`
+    (an "about" text aside). DamagedFile, naming the file, for anything else."""
     try:
         with open(path, encoding="utf-8") as f:
             table = json.load(f)
-        values = {k: v for name in sections for k, v in table.get(name, {}).items()}
-    except (OSError, ValueError, AttributeError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise DamagedFile(f"{path}: expected a JSON object of {{flag: value}} sections ({err})")
-    if unknown := sorted(set(values) - set(settings)):
-        raise DamagedFile(f"{path}: {count(len(unknown), 'unknown flag')}: {', '.join(unknown)}")
+    if not isinstance(table, dict):
+        raise DamagedFile(f"{path}: expected a JSON object of {{flag: value}} sections")
+    table = {k: v for k, v in table.items() if k != "about"}
+    for name, values in table.items():
+        if name not in sections or not isinstance(values, dict):
+            raise DamagedFile(
+                f"{path}: {name!r}: expected a section of {{flag: value}} named one of "
+                f"{', '.join(repr(s) for s in sections)}"
+            )
+    return table
+
+
+def recipe(path, sections, settings, given=(), known=None):
+    """The values that the recipe file `path` (read_recipe: its sections among `known`) gives in
+    `sections` (later sections win) for the settings `settings` ({name: dataclass field}), those
+    in `given` left out; each checked as its flag would be (type, choices, range)."""
+    table = read_recipe(path, known or sections)
+    values = {}
+    for section in sections:
+        for name, value in table.get(section, {}).items():
+            if name not in settings:
+                raise DamagedFile(f"{path}: {section!r}: {name!r} is no setting of the command")
+            values[name] = recipe_value(settings[name], value, f"{path}: {section!r}: {name}")
     return {k: v for k, v in values.items() if k not in given}
+
+
+def recipe_value(f, value, where):
+    """`value` as the dataclass field `f` takes it (a list of numbers from "1,4" too), else a
+    BadInput "`where` value: expected ..."."""
+    kind = {"int": int, "float": float, "str": str, "bool": bool, "list": list}.get(f.type, f.type)
+    if kind is list and isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = numbers(str(value), where, BadInput)  # "1,4", or one number
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    fits = {
+        int: isinstance(value, int) and numeric,
+        float: numeric,
+        list: isinstance(value, list) and all(isinstance(v, int) and v >= 0 for v in value),
+    }.get(kind, isinstance(value, kind))
+    if value is None and f.default is None:
+        return None
+    if not fits:
+        raise BadInput(f"{where} {value!r}: expected {getattr(kind, '__name__', kind)}")
+    if f.metadata.get("choices") and value not in f.metadata["choices"]:
+        raise BadInput(f"{where} {value!r}: expected one of {', '.join(f.metadata['choices'])}")
+    ok, expected = f.metadata.get("valid", (None, None))
+    if ok is not None and not (value == value and ok(value)):
+        raise BadInput(f"{where} {value!r}: expected {expected}")
+    return float(value) if kind is float else value
+
+
+def mark_recipe(parser, path, table):
+    """--help names the recipe in force (`path`, read into `table`, or "" for none) and, on each
+    flag it sets, its values: "(the recipe's: 32; without it: 64)", "(... 200 (prompt))"."""
+    parser.description += f" Recipe in force for this command line: {path or 'none'}."
+    for action in parser._actions:
+        values = {name: v[action.dest] for name, v in table.items() if action.dest in v}
+        if not values or action.help is None:
+            continue
+        said = ", ".join(
+            str(v) if name == "every stage" else f"{v} ({name})" for name, v in values.items()
+        )
+        paper = "" if action.default in (None, "", False) else "; without it: %(default)s"
+        action.help = f"{action.help} (the recipe's: {said}{paper})"
 
 
 def numbers_flag(flag):

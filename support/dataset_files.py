@@ -7,20 +7,23 @@ release -- into plain records. A reader is
 `LazySequence` of them): `fields` is a dict of the text fields a prompt
 template names, `targets` the reference answers (targets[0] is the training
 target; [] for an unlabeled example, e.g. a hidden test split). It holds
-  * the low-level readers: `read_lines`, `read_jsonl`, `read_json`, `read_parquet`
-    (pyarrow, optional, is imported only when a parquet file is met);
+  * the low-level readers: `read_lines`, `read_jsonl`, `read_json`, `read_table` (CSV and
+    TSV), `read_parquet` (pyarrow, optional, is imported only when a parquet file is met);
   * field access with clear errors: `get_field`, `get_text`, `label_word`;
   * reading only what the user named: plain task and split names, no symbolic link out
     of the folder (`check_links_inside`, also for checkpoint folders), and `in_split`, which
     puts the task and split in front of an error's message;
-  * file finding: `SPLIT_STEMS`, `task_folder`, `split_files` (JSONL, or parquet
-    files and the Hub's shards), `read_split`, `unreadable_files` (for `data.py check`);
+  * file finding: `SPLIT_STEMS`, `task_folder`, `split_files` (one JSONL file -- or CSV/TSV
+    in a task folder of your own -- or parquet files and the Hub's shards), `read_split`,
+    `unreadable_files` (for `data.py check`); every "not found" names what the folder holds
+    (`folder_listing`), and an unknown task gets a "did you mean" (`unknown_tasks`);
   * large files without holding them: `LazySequence`, a list whose items are
     read on demand, and `indexed_lines`, a byte-offset index of a file's lines
     cached beside it (WMT14 En-Fr's 40.8M pairs would take ~30 GB as objects);
   * one reader per data set (SuperGLUE or GLUE RTE, CB, WiC, SNLI, OpenBookQA,
-    TriviaQA, WebQuestions, WMT, XSum, WikiLingua) and the generic JSONL task with its
-    task.json (`read_task_json`).
+    TriviaQA, WebQuestions, WMT, XSum, WikiLingua) and the generic task (JSON Lines, CSV or
+    TSV) with its task.json (`read_task_json`), whose "fields" may map template fields to
+    columns.
 Every user-caused problem is one `BadInput` (a folder or setting the user chose) or
 `DamagedFile` (a file that does not hold what its format says), naming the file, the line
 (or parquet row) and what was expected; a split with no file is not an error here but a
@@ -33,7 +36,10 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import csv
+import difflib
 import hashlib
+import io
 import json
 import operator
 import os
@@ -64,9 +70,11 @@ def read_lines(path):
 
 
 def decode_line(path, lineno: int, raw: bytes) -> str:
-    """One line's bytes as text, without its line end."""
+    """One line's bytes as text, without its line end (nor the byte-order mark that Windows
+    editors put before line 1)."""
     try:
-        return raw.decode("utf-8").rstrip("\r\n")
+        text = raw.decode("utf-8").rstrip("\r\n")
+        return text.removeprefix("\ufeff") if lineno == 1 else text
     except UnicodeDecodeError as err:
         raise DamagedFile(
             f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x} "
@@ -126,12 +134,7 @@ def check_surrogates(path, lineno, text: str, value) -> None:
 
 def read_json(path):
     """Load a whole JSON file (TriviaQA's and WebQuestions' releases)."""
-    raw = Path(path).read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        lineno = raw.count(b"\n", 0, err.start) + 1
-        raise DamagedFile(f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x})") from None
+    text = read_text(path)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
@@ -142,6 +145,64 @@ def read_json(path):
         raise DamagedFile(f"{path}: unreadable JSON ({str(err)[:80]})") from None
     check_surrogates(path, None, text, value)
     return value
+
+
+def read_text(path) -> str:
+    """A whole UTF-8 file as text, without a leading byte-order mark; a DamagedFile names the
+    line of a byte that is not UTF-8."""
+    raw = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        lineno = raw.count(b"\n", 0, err.start) + 1
+        raise DamagedFile(f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x})") from None
+
+
+TABLE_SUFFIXES = (".csv", ".tsv")  # read in a task folder of your own (one with a task.json)
+
+
+class TableRow(dict):
+    """One row of a CSV or TSV file, {column: text}: every value a string, an empty cell ""."""
+
+
+def read_table(path):
+    """Yield (line number, TableRow) for each row of a CSV file, or of a TSV file (a .tsv:
+    tab-separated): a header row of column names, then one row per example; a quoted field may
+    hold commas, tabs, doubled quotes and newlines, as Excel, pandas and Python's csv write it.
+    The line number is where the row starts; blank lines are skipped. The file is read whole
+    (a large data set is better written as JSON Lines, which is streamed)."""
+    kind, dialect = ("TSV", "excel-tab") if Path(path).suffix == ".tsv" else ("CSV", "excel")
+    rows = csv.reader(io.StringIO(read_text(path), newline=""), dialect)
+    limit = csv.field_size_limit(1 << 30)  # the default, 131,072 characters, is one article
+    try:
+        header = [name.strip() for name in next(rows, [])]
+        check_header(path, header)
+        start = rows.line_num + 1
+        for row in rows:
+            lineno, start = start, rows.line_num + 1
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DamagedFile(
+                    f"{path}:{lineno}: {len(row)} values for the {len(header)} columns of line 1 "
+                    f"({', '.join(header)}); quote a value that holds a separator"
+                )
+            yield lineno, TableRow(zip(header, row))
+    except csv.Error as err:
+        raise DamagedFile(f"{path}:{rows.line_num}: malformed {kind} ({err})") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def check_header(path, header):
+    """A header row names every column once."""
+    if not any(header):
+        raise DamagedFile(f"{path}:1: no header row; expected column names such as input,target")
+    for i, name in enumerate(header):
+        if not name:
+            raise DamagedFile(f"{path}:1: column {i + 1} has no name in the header row")
+        if name in header[:i]:
+            raise DamagedFile(f"{path}:1: column {name!r} appears twice in the header row")
 
 
 PYARROW_MISSING = (
@@ -247,13 +308,47 @@ def has_task_json(data_dir, name):
     return data_dir is not None and os.path.isfile(os.path.join(data_dir, name, "task.json"))
 
 
+# What a "not found" says a task of your own needs (docs/data.md, "Your own task").
+TASK_FOLDER_NEEDS = (
+    "a task of your own is a folder {data_dir}/<name>/ with a task.json and a file per split: "
+    "train.jsonl, train.csv or train.tsv (validation and test likewise; docs/data.md)"
+)
+
+
 def unknown_tasks(unknown, data_dir, known):
-    """The message that names the `unknown` task names, all of them, and what is known."""
-    folder = f" (or a folder {data_dir}/<name>/ with a task.json)" if data_dir else ""
-    return (
+    """The message that names the `unknown` task names, all of them, and what is known: the
+    task folders of `data_dir` first, a folder without a task.json, what a task of your own
+    needs, and a "did you mean" for a near miss (difflib, over the folders present first)."""
+    folders = sorted(e.name for e in _entries(data_dir or "") if e.is_dir() and e.name[:1] != ".")
+    present = [n for n in folders if n in known or has_task_json(data_dir, n)]
+    bare, absent = [n for n in folders if n not in present], sorted(set(known) - set(present))
+    listed = f"{', '.join(present)} (folders in {data_dir}); " if present else ""
+    where = f" (no folder in {data_dir})" if data_dir and absent else ""
+    message = (
         f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-        f"known tasks: {', '.join(sorted(known))}{folder}"
+        f"known tasks: {listed}{', '.join(absent)}{where}"
     )
+    if bare:
+        message += f"; {', '.join(f'{data_dir}/{n}/' for n in bare)}: no task.json"
+    if data_dir:
+        message += "; " + TASK_FOLDER_NEEDS.format(data_dir=data_dir)
+    guesses = {n: near_miss(n, present + bare, absent) for n in unknown}
+    guesses = {n: g for n, g in guesses.items() if g}
+    if len(unknown) == 1 and guesses:
+        message += f"; did you mean {guesses[unknown[0]]!r}?"
+    elif guesses:
+        message += "; did you mean " + ", ".join(f"{g!r} for {n!r}" for n, g in guesses.items())
+    return message
+
+
+def near_miss(name, folders, others):
+    """The name closest to a misspelt `name` (difflib's ratio >= 0.6): a folder present, else
+    another known task; None when nothing is close."""
+    for names in (folders, others):
+        close = difflib.get_close_matches(name, names, n=1)
+        if close:
+            return close[0]
+    return None
 
 
 def check_split_name(split, where):
@@ -333,8 +428,29 @@ SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "val", "dev"), 
 def task_folder(data_dir, name) -> Path:
     folder = Path(data_dir) / name
     if not folder.is_dir():
-        raise BadInput(f"{folder}: folder not found; put the {name} files there (docs/data.md)")
+        holds = f" ({data_dir} holds {folder_listing(data_dir)})" if Path(data_dir).is_dir() else ""
+        raise BadInput(
+            f"{folder}: folder not found{holds}; put the {name} files there (docs/data.md)"
+        )
     return folder
+
+
+def folder_listing(folder, known=(), most=12) -> str:
+    """What a "not found" message shows of `folder`: its files and sub-folders ("train.xlsx,
+    notes/"), hidden ones left out, at most `most` named; a sub-folder that is neither one of
+    the `known` tasks nor holds a task.json is marked so when `known` is given."""
+    entries = sorted((e for e in _entries(folder) if e.name[:1] != "."), key=lambda e: e.name)
+    if not entries:
+        return "nothing"
+    names = []
+    for entry in entries[:most]:
+        name = entry.name + ("/" if entry.is_dir() else "")
+        bare = known and entry.is_dir() and entry.name not in known
+        names.append(
+            name + (" (no task.json)" if bare and not has_task_json(folder, entry.name) else "")
+        )
+    more = f" and {len(entries) - most} more" if len(entries) > most else ""
+    return ", ".join(names) + more
 
 
 @dataclass(frozen=True)
@@ -345,11 +461,19 @@ class NoSplitFile:
     message: str
 
 
-def find_file_or_none(folder: Path, names):
-    return next((folder / n for n in names if (folder / n).is_file()), None)
+def one_file_or_none(folder: Path, names):
+    """The one file of `names` in `folder`, None if there is none; two are refused, naming both,
+    rather than one read and the other silently left out."""
+    found = [folder / n for n in names if (folder / n).is_file()]
+    if len(found) > 1:
+        raise BadInput(
+            f"{folder}: {' and '.join(p.name for p in found)} are files of one split; "
+            "keep one (rename or move the other)"
+        )
+    return found[0] if found else None
 
 
-def no_split_file(folder: Path, split: str, stems=None, also=()) -> NoSplitFile:
+def no_split_file(folder: Path, split: str, stems=None, also=(), tables=False) -> NoSplitFile:
     stems = stems or SPLIT_STEMS.get(split, (split,))
     parquet = (
         f"{stems[0]}.parquet, {stems[0]}-00000-of-0000N.parquet or {stems[0]}/*.parquet, "
@@ -357,13 +481,17 @@ def no_split_file(folder: Path, split: str, stems=None, also=()) -> NoSplitFile:
     )
     return NoSplitFile(
         f"{folder}: no file for split {split!r}; accepted names: "
-        f"{', '.join(jsonl_names(split, stems) + list(also))}, or parquet: {parquet}"
+        f"{', '.join(single_file_names(split, stems, tables) + list(also))}, or parquet: "
+        f"{parquet}; the folder holds {folder_listing(folder)}"
     )
 
 
-def jsonl_names(split: str, stems=None) -> list[str]:
+def single_file_names(split: str, stems=None, tables=False) -> list[str]:
+    """The names of a split held in one file: JSON Lines (.jsonl, or the .json of a `datasets`
+    export), and with `tables` (a task folder of your own) CSV and TSV."""
     stems = stems or SPLIT_STEMS.get(split, (split,))
-    return [f"{stem}{ext}" for stem in stems for ext in (".jsonl", ".json")]
+    suffixes = (".jsonl", ".json") + (TABLE_SUFFIXES if tables else ())
+    return [f"{stem}{ext}" for stem in stems for ext in suffixes]
 
 
 # The Hub's shards: <split>-00000-of-00003.parquet (older uploads add -<hash>).
@@ -409,16 +537,16 @@ def parquet_files(directory: Path, stem: str) -> list[Path]:
     return named
 
 
-def split_files(folder: Path, split: str, stems=None) -> list[Path]:
+def split_files(folder: Path, split: str, stems=None, tables=False) -> list[Path]:
     """The files of one split in a task folder, in reading order ([] if none):
-    <stem>.jsonl / <stem>.json (a `datasets` export), else parquet files as
-    `parquet_files` finds them, in the folder itself or in one sub-folder: `data/`
-    (the Hub's layout) or a config folder such as `rte/` (what
-    `hf download ... --include "rte/*"` writes)."""
+    one <stem>.jsonl / <stem>.json (a `datasets` export), or with `tables` <stem>.csv /
+    <stem>.tsv (two of these are refused), else parquet files as `parquet_files` finds them,
+    in the folder itself or in one sub-folder: `data/` (the Hub's layout) or a config folder
+    such as `rte/` (what `hf download ... --include "rte/*"` writes)."""
     stems = stems or SPLIT_STEMS.get(split, (split,))
-    jsonl = find_file_or_none(folder, jsonl_names(split, stems))
-    if jsonl is not None:
-        return [jsonl]
+    single = one_file_or_none(folder, single_file_names(split, stems, tables))
+    if single is not None:
+        return [single]
     for stem in stems:
         files = parquet_files(folder, stem)
         if files:
@@ -438,29 +566,30 @@ def split_files(folder: Path, split: str, stems=None) -> list[Path]:
 
 
 def read_records(path: Path):
-    """Yield (where, record) for each record of a JSON Lines or parquet file; `where`
-    names the file and its line (path:7) or row (path: row 7, the first row is 1)."""
+    """Yield (where, record) for each record of a JSON Lines, CSV, TSV or parquet file;
+    `where` names the file and its line (path:7) or row (path: row 7, the first row is 1)."""
     if path.suffix == ".parquet":
         for row, record in read_parquet(path):
             yield f"{path}: row {row}", record
     else:
-        for lineno, record in read_jsonl(path):
+        read = read_table if path.suffix in TABLE_SUFFIXES else read_jsonl
+        for lineno, record in read(path):
             yield f"{path}:{lineno}", record
 
 
-def read_split(name: str, data_dir, split: str, convert, stems=None, also=()):
-    """Read one split of <data_dir>/<name>/ (see `split_files`) with
+def read_split(name: str, data_dir, split: str, convert, stems=None, also=(), tables=False):
+    """Read one split of <data_dir>/<name>/ (see `split_files`; `tables`: CSV and TSV too) with
     `convert(record, where, split)`, which returns (fields, targets) or None to drop
     the record. `also` lists further accepted names for the NoSplitFile returned when none is there.
-    A JSON Lines file comes back as a LazySequence read on demand (`indexed_jsonl`),
-    parquet files as a list."""
+    A large JSON Lines file comes back as a LazySequence read on demand (`indexed_jsonl`),
+    anything else as a list."""
     folder = task_folder(data_dir, name)
-    paths = split_files(folder, split, stems)
+    paths = split_files(folder, split, stems, tables)
     if not paths:
-        return no_split_file(folder, split, stems, also)
-    if paths[0].suffix != ".parquet" and paths[0].stat().st_size >= STREAM_MIN_BYTES:
+        return no_split_file(folder, split, stems, also, tables)
+    if paths[0].suffix in (".jsonl", ".json") and paths[0].stat().st_size >= STREAM_MIN_BYTES:
         examples = indexed_jsonl(paths[0], convert, split)
-    else:  # parquet, and files small enough to hold: read whole
+    else:  # parquet, CSV, TSV, and files small enough to hold: read whole
         examples = [
             example
             for path in paths
@@ -693,22 +822,19 @@ _LANGUAGE_SUFFIX = re.compile(r"\.[a-z]{2}")
 _NAMES_A_SPLIT = re.compile(r"(?:^|[/._-])(?:train|validation|val|dev|test)(?:[/._-]|$)")
 
 
-def unreadable_files(folder: Path, depth: int = 3) -> list[Path]:
+def unreadable_files(folder: Path, depth: int = 3, tables=False) -> list[Path]:
     """Files at most `depth` levels below a task folder whose path names a split
-    (train, validation, val, dev, test) but whose format no reader here reads: a
-    .csv, a .tsv, the .arrow of `save_to_disk`, a .gz. Hidden files and folders
-    (the .cache/ that `hf download --local-dir` writes) are skipped."""
+    (train, validation, val, dev, test) but whose format no reader here reads: the .arrow
+    of `save_to_disk`, a .gz, and a .csv or .tsv unless `tables` (a task folder of your own).
+    Hidden files and folders (the .cache/ that `hf download --local-dir` writes) are skipped."""
+    readable = READABLE_SUFFIXES + (TABLE_SUFFIXES if tables else ())
     found = []
     for root, dirs, files in os.walk(folder):
         here = Path(root).relative_to(folder)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and len(here.parts) < depth - 1)
         for name in sorted(files):
             suffix = Path(name).suffix
-            if (
-                name.startswith(".")
-                or suffix in READABLE_SUFFIXES
-                or _LANGUAGE_SUFFIX.fullmatch(suffix)
-            ):
+            if name.startswith(".") or suffix in readable or _LANGUAGE_SUFFIX.fullmatch(suffix):
                 continue
             if _NAMES_A_SPLIT.search((here / name).as_posix()):
                 found.append(Path(root) / name)
@@ -1041,39 +1167,79 @@ def wiki_lingua_reader(data_dir, split):
 
 
 # --------------------------------------------------------------------------
-# The generic JSONL task: any data set written as input/target lines
+# The generic task: any data set written as JSON Lines, CSV or TSV, and its task.json
 # --------------------------------------------------------------------------
 
+GENERIC_SOURCE = "generic task folder (JSON Lines, CSV or TSV, and a task.json)"
 
-def jsonl_task_reader(name: str, label_words=None):
-    """Generic JSONL task: one {"input": ..., "target": ... | "targets": [...]} per line;
-    every other top-level string field is available to the template too. With
-    `label_words` (a classification task) every target must be one of them."""
+
+def template_fields(template: str) -> list[str]:
+    """The `{field}` names of a format string, in order."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def jsonl_task_reader(name: str, label_words=None, fields=None, template="{input}"):
+    """Generic task: one example per JSON Lines line ({"input": ..., "target": ... |
+    "targets": [...]}) or per CSV/TSV row (columns input,target). Every string field or column
+    is available to the template; `fields` (task.json's "fields") maps a template field, or
+    "target", to the field or column that holds it, e.g. {"input": "text", "target": "label"}.
+    Each field the template names must be in every example; a test example may have no target
+    (an empty cell in a table). With `label_words` every target must be one of them."""
+    columns = {"target": "target", **(fields or {})}  # template field or "target" -> column
 
     def convert(record, where, split):
-        if "targets" in record:
-            targets = record["targets"]
-            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-                raise DamagedFile(f"{where}: field 'targets' should be a list of strings")
-        elif "target" in record:
-            targets = [get_text(record, "target", where)]
-        elif split == "test":
-            targets = []
-        else:
-            raise DamagedFile(f"{where}: missing field 'target' (or 'targets')")
-        fields = {
-            k: v for k, v in record.items() if k not in ("target", "targets") and isinstance(v, str)
-        }
-        get_text(record, "input", where)
+        targets = generic_targets(record, columns["target"], where, split)
+        answers = (columns["target"], "targets")
+        values = {k: v for k, v in record.items() if isinstance(v, str) and k not in answers}
+        for field_name in template_fields(template):
+            values[field_name] = template_value(record, field_name, columns, where)
         wrong = [t for t in targets if label_words and t not in label_words]
         if wrong:
             raise DamagedFile(
                 f"{where}: target {json.dumps(wrong[0])} is not one of the task's label_words "
                 f"({', '.join(map(json.dumps, label_words))}; see its task.json)"
             )
-        return fields, list(targets)
+        return values, targets
 
-    return lambda data_dir, split: read_split(name, data_dir, split, convert)
+    return lambda data_dir, split: read_split(name, data_dir, split, convert, tables=True)
+
+
+def generic_targets(record, column, where, split) -> list[str]:
+    """The references of a generic example: its `column` ("target" unless task.json's fields
+    say), or a JSON list "targets"; [] for a test example without one (no field, or in a table
+    an empty cell)."""
+    table = isinstance(record, TableRow)
+    if column == "target" and "targets" in record and not table:
+        targets = record["targets"]
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise DamagedFile(f"{where}: field 'targets' should be a list of strings")
+        return list(targets)
+    if column in record and not (table and record[column] == ""):
+        return [get_text(record, column, where)]
+    if split == "test":
+        return []
+    if column == "target" and not table:
+        raise DamagedFile(f"{where}: missing field 'target' (or 'targets')")
+    kind = "an empty column" if column in record else "no column" if table else "no field"
+    mapped = "as task.json's fields say" if column != "target" else "task.json's fields may map it"
+    raise DamagedFile(
+        f"{where}: {kind} {column!r} for the target ({mapped}); "
+        f"the example has {', '.join(map(repr, record)) or 'none'}"
+    )
+
+
+def template_value(record, field_name, columns, where) -> str:
+    """The text of one template field: the record's own field, or the column task.json maps it
+    to; a DamagedFile names the file, line and column when the example has none."""
+    column = columns.get(field_name, field_name)
+    if column not in record:
+        kind = "column" if isinstance(record, TableRow) else "field"
+        mapped = f" (task.json's fields map {{{field_name}}} to it)" if column != field_name else ""
+        raise DamagedFile(
+            f"{where}: no {kind} {column!r} for the template's {{{field_name}}}{mapped}; "
+            f"the example has {', '.join(map(repr, record)) or 'none'}"
+        )
+    return get_text(record, column, where)
 
 
 def read_task_json(path, data_dir, accepted_keys, metrics) -> dict:
@@ -1124,9 +1290,29 @@ def check_task_json(path, spec):
             )
     for key in ("eval_split", "demo_split"):
         check_split_name(spec.get(key, "train"), f"{path}: {key}")
+    check_fields_map(path, spec.get("fields", {}), [name for _, name, _, _ in fields])
     limit = spec.get("max_input_tokens")
     if limit is not None and (type(limit) is not int or limit < 1):
         raise BadInput(f"{path}: max_input_tokens is {json.dumps(limit)}; expected an integer >= 1")
+
+
+def check_fields_map(path, mapping, names):
+    """task.json's "fields": {template field or "target": field or column name}, each key one of
+    the template's `names` or "target" (a key it does not name is a typo that would do nothing)."""
+    example = '{"input": "text", "target": "label"}'
+    if not isinstance(mapping, dict) or not all(
+        isinstance(v, str) and v.strip() for v in mapping.values()
+    ):
+        raise BadInput(
+            f"{path}: fields is {json.dumps(mapping)[:80]}; expected an object mapping template "
+            f"fields to column names, e.g. {example}"
+        )
+    for key in mapping:
+        if key not in names and key != "target":
+            raise BadInput(
+                f"{path}: fields maps {key!r}, which the template does not name; expected "
+                f"one of {', '.join(map(repr, dict.fromkeys(names)))} or 'target'"
+            )
 
 
 def paper_readers() -> dict:

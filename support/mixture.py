@@ -10,7 +10,7 @@ import random
 
 from support.errors import BadInput
 
-MIXING_RATES = ("equal", "proportional")  # Mixture's rules; promot.py --mixing
+MIXING_RATES = ("equal", "proportional")  # Mixture's rules; a recipe's "mixing" setting
 
 
 class Mixture:

@@ -527,7 +527,7 @@ BAD_DATA = [  # (task.json, the third line of train.jsonl, words the message mus
     (
         {"template": "{input} {question} answer:"},
         '{"input": "a b", "target": "True"}',
-        ["no field 'question'", "train example 3"],
+        ["train.jsonl:3: no field 'question' for the template's {question}"],
     ),
 ]
 

@@ -1,5 +1,6 @@
-"""The bench scripts run: bench/gpu.sh steps aside cleanly without a GPU, and bench/train.py
-and bench/generate.py finish at the tiny shape (their numbers are for the README, not here)."""
+"""The bench scripts run: bench/gpu.sh steps aside cleanly without a GPU, bench/train.py and
+bench/generate.py finish at the tiny shape, bench/causal_train.py and bench/causal_generate.py
+with --quick (their numbers are for the docs, not here)."""
 
 import os
 import subprocess
@@ -76,3 +77,20 @@ def test_generate_bench_checks_both_sides_return_the_same_tokens():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("same tokens: True") == 2  # the padded and the mixed batch
     assert result.stdout.strip().splitlines()[-1].startswith("beam search speed ratios")
+
+
+def test_causal_train_bench_checks_the_losses_agree_and_times_both_stages():
+    result = run(sys.executable, "bench/causal_train.py", "--quick")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "same loss:" in result.stdout  # the run stops before timing when they differ
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("speed ratios") and "stage 1" in last and "stage 2" in last
+    assert result.stdout.count("of GEMM peak") == 4 and result.stdout.count("peak memory") == 4
+
+
+def test_causal_generate_bench_checks_both_sides_return_the_same_tokens():
+    result = run(sys.executable, "bench/causal_generate.py", "--quick")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("same tokens: True") == 2  # greedy and beam 4
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("decoding speed ratios") and "greedy" in last and "beam 4" in last

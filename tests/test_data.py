@@ -356,6 +356,11 @@ def test_unknown_task_lists_known_ones():
         data.get_task("rtee")
 
 
+def test_a_misspelt_paper_task_gets_the_closest_name():
+    with pytest.raises(BadInput, match=r"; did you mean 'trivia_qa'\?$"):
+        data.get_task("trivia_q")
+
+
 # ---------------------------------------------------------------------------
 # Prompts: k-shot, the sentinel rule, truncation, label shuffling, +1-shot
 # ---------------------------------------------------------------------------

@@ -175,6 +175,14 @@ def test_check_fails_on_a_file_of_unknown_format_and_names_it(data_dir, capsys):
     )
 
 
+def test_check_says_a_csv_is_read_only_in_a_task_folder_of_your_own(data_dir, capsys):
+    (data_dir / "rte/train.csv").write_text("premise,hypothesis,label\n")
+    assert data.main(["check", "--data-dir", str(data_dir)]) == 1
+    assert "; .csv and .tsv only in a task folder of your own, with a task.json" in (
+        capsys.readouterr().err
+    )
+
+
 def test_check_fails_on_a_save_to_disk_folder(tmp_path, capsys):
     # Dataset.save_to_disk writes arrow files that promot does not read; check must not say OK.
     (tmp_path / "cb/train").mkdir(parents=True)

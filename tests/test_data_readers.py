@@ -509,6 +509,17 @@ def test_missing_file_lists_accepted_names(tmp_path):
         data.load_split("rte", tmp_path, "validation")
 
 
+@pytest.mark.parametrize(
+    "names", [("train.jsonl", "train.json"), ("validation.jsonl", "val.jsonl")]
+)
+def test_two_files_for_one_split_are_refused_naming_both(tmp_path, names):
+    for name in names:
+        write_jsonl(tmp_path / "rte" / name, [{"premise": "p", "hypothesis": "h", "label": 0}])
+    split = "train" if names[0].startswith("train") else "validation"
+    with pytest.raises(BadInput, match=rf"{names[0]} and {names[1]} are files of one split"):
+        data.load_split("rte", tmp_path, split)
+
+
 def test_malformed_json_names_file_and_line(tmp_path):
     path = tmp_path / "rte/train.jsonl"
     write_jsonl(path, [{"premise": "p", "hypothesis": "h", "label": 0}])

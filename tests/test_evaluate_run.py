@@ -6,6 +6,7 @@ errors a user can cause."""
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -238,18 +239,21 @@ def test_norm_avg_is_the_mean_of_the_evaluation_scores_per_shots(promot_run):
 def test_table_has_the_papers_layout(promot_run):
     _, results, stdout, _, _ = promot_run
     lines = stdout.strip().splitlines()
-    assert lines[0] == "| | 0-shot | 1-shot |"
+    assert lines[0] == "| | 0-shot | 1-shot | split |"
     assert lines[2].startswith("| Fine-tuning rte (0-shot, accuracy; prompt) |")
+    tasks = ("rte", "cb", "wic", "trivia_qa", "wmt16_ende", "xsum")
+    split = {t: data.get_task(t).eval_split for t in tasks}
+    assert lines[2].endswith(f" | {split['rte']} |")  # each row names the split it scored
     assert (
         lines[3]
-        == f"| Norm. Avg. | {results['norm_avg']['0']:.2f} | {results['norm_avg']['1']:.2f} |"
+        == f"| Norm. Avg. | {results['norm_avg']['0']:.2f} | {results['norm_avg']['1']:.2f} | |"
     )
-    assert [line.split(" |")[0] for line in lines[4:9]] == [
-        "| cb (accuracy; prompt)",
-        "| wic (accuracy; prompt)",
-        "| trivia_qa (exact_match)",
-        "| wmt16_ende (bleu)",
-        "| xsum (rouge2)",
+    assert [(line.split(" |")[0], line.split(" | ")[-1]) for line in lines[4:9]] == [
+        ("| cb (accuracy; prompt)", f"{split['cb']} |"),
+        ("| wic (accuracy; prompt)", f"{split['wic']} |"),
+        ("| trivia_qa (exact_match)", f"{split['trivia_qa']} |"),
+        ("| wmt16_ende (bleu)", f"{split['wmt16_ende']} |"),
+        ("| xsum (rouge2)", f"{split['xsum']} |"),
     ]
     assert lines[9:] == [
         "",
@@ -628,3 +632,117 @@ def test_torchrun_two_ranks_give_the_single_process_results(setup, promot_run, t
     assert dist["settings"]["world_size"] == 2
     assert [r["examples"] for r in dist["runs"]] == [r["examples"] for r in single]
     assert [r["score"] for r in dist["runs"]] == [r["score"] for r in single]
+
+
+# --- several data folders, the default tasks, warnings ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_folder(tmp_path_factory):
+    """A second data folder with two tasks of one's own: `clean` in the tokenizer's words and
+    `foreign` in characters it never saw (so its inputs are mostly <unk>)."""
+    folder = tmp_path_factory.mktemp("own")
+    rng = random.Random(2)
+    texts = {
+        "clean": lambda: sentence(rng, 6),
+        "foreign": lambda: " ".join(rng.choice(("中文", "漢字", "ÆØÅ", "ığş")) for _ in range(6)),
+    }
+    for name, make in texts.items():
+        (folder / name).mkdir()
+        (folder / name / "task.json").write_text(json.dumps({"metric": "exact_match"}))
+        for split in ("train", "validation"):
+            write_jsonl(
+                folder / name / f"{split}.jsonl", [{"input": make(), "target": "Paris"}] * 4
+            )
+    return folder
+
+
+def own_args(setup, out, data_dir, *extra):
+    args = common_args(setup, out, "--shots", "0", *extra)
+    args[args.index("--data-dir") + 1] = data_dir
+    del args[args.index("--eval-tasks") : args.index("--eval-tasks") + 2]
+    return args
+
+
+def test_data_dir_takes_several_folders_each_task_read_from_the_one_that_holds_it(
+    setup, own_folder, tmp_path
+):
+    out = tmp_path / "r.json"
+    both = f"{setup[1]},{own_folder}"
+    assert evaluate.main(own_args(setup, out, both, "--eval-tasks", "cb,clean")) == 0
+    runs = {r["task"]: r for r in json.loads(out.read_text())["runs"]}
+    assert sorted(runs) == ["cb", "clean"]
+    # the oracle: each folder's own file, read alone
+    for task, folder in (("cb", setup[1]), ("clean", own_folder)):
+        split, examples = data.load_eval_split(task, folder)
+        refs = [list(x.targets) for x in examples[:5]]
+        assert (runs[task]["split"], [x["references"] for x in runs[task]["examples"]]) == (
+            split,
+            refs,
+        )
+
+
+def test_a_task_in_two_data_folders_is_refused_in_one_line_naming_both(
+    setup, own_folder, tmp_path, capsys
+):
+    second = tmp_path / "second"
+    shutil.copytree(own_folder / "clean", second / "clean")
+    both = f"{own_folder},{second}"
+    err = run_expecting_error(own_args(setup, tmp_path / "r.json", both), capsys)
+    assert err.count("\n") == 1 and "task 'clean'" in err
+    assert str(own_folder) in err and str(second) in err
+
+
+def test_without_paper_tasks_eval_tasks_are_the_folders_present_but_the_fine_tuned(
+    setup, own_folder, tmp_path, capsys
+):
+    out = tmp_path / "r.json"
+    assert evaluate.main(own_args(setup, out, str(own_folder))) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert {r["task"] for r in runs} == set(os.listdir(own_folder)) == {"clean", "foreign"}
+    assert "holds none of the paper's tasks; its own: clean,foreign" in capsys.readouterr().err
+    assert evaluate.main(own_args(setup, out, str(own_folder), "--task", "clean")) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["task"], r["role"]) for r in runs] == [
+        ("clean", "fine-tuned"),
+        ("foreign", "evaluation"),
+    ]
+
+
+def test_inputs_mostly_unk_are_warned_as_the_tokenizer_counts_them(
+    setup, own_folder, tmp_path, capsys
+):
+    out = tmp_path / "r.json"
+    assert evaluate.main(own_args(setup, out, str(own_folder))) == 0
+    err = capsys.readouterr().err
+    sp = data.Tokenizer(setup[0] / "spiece.model").sp  # the oracle: SentencePiece's own ids
+
+    def share(task):
+        ids = [
+            i
+            for x in data.load_split(task, own_folder, "validation")
+            for i in sp.encode(x.fields["input"])
+        ]
+        return sum(i == sp.unk_id() for i in ids) / len(ids)
+
+    warned = {
+        t
+        for t in ("clean", "foreign")
+        if f"of the tokens of {t}'s validation inputs are <unk>" in err
+    }
+    assert warned == {t for t in ("clean", "foreign") if share(t) > 0.05} == {"foreign"}
+    assert json.loads(out.read_text())["warnings"] == [
+        line for line in err.splitlines() if line.startswith("warning:")
+    ]
+
+
+def test_a_trained_checkpoint_scoring_0_on_its_task_is_warned_a_pretrained_one_not(
+    setup, promot_run, tmp_path, capsys
+):
+    _, results, _, stderr, _ = promot_run  # beside the prompt: a training.json (stage 2, rte)
+    zero = [r for r in results["runs"] if r["role"] == "fine-tuned" and r["score"] == 0]
+    assert zero and f"scores 0 on its fine-tuned task rte (0-shot, {zero[0]['split']})" in stderr
+    assert len(results["warnings"]) == len(zero)
+    args = common_args(setup, tmp_path / "r.json", "--task", "rte", "--eval-tasks", "cb")
+    assert evaluate.main(args) == 0  # the same model, no training.json: nothing trained
+    assert "scores 0" not in capsys.readouterr().err

@@ -731,7 +731,7 @@ def test_multitask_best_checkpoint_is_the_tasks_mean_or_with_select_min_their_mi
     assert run.best["score"] == (47.5 if rule is None else 10.0)
 
 
-def test_multitask_mixing_is_equal_by_default_or_examples_proportional_with_t5s_cap(env):
+def test_multitask_mixing_is_equal_by_default_or_examples_proportional_with_t5s_cap(env, tmp_path):
     import data
 
     cfg = promot.parse_args(args(env, env["root"] / "unused", "2", task="toy_tf,toy_copy"))
@@ -746,7 +746,10 @@ def test_multitask_mixing_is_equal_by_default_or_examples_proportional_with_t5s_
     assert abs(share(rates="proportional") - 0.1) < 0.01  # 100 / (100 + 900), under T5's cap
     assert inspect.signature(data.Mixture).parameters["cap"].default == 2**19  # T5 §3.5.3's K
     assert abs(share(rates="proportional", cap=300) - 0.25) < 0.015  # 100 / (100 + 300)
-    flags = ("--mixing", "proportional")
+    # a recipe's setting, not a flag (docs/training.md, "Flags that are gone")
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"model": {"mixing": "proportional"}}))
+    flags = ("--recipe", str(recipe))
     cfg = promot.parse_args(args(env, env["root"] / "unused", "2", *flags, task="toy_tf,toy_copy"))
     assert cfg.mixing == "proportional"
 

@@ -393,20 +393,21 @@ def test_diagnostics_plot_checks_its_records_like_results_files(tmp_path, capsys
 def test_every_unknown_or_missing_task_is_named_in_one_line_with_the_eval_tasks_that_run(
     env, tmp_path, capsys
 ):
+    """Names no suite registers (lab/tasks.py registers lab_* when a test imports it)."""
     out = tmp_path / "r.json"
-    argv = with_flags(evaluate_args(env, out), ["--eval-tasks", "lab_who,toy_copy,rte,lab_why"])
+    argv = with_flags(evaluate_args(env, out), ["--eval-tasks", "zz_who,toy_copy,rte,zz_why"])
     assert evaluate.main(argv) == 2
     err = capsys.readouterr().err
-    one_line_error(err, "evaluate.py: error: unknown tasks 'lab_who', 'lab_why'; known tasks: ")
+    one_line_error(err, "evaluate.py: error: unknown tasks 'zz_who', 'zz_why'; known tasks: ")
     assert "has no folder for 1 evaluation task of 4: rte" in err
     assert "score the others with --eval-tasks toy_copy, or pass --skip-missing-tasks" in err
-    argv = with_flags(argv, ["--eval-tasks", "lab_who,toy_copy", "--skip-missing-tasks", "x"])
+    argv = with_flags(argv, ["--eval-tasks", "zz_who,toy_copy", "--skip-missing-tasks", "x"])
     argv.remove("x")
     assert evaluate.main(argv) == 2  # an unknown name is not a missing folder to skip
-    assert "unknown task 'lab_who'" in capsys.readouterr().err
-    argv = train_args(env, tmp_path / "out", "--task", "lab_who,lab_what,toy_tf")
+    assert "unknown task 'zz_who'" in capsys.readouterr().err
+    argv = train_args(env, tmp_path / "out", "--task", "zz_who,zz_what,toy_tf")
     assert promot.main(argv) == 2
-    one_line_error(capsys.readouterr().err, "promot.py: error: unknown tasks 'lab_who', 'lab_what'")
+    one_line_error(capsys.readouterr().err, "promot.py: error: unknown tasks 'zz_who', 'zz_what'")
     assert not out.exists() and not (tmp_path / "out").exists()
 
 
