@@ -246,3 +246,23 @@ def test_a_decoder_checkpoint_without_a_tokenizer_file_is_one_line(env, tmp_path
     assert promot.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "tokenizer.json or tokenizer.model" in err
+
+
+def test_the_bundled_decoder_miniature_loads_as_transformers_does():
+    """lab/tiny-llama: at most 6 MB, a recipe with C.6's prompt settings, its tokenizer read
+    as AutoTokenizer reads it, and causal_lm's logits equal to transformers'."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = os.path.join(ROOT, "lab", "tiny-llama")
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    assert size <= 6 * 2**20
+    recipe = json.load(open(os.path.join(folder, "recipe.json"), encoding="utf-8"))
+    assert (recipe["every stage"]["prompt_length"], recipe["prompt"]["lr"]) == (50, 0.3)
+    text = "Q: Does Anna have a red cat?\n\nQ: Where does Bo live? A:"
+    ids = data.load_tokenizer(folder).encode(text)
+    assert ids == AutoTokenizer.from_pretrained(folder)(text)["input_ids"]
+    ids = torch.tensor([ids])
+    ours = causal_lm.load_pretrained(folder).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert (ours(ids, torch.ones_like(ids)) - theirs(input_ids=ids).logits).abs().max() < 1e-4
