@@ -68,7 +68,7 @@ def check_tokenizer_fits(tokenizer, model_vocab_size):
         )
 
 
-def spiece_in(model_dir):
+def tokenizer_file(model_dir):
     """The tokenizer file of a checkpoint folder: T5's spiece.model, or a decoder-only model's
     tokenizer.json or tokenizer.model."""
     for name in ("spiece.model", "tokenizer.json", "tokenizer.model"):
@@ -552,7 +552,7 @@ def check_evaluation(settings, tasks, results_format):
             f"--model {settings.model}: not a checkpoint directory (config.json, "
             "weights, spiece.model)"
         )
-    spiece_in(settings.model)  # the tokenizer, before the weights are read
+    tokenizer_file(settings.model)  # the tokenizer, before the weights are read
     check_model_folder(settings.model)
     check_results_out(settings.out, results_format)
     for flag in ("baseline", "prompt", "lora"):  # read first, then replaced by the results

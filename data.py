@@ -974,7 +974,7 @@ class CheckSettings:
 def show(s: ShowSettings) -> None:
     """Print the first examples of a split as the model reads them, for each shot count."""
     task = get_task(s.task, s.data_dir)
-    spiece = s.spiece or (s.model and checks.spiece_in(s.model))
+    spiece = s.spiece or (s.model and checks.tokenizer_file(s.model))
     tokenizer = (Tokenizer(spiece) if s.spiece else load_tokenizer(s.model)) if spiece else None
     if s.split:
         split, queries = s.split, load_split(task, s.data_dir, s.split)

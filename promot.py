@@ -534,7 +534,7 @@ def score_and_keep_best(run):
         best.update(step=run.step, score=score, scores=scores)
     best["evaluated"].append(run.step)
     if ctx.main:
-        run_checkpoints.write_json(os.path.join(run.stage_dir, "best.json"), best)
+        run_checkpoints.write_best(os.path.join(run.stage_dir, "best.json"), best)
     line = f"eval step {run.step}: validation " + ", ".join(
         f"{k} {v:.2f}" for k, v in scores.items()
     )

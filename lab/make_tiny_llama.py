@@ -65,6 +65,7 @@ from lab.make_tiny_t5 import (  # noqa: E402
     SEQUENCE_TASKS,
     learning_rate,
     suite_text,
+    write_record,
 )
 from support import t5x_loss  # noqa: E402
 from support.adafactor import Adafactor  # noqa: E402
@@ -429,31 +430,18 @@ def main(argv=None):
         )
         print(f"final {shots}-shot (greedy, validation): " + short(final[f"{shots}-shot"]))
     causal_lm.save_pretrained(model, str(out))
-    write_record(args, argv, out, n_params, cfg.vocab_size, train_seconds, started, final, history)
-
-
-def write_record(args, argv, out, n_params, vocab, train_seconds, started, final, history):
-    """pretraining.json, in make_tiny_t5.py's schema: the command, settings, time and scores."""
-    total = time.time() - started
-    record = {
-        "command": "python lab/make_tiny_llama.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": vars(args),
-        "parameters": n_params,
-        "vocab_size": vocab,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "pretraining_seconds": round(train_seconds, 1),
-        "total_seconds": round(total, 1),
-        "validation_scores": final,
-        "loss_history": history,
-    }
-    parent = Path(args.init_from or "") / "pretraining.json"
-    if args.init_from and parent.is_file():  # a continuation keeps the record it continued
-        record["continued_from"] = json.loads(parent.read_text(encoding="utf-8"))
-    (out / "pretraining.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    print(f"wrote {out} ({size / 1e6:.1f} MB) in {total / 60:.1f} min", flush=True)
+    timing = dict(started=started, train_seconds=train_seconds)
+    write_record(
+        "lab/make_tiny_llama.py",
+        args,
+        argv,
+        out,
+        n_params,
+        cfg.vocab_size,
+        final,
+        history,
+        **timing,
+    )
 
 
 if __name__ == "__main__":

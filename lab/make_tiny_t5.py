@@ -441,10 +441,16 @@ def main(argv=None):
         )
 
     model_lib.save_pretrained(t5, str(out))
+    timing = dict(started=started, train_seconds=train_seconds)
+    write_record("lab/make_tiny_t5.py", args, argv, out, n_params, vocab, final, history, **timing)
+
+
+def write_record(script, args, argv, out, n_params, vocab, final, history, started, train_seconds):
+    """pretraining.json in `out`: the command, settings, size, time and validation scores (a
+    continuation of --init-from keeps the record it continued and adds up the time)."""
     total = time.time() - started
     record = {
-        "command": "python lab/make_tiny_t5.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": f"python {script} " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": vars(args),
         "parameters": n_params,
         "vocab_size": vocab,
@@ -456,17 +462,11 @@ def main(argv=None):
         "loss_history": history,
     }
     parent = Path(args.init_from or "") / "pretraining.json"
-    if (
-        args.init_from and parent.is_file()
-    ):  # a continuation: keep the first run's record, add up the time
-        record["continued_from"] = json.loads(parent.read_text(encoding="utf-8"))
-        record["all_pretraining_seconds"] = round(
-            train_seconds
-            + record["continued_from"].get(
-                "all_pretraining_seconds", record["continued_from"]["pretraining_seconds"]
-            ),
-            1,
-        )
+    if args.init_from and parent.is_file():
+        before = json.loads(parent.read_text(encoding="utf-8"))
+        record["continued_from"] = before
+        earlier = before.get("all_pretraining_seconds", before["pretraining_seconds"])
+        record["all_pretraining_seconds"] = round(train_seconds + earlier, 1)
     (out / "pretraining.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(

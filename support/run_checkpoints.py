@@ -47,8 +47,7 @@ from support.errors import BadInput, DamagedFile
 NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # open() flag: a link is an error, not followed
 # The bookkeeping that --resume trusts carries a SHA-256 of its JSON (seal), like the rank files:
 # a hand edit of a best score or a data position (a checkpoint's trainer.json, sealed by
-# save_checkpoint) is a DamagedFile, not a run on other data. write_json seals these names:
-SEALED_FILES = ("best.json",)
+# save_checkpoint; best.json, by write_best) is a DamagedFile, not a run on other data.
 
 
 @contextlib.contextmanager
@@ -130,6 +129,11 @@ def resume_stage(stage_dir, state, device, best, say=print):
     if ckpt and os.path.isfile(best_path):
         best.update(read_best(best_path, keys=best))
     return ckpt, trainer
+
+
+def write_best(path, best):
+    """RUN/<stage>/best.json: `best`, sealed (seal) so that read_best knows an edited one."""
+    write_json(path, seal(best))
 
 
 def read_best(path, keys):
@@ -268,8 +272,7 @@ class StopRequest:
 
 
 def write_json(path, obj, indent=2):
-    """`obj` as JSON at `path`, atomically; sealed (seal) when its name is in SEALED_FILES."""
-    obj = seal(obj) if os.path.basename(path) in SEALED_FILES else obj
+    """`obj` as JSON at `path`, atomically."""
     with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=indent, ensure_ascii=False)
 

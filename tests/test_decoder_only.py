@@ -110,8 +110,10 @@ def test_c6s_prompt_length_and_rate_are_the_decoder_only_defaults(env, tmp_path)
     stage1 = promot.parse_args(["--stage", "1", *base, "--out", str(tmp_path / "a")])
     stage2 = promot.parse_args(["--stage", "2", *base, "--out", str(tmp_path / "a")])
     assert (stage1.prompt_length, stage1.lr, stage2.prompt_length, stage2.lr) == (50, 0.3, 50, 1e-3)
-    t5 = promot.STAGES["1"].lr  # a T5 checkpoint keeps the paper's B.4 values
-    assert t5 == 0.2
+    t5 = pf.make_model_dir(str(tmp_path / "t5"), pf.make_spiece(str(tmp_path / "spiece")))
+    base[1] = t5  # a T5 checkpoint keeps B.4's prompt length 100 and lr 0.2
+    stage1 = promot.parse_args(["--stage", "1", *base, "--out", str(tmp_path / "a")])
+    assert (stage1.prompt_length, stage1.lr) == (100, 0.2)
 
 
 @pytest.fixture(scope="module")
