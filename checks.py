@@ -321,14 +321,20 @@ def check_weight_files(path, expected, files, weight_map=None):
     `weight_map`; both as model.checkpoint_files gives them) is one of `expected`, {Hugging Face
     name: shape} of the model its config.json builds, with its shape, and none is missing; read
     from the safetensors headers alone (pytorch_model.bin: loaded by support/hf_files.py without
-    running pickled code). Called before a command writes anything."""
+    running pickled code). Called before a command writes anything. A T5 (`shared.weight`) may
+    store its embedding again per stack; a tied model may store an output head all the same."""
     expected = {name: tuple(shape) for name, shape in expected.items()}
-    shared = expected["shared.weight"]
-    aliases = {f"{s}.embed_tokens.weight": shared for s in ("encoder", "decoder")}
+    embedding = "shared.weight" if "shared.weight" in expected else "model.embed_tokens.weight"
+    shared = expected[embedding]  # T5's, or a decoder-only model's (causal_lm.py)
+    aliases = {}
+    if embedding == "shared.weight":
+        aliases = {f"{s}.embed_tokens.weight": shared for s in ("encoder", "decoder")}
     if "lm_head.weight" not in expected:
         aliases["lm_head.weight"] = shared  # tied: read_config found it equal to the embedding
     found, holders = set(), {}
     for file in files:
+        if not os.path.isfile(file) and weight_map is None and len(files) == 1:
+            raise DamagedFile(f"{file}: no such file; {path} holds config.json without weights")
         if not os.path.isfile(file):
             raise DamagedFile(f"{file}: listed in the checkpoint index but missing")
         if file.endswith(".safetensors"):
@@ -339,7 +345,9 @@ def check_weight_files(path, expected, files, weight_map=None):
         for name, shape in shapes.items():
             want = expected.get(name, aliases.get(name))
             if want is None:
-                raise DamagedFile(f"{file}: unexpected tensor {name!r}; not a weight of this T5")
+                raise DamagedFile(
+                    f"{file}: unexpected tensor {name!r}; not a weight {path} implies"
+                )
             if shape != want:
                 raise DamagedFile(
                     f"{file}: tensor {name!r} has shape {shape}; {path}/config.json implies {want}"
@@ -349,7 +357,7 @@ def check_weight_files(path, expected, files, weight_map=None):
             raise DamagedFile(f"{file}: lacks {sorted(listed - set(shapes))[:3]} (index)")
         found |= set(shapes)
     if found & set(aliases) - {"lm_head.weight"}:
-        found.add("shared.weight")
+        found.add(embedding)
     missing = [n for n in expected if n not in found]
     if missing:
         raise DamagedFile(

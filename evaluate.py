@@ -648,15 +648,15 @@ def stage1_files(s, training, route):
 def open_checkpoint(path, check_memory):
     """(model.py or causal_lm.py, config, tokenizer) of a checkpoint folder, checked before
     anything is loaded or written: `check_memory(config)` (before building even on the meta
-    device), a T5's weight files by name and shape from their headers (causal_lm checks its own
-    as it loads), the tokenizer against the embedding rows."""
+    device), the weight files by name and shape from their headers, the tokenizer against the
+    embedding rows."""
     lm = model_family(path)
     config = lm.read_config(path)
     check_memory(config)
-    if lm is model_lib:
-        meta = model_lib.build(config)  # no memory: the tensors config.json implies, by name
-        shapes = {model_lib.ours_to_hf(n): p.shape for n, p in meta.named_parameters()}
-        checks.check_weight_files(path, shapes, *model_lib.checkpoint_files(path))
+    meta = lm.build(config)  # no memory: the tensors config.json implies, by name
+    hf = model_lib.ours_to_hf if lm is model_lib else str  # causal_lm's names are the HF ones
+    files = model_lib.checkpoint_files(path) if lm is model_lib else (lm.checkpoint_files(path),)
+    checks.check_weight_files(path, {hf(n): p.shape for n, p in meta.named_parameters()}, *files)
     tokenizer = data.load_tokenizer(path)
     checks.check_tokenizer_fits(tokenizer, config.vocab_size)
     return lm, config, tokenizer

@@ -250,6 +250,43 @@ def test_a_decoder_checkpoint_without_a_tokenizer_file_is_one_line(env, tmp_path
     assert err.count("\n") == 0 and "tokenizer.json or tokenizer.model" in err
 
 
+@pytest.mark.parametrize("damage", ["shape", "unexpected", "missing", "no weights"])
+def test_a_damaged_decoder_checkpoint_is_refused_from_its_headers_before_the_run_folder(
+    env, tmp_path, capsys, damage
+):
+    """As for a T5: every tensor by name and shape, read from the safetensors header, before
+    promot.py writes RUN/ (the loader would find it only after)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model = tmp_path / "damaged"
+    shutil.copytree(env["model"], model)
+    tensors = load_file(model / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    if damage == "shape":
+        tensors[name] = tensors[name][:-1].clone()
+    elif damage == "unexpected":
+        tensors["model.layers.9.mlp.up_proj.weight"] = tensors[name].clone()
+    elif damage == "missing":
+        del tensors[name]
+    save_file(tensors, model / "model.safetensors")
+    if damage == "no weights":
+        (model / "model.safetensors").unlink()
+    argv = train_args(env, tmp_path / "out", "1")
+    argv[argv.index("--model") + 1] = str(model)
+    assert promot.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(model) in err and not (tmp_path / "out").exists()
+    expected = {
+        "shape": f"tensor {name!r} has shape",
+        "unexpected": "unexpected tensor 'model.layers.9.mlp.up_proj.weight'",
+        "missing": f"lack 1 tensor(s) config.json implies, e.g. [{name!r}]",
+        "no weights": "model.safetensors: no such file",
+    }[damage]
+    assert expected in err
+
+
 def test_the_bundled_decoder_miniature_loads_as_transformers_does():
     """lab/tiny-llama: at most 6 MB, a recipe with C.6's prompt settings, its tokenizer read
     as AutoTokenizer reads it, and causal_lm's logits equal to transformers'."""
