@@ -129,9 +129,8 @@ def train_step(t5, batches, prompts, optimizer, cfg, ctx):
     prompt_tokens = cfg.prompt_length if prompts else 0
     inputs = sum(int(b["attention_mask"].sum()) + len(b["tasks"]) * prompt_tokens for b in batches)
     # NCCL reduces device tensors only
-    counts = torch.tensor(
-        [sum(targets), inputs + sum(targets)], dtype=torch.float64, device=ctx.device
-    )
+    written = 0 if isinstance(t5, causal_lm.CausalLM) else sum(targets)  # a decoder's row holds it
+    counts = torch.tensor([sum(targets), inputs + written], dtype=torch.float64, device=ctx.device)
     if ctx.world > 1:
         dist.all_reduce(counts)
     global_targets, global_tokens = counts.tolist()

@@ -104,6 +104,23 @@ def test_the_training_loss_is_transformers_next_token_loss_on_the_target(env):
     assert abs(float(total) - want) < 1e-4 * max(1.0, want)
 
 
+def test_a_decoder_steps_tokens_count_each_real_token_once(env):
+    """The progress line's tok/s: [P; input; target] per row, the target read once (a T5 adds
+    its decoder's target tokens to the encoder's)."""
+    from types import SimpleNamespace
+
+    tokenizer = data.load_tokenizer(env["model"])
+    model = causal_lm.load_pretrained(env["model"])
+    batch = data.encode_batch(tokenizer, [("the cat sat answer:", "True"), ("dog answer:", "No")])
+    batch["tasks"] = ["toy_tf", "toy_tf"]
+    prompts = {"toy_tf": torch.zeros(3, model.config.hidden_size)}
+    cfg = SimpleNamespace(prompt_length=3, label_smoothing=0.0, z_loss=0.0, dtype="float32")
+    ctx = SimpleNamespace(world=1, device=torch.device("cpu"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    _, tokens = promot.train_step(model, [batch], prompts, optimizer, cfg, ctx)
+    assert tokens == int(batch["attention_mask"].sum()) + 2 * 3
+
+
 def test_c6s_prompt_length_and_rate_are_the_decoder_only_defaults(env, tmp_path):
     """App. C.6: "prompt length 50" and prompt-tuning lr 0.3; stage 2 keeps B.4's 1e-3."""
     base = ["--model", env["model"], "--data-dir", env["data"], "--task", "toy_tf"]
