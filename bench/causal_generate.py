@@ -9,8 +9,19 @@ length) behind a 50-token soft prompt (App. C.6's length): ours with
 `causal_lm.start_decoding` and `decode.generate(..., length_rule="transformers")`,
 transformers' with `generate(inputs_embeds=[pads; P; embed(x)], do_sample=False,
 num_beams=..., length_penalty=1.0, early_stopping=False)`, the prompt placed right before each
-row's first real token as causal_lm.py places it. A random model rarely writes EOS, so the
-answers run to --new tokens: decode.py's dropping of finished rows saves nothing here.
+row's first real token as causal_lm.py places it. Two kinds of answers, each searched greedily
+and with --beams:
+  to the limit  a random model rarely writes EOS (id 2), so every answer runs to --new tokens:
+                the same work on both sides (decode.py's dropping of finished rows saves nothing);
+  mixed         answers of different lengths, as evaluate.py's are (a True/False, a name, a
+                translation): the end-of-answer id is one the model writes in most rows at
+                different steps of their greedy answers (picked from the first search, the same
+                id on both sides). decode.py drops a row when it ends; transformers' generate
+                decodes every row until the last one ends.
+
+The floor printed first: ours' prefill (the prompt and inputs through every layer, once), and the
+matrix products of one decoding step alone at the batch's rows (every weight read once): a
+greedy call can not cost less than the prefill plus --new floors, on either side.
 
 Both must return the same tokens (up to each answer's EOS) before timing; then the two take
 turns, --iters calls each, and the medians count. Printed per search: the answer lengths, each
@@ -47,7 +58,7 @@ def left_padded_batch(args):
 
 
 @torch.no_grad()
-def ours(net, ids, mask, prompt, num_beams, max_new_tokens):
+def ours(net, ids, mask, prompt, num_beams, max_new_tokens, eos):
     step, reorder, state, start = causal_lm.start_decoding(net, ids, mask, prompt)
     return decode.generate(
         step,
@@ -55,7 +66,7 @@ def ours(net, ids, mask, prompt, num_beams, max_new_tokens):
         state,
         start,
         max_new_tokens,
-        EOS,
+        eos,
         PAD,
         num_beams=num_beams,
         length_penalty=1.0,
@@ -64,7 +75,7 @@ def ours(net, ids, mask, prompt, num_beams, max_new_tokens):
 
 
 @torch.no_grad()
-def theirs(net, ids, mask, prompt, num_beams, max_new_tokens):
+def theirs(net, ids, mask, prompt, num_beams, max_new_tokens, eos):
     """transformers' generate over [pads; P; x] per row (it returns the new tokens only)."""
     embeds = torch.cat([prompt.expand(len(ids), -1, -1), net.get_input_embeddings()(ids)], 1)
     full = torch.cat([mask.new_ones(len(ids), prompt.shape[0]), mask], 1)
@@ -83,32 +94,61 @@ def theirs(net, ids, mask, prompt, num_beams, max_new_tokens):
         num_beams=num_beams,
         length_penalty=1.0,
         early_stopping=False,
-        eos_token_id=EOS,
+        eos_token_id=eos,
         pad_token_id=PAD,
     )
 
 
-def answers(ids):
+def floor(net, batch, rows, rounds):
+    """(ours' prefill, one decoding step's matrix products alone at `rows` rows), CPU seconds
+    (medians): the cost of a greedy call that no implementation gets under on these weights."""
+    ids, mask, prompt_ids = batch
+    prompt = net.model.embed_tokens.weight[prompt_ids].detach()
+    linears = [m.weight for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    if net.lm_head is None:
+        linears.append(net.model.embed_tokens.weight)
+    x = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in linears}
+    calls = {
+        "prefill": lambda: causal_lm.start_decoding(net, ids, mask, prompt),
+        "step": lambda: [torch.nn.functional.linear(x[w.shape[1]], w) for w in linears],
+    }
+    with torch.no_grad():
+        seconds = take_turns(calls, rounds)
+    return seconds["prefill"][1], seconds["step"][1]
+
+
+def answers(ids, eos):
     """Each row as a list, cut after its first EOS (the two sides pad differently after it)."""
     rows = [row.tolist() for row in ids]
-    return [row[: row.index(EOS) + 1] if EOS in row else row for row in rows]
+    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
 
 
-def race(models, batch, num_beams, args):
+def mixed_eos(rows, limit):
+    """An end-of-answer id that ends the most rows of these greedy answers, at the most
+    different steps: (rows it ends, distinct lengths), then the smaller id."""
+
+    def spread(token):
+        ends = [row.index(token) + 1 for row in rows if token in row[: limit - 1]]
+        return (len(ends), len(set(ends)), -token)
+
+    return max({t for row in rows for t in row}, key=spread)
+
+
+def race(models, batch, num_beams, eos, args):
     """(answer lengths, {side: (median wall, median CPU seconds) per call}); stops the run if
     the two sides' tokens differ."""
     ids, mask, prompt_ids = batch
     prompt = models["ours"].model.embed_tokens.weight[prompt_ids].detach()
     calls = {
-        "ours": lambda: ours(models["ours"], ids, mask, prompt, num_beams, args.new),
+        "ours": lambda: ours(models["ours"], ids, mask, prompt, num_beams, args.new, eos),
         "transformers": lambda: theirs(
-            models["transformers"], ids, mask, prompt, num_beams, args.new
+            models["transformers"], ids, mask, prompt, num_beams, args.new, eos
         ),
     }
-    got = {side: answers(call()) for side, call in calls.items()}  # also the warm-up
+    got = {side: answers(call(), eos) for side, call in calls.items()}  # also the warm-up
     if got["ours"] != got["transformers"]:
         raise SystemExit(f"num_beams={num_beams}: the two sides' tokens differ:\n{got}")
-    return [len(a) for a in got["ours"]], take_turns(calls, args.iters)
+    return got["ours"], take_turns(calls, args.iters)
 
 
 def parse_args():
@@ -145,18 +185,30 @@ def main():
         f"tokens max; fp32; median of {args.iters} calls, taking turns",
         flush=True,
     )
-    batch, summary = left_padded_batch(args), []
-    for num_beams in args.beams:
-        lengths, seconds = race(models, batch, num_beams, args)
-        name = "greedy" if num_beams == 1 else f"beam {num_beams}"
-        print(f"  {name}: answer lengths {lengths}; same tokens: True", flush=True)
-        for side, (wall, cpu) in seconds.items():
-            print(
-                f"    {side:12s} {wall * 1e3:7.0f} ms wall, {cpu * 1e3:7.0f} ms CPU per call  "
-                f"{sum(lengths) / wall:6.1f} tokens/s ({sum(lengths) / cpu:.1f} by CPU time)"
-            )
-        ratios = [seconds["transformers"][i] / seconds["ours"][i] for i in (0, 1)]
-        summary.append(f"{name} {ratios[0]:.2f}x wall, {ratios[1]:.2f}x CPU")
+    batch, summary, eos = left_padded_batch(args), [], {"to the limit": EOS}
+    prefill, step = floor(models["ours"], batch, args.batch, max(args.iters, 3))
+    print(
+        f"  floor: prefill {prefill * 1e3:.0f} ms CPU, then per step the matrix products alone "
+        f"{step * 1e3:.1f} ms CPU ({args.batch} rows): greedy to the limit >= "
+        f"{(prefill + (args.new - 1) * step) * 1e3:.0f} ms CPU",
+        flush=True,
+    )
+    for kind in ("to the limit", "mixed"):
+        for num_beams in args.beams:
+            got, seconds = race(models, batch, num_beams, eos[kind], args)
+            if "mixed" not in eos:  # the first search's answers pick the mixed lengths' end
+                eos["mixed"] = mixed_eos(got, args.new)
+            name = ("greedy" if num_beams == 1 else f"beam {num_beams}") + f", {kind}"
+            lengths = [len(a) for a in got]
+            print(f"  {name} (end id {eos[kind]}): answer lengths {lengths}; same tokens: True")
+            for side, (wall, cpu) in seconds.items():
+                print(
+                    f"    {side:12s} {wall * 1e3:7.0f} ms wall, {cpu * 1e3:7.0f} ms CPU per call"
+                    f"  {sum(lengths) / wall:6.1f} tokens/s ({sum(lengths) / cpu:.1f} by CPU time)",
+                    flush=True,
+                )
+            ratios = [seconds["transformers"][i] / seconds["ours"][i] for i in (0, 1)]
+            summary.append(f"{name} {ratios[0]:.2f}x wall, {ratios[1]:.2f}x CPU")
     print(
         f"decoding speed ratios, transformers time / ours (load average "
         f"{os.getloadavg()[0]:.1f}): " + ", ".join(summary)

@@ -8,6 +8,7 @@ takes minutes per seed).
     python bench/lab_table.py --model lab/tiny-llama   # the decoder-only miniature's
     ATEN_CPU_CAPABILITY=default python bench/lab_table.py   # other CPU kernels (no AVX2/AVX-512)
     python bench/lab_table.py --table RUN/table.json   # a run that already exists
+    python bench/lab_table.py --table R0/table.json R1/table.json R2/table.json  # their spread
 
 Float results differ across CPUs (kernels, thread counts), and training amplifies the
 difference, so the published cells are exact only on the machine that printed them. What the
@@ -117,7 +118,7 @@ SPREAD = ("pretrained", "finetune", "promot", "promot_1shot")
 
 
 def machine():
-    """This machine in one line: CPU model, cores, torch and its CPU kernels."""
+    """This machine in one line: CPU model, cores, torch, its CPU kernels and threads."""
     import os
 
     import torch
@@ -130,8 +131,11 @@ def machine():
                 break
     except OSError:
         pass
-    kernels = torch.backends.cpu.get_cpu_capability()
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {kernels} kernels"
+    kernels, threads = torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {kernels} kernels, "
+        f"{threads} thread(s) per run (OMP_NUM_THREADS)"
+    )
 
 
 def run_lab(model, seed):
@@ -153,33 +157,51 @@ def check_claims(table, seed):
     return failed
 
 
-def spread(tables):
-    """Norm. Avg. and the fine-tuned task per method: mean, min and max over the seeds."""
-    print(f"\nover {len(tables)} seeds: mean [min, max]")
-    for key in ("norm_avg", TASK):
+def spread(tables, seeds):
+    """A markdown table: Norm. Avg., the fine-tuned task and the True/False answers per method,
+    one column per seed, then the mean [min, max] over the seeds."""
+    names = dict(
+        pretrained="Pretrained",
+        finetune="Standard fine-tuning",
+        promot="ProMoT",
+        promot_1shot="ProMoT + 1-shot",
+    )
+    measures = {"norm_avg": "Norm. Avg.", TASK: TASK, "true_false_ratio": "True/False answers (%)"}
+    columns = [f"seed {seed}" for seed in seeds] + ["mean [min, max]"]
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for key, measure in measures.items():
         for method in SPREAD:
             values = [t[method][key] for t in tables]
             low, high, mean = min(values), max(values), statistics.mean(values)
-            print(f"  {key:9s} {method:13s} {mean:5.1f} [{low:5.1f}, {high:5.1f}]")
+            cells_ = [f"{v:.1f}" for v in values] + [f"{mean:.1f} [{low:.1f}, {high:.1f}]"]
+            lines.append(f"| {measure}: {names[method]} | " + " | ".join(cells_) + " |")
+    print(f"\nover {len(tables)} seeds:\n" + "\n".join(lines))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0", help="comma-separated lab/run.py seeds")
     p.add_argument("--model", default="lab/tiny-t5", help="lab/run.py's --model")
-    p.add_argument("--table", help="table.json of an existing lab/run.py run, instead of a run")
+    p.add_argument(
+        "--table",
+        nargs="+",
+        help="table.json of existing lab/run.py runs (each with its own seed), instead of runs",
+    )
     p.add_argument("--docs", default=str(ROOT / "docs" / "lab.md"), help="the published tables")
     p.add_argument(
         "--exact", action="store_true", help="also compare every cell with docs/lab.md's table"
     )
     args = p.parse_args(argv)
     print(f"machine: {machine()}", flush=True)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    failed, tables = [], []
-    for seed in seeds:
-        path = Path(args.table) if args.table else run_lab(args.model, seed)
-        table = json.loads(path.read_text(encoding="utf-8"))["table"]
+    runs = [(None, Path(t)) for t in args.table or ()]
+    runs = runs or [(int(seed), None) for seed in args.seeds.split(",")]
+    failed, tables, seeds = [], [], []
+    for seed, path in runs:
+        path = path or run_lab(args.model, seed)
+        record = json.loads(path.read_text(encoding="utf-8"))
+        seed, table = record["settings"]["seed"], record["table"]
         tables.append(table)
+        seeds.append(seed)
         failed += check_claims(table, seed)
         if args.exact:
             ours = (path.parent / "table.md").read_text(encoding="utf-8").splitlines()
@@ -191,7 +213,7 @@ def main(argv=None):
             print(f"seed {seed}: {count - len(found)} of {count} cells as published")
             failed += found
     if len(tables) > 1:
-        spread(tables)
+        spread(tables, seeds)
     print("all claims hold" if not failed else f"{len(failed)} failed", flush=True)
     return 1 if failed else 0
 

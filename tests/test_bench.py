@@ -91,6 +91,14 @@ def test_causal_train_bench_checks_the_losses_agree_and_times_both_stages():
 def test_causal_generate_bench_checks_both_sides_return_the_same_tokens():
     result = run(sys.executable, "bench/causal_generate.py", "--quick")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("same tokens: True") == 2  # greedy and beam 4
+    # greedy and beam 4, each with answers to the limit and with answers of mixed lengths
+    assert result.stdout.count("same tokens: True") == 4
+    assert result.stdout.count("floor: prefill") == 1
     last = result.stdout.strip().splitlines()[-1]
-    assert last.startswith("decoding speed ratios") and "greedy" in last and "beam 4" in last
+    for search in (
+        "greedy, to the limit",
+        "beam 4, to the limit",
+        "greedy, mixed",
+        "beam 4, mixed",
+    ):
+        assert search in last
