@@ -580,6 +580,8 @@ def parse_args(argv=None):
     s = Settings(**vars(flags.evaluate_parser().parse_args(argv)))
     if not s.model and not s.data_dir:
         lab_settings(s)
+    if s.model and not s.out and os.path.isfile(os.path.join(s.model, "training.json")):
+        s.out = os.path.join(os.path.dirname(os.path.normpath(s.model)), "eval.json")  # RUN/stage
     missing = [
         f"--{n.replace('_', '-')}" for n in ("model", "data_dir", "out") if not getattr(s, n)
     ]
@@ -748,7 +750,7 @@ def run(s):
     if ctx.main:
         os.makedirs(os.path.dirname(os.path.abspath(s.out)), exist_ok=True)
         run_checkpoints.write_json(s.out, results, indent=1)
-        print(results_table(results, baseline))
+        print(results_table(results, baseline) + f"\nresults, every example included: {s.out}")
     return results
 
 

@@ -170,7 +170,11 @@ class Settings:
 
     model: str = flag("", "checkpoint folder [lab: runs/lab/stage2/best, else lab/tiny-t5]")
     data_dir: str = flag("", "task folders' folder, or several comma-separated [lab: lab/data]")
-    out: str = flag("", "results JSON to write, every example included [lab: runs/lab/eval.json]")
+    out: str = flag(
+        "",
+        "results JSON to write, every example included [lab: runs/lab/eval.json; --model "
+        "RUN/<stage>/best: RUN/<stage>/eval.json]",
+    )
     task: str = flag("", "fine-tuned task(s), scored first [training.json's, the prompt file's]")
     eval_tasks: str = flag(None, "tasks to score [the paper's eight, else --data-dir's folders]")
     skip_missing_tasks: bool = flag(False, "skip evaluation tasks without a folder; name them")

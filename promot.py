@@ -606,7 +606,8 @@ def parse_args(argv=None):
     if missing:
         p.error(
             f"the following arguments are required: {', '.join(missing)} "
-            "(omit both --model and --data-dir to run the miniature lab)"
+            "(--model lab/tiny-t5: the bundled model, with its recipe; omit both --model and "
+            "--data-dir to run the miniature lab)"
         )
     args["recipe"] = flags.recipe_path(args["recipe"], args["model"])
     values = recipe_values(args, given) if args["recipe"] else {}

@@ -317,6 +317,25 @@ def test_a_csv_task_trains_stage_1_and_is_scored_by_evaluate(env, tmp_path):
     )
 
 
+def test_a_stage_export_is_scored_without_out_into_its_stage_folder(env, tmp_path, capsys):
+    """evaluate.py --model RUN/stage2/best writes RUN/stage2/eval.json and says so; a model that
+    is no stage export still needs --out."""
+    out = tmp_path / "run"
+    argv = ["--model", env["model"], "--data-dir", env["data"], "--task", "sizes"]
+    argv += ["--out", str(out), "--steps", "2", "--save-every", "2", "--batch-size", "4"]
+    argv += ["--prompt-length", "5", "--no-eval"]
+    assert promot.main(["--stage", "1", *argv]) == 0 and promot.main(["--stage", "2", *argv]) == 0
+    scoring = ["--data-dir", env["data"], "--eval-tasks", "toy_copy", "--shots", "0"]
+    scoring += ["--eval-examples", "2", "--num-beams", "1", "--max-new-tokens", "2"]
+    capsys.readouterr()
+    assert evaluate.main(["--model", str(out / "stage2" / "best"), *scoring]) == 0
+    written = out / "stage2" / "eval.json"
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(str(written))
+    assert {r["task"] for r in json.loads(written.read_text())["runs"]} == {"sizes", "toy_copy"}
+    assert evaluate.main(["--model", env["model"], *scoring]) == 2
+    assert "required: --out" in capsys.readouterr().err
+
+
 def test_a_misspelt_own_task_stops_promot_in_one_line_with_a_guess(env, tmp_path, capsys):
     argv = ["--stage", "1", "--model", env["model"], "--data-dir", env["data"], "--task", "size"]
     assert promot.main(argv + ["--out", str(tmp_path / "run"), "--no-eval"]) == 2
