@@ -281,14 +281,14 @@ def figure(table: dict, path: Path, title: str = "") -> bool:
         color="#dd8452",
     )
     right.bar(list(x), [table[m]["true_false_ratio"] for m in methods], 0.6, color="#c44e52")
-    for ax, title in (
+    for ax, name in (
         (left, "scores"),
         (right, "'True'/'False' answers on other-format tasks (%)"),
     ):
         ax.set_xticks(list(x))
         ax.set_xticklabels([TITLES[m] for m in methods], rotation=20, ha="right", fontsize=8)
         ax.set_ylim(0, 118 if ax is left else 100)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(name, fontsize=10)
     left.legend(fontsize=8, loc="upper center", ncol=2)
     if title:
         fig.suptitle(title, fontsize=10)

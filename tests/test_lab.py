@@ -384,3 +384,19 @@ def test_bench_lab_table_names_each_cell_that_differs_from_the_published_table(t
     (tmp_path / "lab.md").write_text(docs, encoding="utf-8")
     assert lab_table.published(tmp_path / "lab.md", published[0], 0) == published
     assert lab_table.published(tmp_path / "lab.md", published[0], 1) == run
+
+
+def test_the_lab_figure_is_titled_with_the_model_it_ran(tmp_path, monkeypatch):
+    """figure.png's title names the model (lab/run.py's model_name), not a panel's title."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from lab import run as lab_run
+
+    titles = []
+    monkeypatch.setattr(Figure, "suptitle", lambda self, t, **kw: titles.append(t))
+    row = {lab_run.FINE_TUNING_TASK: 90.0, "norm_avg": 80.0, "true_false_ratio": 5.0}
+    table = {method: dict(row) for method in lab_run.METHODS}
+    assert lab_run.figure(table, tmp_path / "figure.png", "tiny-llama (llama)")
+    assert titles == ["tiny-llama (llama)"] and (tmp_path / "figure.png").stat().st_size > 0
