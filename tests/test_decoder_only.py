@@ -228,6 +228,7 @@ def test_two_ranks_train_a_decoder_like_one_process(env):
         [*launcher, "--standalone", "promot.py", *argv, "--out", str(root / "two")], **run
     )
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "returned a view tensor" not in two.stderr  # FSDP2's warning on a layer's outputs
     a = load_file(str(root / "one" / "finetune" / "final" / "model.safetensors"))
     b = load_file(str(root / "two" / "finetune" / "final" / "model.safetensors"))
     assert sorted(a) == sorted(b)
