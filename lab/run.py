@@ -254,7 +254,7 @@ def markdown(table: dict) -> str:
 def figure(table: dict, path: Path, title: str = "") -> bool:
     """Two bar charts: the fine-tuned task and the unseen tasks' Norm. Avg. per method, and the
     True/False answer ratio on other-format tasks (the paper's Fig. 2 measure, at the end of
-    training). Needs matplotlib (requirements-dev.txt); returns False without it."""
+    training). Needs matplotlib (requirements.txt); returns False without it."""
     try:
         import matplotlib
 
