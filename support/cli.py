@@ -31,6 +31,10 @@ class Parser(argparse.ArgumentParser):
     so the command prints them as one line, like every other input error."""
 
     def error(self, message):
+        stray = message.removeprefix("unrecognized arguments:")
+        if stray != message and not stray.strip().startswith("-"):  # `--data-dir a b`
+            message += " (a flag takes one value: several folders or tasks go comma-separated, "
+            message += "--data-dir a,b)"
         raise BadInput(
             message.removeprefix("argument ").replace(": ", " ", 1)
             if message.startswith("argument --")

@@ -177,3 +177,15 @@ def test_stage_2_takes_the_prompt_length_of_stage_1s_file(tmp_path):
     # stage 1 makes a new prompt: the recipe's, else B.4's 100
     assert promot.parse_args(cli(tmp_path, "1", model=model)).prompt_length == 20
     assert promot.parse_args(cli(tmp_path, "1")).prompt_length == flags.PROMPT_LENGTH
+
+
+def test_a_second_value_after_a_flag_says_values_go_comma_separated(capsys):
+    """`--data-dir mine lab/data` (two folders, space-separated): argparse's "unrecognized
+    arguments" gains how several go; an unknown flag keeps argparse's message alone."""
+    import evaluate
+
+    assert evaluate.main(["--model", "m", "--data-dir", "mine", "lab/data", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: lab/data" in err and "comma-separated, --data-dir a,b" in err
+    assert evaluate.main(["--model", "m", "--frobnicate", "3"]) == 2
+    assert "comma-separated" not in capsys.readouterr().err
