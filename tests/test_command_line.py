@@ -182,8 +182,6 @@ def test_stage_2_takes_the_prompt_length_of_stage_1s_file(tmp_path):
 def test_a_second_value_after_a_flag_says_values_go_comma_separated(capsys):
     """`--data-dir mine lab/data` (two folders, space-separated): argparse's "unrecognized
     arguments" gains how several go; an unknown flag keeps argparse's message alone."""
-    import evaluate
-
     assert evaluate.main(["--model", "m", "--data-dir", "mine", "lab/data", "--out", "o"]) == 2
     err = capsys.readouterr().err
     assert "unrecognized arguments: lab/data" in err and "comma-separated, --data-dir a,b" in err
