@@ -237,7 +237,7 @@ def test_norm_avg_is_the_mean_of_the_evaluation_scores_per_shots(promot_run):
 
 
 def test_table_has_the_papers_layout(promot_run):
-    _, results, stdout, _, _ = promot_run
+    out, results, stdout, _, _ = promot_run
     lines = stdout.strip().splitlines()
     assert lines[0] == "| | 0-shot | 1-shot | split |"
     assert lines[2].startswith("| Fine-tuning rte (0-shot, accuracy; prompt) |")
@@ -258,6 +258,7 @@ def test_table_has_the_papers_layout(promot_run):
     assert lines[9:] == [
         "",
         "Note: rows marked prompt or LoRA were scored with it (--route by_stage: same_format).",
+        f"results, every example included: {out}",
     ]
 
 
