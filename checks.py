@@ -179,11 +179,17 @@ def check_model_folder(model, flag="--model"):
     dataset_files.check_links_inside(model, model, flag)
 
 
+def decoder_only(config):
+    """Whether a config is causal_lm.py's (App. C.6: Llama, Mistral, Qwen), not model.py's T5:
+    only the decoder-only configs name their width `hidden_size`."""
+    return hasattr(config, "hidden_size")
+
+
 def model_parameters(config):
     """The parameter count a T5Config implies (model.T5's tensors), from its numbers alone:
     what building the model would allocate, known before anything is built."""
     c = config
-    if hasattr(c, "hidden_size"):  # causal_lm.CausalLMConfig (App. C.6): attention, SwiGLU, norms
+    if decoder_only(c):  # causal_lm.CausalLMConfig: attention, SwiGLU, norms
         q, kv, d = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.d_model
         layer = d * (2 * q + 2 * kv) + 3 * d * c.intermediate_size + 2 * d
         head = 0 if c.tie_word_embeddings else c.vocab_size * d
@@ -258,7 +264,7 @@ def check_model_numbers(config, path):
     """The sizes in config.json that the network divides or indexes by are >= 1 (num_heads 0
     would build empty attention; 1 bucket would halve to none). causal_lm's reader checks its
     own."""
-    if hasattr(config, "hidden_size"):
+    if decoder_only(config):
         return
     for key in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers"):
         if getattr(config, key) < 1:
@@ -442,7 +448,7 @@ def check_training_memory(cfg, config, trains, world, device):
         needs[f"{prompt} x d_model {c.d_model}"] = 4 * 3 * tasks * cfg.prompt_length * c.d_model
         heads = getattr(c, "num_heads", None) or c.num_attention_heads  # T5's, or a decoder's
         needs[f"{prompt}'s attention scores"] = 4 * micro * heads * cfg.prompt_length**2
-    if cfg.stage1_module == "lora" and cfg.stage == "1" and hasattr(c, "hidden_size"):
+    if cfg.stage1_module == "lora" and cfg.stage == "1" and decoder_only(c):
         width, modules = c.d_model + c.num_attention_heads * c.head_dim, c.num_hidden_layers
         needs[f"--lora-rank {cfg.lora_rank}"] = 4 * 3 * cfg.lora_rank * width * 2 * modules
     elif cfg.stage1_module == "lora" and cfg.stage == "1":  # on q and v
