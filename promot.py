@@ -604,10 +604,12 @@ def parse_args(argv=None):
         f"--{n.replace('_', '-')}" for n in ("model", "data_dir", "task", "out") if not args[n]
     ]
     if missing:
+        bundled = "--model lab/tiny-t5: the bundled model, with its recipe; " * (
+            "--model" in missing
+        )
         p.error(
-            f"the following arguments are required: {', '.join(missing)} "
-            "(--model lab/tiny-t5: the bundled model, with its recipe; omit both --model and "
-            "--data-dir to run the miniature lab)"
+            f"the following arguments are required: {', '.join(missing)} ({bundled}omit both "
+            "--model and --data-dir to run the miniature lab)"
         )
     args["recipe"] = flags.recipe_path(args["recipe"], args["model"])
     values = recipe_values(args, given) if args["recipe"] else {}

@@ -187,3 +187,14 @@ def test_a_second_value_after_a_flag_says_values_go_comma_separated(capsys):
     assert "unrecognized arguments: lab/data" in err and "comma-separated, --data-dir a,b" in err
     assert evaluate.main(["--model", "m", "--frobnicate", "3"]) == 2
     assert "comma-separated" not in capsys.readouterr().err
+
+
+def test_a_missing_model_names_the_bundled_one_and_only_then(capsys):
+    """promot.py with --data-dir but no --model suggests lab/tiny-t5; a missing --task alone
+    does not."""
+    base = ["--stage", "1", "--data-dir", "mine", "--out", "o"]
+    assert promot.main([*base, "--task", "t"]) == 2
+    assert "required: --model (--model lab/tiny-t5: the bundled" in capsys.readouterr().err
+    assert promot.main([*base, "--model", "m"]) == 2
+    err = capsys.readouterr().err
+    assert "required: --task (omit both" in err and "lab/tiny-t5" not in err
