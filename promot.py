@@ -604,9 +604,8 @@ def parse_args(argv=None):
         f"--{n.replace('_', '-')}" for n in ("model", "data_dir", "task", "out") if not args[n]
     ]
     if missing:
-        bundled = "--model lab/tiny-t5: the bundled model, with its recipe; " * (
-            "--model" in missing
-        )
+        bundled = "--model lab/tiny-t5: the bundled model, with its recipe; "
+        bundled = bundled if "--model" in missing else ""
         p.error(
             f"the following arguments are required: {', '.join(missing)} ({bundled}omit both "
             "--model and --data-dir to run the miniature lab)"
